@@ -1,0 +1,304 @@
+"""`CheckpointManager`: when to save, atomic save with a manifest, retention, discovery, resume.
+
+A checkpoint is `checkpoints/step-NNNNNN/`: Accelerate's `save_state` output plus `manifest.json`,
+written last. It is written as `step-NNNNNN.tmp` and renamed only once complete and fsynced, so a
+directory without the `.tmp` suffix and with a manifest whose files all match is complete; anything
+else is skipped on resume with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from noesis_accel.config import interval_steps
+from noesis_accel.errors import ResumeError
+from noesis_accel.volumes import Committer, commit_with_retry
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    manifest: dict[str, Any]
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file, then every directory: the rename that follows must not outrun the data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _listed_files(root: Path) -> dict[str, int]:
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            full = Path(folder) / name
+            files[str(full.relative_to(root))] = full.stat().st_size
+    return files
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint directory cannot be loaded, or None if it is complete."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, OSError) as err:
+        return f"unreadable manifest.json ({err})"
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / MANIFEST).read_text())
+
+
+class CheckpointManager:
+    """Decides when to checkpoint, writes checkpoints atomically, prunes, commits, and resumes.
+
+    All ranks call `save` and `load` (Accelerate and DeepSpeed need every rank); only the main
+    process writes the manifest, renames, prunes and commits.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        run_dir: Path,
+        ckpt_cfg: DictConfig,
+        total_steps: int,
+        config_fingerprint: str,
+        committer: Committer,
+        is_deepspeed: bool,
+    ) -> None:
+        self.accelerator = accelerator
+        self.root = Path(run_dir) / "checkpoints"
+        self.cfg = ckpt_cfg
+        self.total_steps = total_steps
+        self.interval = interval_steps(float(ckpt_cfg.every), total_steps)
+        self.config_fingerprint = config_fingerprint
+        self.committer = committer
+        self.is_deepspeed = is_deepspeed
+        self._last_save_time = time.monotonic()
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ when
+
+    def minutes_elapsed_due(self) -> bool:
+        minutes = self.cfg.every_minutes
+        return bool(minutes) and time.monotonic() - self._last_save_time >= 60 * float(minutes)
+
+    def due(self, step: int, signal_received: bool, minutes_due: bool) -> str | None:
+        """The reason to checkpoint after optimizer step `step`, or None."""
+        if signal_received:
+            return "signal"
+        if step >= self.total_steps:
+            return "final"
+        if (self.interval and step % self.interval == 0) or minutes_due:
+            return "interval"
+        return None
+
+    # ------------------------------------------------------------ save
+
+    def save(self, step: int, reason: str, progress: dict[str, Any]) -> Path:
+        """Write `step-NNNNNN` atomically, prune old ones, and commit. Every rank must call this."""
+        accelerator = self.accelerator
+        final = self.root / step_dir_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if final.is_dir() and checkpoint_problem(final) is None:
+            return final  # this step is already saved (a signal right after an interval save)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        started = time.monotonic()
+        save_kwargs = {"exclude_frozen_parameters": True} if self.is_deepspeed else {}
+        accelerator.save_state(str(tmp), **save_kwargs)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "step": step,
+                "reason": reason,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "world_size": accelerator.num_processes,
+                "distributed_type": str(accelerator.distributed_type),
+                "config_fingerprint": self.config_fingerprint,
+                **progress,
+                "files": _listed_files(tmp),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _fsync_tree(tmp)
+            if final.exists():  # a damaged directory of the same step: replaced by the good one
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self.prune()
+            attempts = commit_with_retry(self.committer, int(self.cfg.commit_retries), float(self.cfg.commit_backoff_s))
+            log.info("checkpoint %s (%s) saved in %.2fs, committed in %d attempt(s)",
+                     final.name, reason, time.monotonic() - started, attempts)
+        accelerator.wait_for_everyone()
+        self._last_save_time = time.monotonic()
+        return final
+
+    # ------------------------------------------------------------ discovery and retention
+
+    def step_dirs(self) -> list[tuple[int, Path]]:
+        """Finished (renamed) checkpoint directories, newest first; completeness not yet checked."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        return sorted(found, reverse=True)
+
+    def latest_complete(self, warn: bool = True) -> Checkpoint | None:
+        """The newest checkpoint whose manifest and files check out; damaged ones are named and skipped."""
+        for step, path in self.step_dirs():
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return Checkpoint(path, step, read_manifest(path))
+            if warn and self.accelerator.is_main_process:
+                log.warning("skipping checkpoint %s: %s; falling back to the one before", path, problem)
+        return None
+
+    def prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints; drop older complete and damaged ones.
+
+        Only directories older than the newest complete checkpoint are ever removed, so the newest
+        complete one and any save in progress (a `.tmp` directory) are never touched.
+        """
+        complete_seen = 0
+        for step, path in self.step_dirs():
+            if checkpoint_problem(path) is None:
+                complete_seen += 1
+                if complete_seen > int(self.cfg.keep_last):
+                    shutil.rmtree(path, ignore_errors=True)
+            elif complete_seen > 0:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def remove_stale_partials(self) -> None:
+        """`.tmp` directories left by a save that was killed; called at start, before any save."""
+        if self.accelerator.is_main_process and self.root.is_dir():
+            for path in self.root.glob("step-*.tmp"):
+                log.warning("removing incomplete checkpoint %s left by an interrupted save", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------ resume
+
+    def select_for_resume(self, mode: str) -> Checkpoint | None:
+        """The checkpoint `ckpt.resume` asks for: `auto` (newest complete or none), `never`, or a path."""
+        if mode == "never":
+            if self.step_dirs():
+                raise ResumeError(
+                    f"ckpt.resume=never but {self.root} already holds checkpoints; use ckpt.resume=auto to "
+                    "continue that run, or a new run.name to start afresh"
+                )
+            return None
+        if mode == "auto":
+            return self.latest_complete()
+        path = Path(os.path.expanduser(mode))
+        problem = checkpoint_problem(path) if path.is_dir() else "no such directory"
+        if problem:
+            raise ResumeError(f"ckpt.resume={mode}: cannot resume from it: {problem}")
+        return Checkpoint(path, read_manifest(path)["step"], read_manifest(path))
+
+    def check_compatible(self, checkpoint: Checkpoint) -> None:
+        manifest = checkpoint.manifest
+        if manifest.get("config_fingerprint") != self.config_fingerprint:
+            raise ResumeError(
+                f"checkpoint {checkpoint.path} was written with a different training config "
+                f"(fingerprint {manifest.get('config_fingerprint')} != {self.config_fingerprint}); "
+                "resume it with the config it was trained with"
+            )
+        saved_world = int(manifest.get("world_size", 1))
+        if self.is_deepspeed and saved_world != self.accelerator.num_processes:
+            raise ResumeError(
+                f"checkpoint {checkpoint.path} was written by {saved_world} DeepSpeed process(es) and this run "
+                f"has {self.accelerator.num_processes}: ZeRO partitions the optimizer state per process, so it "
+                f"cannot be loaded here. Resume with distributed.num_processes={saved_world}"
+                + (f" and distributed.num_machines=1" if saved_world <= 8 else "")
+                + ", or run distributed=ddp/single from a DDP checkpoint"
+            )
+
+    def load(self, checkpoint: Checkpoint) -> None:
+        """Restore model, optimizer, scheduler, RNG and every registered object. All ranks call this."""
+        self.check_compatible(checkpoint)
+        load_kwargs = {"load_module_strict": False} if self.is_deepspeed else {}
+        self.accelerator.load_state(str(checkpoint.path), **load_kwargs)
+        self._last_save_time = time.monotonic()
+
+
+def register_trainable_only_hooks(accelerator: Any) -> None:
+    """Make `save_state` store only trainable parameters (LoRA adapters), not the frozen base.
+
+    Without this a LoRA checkpoint of SmolLM2-135M is ~600 MB of frozen weights it never needs:
+    the base is reloaded from its source on every start. Parameters are saved under the unwrapped
+    model's names, so a checkpoint written under DDP loads in a single process and vice versa.
+    (DeepSpeed saves through its engine instead; there `exclude_frozen_parameters=True` does this.)
+    """
+    from safetensors.torch import load_file
+
+    from noesis_accel.modeling import trainable_state_dict
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            if i < len(weights):
+                weights[i] = trainable_state_dict(accelerator.unwrap_model(model))
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, model in enumerate(list(models)):
+            file = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            saved = load_file(str(file))
+            unwrapped = accelerator.unwrap_model(model)
+            params = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
+            missing = sorted(set(params) - set(saved))
+            unexpected = sorted(set(saved) - set(params))
+            if missing or unexpected:
+                raise ResumeError(
+                    f"{file} does not match the model's trainable parameters (missing: {missing[:3]}, "
+                    f"unexpected: {unexpected[:3]}); was it written with other peft settings?"
+                )
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(saved[name].to(param.device, param.dtype))
+        models.clear()  # loaded here; Accelerate must not load them again
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,383 @@
+"""Training data: read JSONL/JSON/Parquet/hub datasets, validate with file:line errors, format,
+tokenise with loss masks, truncate, split off a held-out set, and cache by fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from noesis_accel.errors import DataError
+
+IGNORE_INDEX = -100  # labels with this value take no part in the loss
+ROLES = ("system", "user", "assistant")
+FORMATS = ("chat", "prompt_completion", "text")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_CACHE_VERSION = "1"  # bump when tokenisation or masking changes
+_MAX_LISTED_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    location: str  # "file.jsonl:12" or "file.parquet: row 3": where a user finds it
+    fields: Any
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    train_records: int = 0
+    eval_records: int = 0
+    truncated: int = 0
+    dropped_truncated: int = 0
+    format: str = ""
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset with input_ids, labels, length
+    eval: Any
+    stats: DataStats
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _FILE_SUFFIXES)
+        if not files:
+            raise DataError(f"data.path: directory {path} holds no .jsonl, .json or .parquet files")
+        return files
+    if path.suffix not in _FILE_SUFFIXES:
+        raise DataError(f"data.path: {path} is not a .jsonl, .json or .parquet file")
+    return [path]
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRecord]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield RawRecord(f"{path}:{number}", json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
+                    "each line must be one complete JSON object"
+                ) from None
+
+
+def _read_json(path: Path) -> Iterator[RawRecord]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        # Many ".json" training files are really JSON Lines.
+        yield from _read_jsonl(path)
+        return
+    if isinstance(payload, dict) and isinstance(payload.get("data"), list):
+        payload = payload["data"]
+    if not isinstance(payload, list):
+        raise DataError(f"{path}: expected a JSON array of records (or JSON Lines), found {type(payload).__name__}")
+    for index, record in enumerate(payload):
+        yield RawRecord(f"{path}: record {index}", record)
+
+
+def _read_table(rows: Any, name: str) -> Iterator[RawRecord]:
+    for index, row in enumerate(rows):
+        yield RawRecord(f"{name}: row {index}", dict(row))
+
+
+def read_records(path_spec: str, split: str = "train") -> list[RawRecord]:
+    """Every record of a file, directory or hub dataset, each with the location a user can open."""
+    path = Path(os.path.expanduser(path_spec))
+    if path.exists():
+        records: list[RawRecord] = []
+        for file in _data_files(path):
+            if file.suffix == ".jsonl":
+                records.extend(_read_jsonl(file))
+            elif file.suffix == ".json":
+                records.extend(_read_json(file))
+            else:
+                import pyarrow.parquet as pq
+
+                records.extend(_read_table(pq.read_table(file).to_pylist(), str(file)))
+        return records
+    looks_local = path_spec.startswith((".", "/", "~")) or path.suffix in _FILE_SUFFIXES
+    if looks_local:
+        raise DataError(f"data.path: {path_spec} does not exist; point data.path at a .jsonl, .json or .parquet file")
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(path_spec, split=split)
+    except Exception as err:  # the hub raises many types; all mean "cannot read this name"
+        raise DataError(
+            f"data.path: '{path_spec}' is neither a local file nor a loadable hub dataset "
+            f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    return list(_read_table(rows, f"{path_spec}[{split}]"))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def detect_format(record: RawRecord, declared: str) -> str:
+    fields = record.fields
+    if not isinstance(fields, dict):
+        raise DataError(f"{record.location}: a record must be a JSON object, found {type(fields).__name__}")
+    if declared != "auto":
+        return declared
+    if "messages" in fields:
+        return "chat"
+    if "prompt" in fields and "completion" in fields:
+        return "prompt_completion"
+    if "text" in fields:
+        return "text"
+    found = ", ".join(sorted(fields)) or "no fields"
+    raise DataError(
+        f"{record.location}: unknown record shape (fields: {found}); use one of "
+        '{"messages": [{"role": ..., "content": ...}]}, {"prompt": ..., "completion": ...} or {"text": ...}'
+    )
+
+
+def record_problems(record: RawRecord, fmt: str) -> list[str]:
+    """Everything wrong with one record, each naming its field and the fix."""
+    fields, where = record.fields, record.location
+    if not isinstance(fields, dict):
+        return [f"{where}: a record must be a JSON object, found {type(fields).__name__}"]
+
+    def text_problem(key: str, value: Any) -> str | None:
+        if not isinstance(value, str):
+            return f"{where}: field '{key}' must be a string, found {type(value).__name__}"
+        if not value.strip():
+            return f"{where}: field '{key}' is empty; remove the record or fill it in"
+        return None
+
+    if fmt == "chat":
+        messages = fields.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return [f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects"]
+        problems = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                problems.append(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+                continue
+            role = message.get("role")
+            if role not in ROLES:
+                problems.append(f"{where}: messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}")
+            problem = text_problem(f"messages[{i}].content", message.get("content"))
+            if problem:
+                problems.append(problem)
+        if not problems and not any(m.get("role") == "assistant" for m in messages):
+            problems.append(f"{where}: 'messages' has no assistant turn, so there is nothing to learn; add one")
+        return problems
+    keys = ("prompt", "completion") if fmt == "prompt_completion" else ("text",)
+    return [p for key in keys if (p := text_problem(key, fields.get(key))) is not None]
+
+
+def validate_records(records: list[RawRecord], declared_format: str) -> str:
+    """Check every record; raise one DataError listing the first problems. Returns the format."""
+    if not records:
+        raise DataError("data.path: no records found; the file is empty")
+    fmt = detect_format(records[0], declared_format)
+    problems: list[str] = []
+    for record in records:
+        record_fmt = detect_format(record, declared_format)
+        if record_fmt != fmt:
+            problems.append(f"{record.location}: record is {record_fmt} but the first record is {fmt}; use one shape per file")
+            continue
+        problems.extend(record_problems(record, fmt))
+    if problems:
+        shown = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
+        raise DataError(f"{len(problems)} bad record(s) in the training data:\n  {shown}{more}")
+    return fmt
+
+
+# ---------------------------------------------------------------- tokenisation and masking
+
+
+def _spans_for_chat(tokenizer: Any, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of every assistant turn.
+
+    Each assistant span runs from the end of the rendered prefix with a generation prompt to the
+    end of the rendering that includes the turn, so the end-of-turn token is learned too.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
+            raise DataError(
+                f"{where}: the tokenizer's chat template does not render this conversation turn by turn "
+                "(a prefix differs), so assistant tokens cannot be masked; use data.format=prompt_completion"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int) -> tuple[list[int], list[int], bool]:
+    """Token ids and labels (IGNORE_INDEX outside assistant/completion text); truncated or not."""
+    fields = record.fields
+    if fmt == "chat":
+        text, spans = _spans_for_chat(tokenizer, fields["messages"], record.location)
+        add_special = False  # the template already placed its special tokens
+    elif fmt == "prompt_completion":
+        text = fields["prompt"] + fields["completion"] + (tokenizer.eos_token or "")
+        spans = [(len(fields["prompt"]), len(text))]
+        add_special = True
+    else:
+        text = fields["text"] + (tokenizer.eos_token or "")
+        spans = [(0, len(text))]
+        add_special = True
+    encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = []
+    for token_id, (start, end) in zip(input_ids, encoded["offset_mapping"]):
+        # Special tokens added by the tokenizer have empty offsets (0, 0): never learned.
+        learn = end > start and any(lo <= start < hi for lo, hi in spans)
+        labels.append(token_id if learn else IGNORE_INDEX)
+    truncated = len(input_ids) > max_length
+    return input_ids[:max_length], labels[:max_length], truncated
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    parts = [type(tokenizer).__name__, str(len(tokenizer)), str(tokenizer.chat_template or ""),
+             str(tokenizer.eos_token), str(getattr(tokenizer, "name_or_path", ""))]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _source_fingerprint(path_spec: str) -> str:
+    path = Path(os.path.expanduser(path_spec))
+    digest = hashlib.sha256()
+    if path.exists():
+        for file in _data_files(path):
+            digest.update(str(file.resolve()).encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    else:
+        digest.update(path_spec.encode())  # hub datasets: the name (and split) identify them
+    return digest.hexdigest()[:16]
+
+
+def _tokenize_all(tokenizer: Any, records: list[RawRecord], fmt: str, max_length: int) -> tuple[list[dict], int, int]:
+    rows, truncated, dropped = [], 0, 0
+    for record in records:
+        input_ids, labels, was_truncated = tokenize_record(tokenizer, record, fmt, max_length)
+        truncated += was_truncated
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1  # truncation cut off every learned token: nothing left to train on
+            continue
+        rows.append({"input_ids": input_ids, "labels": labels, "length": len(input_ids)})
+    return rows, truncated, dropped
+
+
+def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
+    """Read, validate, tokenise and split the data, or load the cached result of the same inputs."""
+    import datasets
+
+    key_parts = [
+        _CACHE_VERSION, _source_fingerprint(data_cfg.path), data_cfg.split, data_cfg.format,
+        str(data_cfg.max_length), str(data_cfg.eval_fraction), str(data_cfg.max_eval_examples), str(seed),
+        _source_fingerprint(data_cfg.eval_path) if data_cfg.eval_path else "-", tokenizer_fingerprint(tokenizer),
+    ]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
+    cache = Path(os.path.expanduser(data_cfg.cache_dir)) / key
+    if (cache / "stats.json").is_file():
+        stats = DataStats(**json.loads((cache / "stats.json").read_text()))
+        prepared = PreparedData(datasets.load_from_disk(str(cache / "train")), datasets.load_from_disk(str(cache / "eval")), stats)
+    else:
+        prepared = _prepare_uncached(data_cfg, tokenizer, seed)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        prepared.train.save_to_disk(str(tmp / "train"))
+        prepared.eval.save_to_disk(str(tmp / "eval"))
+        (tmp / "stats.json").write_text(json.dumps(asdict(prepared.stats)))
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process published the same key first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if prepared.stats.train_records < data_cfg.min_examples:
+        raise DataError(
+            f"data.path: only {prepared.stats.train_records} usable training records "
+            f"({prepared.stats.records} read, {prepared.stats.dropped_truncated} truncated away, "
+            f"{prepared.stats.eval_records} held out); data.min_examples is {data_cfg.min_examples}. "
+            "Add data or lower data.min_examples."
+        )
+    return prepared
+
+
+def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
+    import datasets
+
+    records = read_records(data_cfg.path, data_cfg.split)
+    fmt = validate_records(records, data_cfg.format)
+    rows, truncated, dropped = _tokenize_all(tokenizer, records, fmt, data_cfg.max_length)
+    if not rows:
+        raise DataError(
+            f"data.path: every one of {len(records)} records was truncated away at data.max_length="
+            f"{data_cfg.max_length} (no assistant/completion token left); raise data.max_length"
+        )
+    if data_cfg.eval_path:
+        eval_records = read_records(data_cfg.eval_path, data_cfg.split)
+        eval_fmt = validate_records(eval_records, data_cfg.format)
+        eval_rows, _, _ = _tokenize_all(tokenizer, eval_records, eval_fmt, data_cfg.max_length)
+        train_rows = rows
+    else:
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)  # the held-out split is fixed by the seed
+        n_eval = min(math.ceil(len(rows) * data_cfg.eval_fraction), data_cfg.max_eval_examples) if data_cfg.eval_fraction else 0
+        held_out = set(order[:n_eval])
+        eval_rows = [rows[i] for i in sorted(held_out)]
+        train_rows = [row for i, row in enumerate(rows) if i not in held_out]
+    eval_rows = eval_rows[: data_cfg.max_eval_examples]
+    stats = DataStats(
+        records=len(records), train_records=len(train_rows), eval_records=len(eval_rows),
+        truncated=truncated, dropped_truncated=dropped, format=fmt,
+    )
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+    })
+    to_dataset = lambda rows: datasets.Dataset.from_list(rows, features=features)  # noqa: E731
+    return PreparedData(to_dataset(train_rows), to_dataset(eval_rows), stats)
+
+
+# ---------------------------------------------------------------- batching
+
+
+class PaddingCollator:
+    """Pads a micro-batch to its longest record (optionally to a multiple) and reports real tokens."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        if self.pad_to_multiple_of:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,118 @@
+"""Process layout: starting N processes (torchrun underneath) and building the `Accelerator`.
+
+`noesis-train distributed=ddp distributed.num_processes=2` re-executes itself under
+`torch.distributed.run`, so nobody writes an accelerate config file by hand; a process already
+started by `torchrun` or `accelerate launch` is detected and used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from noesis_accel.config import accumulation_steps, world_size
+from noesis_accel.errors import ConfigError
+
+
+def launched_world_size() -> int | None:
+    """The world size a launcher (torchrun, accelerate launch, deepspeed) set, or None if none did."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+def needs_launch(cfg: DictConfig) -> bool:
+    return world_size(cfg) > 1 and launched_world_size() is None
+
+
+def launch_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """`python -m torch.distributed.run ... -m noesis_accel.train <overrides>` for this config."""
+    dist = cfg.distributed
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={dist.num_processes}"]
+    if dist.num_machines == 1:
+        command.append("--standalone")  # a free rendezvous port on localhost
+    else:
+        command += [
+            f"--nnodes={dist.num_machines}",
+            f"--node_rank={dist.machine_rank}",
+            f"--master_addr={dist.main_process_ip}",
+            f"--master_port={dist.main_process_port}",
+        ]
+    return command + ["-m", "noesis_accel.train", *overrides]
+
+
+def launch(cfg: DictConfig, overrides: list[str]) -> int:
+    """Run this job in `num_processes` processes and wait; SIGTERM/SIGINT are passed on to them."""
+    process = subprocess.Popen(launch_command(cfg, overrides), env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+    def forward(signum: int, _frame: Any) -> None:
+        process.send_signal(signum)  # torchrun relays it to every worker, which checkpoint and exit
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    return process.wait()
+
+
+def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
+    """The DeepSpeed JSON from conf/ with batch, accumulation, clipping and precision filled in.
+
+    The train config is the one source of truth: a value in the JSON that disagrees is an error
+    rather than a silent override.
+    """
+    path = Path(cfg.distributed.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    derived = {
+        "train_micro_batch_size_per_gpu": int(cfg.train.micro_batch_size),
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": int(cfg.train.global_batch_size),
+        "gradient_clipping": float(cfg.optim.max_grad_norm),
+    }
+    for key, value in derived.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(
+                f"{path}: '{key}' is {ds[key]} but the train config gives {value}; set it to \"auto\" "
+                "(the train/optim config is the one source of truth)"
+            )
+        ds[key] = value
+    bf16 = cfg.train.mixed_precision == "bf16"
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds.pop("fp16", None)
+    return ds
+
+
+def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Accelerator
+    """The Accelerator for this config: precision, accumulation, CPU/GPU, DDP or DeepSpeed, tracker."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
+
+    world = launched_world_size() or 1
+    accumulation = accumulation_steps(cfg, world)
+    kwargs: dict[str, Any] = {
+        "mixed_precision": cfg.train.mixed_precision,
+        "gradient_accumulation_steps": accumulation,
+        "cpu": cfg.train.device == "cpu",
+        # We step the schedule once per optimizer step ourselves; Accelerate would otherwise step it
+        # num_processes times per call (it assumes per-process schedules).
+        "step_scheduler_with_optimizer": False,
+        "project_config": ProjectConfiguration(project_dir=str(logging_dir.parent), logging_dir=str(logging_dir)),
+        "log_with": None if cfg.train.tracker == "none" else cfg.train.tracker,
+    }
+    if cfg.distributed.type == "zero2":
+        if cfg.train.device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation))
+    else:
+        # LoRA on a model with gradient checkpointing has no unused parameters; searching costs a pass.
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    return Accelerator(**kwargs)

@@ -1,0 +1,44 @@
+"""Process environment that must be set before CUDA starts: the allocator variable and quiet libraries."""
+
+from __future__ import annotations
+
+import os
+
+from packaging.version import Version
+
+# torch >= 2.10 reads PYTORCH_ALLOC_CONF; older releases read PYTORCH_CUDA_ALLOC_CONF.
+# Setting the wrong one is silently ignored, and setting both makes 2.9 warn.
+_NEW_ALLOC_VAR = "PYTORCH_ALLOC_CONF"
+_OLD_ALLOC_VAR = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def alloc_conf_variable(torch_version: str) -> str:
+    """The allocator variable the given torch release reads."""
+    release = Version(Version(torch_version).base_version)
+    return _NEW_ALLOC_VAR if release >= Version("2.10") else _OLD_ALLOC_VAR
+
+
+def apply_alloc_conf(alloc_conf: str | None, torch_version: str | None = None) -> str | None:
+    """Set `alloc_conf` through the one variable the installed torch reads; returns that variable.
+
+    Must run before the first CUDA allocation: the caching allocator reads it once. A value the
+    user already exported wins, so an operator can always override the config from the shell.
+    """
+    if not alloc_conf:
+        return None
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    variable = alloc_conf_variable(torch_version)
+    other = _OLD_ALLOC_VAR if variable == _NEW_ALLOC_VAR else _NEW_ALLOC_VAR
+    value = os.environ.get(variable) or os.environ.get(other) or alloc_conf
+    os.environ[variable] = value
+    os.environ.pop(other, None)  # never both
+    return variable
+
+
+def quiet_libraries() -> None:
+    """Defaults that keep logs readable and avoid fork warnings; explicit user settings win."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

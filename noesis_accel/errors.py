@@ -1,0 +1,41 @@
+"""User-facing errors: one clear message naming the file, line or key and the fix."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, bad data, missing file); printed without a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """The composed config is invalid; the message lists every problem with its key."""
+
+
+class DataError(UserError):
+    """The training data is unusable; the message names the file, line and field."""
+
+
+class ResumeError(UserError):
+    """A restart cannot continue the run it found (config changed, checkpoint unusable, ...)."""
+
+
+def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn a `UserError` raised by `fn` into a one-paragraph message on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
+
+    return wrapper

@@ -1,0 +1,169 @@
+"""Loading the base model and tokenizer (hub id, local dir, GGUF), LoRA via peft, k-bit, checkpointing."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from noesis_accel.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _hub_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.trust_remote_code)}
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    token = os.environ.get("HF_TOKEN")
+    if token:  # gated models (Llama) need it; never stored in the config
+        kwargs["token"] = token
+    return kwargs
+
+
+def _gguf_cache_dir(model_cfg: DictConfig) -> Path:
+    """Where the dequantised copy of a GGUF file lives; keyed by the file's path, size and mtime."""
+    gguf_path = Path(model_cfg.name_or_path) / model_cfg.gguf_file
+    if not gguf_path.is_file():
+        raise ConfigError(f"model.gguf_file: {gguf_path} does not exist; check model.name_or_path and model.gguf_file")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(os.path.expanduser(model_cfg.cache_dir)) / f"{gguf_path.stem}-{key}"
+
+
+def materialize_gguf(model_cfg: DictConfig, with_weights: bool = True) -> Path:
+    """Dequantise a GGUF model once into plain safetensors + tokenizer files and return that dir.
+
+    Training a model whose config still says GGUF-quantised is refused by transformers, and
+    dequantising takes a while, so it happens once per file; a crash mid-write leaves only a
+    `.tmp` dir that the next attempt replaces. Callers run this on the main process first.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_dir(model_cfg)
+    tokenizer_dir, weights_dir = target / "tokenizer", target / "model"
+    if not tokenizer_dir.is_dir():
+        tmp = target / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, gguf_file=model_cfg.gguf_file)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, tokenizer_dir)
+    if with_weights and not weights_dir.is_dir():
+        tmp = target / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path, gguf_file=model_cfg.gguf_file, dtype=torch.float32
+        )
+        # Drop the GGUF quantisation marker: the weights are plain floats now.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        os.replace(tmp, weights_dir)
+    return target
+
+
+def tokenizer_source(model_cfg: DictConfig) -> str:
+    if model_cfg.gguf_file:
+        return str(materialize_gguf(model_cfg, with_weights=False) / "tokenizer")
+    return str(model_cfg.name_or_path)
+
+
+def load_tokenizer(model_cfg: DictConfig):  # -> PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_cfg), **_hub_kwargs(model_cfg))
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss and attention, so any id works; eos is standard.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> torch.nn.Module:
+    """The base model: built from `architecture`, a GGUF file, a local dir or a hub id."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = _DTYPES[model_cfg.dtype]
+    if model_cfg.architecture:
+        arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+        model_type = arch.pop("model_type")
+        config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **arch)
+        config._attn_implementation = model_cfg.attn_implementation
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    source = str(materialize_gguf(model_cfg) / "model") if model_cfg.gguf_file else str(model_cfg.name_or_path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
+    kwargs.update(_hub_kwargs(model_cfg))
+    if model_cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        if not device_is_cuda:
+            raise ConfigError("model.load_in_4bit: 4-bit (QLoRA) needs a CUDA GPU; none is visible")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        # k-bit weights must sit on the GPU that trains them; each process owns one device.
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ConfigError(
+            f"model.name_or_path: could not load '{source}' ({err.__class__.__name__}: {str(err).splitlines()[0]}). "
+            "Use a local model directory, a hub id reachable from here (export HF_TOKEN for gated models), "
+            "or model=smollm2_135m for the offline default."
+        ) from None
+
+
+def apply_lora(model: torch.nn.Module, model_cfg: DictConfig, peft_cfg: DictConfig) -> torch.nn.Module:
+    """Wrap the base model with LoRA adapters (and prepare a k-bit base for training)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if model_cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(model_cfg.gradient_checkpointing)
+        )
+    targets = list(peft_cfg.target_modules)
+    lora = LoraConfig(
+        r=int(peft_cfg.r),
+        lora_alpha=int(peft_cfg.alpha),
+        lora_dropout=float(peft_cfg.dropout),
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias=peft_cfg.bias,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise ConfigError(f"peft.target_modules: {err}") from None
+
+
+def build_model(model_cfg: DictConfig, peft_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> torch.nn.Module:
+    model = load_base_model(model_cfg, vocab_size, device_is_cuda)
+    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_cfg.enabled:
+        model = apply_lora(model, model_cfg, peft_cfg)
+    return model
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train (the LoRA adapters): what a checkpoint must hold."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

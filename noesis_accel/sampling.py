@@ -1,0 +1,151 @@
+"""The length-bucketed, seeded, distributed, resumable batch sampler.
+
+One epoch's plan is a list of *global batches*; each global batch is `accumulation x world`
+micro-batches of similar length. Micro-batch `j` of a global batch goes to rank `j % world`,
+accumulation slot `j // world`. The plan depends only on (seed, epoch, lengths, global batch),
+never on the world size, so a run resumed on another process count draws the same samples, and
+the position is a count of global batches: skipping consumed batches is an index, O(1).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+
+class LengthBucketBatchSampler:
+    """Yields this rank's micro-batches (lists of dataset indices), resumable mid-epoch.
+
+    Args:
+        lengths: token count of every record.
+        micro_batch_size: records per micro-batch (fixed-count mode).
+        accumulation: micro-batches per rank per optimizer step.
+        world_size, rank: the process layout.
+        seed: with the epoch, fixes the whole order.
+        mega_batch_factor: records are sorted by length within windows of this many global batches,
+            so batches are length-homogeneous yet the order stays random.
+        max_tokens_per_batch: if set, micro-batches are filled up to this many padded tokens instead
+            of `micro_batch_size` records.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        micro_batch_size: int,
+        accumulation: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        mega_batch_factor: int = 16,
+        max_tokens_per_batch: int | None = None,
+    ) -> None:
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.micro_batch_size = micro_batch_size
+        self.accumulation = accumulation
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.mega_batch_factor = mega_batch_factor
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.micro_per_global = accumulation * world_size
+        self.epoch = 0
+        self.position = 0  # global batches of `epoch` already consumed
+        self._plan_cache: dict[int, list[list[list[int]]]] = {}
+
+    # ------------------------------------------------------------ the plan
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 1_000_003 + epoch)
+        return generator
+
+    def _micro_batches_by_count(self, window: list[int]) -> list[list[int]]:
+        size = self.micro_batch_size
+        return [window[i : i + size] for i in range(0, len(window) - size + 1, size)]
+
+    def _micro_batches_by_tokens(self, window: list[int]) -> list[list[int]]:
+        batches, current, longest = [], [], 0
+        for index in window:  # sorted longest first, so the first record sets the width
+            longest_if_added = max(longest, int(self.lengths[index]))
+            if current and longest_if_added * (len(current) + 1) > self.max_tokens_per_batch:
+                batches.append(current)
+                current, longest_if_added = [], int(self.lengths[index])
+            current.append(index)
+            longest = longest_if_added
+        if current:
+            batches.append(current)
+        return batches
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        """All global batches of an epoch, each a list of `micro_per_global` micro-batches."""
+        if epoch in self._plan_cache:
+            return self._plan_cache[epoch]
+        generator = self._generator(epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        window_size = self.micro_batch_size * self.micro_per_global * self.mega_batch_factor
+        micro_batches: list[list[int]] = []
+        global_batches: list[list[list[int]]] = []
+        for start in range(0, len(order), window_size):
+            window = order[start : start + window_size]
+            window.sort(key=lambda i: -int(self.lengths[i]))  # stable: ties keep their random order
+            if self.max_tokens_per_batch:
+                micro_batches.extend(self._micro_batches_by_tokens(window))
+            else:
+                # Fixed count: whole global batches per window, the window's remainder is dropped
+                # only in the last window (earlier windows are exact multiples).
+                micro_batches.extend(self._micro_batches_by_count(window))
+            while len(micro_batches) >= self.micro_per_global:
+                global_batches.append(micro_batches[: self.micro_per_global])
+                micro_batches = micro_batches[self.micro_per_global :]
+        # Leftover micro-batches cannot fill a global batch: dropped, so every rank steps equally.
+        shuffled = torch.randperm(len(global_batches), generator=generator).tolist()
+        result = [global_batches[i] for i in shuffled]
+        self._plan_cache = {epoch: result}  # one epoch at a time is all the loop needs
+        return result
+
+    def num_global_batches(self, epoch: int) -> int:
+        return len(self.plan(epoch))
+
+    # ------------------------------------------------------------ iteration and state
+
+    def rank_micro_batches(self, global_batch: list[list[int]]) -> list[list[int]]:
+        return global_batch[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """This rank's micro-batches from the current position to the end of the epoch.
+
+        The sampler does not advance itself: the trainer calls `advance()` once per optimizer step,
+        so prefetching data workers never make the saved position run ahead of the model.
+        """
+        plan = self.plan(self.epoch)
+        for global_batch in plan[self.position :]:
+            yield from self.rank_micro_batches(global_batch)
+
+    def __len__(self) -> int:
+        return (self.num_global_batches(self.epoch) - self.position) * self.accumulation
+
+    def advance(self) -> None:
+        """One optimizer step (one global batch) has been consumed."""
+        self.position += 1
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        self.epoch, self.position = epoch, position
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # ------------------------------------------------------------ diagnostics
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """Share of padded positions over every micro-batch of an epoch (all ranks)."""
+        padded = real = 0
+        for global_batch in self.plan(epoch):
+            for micro in global_batch:
+                lengths = self.lengths[micro]
+                padded += int(lengths.max()) * len(micro)
+                real += int(lengths.sum())
+        return 1 - real / padded if padded else 0.0

@@ -1,0 +1,60 @@
+"""The `noesis-train` entry: compose the config with Hydra, then `run(cfg)`.
+
+`run(cfg, committer)` is the one entry that the CLI, Hydra multirun sweeps and the Modal
+function all call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from noesis_accel import config as _config  # registers the schema and resolvers  # noqa: F401
+from noesis_accel.config import validate
+from noesis_accel.distributed import launch, needs_launch
+from noesis_accel.errors import UserError
+from noesis_accel.signals import InterruptedBySignal
+from noesis_accel.trainer import RunResult, Trainer
+from noesis_accel.volumes import Committer
+
+
+def run(cfg: DictConfig, committer: Committer | None = None, overrides: list[str] | None = None) -> RunResult | int:
+    """Train `cfg` to completion (resuming if its run dir holds checkpoints).
+
+    With `distributed.num_processes > 1` and no launcher around us, this starts the processes
+    (each of which calls `run` again) and returns their exit code.
+    """
+    validate(cfg)
+    if needs_launch(cfg):
+        return launch(cfg, overrides or [])
+    return Trainer(cfg, committer).run()
+
+
+@hydra.main(version_base=None, config_path=str(_config.CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    overrides = list(HydraConfig.get().overrides.task)
+    try:
+        result = run(cfg, overrides=overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    except InterruptedBySignal as stop:
+        print(f"interrupted: {stop}", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)  # non-zero, so Modal (or any supervisor) retries and resumes
+    if isinstance(result, int) and result != 0:
+        sys.exit(result)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "torch.distributed", "accelerate.checkpointing", "accelerate.accelerator"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""`Trainer`: setup -> train -> finish for one run. I/O policy lives in checkpoint/metrics/status."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from noesis_accel import data as data_mod
+from noesis_accel import env, modeling, optim
+from noesis_accel.checkpoint import CheckpointManager, register_trainable_only_hooks
+from noesis_accel.config import differing_math_keys, fingerprint, interval_steps, validate
+from noesis_accel.distributed import build_accelerator
+from noesis_accel.errors import DataError, ResumeError, UserError
+from noesis_accel.metrics import MetricsLogger, truncate_metrics_after
+from noesis_accel.sampling import LengthBucketBatchSampler
+from noesis_accel.signals import InterruptedBySignal, PreemptionWatcher
+from noesis_accel.status import read_status, write_status
+from noesis_accel.volumes import Committer, LocalCommitter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """The trainer's own state, registered for checkpointing: tiny, and enough to continue exactly."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    initial_eval_loss: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    state: str  # completed | already_completed
+    step: int
+    total_steps: int
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """One fine-tuning run. Bad flag combinations are rejected in `__init__`, before any loading."""
+
+    def __init__(self, cfg: DictConfig, committer: Committer | None = None) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.committer = committer or LocalCommitter()
+        self.run_dir = Path(cfg.run.root).expanduser() / cfg.run.name
+        self.progress = Progress()
+        self.watcher = PreemptionWatcher(on_second=self._on_second_signal)
+        self.step_losses: list[float] = []
+
+    # ================================================================ setup
+
+    def setup(self) -> bool:
+        """Build everything and resume if a checkpoint exists. False if the run already completed."""
+        cfg = self.cfg
+        env.quiet_libraries()
+        env.apply_alloc_conf(cfg.env.alloc_conf)
+        self.accelerator = accelerator = build_accelerator(cfg, self.run_dir / "logs")
+        self.is_deepspeed = str(accelerator.distributed_type) == "DistributedType.DEEPSPEED"
+        if self._already_completed():
+            return False
+        self._check_run_dir_config()
+        from accelerate.utils import set_seed
+
+        set_seed(int(cfg.train.seed))
+        on_cuda = accelerator.device.type == "cuda"
+
+        with accelerator.main_process_first():  # the main process fills the caches, the others read them
+            self.tokenizer = modeling.load_tokenizer(cfg.model)
+            self.data = data_mod.prepare(cfg.data, self.tokenizer, int(cfg.train.seed))
+            model = modeling.build_model(cfg.model, cfg.peft, len(self.tokenizer), on_cuda)
+        self.accumulation = accelerator.gradient_accumulation_steps
+        self.sampler = LengthBucketBatchSampler(
+            self.data.train["length"],
+            micro_batch_size=int(cfg.train.micro_batch_size),
+            accumulation=self.accumulation,
+            world_size=accelerator.num_processes,
+            rank=accelerator.process_index,
+            seed=int(cfg.train.seed),
+            mega_batch_factor=int(cfg.data.mega_batch_factor),
+            max_tokens_per_batch=cfg.data.max_tokens_per_batch,
+        )
+        self.total_steps = self._total_steps()
+        self.collate = data_mod.PaddingCollator(self.tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
+
+        optimizer = optim.build_optimizer(model, cfg.optim, on_cuda)
+        scheduler = optim.build_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+
+        if not self.is_deepspeed:
+            register_trainable_only_hooks(accelerator)
+        accelerator.register_for_checkpointing(self.progress)
+        accelerator.register_for_checkpointing(self.sampler)
+        self.checkpoints = CheckpointManager(
+            accelerator, self.run_dir, cfg.ckpt, self.total_steps, fingerprint(cfg), self.committer, self.is_deepspeed
+        )
+        self.eval_interval = interval_steps(float(cfg.train.eval_every), self.total_steps)
+        self._resume()
+        if cfg.train.tracker != "none":
+            accelerator.init_trackers(cfg.run.name, config=_tracker_config(cfg))
+        self.metrics = MetricsLogger(
+            accelerator, self.run_dir, self.total_steps, self.progress.step, bool(cfg.train.progress_bar)
+        )
+        self._announce(model)
+        return True
+
+    def _already_completed(self) -> bool:
+        status = read_status(self.run_dir)
+        if status and status.get("state") == "completed" and self.cfg.ckpt.resume == "auto":
+            if self.accelerator.is_main_process:
+                print(f"run {self.run_dir} already completed at step {status.get('step')}; nothing to do "
+                      "(choose a new run.name to train again)", flush=True)
+            return True
+        return False
+
+    def _check_run_dir_config(self) -> None:
+        """A restart must train the same math: compare against the config of the first start."""
+        saved_path = self.run_dir / "config.yaml"
+        current = OmegaConf.to_container(self.cfg, resolve=True)
+        if saved_path.is_file() and self.cfg.ckpt.resume != "never":
+            saved = yaml.safe_load(saved_path.read_text())
+            differing = differing_math_keys(saved, self.cfg)
+            if differing:
+                from noesis_accel.config import flatten
+
+                old, new = flatten(saved), flatten(current)
+                lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differing]
+                raise ResumeError(
+                    f"{self.run_dir} holds a run started with a different config; a restart must not change "
+                    "the math. Differing keys:\n  " + "\n  ".join(lines)
+                    + "\nRestore these values, or choose a new run.name for a new run."
+                )
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not saved_path.is_file() or self.cfg.ckpt.resume == "never":
+                saved_path.write_text(yaml.safe_dump(current, sort_keys=False))
+
+    def _total_steps(self) -> int:
+        if self.cfg.train.max_steps:
+            first = self.sampler.num_global_batches(0)
+        else:
+            epochs = float(self.cfg.train.epochs)
+            whole = math.floor(epochs)
+            counts = [self.sampler.num_global_batches(e) for e in range(math.ceil(epochs))]
+            first = counts[0] if counts else 0
+            total = sum(counts[:whole]) + (math.ceil(counts[whole] * (epochs - whole)) if epochs > whole else 0)
+        if first == 0:
+            raise DataError(
+                f"data.path: {self.data.stats.train_records} training records cannot fill one global batch of "
+                f"{self.cfg.train.global_batch_size}; lower train.global_batch_size or add data"
+            )
+        return int(self.cfg.train.max_steps) if self.cfg.train.max_steps else max(1, total)
+
+    def _resume(self) -> None:
+        self.checkpoints.remove_stale_partials()
+        checkpoint = self.checkpoints.select_for_resume(str(self.cfg.ckpt.resume))
+        self.resumed_from = checkpoint
+        if checkpoint is None:
+            return
+        self.checkpoints.load(checkpoint)
+        if self.accelerator.is_main_process:
+            truncate_metrics_after(self.run_dir, self.progress.step)
+            print(f"resumed from {checkpoint.path} at step {self.progress.step}/{self.total_steps}", flush=True)
+
+    def _announce(self, model: torch.nn.Module) -> None:
+        trainable, total = modeling.count_parameters(model)
+        stats = self.data.stats
+        self.metrics.write(
+            f"run {self.run_dir}: {self.accelerator.num_processes} process(es) on {self.accelerator.device.type}, "
+            f"{self.accelerator.distributed_type}; {trainable:,} of {total:,} parameters train; "
+            f"{stats.train_records} train / {stats.eval_records} held-out records ({stats.format}), "
+            f"{stats.truncated} truncated; {self.total_steps} steps of {self.cfg.train.global_batch_size} "
+            f"(micro {self.cfg.train.micro_batch_size} x accumulation {self.accumulation} x "
+            f"{self.accelerator.num_processes} process(es)); padding {100 * self.sampler.padding_fraction(0):.1f}%"
+        )
+        if self.accelerator.is_main_process:
+            write_status(self.run_dir, state="running", step=self.progress.step, total_steps=self.total_steps,
+                         latest_checkpoint=str(self.resumed_from.path) if self.resumed_from else None,
+                         exit_reason=None, error=None)
+
+    # ================================================================ train
+
+    def train(self) -> None:
+        """The loop: batch -> forward -> backward -> step -> checkpoint hook -> log, until total steps."""
+        accelerator, progress = self.accelerator, self.progress
+        self.watcher.install()
+        if progress.step == 0 and progress.initial_eval_loss is None and len(self.data.eval):
+            progress.initial_eval_loss = self.evaluate()
+            self.metrics.write(f"held-out loss before training: {progress.initial_eval_loss:.4f}")
+        self.model.train()
+        while progress.step < self.total_steps:
+            finished_epoch = self._train_epoch()
+            if finished_epoch:
+                self.sampler.set_epoch(self.sampler.epoch + 1, 0)
+        self.watcher.uninstall()
+
+    def _train_epoch(self) -> bool:
+        """Train from the sampler's position; True if the epoch's batches ran out."""
+        loader = torch.utils.data.DataLoader(
+            self.data.train,
+            batch_sampler=list(self.sampler),
+            collate_fn=self.collate,
+            num_workers=int(self.cfg.data.num_workers),
+            pin_memory=self.accelerator.device.type == "cuda",
+        )
+        step_loss, step_samples, step_tokens = 0.0, 0, 0
+        for batch in loader:
+            batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+            loss, grad_norm = self._micro_step(batch)
+            step_loss += loss
+            step_samples += batch["input_ids"].shape[0]
+            step_tokens += int(batch["attention_mask"].sum())
+            self.metrics.count_tokens(int(batch["attention_mask"].sum()) * self.accelerator.num_processes)
+            if not self.accelerator.sync_gradients:
+                continue
+            self._after_optimizer_step(step_loss / self.accumulation, grad_norm, step_samples, step_tokens)
+            step_loss, step_samples, step_tokens = 0.0, 0, 0
+            if self.progress.step >= self.total_steps:
+                return False
+        return True
+
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float | None]:
+        accelerator, grad_norm = self.accelerator, None
+        with accelerator.accumulate(self.model):
+            loss = self.model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.cfg.optim.max_grad_norm > 0:
+                norm = accelerator.clip_grad_norm_(self.trainable_params, float(self.cfg.optim.max_grad_norm))
+                grad_norm = float(norm) if norm is not None else None
+            self.optimizer.step()
+            if accelerator.sync_gradients:
+                self.scheduler.step()  # once per optimizer step (a no-op wrapper under DeepSpeed, which steps it)
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), grad_norm
+
+    def _after_optimizer_step(self, loss: float, grad_norm: float | None, samples: int, tokens: int) -> None:
+        progress, cfg = self.progress, self.cfg
+        progress.step += 1
+        self.sampler.advance()
+        world = self.accelerator.num_processes
+        if world > 1:
+            reduced = self.accelerator.reduce(torch.tensor([loss, samples, tokens], dtype=torch.float64,
+                                                           device=self.accelerator.device), reduction="sum")
+            loss, samples, tokens = float(reduced[0]) / world, int(reduced[1]), int(reduced[2])
+        progress.samples_seen += samples
+        progress.tokens_seen += tokens
+        self.step_losses.append(loss)
+        lr = self.scheduler.get_last_lr()[0]
+        if progress.step % int(cfg.train.log_every) == 0 or progress.step == self.total_steps:
+            tokens_per_s = self.metrics.tokens_per_second()
+            values = {"loss": loss, "lr": lr, "epoch": self.sampler.epoch, "tokens_per_s": tokens_per_s,
+                      "samples_seen": progress.samples_seen, "tokens_seen": progress.tokens_seen}
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
+            self.metrics.log(progress.step, values)
+            self.metrics.progress(progress.step, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"})
+        if self.eval_interval and progress.step % self.eval_interval == 0 and progress.step < self.total_steps:
+            eval_loss = self.evaluate()
+            self.metrics.log(progress.step, {"eval_loss": eval_loss})
+            self.metrics.write(f"step {progress.step}: held-out loss {eval_loss:.4f}")
+            self.model.train()
+        self._checkpoint_hook()
+
+    def _checkpoint_hook(self) -> None:
+        """Save when due (interval, minutes, signal, final); on a signal, exit once it is safe."""
+        signal_received, minutes_due = self._agreed_flags()
+        reason = self.checkpoints.due(self.progress.step, signal_received, minutes_due)
+        if reason is None:
+            return
+        progress = {"epoch": self.sampler.epoch, "position_in_epoch": self.sampler.position,
+                    "samples_seen": self.progress.samples_seen, "tokens_seen": self.progress.tokens_seen,
+                    "total_steps": self.total_steps}
+        path = self.checkpoints.save(self.progress.step, reason, progress)
+        if self.accelerator.is_main_process:
+            write_status(self.run_dir, state="running", step=self.progress.step, latest_checkpoint=str(path))
+            self.metrics.write(f"step {self.progress.step}: checkpoint {path.name} ({reason})")
+        if reason == "signal":
+            raise InterruptedBySignal(self.watcher.received or 15)
+
+    def _agreed_flags(self) -> tuple[bool, bool]:
+        """Signal and wall-clock triggers, agreed across ranks so every rank saves at the same step."""
+        flags = [float(self.watcher.requested), float(self.checkpoints.minutes_elapsed_due())]
+        if self.accelerator.num_processes > 1:
+            tensor = torch.tensor(flags, device=self.accelerator.device)
+            flags = self.accelerator.reduce(tensor, reduction="sum").tolist()
+        return flags[0] > 0, flags[1] > 0
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted held-out loss over the eval set, sharded across ranks."""
+        accelerator = self.accelerator
+        model = accelerator.unwrap_model(self.model)  # no collectives inside an eval forward
+        model.eval()
+        eval_set = self.data.eval
+        order = sorted(range(len(eval_set)), key=lambda i: -eval_set[i]["length"])
+        size = int(self.cfg.train.micro_batch_size)
+        batches = [order[i : i + size] for i in range(0, len(order), size)][accelerator.process_index :: accelerator.num_processes]
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        for indices in batches:
+            batch = self.collate([eval_set[i] for i in indices])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            count = int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
+            total += torch.tensor([float(loss) * count, count], dtype=torch.float64, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            total = accelerator.reduce(total, reduction="sum")
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    # ================================================================ finish
+
+    def finish(self) -> RunResult:
+        """Held-out loss after training, the final adapter and tokenizer, status `completed`."""
+        accelerator = self.accelerator
+        eval_after = self.evaluate() if len(self.data.eval) else None
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            target = self.run_dir / ("adapter" if self.cfg.peft.enabled else "model")
+            accelerator.unwrap_model(self.model).save_pretrained(str(target), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(target))
+            before = self.progress.initial_eval_loss
+            if eval_after is not None:
+                self.metrics.log(self.progress.step, {"eval_loss": eval_after})
+                before_text = f"{before:.4f}" if before is not None else "n/a"
+                self.metrics.write(f"held-out loss: before {before_text} -> after {eval_after:.4f}")
+            self.metrics.write(f"saved {target}")
+            write_status(self.run_dir, state="completed", step=self.progress.step, exit_reason="completed",
+                         eval_loss_before=before, eval_loss_after=eval_after)
+        self.metrics.close()
+        accelerator.end_training()
+        accelerator.wait_for_everyone()
+        return RunResult(self.run_dir, "completed", self.progress.step, self.total_steps,
+                         self.progress.initial_eval_loss, eval_after, list(self.step_losses))
+
+    def _on_second_signal(self, signum: int) -> None:
+        if getattr(self, "accelerator", None) is not None and self.accelerator.is_main_process:
+            write_status(self.run_dir, state="interrupted", exit_reason=f"signal {signum} (second: exited at once)")
+
+    # ================================================================ lifecycle
+
+    def run(self) -> RunResult:
+        """setup -> train -> finish, recording in status.json how and why the run ended."""
+        try:
+            if not self.setup():
+                status = read_status(self.run_dir) or {}
+                return RunResult(self.run_dir, "already_completed", int(status.get("step", 0)),
+                                 int(status.get("total_steps", 0)))
+            self.train()
+            return self.finish()
+        except InterruptedBySignal as stop:
+            self._record_exit("interrupted", str(stop))
+            raise
+        except UserError as err:
+            self._record_exit("failed", str(err))
+            raise
+        except BaseException as err:
+            self._record_exit("failed", f"{err.__class__.__name__}: {err}")
+            raise
+
+    def _record_exit(self, state: str, reason: str) -> None:
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.is_main_process and self.run_dir.is_dir():
+            write_status(self.run_dir, state=state, step=self.progress.step, exit_reason=reason,
+                         error=reason if state == "failed" else None)
+
+
+def _tracker_config(cfg: DictConfig) -> dict[str, Any]:
+    """Tracker hyperparameters must be scalars: lists and None become strings."""
+    from noesis_accel.config import flatten
+
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg).items()}

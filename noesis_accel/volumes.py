@@ -1,0 +1,60 @@
+"""Where checkpoints are persisted: a committer is called after every complete checkpoint.
+
+Locally the run directory is already durable, so the committer does nothing. On Modal the run
+directory sits on a Volume, which only persists what `commit()` flushed before the container died.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Committer(Protocol):
+    """Makes everything written under the run directory durable. Must be safe to call repeatedly."""
+
+    def commit(self) -> None: ...
+
+
+class LocalCommitter:
+    """The local filesystem needs no commit: fsync in the checkpoint writer already made it durable."""
+
+    def commit(self) -> None:
+        return None
+
+
+class ModalVolumeCommitter:
+    """Commits a `modal.Volume` mounted in this container (the Modal entry passes it in)."""
+
+    def __init__(self, volume) -> None:  # modal.Volume; untyped so importing this needs no modal
+        self.volume = volume
+
+    def commit(self) -> None:
+        self.volume.commit()
+
+
+def commit_with_retry(
+    committer: Committer,
+    retries: int,
+    backoff_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Commit, retrying with exponential backoff; returns the attempts used. Raises after the last.
+
+    Every failure is logged: a checkpoint that never reaches the volume must never go unnoticed.
+    """
+    for attempt in range(1, retries + 2):
+        try:
+            committer.commit()
+            return attempt
+        except Exception as err:  # any backend error; retried, then re-raised
+            if attempt > retries:
+                log.error("commit failed %d time(s), giving up: %s", attempt, err)
+                raise
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.warning("commit attempt %d failed (%s); retrying in %.1fs", attempt, err, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
