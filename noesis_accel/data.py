@@ -354,7 +354,11 @@ def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int) -> Prepar
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),
     })
-    to_dataset = lambda rows: datasets.Dataset.from_list(rows, features=features)  # noqa: E731
+
+    def to_dataset(rows: list[dict]) -> Any:
+        # Column-wise, so an empty held-out set still has its columns.
+        return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
+
     return PreparedData(to_dataset(train_rows), to_dataset(eval_rows), stats)
 
 

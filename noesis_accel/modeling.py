@@ -62,7 +62,9 @@ def materialize_gguf(model_cfg: DictConfig, with_weights: bool = True) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.name_or_path, gguf_file=model_cfg.gguf_file, dtype=torch.float32
         )
-        # Drop the GGUF quantisation marker: the weights are plain floats now.
+        # Drop the GGUF quantisation markers: the weights are plain floats now, and transformers
+        # refuses to save (or train) a model it believes is still quantised.
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

@@ -348,8 +348,8 @@ class Trainer:
             write_status(self.run_dir, state="completed", step=self.progress.step, exit_reason="completed",
                          eval_loss_before=before, eval_loss_after=eval_after)
         self.metrics.close()
-        accelerator.end_training()
         accelerator.wait_for_everyone()
+        accelerator.end_training()  # also tears down the process group: nothing collective after it
         return RunResult(self.run_dir, "completed", self.progress.step, self.total_steps,
                          self.progress.initial_eval_loss, eval_after, list(self.step_losses))
 

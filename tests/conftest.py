@@ -1,0 +1,46 @@
+"""Shared fixtures: the real config composed from conf/, a tiny model, local data only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from noesis_accel.config import compose
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "noesis_accel" / "assets" / "noesis_sample.jsonl"
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """The tiny experiment in a fresh run root: a 2-layer model, seconds per run."""
+    return ["+experiment=tiny", f"run.root={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides: list[str]):
+    return compose(tiny_overrides)
+
+
+def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m noesis_accel.train ARGS` in a subprocess, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "noesis_accel.train", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def chat_records(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(n)]
