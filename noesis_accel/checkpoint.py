@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from noesis_accel import faults
 from noesis_accel.config import interval_steps
 from noesis_accel.errors import ResumeError
 from noesis_accel.volumes import Committer, commit_with_retry
@@ -152,6 +153,7 @@ class CheckpointManager:
         started = time.monotonic()
         save_kwargs = {"exclude_frozen_parameters": True} if self.is_deepspeed else {}
         accelerator.save_state(str(tmp), **save_kwargs)
+        faults.maybe_inject("save", step)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             manifest = {

@@ -114,6 +114,8 @@ class TrainConfig:
     log_every: int = 1
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     progress_bar: bool = True
+    # Asked of the trained model at the end (greedy), so a person sees what it learned.
+    sample_prompt: Optional[str] = None
 
 
 @dataclass

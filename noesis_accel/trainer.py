@@ -13,7 +13,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel import data as data_mod
-from noesis_accel import env, modeling, optim
+from noesis_accel import env, faults, modeling, optim
 from noesis_accel.checkpoint import CheckpointManager, register_trainable_only_hooks
 from noesis_accel.config import differing_math_keys, fingerprint, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
@@ -223,6 +223,9 @@ class Trainer:
             collate_fn=self.collate,
             num_workers=int(self.cfg.data.num_workers),
             pin_memory=self.accelerator.device.type == "cuda",
+            # A private generator: creating the loader must not draw from the global RNG that dropout
+            # uses, or a resumed run (one extra loader) would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
         )
         step_loss, step_samples, step_tokens = 0.0, 0, 0
         for batch in loader:
@@ -284,6 +287,8 @@ class Trainer:
 
     def _checkpoint_hook(self) -> None:
         """Save when due (interval, minutes, signal, final); on a signal, exit once it is safe."""
+        faults.maybe_inject("step", self.progress.step)
+        faults.maybe_inject("term", self.progress.step)
         signal_received, minutes_due = self._agreed_flags()
         reason = self.checkpoints.due(self.progress.step, signal_received, minutes_due)
         if reason is None:
@@ -345,6 +350,11 @@ class Trainer:
                 before_text = f"{before:.4f}" if before is not None else "n/a"
                 self.metrics.write(f"held-out loss: before {before_text} -> after {eval_after:.4f}")
             self.metrics.write(f"saved {target}")
+            if self.cfg.train.sample_prompt:
+                from noesis_accel.generate import reply
+
+                answer = reply(accelerator.unwrap_model(self.model), self.tokenizer, self.cfg.train.sample_prompt)
+                self.metrics.write(f"sample: {self.cfg.train.sample_prompt!r} -> {answer!r}")
             write_status(self.run_dir, state="completed", step=self.progress.step, exit_reason="completed",
                          eval_loss_before=before, eval_loss_after=eval_after)
         self.metrics.close()

@@ -1,0 +1,236 @@
+"""Checkpoints that survive any crash, and a resume that ends bitwise where an uninterrupted run ends.
+
+Crashes are real: `NOESIS_FAULT` makes the training process SIGKILL (or SIGTERM) itself at a
+chosen step or in the middle of a save, and the test restarts the very same command.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from noesis_accel.checkpoint import MANIFEST, checkpoint_problem
+from noesis_accel.config import compose
+from noesis_accel.metrics import read_metrics
+from noesis_accel.status import read_status
+from noesis_accel.train import run
+
+from conftest import run_cli
+
+STEPS = 12
+BASE = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0.5"]
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _step_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def _reference(tmp_path_factory, extra: list[str]) -> Path:
+    root = tmp_path_factory.mktemp("reference")
+    result = run_cli(BASE + extra + [f"run.root={root}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "tiny"
+
+
+def _crash_and_resume(root: Path, extra: list[str], fault: str, expect_code: int) -> tuple[Path, str]:
+    command = BASE + extra + [f"run.root={root}"]
+    crashed = run_cli(command, env={"NOESIS_FAULT": fault})
+    assert crashed.returncode == expect_code, crashed.stderr[-3000:]
+    assert read_status(root / "tiny")["state"] != "completed"
+    resumed = run_cli(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return root / "tiny", resumed.stdout + resumed.stderr
+
+
+def _assert_bitwise_equal(run_dir: Path, reference: Path, resumed_from: int, first_logged: int = 1) -> None:
+    ours, theirs = _adapter(run_dir), _adapter(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    ours_losses, ref_losses = _step_losses(run_dir), _step_losses(reference)
+    assert sorted(ours_losses) == list(range(first_logged, STEPS + 1))
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert ours_losses[step] == ref_losses[step], step  # exactly, not approximately
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    return _reference(tmp_path_factory, [])
+
+
+def _resumed_step(output: str) -> int:
+    marker = "resumed from "
+    line = next(l for l in output.splitlines() if marker in l)
+    return int(line.split("at step ")[1].split("/")[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, reference_run, seed: int) -> None:
+    kill_step = random.Random(seed).randint(2, STEPS - 1)
+    run_dir, output = _crash_and_resume(tmp_path, [], f"step:{kill_step}", expect_code=-9)
+    resumed_from = _resumed_step(output)
+    assert resumed_from <= kill_step and kill_step - resumed_from < 3  # at most one interval lost
+    _assert_bitwise_equal(run_dir, reference_run, resumed_from)
+
+
+def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, reference_run) -> None:
+    run_dir, output = _crash_and_resume(tmp_path, [], "save:6", expect_code=-9)
+    assert "removing incomplete checkpoint" in output and "step-000006.tmp" in output
+    assert _resumed_step(output) == 3
+    _assert_bitwise_equal(run_dir, reference_run, 3)
+
+
+def test_sigterm_saves_at_the_next_step_and_loses_nothing(tmp_path, reference_run) -> None:
+    command = BASE + [f"run.root={tmp_path}"]
+    stopped = run_cli(command, env={"NOESIS_FAULT": "term:5"})
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    status = read_status(tmp_path / "tiny")
+    assert status["state"] == "interrupted" and status["step"] == 5 and "SIGTERM" in status["exit_reason"]
+    manifest = json.loads((tmp_path / "tiny" / "checkpoints" / "step-000005" / MANIFEST).read_text())
+    assert manifest["reason"] == "signal"
+    resumed = run_cli(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _resumed_step(resumed.stdout + resumed.stderr) == 5
+    _assert_bitwise_equal(tmp_path / "tiny", reference_run, 5)
+
+
+@pytest.mark.slow
+def test_adamw8bit_resume_is_bitwise_exact(tmp_path, tmp_path_factory) -> None:
+    # r=64 makes LoRA matrices of 4096 elements, so bitsandbytes keeps their state in 8 bits.
+    extra = ["optim=adamw8bit", "peft.r=64", "peft.alpha=128"]
+    reference = _reference(tmp_path_factory, extra)
+    run_dir, output = _crash_and_resume(tmp_path, extra, "step:8", expect_code=-9)
+    _assert_bitwise_equal(run_dir, reference, _resumed_step(output))
+    optimizer_state = torch.load(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "optimizer.bin", weights_only=False)
+    assert any(s["state1"].dtype == torch.uint8 for s in optimizer_state["state"].values())
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_factory) -> None:
+    extra = ["distributed=ddp", "distributed.num_processes=2"]
+    reference = _reference(tmp_path_factory, extra)
+    run_dir, output = _crash_and_resume(tmp_path, extra, "step:7", expect_code=1)
+    _assert_bitwise_equal(run_dir, reference, _resumed_step(output))
+
+
+# ---------------------------------------------------------------- damage, retention, commits, size
+
+
+def _interrupted_copy(run_dir: Path) -> None:
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text())
+    status["state"] = "interrupted"
+    status_file.write_text(json.dumps(status))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: str) -> None:
+    command = BASE + [f"run.root={tmp_path}", "ckpt.keep_last=2"]
+    assert run_cli(command).returncode == 0
+    run_dir = tmp_path / "tiny"
+    _interrupted_copy(run_dir)
+    newest = run_dir / "checkpoints" / f"step-{STEPS:06d}"
+    victim = newest / "optimizer.bin"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        victim.unlink()
+    resumed = run_cli(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"skipping checkpoint {newest}: optimizer.bin" in output
+    assert _resumed_step(output) == 9
+    assert checkpoint_problem(newest) is None  # rewritten by the resumed run's final save
+
+
+class RecordingCommitter:
+    """Records what is on disk at each commit; fails the first `failures` calls."""
+
+    def __init__(self, checkpoints: Path, failures: int = 0) -> None:
+        self.checkpoints, self.failures, self.calls, self.seen = checkpoints, failures, 0, []
+
+    def commit(self) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError("volume temporarily unavailable")
+        newest = max(p for p in self.checkpoints.iterdir() if not p.name.endswith(".tmp"))
+        self.seen.append((newest.name, checkpoint_problem(newest), sorted(p.name for p in self.checkpoints.glob("*.tmp"))))
+
+
+def test_every_tenth_of_the_run_is_saved_committed_and_pruned(tmp_path) -> None:
+    cfg = compose(["+experiment=tiny", "train.max_steps=20", "ckpt.every=0.1", "ckpt.keep_last=3",
+                   f"run.root={tmp_path}", "train.eval_every=0"])
+    committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints")
+    run(cfg, committer)
+    # Ten checkpoints, one per tenth of the run (the tenth is the final one), each committed once,
+    # after its rename, complete on disk at commit time, with no partial directory beside it.
+    assert committer.calls == 10
+    assert [name for name, _, _ in committer.seen] == [f"step-{s:06d}" for s in range(2, 21, 2)]
+    assert all(problem is None and partials == [] for _, problem, partials in committer.seen)
+    remaining = sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir())
+    assert remaining == ["step-000016", "step-000018", "step-000020"]
+    reasons = [json.loads((tmp_path / "tiny" / "checkpoints" / n / MANIFEST).read_text())["reason"] for n in remaining]
+    assert reasons == ["interval", "interval", "final"]
+
+
+def test_a_commit_that_fails_twice_then_succeeds_loses_nothing(tmp_path) -> None:
+    cfg = compose(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "ckpt.commit_backoff_s=0",
+                   f"run.root={tmp_path}"])
+    committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints", failures=2)
+    result = run(cfg, committer)
+    assert result.state == "completed"
+    assert committer.calls == 4  # 3 attempts for step 2, 1 for step 4
+    assert [name for name, _, _ in committer.seen] == ["step-000002", "step-000004"]
+
+
+def test_a_commit_that_never_succeeds_fails_the_run_loudly(tmp_path) -> None:
+    cfg = compose(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "ckpt.commit_backoff_s=0",
+                   "ckpt.commit_retries=1", f"run.root={tmp_path}"])
+    with pytest.raises(OSError, match="volume temporarily unavailable"):
+        run(cfg, RecordingCommitter(tmp_path / "tiny" / "checkpoints", failures=100))
+    assert read_status(tmp_path / "tiny")["state"] == "failed"
+
+
+def test_lora_checkpoint_holds_adapter_and_optimizer_not_the_base(tmp_path) -> None:
+    cfg = compose(["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", "peft.r=64", "peft.alpha=128",
+                   f"run.root={tmp_path}"])
+    run(cfg)
+    checkpoint = tmp_path / "tiny" / "checkpoints" / "step-000002"
+    checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.iterdir())
+    adapter = load_file(str(checkpoint / "model.safetensors"))
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer["state"].values()
+                          for t in s.values() if torch.is_tensor(t))
+    assert all("lora_" in name for name in adapter)  # no frozen base weight
+    assert checkpoint_bytes <= 3 * (adapter_bytes + optimizer_bytes)
+
+
+def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path) -> None:
+    command = BASE[:1] + ["train.max_steps=2", "ckpt.every=1", f"run.root={tmp_path}"]
+    assert run_cli(command).returncode == 0
+    refused = run_cli(command + ["ckpt.resume=never"])
+    assert refused.returncode == 2 and "ckpt.resume=never" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
+    source = tmp_path / "a"
+    assert run_cli(BASE + [f"run.root={source}"]).returncode == 0
+    checkpoint = source / "tiny" / "checkpoints" / "step-000009"
+    resumed = run_cli(BASE + [f"run.root={tmp_path / 'b'}", f"ckpt.resume={checkpoint}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _resumed_step(resumed.stdout) == 9
+    _assert_bitwise_equal(tmp_path / "b" / "tiny", source / "tiny", 9, first_logged=10)
+    bad = run_cli(BASE + [f"run.root={tmp_path / 'c'}", f"ckpt.resume={tmp_path / 'nowhere'}"])
+    assert bad.returncode == 2 and "cannot resume from it: no such directory" in bad.stderr
