@@ -249,20 +249,36 @@ class CheckpointManager:
                 f"(fingerprint {manifest.get('config_fingerprint')} != {self.config_fingerprint}); "
                 "resume it with the config it was trained with"
             )
-        saved_world = int(manifest.get("world_size", 1))
-        if self.is_deepspeed and saved_world != self.accelerator.num_processes:
+        saved_deepspeed = "DEEPSPEED" in str(manifest.get("distributed_type", ""))
+        if saved_deepspeed != self.is_deepspeed:
             raise ResumeError(
-                f"checkpoint {checkpoint.path} was written by {saved_world} DeepSpeed process(es) and this run "
-                f"has {self.accelerator.num_processes}: ZeRO partitions the optimizer state per process, so it "
-                f"cannot be loaded here. Resume with distributed.num_processes={saved_world}"
-                + (f" and distributed.num_machines=1" if saved_world <= 8 else "")
-                + ", or run distributed=ddp/single from a DDP checkpoint"
+                f"checkpoint {checkpoint.path} was written {'with' if saved_deepspeed else 'without'} DeepSpeed and "
+                f"this run is {'with' if self.is_deepspeed else 'without'} it; the formats differ. Resume with "
+                f"distributed={'zero2' if saved_deepspeed else 'ddp or single'}"
             )
+
+    def _world_size_changed(self, checkpoint: Checkpoint) -> bool:
+        """True if a DeepSpeed checkpoint meets another process count and the config allows a reset."""
+        saved_world = int(checkpoint.manifest.get("world_size", 1))
+        if not self.is_deepspeed or saved_world == self.accelerator.num_processes:
+            return False  # DDP and single-process checkpoints hold the full optimizer: any count loads
+        if self.cfg.on_world_size_change == "reset_optimizer":
+            return True
+        raise ResumeError(
+            f"checkpoint {checkpoint.path} was written by {saved_world} DeepSpeed process(es) and this run has "
+            f"{self.accelerator.num_processes}: ZeRO partitions the optimizer state per process, so it cannot "
+            f"be restored exactly here. Resume with distributed.num_processes={saved_world} (x num_machines), "
+            "or set ckpt.on_world_size_change=reset_optimizer to continue with fresh optimizer moments"
+        )
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Restore model, optimizer, scheduler, RNG and every registered object. All ranks call this."""
         self.check_compatible(checkpoint)
         load_kwargs = {"load_module_strict": False} if self.is_deepspeed else {}
+        if self._world_size_changed(checkpoint):
+            load_kwargs["load_optimizer_states"] = False
+            log.warning("world size changed (%s -> %s): optimizer moments start afresh; weights, schedule and "
+                        "data position continue", checkpoint.manifest.get("world_size"), self.accelerator.num_processes)
         self.accelerator.load_state(str(checkpoint.path), **load_kwargs)
         self._last_save_time = time.monotonic()
 

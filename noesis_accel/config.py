@@ -128,6 +128,10 @@ class CkptConfig:
     resume: str = "auto"  # auto | never | <path to a checkpoint>
     commit_retries: int = 5
     commit_backoff_s: float = 1.0
+    # A DeepSpeed checkpoint's optimizer state is partitioned per process. On another process
+    # count: `refuse` (exact or nothing), or `reset_optimizer` (weights, schedule and data position
+    # continue; the optimizer moments start afresh: not exact, stated in the log).
+    on_world_size_change: str = "refuse"
 
 
 @dataclass
@@ -231,6 +235,7 @@ _CHOICES = {
     "train.tracker": ("tensorboard", "wandb", "none"),
     "distributed.type": ("single", "ddp", "zero2"),
     "peft.bias": ("none", "all", "lora_only"),
+    "ckpt.on_world_size_change": ("refuse", "reset_optimizer"),
 }
 
 
@@ -318,7 +323,7 @@ def interval_steps(every: float, total_steps: int) -> int:
 RESTART_SAFE_PREFIXES = (
     "run.",
     "ckpt.every", "ckpt.every_minutes", "ckpt.keep_last", "ckpt.resume", "ckpt.commit_retries",
-    "ckpt.commit_backoff_s",
+    "ckpt.commit_backoff_s", "ckpt.on_world_size_change",
     "train.log_every", "train.tracker", "train.progress_bar", "train.eval_every",
     "data.num_workers", "data.cache_dir", "model.cache_dir", "env.",
     # The process layout may change (8 -> 16 GPUs); the global batch, which is the math, may not.

@@ -59,6 +59,21 @@ def launch(cfg: DictConfig, overrides: list[str]) -> int:
     return process.wait()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _single_process_rendezvous() -> None:
+    """The environment torchrun would set for a world of one, on a free local port."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        os.environ.setdefault(key, value)
+
+
 def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
     """The DeepSpeed JSON from conf/ with batch, accumulation, clipping and precision filled in.
 
@@ -93,8 +108,14 @@ def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
 
 def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Accelerator
     """The Accelerator for this config: precision, accumulation, CPU/GPU, DDP or DeepSpeed, tracker."""
+    import torch
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import (
+        DeepSpeedPlugin,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
     world = launched_world_size() or 1
     accumulation = accumulation_steps(cfg, world)
@@ -109,9 +130,15 @@ def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Acce
         "log_with": None if cfg.train.tracker == "none" else cfg.train.tracker,
     }
     if cfg.distributed.type == "zero2":
-        if cfg.train.device == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if launched_world_size() is None:
+            _single_process_rendezvous()  # DeepSpeed always wants a process group, even of one
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation))
+        if not torch.cuda.is_available():
+            # DeepSpeed on the CPU: `cpu=True` would silently turn DeepSpeed off (MULTI_CPU), and with no
+            # backend named Accelerate reports one process on every rank while torch.distributed runs
+            # two; naming gloo makes both agree.
+            kwargs["cpu"] = False
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     else:
         # LoRA on a model with gradient checkpointing has no unused parameters; searching costs a pass.
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
