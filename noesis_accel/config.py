@@ -65,7 +65,7 @@ class DataConfig:
     # Batch by token budget (padded tokens per micro-batch) instead of a fixed count.
     max_tokens_per_batch: Optional[int] = None
     # Length buckets are sorted within mega-batches of this many global batches.
-    mega_batch_factor: int = 16
+    mega_batch_factor: int = 50
     pad_to_multiple_of: Optional[int] = None
     num_workers: int = 0
     cache_dir: str = "~/.cache/noesis_accel/data"

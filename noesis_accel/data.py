@@ -299,13 +299,16 @@ def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
     cache = Path(os.path.expanduser(data_cfg.cache_dir)) / key
     if (cache / "stats.json").is_file():
         stats = DataStats(**json.loads((cache / "stats.json").read_text()))
-        prepared = PreparedData(datasets.load_from_disk(str(cache / "train")), datasets.load_from_disk(str(cache / "eval")), stats)
+        # An empty held-out set is not saved (datasets cannot reload a table without rows).
+        held_out = datasets.load_from_disk(str(cache / "eval")) if (cache / "eval").is_dir() else _empty_dataset()
+        prepared = PreparedData(datasets.load_from_disk(str(cache / "train")), held_out, stats)
     else:
         prepared = _prepare_uncached(data_cfg, tokenizer, seed)
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         prepared.train.save_to_disk(str(tmp / "train"))
-        prepared.eval.save_to_disk(str(tmp / "eval"))
+        if len(prepared.eval):
+            prepared.eval.save_to_disk(str(tmp / "eval"))
         (tmp / "stats.json").write_text(json.dumps(asdict(prepared.stats)))
         try:
             os.replace(tmp, cache)
@@ -349,17 +352,29 @@ def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int) -> Prepar
         records=len(records), train_records=len(train_rows), eval_records=len(eval_rows),
         truncated=truncated, dropped_truncated=dropped, format=fmt,
     )
-    features = datasets.Features({
+    return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows), stats)
+
+
+def _features() -> Any:
+    import datasets
+
+    return datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),
     })
 
-    def to_dataset(rows: list[dict]) -> Any:
-        # Column-wise, so an empty held-out set still has its columns.
-        return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
 
-    return PreparedData(to_dataset(train_rows), to_dataset(eval_rows), stats)
+def _to_dataset(rows: list[dict]) -> Any:
+    import datasets
+
+    features = _features()
+    # Column-wise, so an empty held-out set still has its columns.
+    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
+
+
+def _empty_dataset() -> Any:
+    return _to_dataset([])
 
 
 # ---------------------------------------------------------------- batching

@@ -37,7 +37,7 @@ class LengthBucketBatchSampler:
         world_size: int = 1,
         rank: int = 0,
         seed: int = 0,
-        mega_batch_factor: int = 16,
+        mega_batch_factor: int = 50,
         max_tokens_per_batch: int | None = None,
     ) -> None:
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)

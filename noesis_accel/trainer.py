@@ -227,23 +227,25 @@ class Trainer:
             # uses, or a resumed run (one extra loader) would diverge from an uninterrupted one.
             generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
         )
-        step_loss, step_samples, step_tokens = 0.0, 0, 0
+        step_loss, step_samples, step_tokens = None, 0, 0
         for batch in loader:
+            # Counted on the host before the copy, so the loop never waits for the GPU to report them.
+            samples, tokens = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
             batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
             loss, grad_norm = self._micro_step(batch)
-            step_loss += loss
-            step_samples += batch["input_ids"].shape[0]
-            step_tokens += int(batch["attention_mask"].sum())
-            self.metrics.count_tokens(int(batch["attention_mask"].sum()) * self.accelerator.num_processes)
+            step_loss = loss if step_loss is None else step_loss + loss
+            step_samples += samples
+            step_tokens += tokens
+            self.metrics.count_tokens(tokens * self.accelerator.num_processes)
             if not self.accelerator.sync_gradients:
                 continue
-            self._after_optimizer_step(step_loss / self.accumulation, grad_norm, step_samples, step_tokens)
-            step_loss, step_samples, step_tokens = 0.0, 0, 0
+            self._after_optimizer_step(float(step_loss) / self.accumulation, grad_norm, step_samples, step_tokens)
+            step_loss, step_samples, step_tokens = None, 0, 0
             if self.progress.step >= self.total_steps:
                 return False
         return True
 
-    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float | None]:
+    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float | None]:
         accelerator, grad_norm = self.accelerator, None
         with accelerator.accumulate(self.model):
             loss = self.model(**batch).loss
@@ -255,7 +257,7 @@ class Trainer:
             if accelerator.sync_gradients:
                 self.scheduler.step()  # once per optimizer step (a no-op wrapper under DeepSpeed, which steps it)
             self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), grad_norm
+        return loss.detach(), grad_norm
 
     def _after_optimizer_step(self, loss: float, grad_norm: float | None, samples: int, tokens: int) -> None:
         progress, cfg = self.progress, self.cfg

@@ -10,7 +10,7 @@ from noesis_accel.errors import ConfigError
 
 from conftest import run_cli
 
-GROUPS = ["model", "data", "peft", "optim", "train", "ckpt", "distributed", "debug"]
+GROUPS = ["model", "data", "peft", "optim", "train", "ckpt", "distributed"]
 
 
 def _options(group: str) -> list[str]:
@@ -29,6 +29,13 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     cfg = compose(overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate(cfg)
+
+
+@pytest.mark.parametrize("debug", sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml")))
+def test_every_debug_variant_applies_after_the_experiment(debug: str) -> None:
+    cfg = compose(["+experiment=noesis", f"+debug={debug}"])
+    validate(cfg)
+    assert cfg.distributed.num_processes == 1 and cfg.train.max_steps is not None  # debug wins
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))

@@ -1,0 +1,189 @@
+"""Throughput: Hugging Face's Trainer against our loop, same model, data, batch, optimizer and steps.
+
+    python bench/throughput.py                      # SmolLM2-135M + LoRA, batch 4, CPU
+    python bench/throughput.py --steps 40 train.mixed_precision=bf16 model.dtype=bfloat16   # a GPU
+
+Both runners train the same LoRA model on the same tokenised, variable-length chat data with
+torch AdamW, a cosine schedule and clipping. Reported: non-pad tokens per second over the timed
+steps (the first `--warmup` steps are excluded for both), the padding fraction of the batches each
+one actually trained on, peak GPU memory when on a GPU, and the ratio ours / Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from noesis_accel import data as data_mod  # noqa: E402
+from noesis_accel import modeling  # noqa: E402
+from noesis_accel.config import compose  # noqa: E402
+from noesis_accel.metrics import read_metrics  # noqa: E402
+from noesis_accel.trainer import Trainer  # noqa: E402
+
+_WORDS = ("noesis understands the question and answers with care about models data training checkpoints "
+          "volumes gpus batches tokens loss schedule warmup cosine adapter rank alpha").split()
+
+
+def synthetic_chat(path: Path, records: int, seed: int) -> Path:
+    """Chat records whose answers vary from a few words to a few hundred: padding matters here."""
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for i in range(records):
+            answer = " ".join(rng.choice(_WORDS) for _ in range(int(rng.paretovariate(1.2) * 12)))[:2400]
+            record = {"messages": [{"role": "user", "content": f"Question {i}: tell me about {rng.choice(_WORDS)}."},
+                                   {"role": "assistant", "content": answer or "ok"}]}
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    tokens: int
+    seconds: float
+    padding: float
+    peak_memory_gib: float | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def run_ours(overrides: list[str], steps: int, warmup: int, root: Path) -> Result:
+    cfg = compose(overrides + [f"run.root={root}", "run.name=ours", f"train.max_steps={steps}",
+                               f"ckpt.every={steps}", "train.eval_every=0", "train.tracker=none",
+                               "train.progress_bar=false", "data.eval_fraction=0"])
+    trainer = Trainer(cfg)
+    trainer.setup()
+    _reset_peak()
+    trainer.train()
+    metrics = {m["step"]: m for m in read_metrics(trainer.run_dir) if "loss" in m}
+    tokens = metrics[steps]["tokens_seen"] - metrics[warmup]["tokens_seen"]
+    seconds = metrics[steps]["time"] - metrics[warmup]["time"]
+    lengths = trainer.sampler.lengths
+    consumed = [micro for batch in trainer.sampler.plan(0)[warmup:steps] for micro in batch]
+    padded = sum(int(lengths[m].max()) * len(m) for m in consumed)
+    real = sum(int(lengths[m].sum()) for m in consumed)
+    return Result("ours (length buckets)", tokens, seconds, 1 - real / padded, _peak())
+
+
+def run_hf_trainer(overrides: list[str], steps: int, warmup: int, root: Path, strategy: str) -> Result:
+    """The baseline: transformers' Trainer on the same tokenised data and the same LoRA model."""
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainerCallback, TrainingArguments
+
+    cfg = compose(overrides + ["data.eval_fraction=0"])
+    torch.manual_seed(int(cfg.train.seed))
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
+    on_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    model = modeling.build_model(cfg.model, cfg.peft, len(tokenizer), on_cuda)
+    collate = data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
+    batch_tokens: list[tuple[int, int]] = []  # (real, padded) per collated batch, in order
+
+    def counting_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(rows)
+        batch_tokens.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
+        return batch
+
+    step_times: dict[int, float] = {}
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_times[state.global_step] = time.perf_counter()
+
+    sampling = ({"train_sampling_strategy": strategy} if "train_sampling_strategy" in
+                {f.name for f in dataclasses.fields(TrainingArguments)} else {"group_by_length": strategy == "group_by_length"})
+    args = TrainingArguments(
+        output_dir=str(root / f"hf-{strategy}"),
+        per_device_train_batch_size=int(cfg.train.micro_batch_size),
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=float(cfg.optim.lr),
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(steps * float(cfg.optim.warmup_ratio))),
+        max_grad_norm=float(cfg.optim.max_grad_norm),
+        optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+        bf16=cfg.train.mixed_precision == "bf16",
+        use_cpu=not on_cuda,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        seed=int(cfg.train.seed),
+        **sampling,
+    )
+    trainer = HFTrainer(model=model, args=args, train_dataset=prepared.train, data_collator=counting_collate,
+                        callbacks=[StepClock()])
+    _reset_peak()
+    trainer.train()
+    used = batch_tokens[warmup:steps]  # batch i is trained in step i+1 (the loader may prefetch one more)
+    tokens = sum(real for real, _ in used)
+    padding = 1 - tokens / sum(padded for _, padded in used)
+    return Result(f"HF Trainer ({strategy})", tokens, step_times[steps] - step_times[warmup], padding, _peak())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40,
+                        help="optimizer steps; the default is one whole epoch, so both runners see the same records")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from timing (both runners)")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--records", type=int, default=160)
+    parser.add_argument("--random-too", action="store_true", help="also time the Trainer with random batches")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.mixed_precision=bf16")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data_path = synthetic_chat(root / "bench.jsonl", args.records, seed=0)
+        overrides = ["train.device=auto", f"data.path={data_path}", "data.format=chat", "data.max_length=512",
+                     "data.min_examples=1", f"train.global_batch_size={args.micro_batch}",
+                     f"train.micro_batch_size={args.micro_batch}", "optim=adamw", "peft.dropout=0.05",
+                     f"data.cache_dir={root / 'cache'}", *args.overrides]
+        results = [run_hf_trainer(overrides, args.steps, args.warmup, root, "group_by_length")]
+        if args.random_too:
+            results.append(run_hf_trainer(overrides, args.steps, args.warmup, root, "random"))
+        results.append(run_ours(overrides, args.steps, args.warmup, root))
+    baseline, ours = results[0], results[-1]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\nthroughput on {device}: {args.steps} steps (first {args.warmup} untimed), micro batch {args.micro_batch}, "
+          f"overrides {args.overrides or 'none'}")
+    print(f"{'runner':<28}{'non-pad tok/s':>15}{'padding':>10}{'peak GiB':>10}")
+    for r in results:
+        peak = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
+        print(f"{r.name:<28}{r.tokens_per_s:>15.1f}{100 * r.padding:>9.1f}%{peak:>10}")
+    ratio = ours.tokens_per_s / baseline.tokens_per_s
+    print(f"ratio ours / HF Trainer (group_by_length): {ratio:.2f}x  (target >= 1.0x)")
+    if args.json:
+        args.json.write_text(json.dumps({"results": [dataclasses.asdict(r) | {"tokens_per_s": r.tokens_per_s}
+                                                     for r in results], "ratio": ratio, "device": device}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
