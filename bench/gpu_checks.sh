@@ -32,3 +32,9 @@ echo "== 2. bf16 throughput: ours vs HF Trainer (group_by_length), SmolLM2-135M 
 timeout 240 python3 bench/throughput.py --steps 60 --warmup 10 --micro-batch 16 --records 2000 \
   --json "$OUT/throughput.json" $MODEL train.mixed_precision=bf16 model.dtype=bfloat16 \
   2>&1 | tail -12 | tee "$OUT/throughput.log"
+
+echo "== 3. QLoRA (4-bit base) + gradient checkpointing + AdamW8bit, bf16, 10 steps"
+timeout 150 python3 -m noesis_accel.train +experiment=tiny $MODEL train.device=auto model.load_in_4bit=true \
+  model.dtype=bfloat16 train.mixed_precision=bf16 model.gradient_checkpointing=true optim=adamw8bit \
+  train.max_steps=10 train.eval_every=0.5 run.root=/tmp/qlora 2>&1 | grep -E "run /|held-out|error|Error" | tee "$OUT/qlora.log"
+python3 -c "import json; m=[json.loads(l) for l in open('/tmp/qlora/tiny/metrics.jsonl')]; print('qlora losses', [round(x['loss'],3) for x in m if 'loss' in x])" 2>&1 | tee -a "$OUT/qlora.log"

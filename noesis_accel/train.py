@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,6 +29,7 @@ def run(cfg: DictConfig, committer: Committer | None = None, overrides: list[str
     With `distributed.num_processes > 1` and no launcher around us, this starts the processes
     (each of which calls `run` again) and returns their exit code.
     """
+    quiet_known_noise()
     validate(cfg)
     if needs_launch(cfg):
         return launch(cfg, overrides or [])
@@ -49,10 +51,16 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(result)
 
 
+def quiet_known_noise() -> None:
+    """Silence warnings that say nothing actionable to a user of this tool."""
+    # bitsandbytes looks for an optional CPU 4-bit kernel package we never use.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "torch.distributed", "accelerate.checkpointing", "accelerate.accelerator"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_known_noise()
     _hydra_main()
 
 

@@ -235,3 +235,18 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
     _assert_bitwise_equal(tmp_path / "b" / "tiny", source / "tiny", 9, first_logged=10)
     bad = run_cli(BASE + [f"run.root={tmp_path / 'c'}", f"ckpt.resume={tmp_path / 'nowhere'}"])
     assert bad.returncode == 2 and "cannot resume from it: no such directory" in bad.stderr
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_on_fewer_processes(tmp_path) -> None:
+    """2 -> 1 process under DDP: the checkpoint holds the full optimizer state and the data position is
+    counted in global batches, so the run continues with the same global batch (accumulation 1 -> 2)."""
+    two = BASE + ["distributed=ddp", "distributed.num_processes=2", f"run.root={tmp_path}"]
+    crashed = run_cli(two, env={"NOESIS_FAULT": "step:7"})
+    assert crashed.returncode != 0
+    one = BASE + [f"run.root={tmp_path}"]
+    resumed = run_cli(one)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _resumed_step(resumed.stdout) == 6
+    assert "1 process(es)" in resumed.stdout and "accumulation 2" in resumed.stdout
+    assert read_status(tmp_path / "tiny")["state"] == "completed"
