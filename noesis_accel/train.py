@@ -7,11 +7,13 @@ function all call.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from noesis_accel import config as _config  # registers the schema and resolvers  # noqa: F401
@@ -36,9 +38,25 @@ def run(cfg: DictConfig, committer: Committer | None = None, overrides: list[str
     return Trainer(cfg, committer).run()
 
 
+def _name_sweep_job(cfg: DictConfig) -> None:
+    """In a multirun sweep each job needs its own stable run dir, or the jobs would resume each other.
+
+    Unless the sweep sets run.name itself, the job's overrides name it: stable across restarts of
+    the same sweep (unlike the job number), and readable.
+    """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or any(o.startswith("run.name=") for o in hydra_cfg.overrides.task):
+        return
+    suffix = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", hydra_cfg.job.override_dirname)
+    cfg.run.name = f"{cfg.run.name}__{suffix}" if suffix else cfg.run.name
+
+
 @hydra.main(version_base=None, config_path=str(_config.CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    _name_sweep_job(cfg)
     overrides = list(HydraConfig.get().overrides.task)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        overrides.append(f"run.name={cfg.run.name}")  # the processes a launch starts must agree on it
     try:
         result = run(cfg, overrides=overrides)
     except UserError as err:

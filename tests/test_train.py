@@ -81,3 +81,12 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=0, atol=1e-4)
+
+
+def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path: Path) -> None:
+    result = run_cli(["--multirun", "+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "optim.lr=0.001,0.002",
+                      f"run.root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = sorted(p.name for p in tmp_path.iterdir() if (p / "status.json").is_file())
+    assert len(run_dirs) == 2 and all(d.startswith("tiny__") for d in run_dirs)
+    assert all(read_status(tmp_path / d)["state"] == "completed" for d in run_dirs)
