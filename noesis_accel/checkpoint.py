@@ -239,7 +239,15 @@ class CheckpointManager:
         problem = checkpoint_problem(path) if path.is_dir() else "no such directory"
         if problem:
             raise ResumeError(f"ckpt.resume={mode}: cannot resume from it: {problem}")
-        return Checkpoint(path, read_manifest(path)["step"], read_manifest(path))
+        manifest = read_manifest(path)
+        newer = [p.name for step, p in self.step_dirs() if step > manifest["step"]]
+        if newer:
+            # They belong to another trajectory: pruning and later `auto` resumes would mix the two.
+            raise ResumeError(
+                f"ckpt.resume={mode}: {self.root} already holds later checkpoints ({', '.join(newer)}); "
+                "resume into a new run.name, or move those checkpoints away first"
+            )
+        return Checkpoint(path, manifest["step"], manifest)
 
     def check_compatible(self, checkpoint: Checkpoint) -> None:
         manifest = checkpoint.manifest

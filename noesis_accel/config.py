@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from noesis_accel.errors import ConfigError
 
@@ -241,6 +242,11 @@ _CHOICES = {
 
 def validate(cfg: DictConfig) -> None:
     """Check everything that can be checked without loading a model or data; one error lists all."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # every ${...} resolves, or we say which one does not
+    except InterpolationResolutionError as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
+        raise ConfigError(f"{getattr(err, 'full_key', '') or 'config'}: {str(cause).splitlines()[0]}") from None
     problems: list[str] = []
 
     def check(ok: bool, key: str, message: str) -> None:

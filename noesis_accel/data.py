@@ -63,22 +63,28 @@ def _data_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _read_text_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of line 1
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 (byte {err.start}: {err.reason}); save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[RawRecord]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield RawRecord(f"{path}:{number}", json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
-                    "each line must be one complete JSON object"
-                ) from None
+    for number, line in enumerate(_read_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield RawRecord(f"{path}:{number}", json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
+                "each line must be one complete JSON object"
+            ) from None
 
 
 def _read_json(path: Path) -> Iterator[RawRecord]:
-    text = path.read_text(encoding="utf-8")
+    text = "\n".join(_read_text_lines(path))
     try:
         payload = json.loads(text)
     except json.JSONDecodeError:
@@ -233,6 +239,9 @@ def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int
     """Token ids and labels (IGNORE_INDEX outside assistant/completion text); truncated or not."""
     fields = record.fields
     if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{record.location}: chat records need a tokenizer with a chat template, and "
+                            f"{getattr(tokenizer, 'name_or_path', 'this one')} has none; use prompt/completion records")
         text, spans = _spans_for_chat(tokenizer, fields["messages"], record.location)
         add_special = False  # the template already placed its special tokens
     elif fmt == "prompt_completion":
@@ -243,6 +252,9 @@ def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int
         text = fields["text"] + (tokenizer.eos_token or "")
         spans = [(0, len(text))]
         add_special = True
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("the tokenizer is a slow (Python) one; loss masks need a fast tokenizer's offsets. "
+                        "Use a model that ships tokenizer.json")
     encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = []

@@ -48,15 +48,24 @@ def launch_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
 
 
 def launch(cfg: DictConfig, overrides: list[str]) -> int:
-    """Run this job in `num_processes` processes and wait; SIGTERM/SIGINT are passed on to them."""
-    process = subprocess.Popen(launch_command(cfg, overrides), env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    """Run this job in `num_processes` processes and wait; SIGTERM/SIGINT are passed on to them.
+
+    The processes get a session of their own, so a terminal's Ctrl-C reaches them once, through
+    us, rather than twice (which would skip the preemption checkpoint).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    process = subprocess.Popen(launch_command(cfg, overrides), env=env, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
         process.send_signal(signum)  # torchrun relays it to every worker, which checkpoint and exit
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    return process.wait()
+    code = process.wait()
+    # torchrun reports any failed worker as 1; after a preemption the caller expects 128 + signal.
+    return 128 + received[0] if received and code != 0 else code
 
 
 def _free_port() -> int:

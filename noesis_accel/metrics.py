@@ -12,22 +12,33 @@ from tqdm.auto import tqdm
 METRICS_FILE = "metrics.jsonl"
 
 
+def _parsed_lines(path: Path) -> list[dict[str, Any]]:
+    """Every readable record; a line torn by a crash mid-write is skipped, never fatal."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def truncate_metrics_after(run_dir: Path, step: int) -> None:
-    """Drop lines logged after `step`: a resumed run re-does those steps and logs them again."""
+    """Drop records logged after `step`: a resumed run re-does those steps and logs them again."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [record for record in _parsed_lines(path) if record.get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
     tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parsed_lines(path) if path.is_file() else []
 
 
 class MetricsLogger:

@@ -81,7 +81,11 @@ def tokenizer_source(model_cfg: DictConfig) -> str:
 def load_tokenizer(model_cfg: DictConfig):  # -> PreTrainedTokenizerBase
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_cfg), **_hub_kwargs(model_cfg))
+    source = tokenizer_source(model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(model_cfg))
+    except OSError as err:
+        raise _unloadable(source, err) from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss and attention, so any id works; eos is standard.
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +99,9 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
     dtype = _DTYPES[model_cfg.dtype]
     if model_cfg.architecture:
         arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
-        model_type = arch.pop("model_type")
+        model_type = arch.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.architecture.model_type is required (e.g. llama) to build a model from config")
         config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **arch)
         config._attn_implementation = model_cfg.attn_implementation
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -119,11 +125,16 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise ConfigError(
-            f"model.name_or_path: could not load '{source}' ({err.__class__.__name__}: {str(err).splitlines()[0]}). "
-            "Use a local model directory, a hub id reachable from here (export HF_TOKEN for gated models), "
-            "or model=smollm2_135m for the offline default."
-        ) from None
+        raise _unloadable(source, err) from None
+
+
+def _unloadable(source: str, err: Exception) -> ConfigError:
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return ConfigError(
+        f"model.name_or_path: could not load '{source}' ({err.__class__.__name__}: {first_line}). "
+        "Use a local model directory, a hub id reachable from here (export HF_TOKEN for gated models), "
+        "or model=smollm2_135m for the offline default."
+    )
 
 
 def apply_lora(model: torch.nn.Module, model_cfg: DictConfig, peft_cfg: DictConfig) -> torch.nn.Module:

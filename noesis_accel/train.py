@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from noesis_accel import config as _config  # registers the schema and resolvers  # noqa: F401
-from noesis_accel.config import validate
+from noesis_accel.config import RESTART_SAFE_PREFIXES, validate
 from noesis_accel.distributed import launch, needs_launch
 from noesis_accel.errors import UserError
 from noesis_accel.signals import InterruptedBySignal
@@ -42,13 +42,22 @@ def _name_sweep_job(cfg: DictConfig) -> None:
     """In a multirun sweep each job needs its own stable run dir, or the jobs would resume each other.
 
     Unless the sweep sets run.name itself, the job's overrides name it: stable across restarts of
-    the same sweep (unlike the job number), and readable.
+    the same sweep (unlike the job number), and readable. Keys a restart may change (where files
+    go, checkpoint cadence, process layout) are left out, so changing them still resumes.
     """
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN or any(o.startswith("run.name=") for o in hydra_cfg.overrides.task):
+    task = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode != RunMode.MULTIRUN or any(o.startswith("run.name=") for o in task):
         return
-    suffix = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", hydra_cfg.job.override_dirname)
-    cfg.run.name = f"{cfg.run.name}__{suffix}" if suffix else cfg.run.name
+    parts = []
+    for override in sorted(task):
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(RESTART_SAFE_PREFIXES) or key.startswith("hydra."):
+            continue
+        # Only characters that need no quoting in an override or a path.
+        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", override.lstrip("+~")).strip("-"))
+    if parts:
+        cfg.run.name = f"{cfg.run.name}__{'_'.join(parts)}"
 
 
 @hydra.main(version_base=None, config_path=str(_config.CONF_DIR), config_name="config")
@@ -66,7 +75,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"interrupted: {stop}", file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)  # non-zero, so Modal (or any supervisor) retries and resumes
     if isinstance(result, int) and result != 0:
-        sys.exit(result)
+        sys.exit(result)  # the launched processes already printed their one-line error
 
 
 def quiet_known_noise() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from noesis_accel import data as data_mod
 from noesis_accel import env, faults, modeling, optim
 from noesis_accel.checkpoint import CheckpointManager, register_trainable_only_hooks
-from noesis_accel.config import differing_math_keys, fingerprint, interval_steps, validate
+from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
 from noesis_accel.errors import DataError, ResumeError, UserError
 from noesis_accel.metrics import MetricsLogger, truncate_metrics_after
@@ -66,6 +67,7 @@ class Trainer:
         self.progress = Progress()
         self.watcher = PreemptionWatcher(on_second=self._on_second_signal)
         self.step_losses: list[float] = []
+        self._owns_run_dir = False  # set once this start is allowed to write the run dir
 
     # ================================================================ setup
 
@@ -124,8 +126,16 @@ class Trainer:
         self._announce(model)
         return True
 
+    def _main_decides(self, value):  # type: ignore[no-untyped-def]
+        """Rank 0's answer on every rank: ranks never decide from their own view of shared storage."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
     def _already_completed(self) -> bool:
-        status = read_status(self.run_dir)
+        status = self._main_decides(read_status(self.run_dir) if self.accelerator.is_main_process else None)
         if status and status.get("state") == "completed" and self.cfg.ckpt.resume == "auto":
             if self.accelerator.is_main_process:
                 print(f"run {self.run_dir} already completed at step {status.get('step')}; nothing to do "
@@ -134,15 +144,29 @@ class Trainer:
         return False
 
     def _check_run_dir_config(self) -> None:
-        """A restart must train the same math: compare against the config of the first start."""
+        """A restart must train the same math: compare against the config of the first start.
+
+        Nothing in the run dir is written before every refusal has been checked, so a refused start
+        never spoils the run it found.
+        """
         saved_path = self.run_dir / "config.yaml"
         current = OmegaConf.to_container(self.cfg, resolve=True)
+        has_checkpoints = any((self.run_dir / "checkpoints").glob("step-*"))
+        if self.cfg.ckpt.resume == "never" and has_checkpoints:
+            raise ResumeError(
+                f"ckpt.resume=never but {self.run_dir / 'checkpoints'} already holds checkpoints; use "
+                "ckpt.resume=auto to continue that run, or a new run.name to start afresh"
+            )
         if saved_path.is_file() and self.cfg.ckpt.resume != "never":
-            saved = yaml.safe_load(saved_path.read_text())
+            try:
+                saved = yaml.safe_load(saved_path.read_text())
+            except yaml.YAMLError as err:
+                saved = err
+            if not isinstance(saved, dict):
+                raise ResumeError(f"{saved_path} is unreadable ({saved}); restore it from the first start or "
+                                  "delete it to accept the current config as the run's config")
             differing = differing_math_keys(saved, self.cfg)
             if differing:
-                from noesis_accel.config import flatten
-
                 old, new = flatten(saved), flatten(current)
                 lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differing]
                 raise ResumeError(
@@ -154,7 +178,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not saved_path.is_file() or self.cfg.ckpt.resume == "never":
-                saved_path.write_text(yaml.safe_dump(current, sort_keys=False))
+                tmp = saved_path.with_suffix(".yaml.tmp")
+                tmp.write_text(yaml.safe_dump(current, sort_keys=False))
+                os.replace(tmp, saved_path)
+        self._owns_run_dir = True
 
     def _total_steps(self) -> int:
         if self.cfg.train.max_steps:
@@ -164,7 +191,9 @@ class Trainer:
             whole = math.floor(epochs)
             counts = [self.sampler.num_global_batches(e) for e in range(math.ceil(epochs))]
             first = counts[0] if counts else 0
-            total = sum(counts[:whole]) + (math.ceil(counts[whole] * (epochs - whole)) if epochs > whole else 0)
+            # round() first: 1.1 - 1 is 0.10000000000000009, and ceil would add a step.
+            fraction = round(counts[whole] * (epochs - whole), 6) if epochs > whole else 0
+            total = sum(counts[:whole]) + math.ceil(fraction)
         if first == 0:
             raise DataError(
                 f"data.path: {self.data.stats.train_records} training records cannot fill one global batch of "
@@ -174,14 +203,24 @@ class Trainer:
 
     def _resume(self) -> None:
         self.checkpoints.remove_stale_partials()
-        checkpoint = self.checkpoints.select_for_resume(str(self.cfg.ckpt.resume))
-        self.resumed_from = checkpoint
-        if checkpoint is None:
-            return
-        self.checkpoints.load(checkpoint)
+        self.accelerator.wait_for_everyone()
+        choice = None
         if self.accelerator.is_main_process:
+            try:
+                choice = self.checkpoints.select_for_resume(str(self.cfg.ckpt.resume))
+            except ResumeError as err:
+                choice = err
+        choice = self._main_decides(choice)
+        if isinstance(choice, ResumeError):
+            raise choice
+        self.resumed_from = checkpoint = choice
+        if checkpoint is not None:
+            self.checkpoints.load(checkpoint)
+        if self.accelerator.is_main_process:
+            # Steps logged after the resume point (or every step, if nothing was saved) are re-done.
             truncate_metrics_after(self.run_dir, self.progress.step)
-            print(f"resumed from {checkpoint.path} at step {self.progress.step}/{self.total_steps}", flush=True)
+            if checkpoint is not None:
+                print(f"resumed from {checkpoint.path} at step {self.progress.step}/{self.total_steps}", flush=True)
 
     def _announce(self, model: torch.nn.Module) -> None:
         trainable, total = modeling.count_parameters(model)
@@ -389,16 +428,25 @@ class Trainer:
         except BaseException as err:
             self._record_exit("failed", f"{err.__class__.__name__}: {err}")
             raise
+        finally:
+            _reset_accelerate_state()
 
     def _record_exit(self, state: str, reason: str) -> None:
         accelerator = getattr(self, "accelerator", None)
-        if accelerator is not None and accelerator.is_main_process and self.run_dir.is_dir():
+        if self._owns_run_dir and accelerator is not None and accelerator.is_main_process:
             write_status(self.run_dir, state=state, step=self.progress.step, exit_reason=reason,
                          error=reason if state == "failed" else None)
 
 
+def _reset_accelerate_state() -> None:
+    """Accelerate keeps its state in process-wide singletons; the next run in this process (a sweep
+    job, a test) may want another precision or device, so each run leaves them clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _tracker_config(cfg: DictConfig) -> dict[str, Any]:
     """Tracker hyperparameters must be scalars: lists and None become strings."""
-    from noesis_accel.config import flatten
-
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg).items()}

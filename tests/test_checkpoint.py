@@ -221,8 +221,12 @@ def test_lora_checkpoint_holds_adapter_and_optimizer_not_the_base(tmp_path) -> N
 def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path) -> None:
     command = BASE[:1] + ["train.max_steps=2", "ckpt.every=1", f"run.root={tmp_path}"]
     assert run_cli(command).returncode == 0
-    refused = run_cli(command + ["ckpt.resume=never"])
+    config_before = (tmp_path / "tiny" / "config.yaml").read_text()
+    refused = run_cli(command + ["ckpt.resume=never", "optim.lr=0.5"])
     assert refused.returncode == 2 and "ckpt.resume=never" in refused.stderr and "Traceback" not in refused.stderr
+    # A refused start leaves the run it found untouched.
+    assert (tmp_path / "tiny" / "config.yaml").read_text() == config_before
+    assert read_status(tmp_path / "tiny")["state"] == "completed"
 
 
 def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
@@ -235,6 +239,10 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
     _assert_bitwise_equal(tmp_path / "b" / "tiny", source / "tiny", 9, first_logged=10)
     bad = run_cli(BASE + [f"run.root={tmp_path / 'c'}", f"ckpt.resume={tmp_path / 'nowhere'}"])
     assert bad.returncode == 2 and "cannot resume from it: no such directory" in bad.stderr
+    # Resuming an older checkpoint into the run dir that holds newer ones would mix two trajectories.
+    _interrupted_copy(source / "tiny")
+    mixed = run_cli(BASE + [f"run.root={source}", f"ckpt.resume={checkpoint}"])
+    assert mixed.returncode == 2 and "already holds later checkpoints (step-000012)" in mixed.stderr
 
 
 @pytest.mark.slow
