@@ -175,7 +175,7 @@ class CheckpointManager:
             _fsync_dir(self.root)
             self.prune()
             attempts = commit_with_retry(self.committer, int(self.cfg.commit_retries), float(self.cfg.commit_backoff_s))
-            log.info("checkpoint %s (%s) saved in %.2fs, committed in %d attempt(s)",
+            log.debug("checkpoint %s (%s) saved in %.2fs, committed in %d attempt(s)",
                      final.name, reason, time.monotonic() - started, attempts)
         accelerator.wait_for_everyone()
         self._last_save_time = time.monotonic()

@@ -82,6 +82,14 @@ def quiet_known_noise() -> None:
     """Silence warnings that say nothing actionable to a user of this tool."""
     # bitsandbytes looks for an optional CPU 4-bit kernel package we never use.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Accelerate narrates every file of every save_state; our own line per checkpoint says enough.
+    for name in ("accelerate.checkpointing", "accelerate.accelerator", "accelerate.state"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # "Saving the dataset" bars for a few-ms cache write
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; the train bar stays
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
 
