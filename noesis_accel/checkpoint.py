@@ -227,11 +227,7 @@ class CheckpointManager:
     def select_for_resume(self, mode: str) -> Checkpoint | None:
         """The checkpoint `ckpt.resume` asks for: `auto` (newest complete or none), `never`, or a path."""
         if mode == "never":
-            if self.step_dirs():
-                raise ResumeError(
-                    f"ckpt.resume=never but {self.root} already holds checkpoints; use ckpt.resume=auto to "
-                    "continue that run, or a new run.name to start afresh"
-                )
+            refuse_fresh_start_over(self.root)
             return None
         if mode == "auto":
             return self.latest_complete()
@@ -289,6 +285,15 @@ class CheckpointManager:
                         "data position continue", checkpoint.manifest.get("world_size"), self.accelerator.num_processes)
         self.accelerator.load_state(str(checkpoint.path), **load_kwargs)
         self._last_save_time = time.monotonic()
+
+
+def refuse_fresh_start_over(checkpoints_dir: Path) -> None:
+    """`ckpt.resume=never` must not silently train over a run that has checkpoints."""
+    if any(Path(checkpoints_dir).glob("step-*")):
+        raise ResumeError(
+            f"ckpt.resume=never but {checkpoints_dir} already holds checkpoints; use ckpt.resume=auto to "
+            "continue that run, or a new run.name to start afresh"
+        )
 
 
 def register_trainable_only_hooks(accelerator: Any) -> None:

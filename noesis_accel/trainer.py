@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel import data as data_mod
 from noesis_accel import env, faults, modeling, optim
-from noesis_accel.checkpoint import CheckpointManager, register_trainable_only_hooks
+from noesis_accel.checkpoint import CheckpointManager, refuse_fresh_start_over, register_trainable_only_hooks
 from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
 from noesis_accel.errors import DataError, ResumeError, UserError
@@ -151,12 +151,8 @@ class Trainer:
         """
         saved_path = self.run_dir / "config.yaml"
         current = OmegaConf.to_container(self.cfg, resolve=True)
-        has_checkpoints = any((self.run_dir / "checkpoints").glob("step-*"))
-        if self.cfg.ckpt.resume == "never" and has_checkpoints:
-            raise ResumeError(
-                f"ckpt.resume=never but {self.run_dir / 'checkpoints'} already holds checkpoints; use "
-                "ckpt.resume=auto to continue that run, or a new run.name to start afresh"
-            )
+        if self.cfg.ckpt.resume == "never":
+            refuse_fresh_start_over(self.run_dir / "checkpoints")
         if saved_path.is_file() and self.cfg.ckpt.resume != "never":
             try:
                 saved = yaml.safe_load(saved_path.read_text())
