@@ -337,8 +337,6 @@ def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
 
 
 def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
-    import datasets
-
     records = read_records(data_cfg.path, data_cfg.split)
     fmt = validate_records(records, data_cfg.format)
     rows, truncated, dropped = _tokenize_all(tokenizer, records, fmt, data_cfg.max_length)

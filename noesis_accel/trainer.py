@@ -238,17 +238,21 @@ class Trainer:
 
     def train(self) -> None:
         """The loop: batch -> forward -> backward -> step -> checkpoint hook -> log, until total steps."""
-        accelerator, progress = self.accelerator, self.progress
+        progress = self.progress
         self.watcher.install()
-        if progress.step == 0 and progress.initial_eval_loss is None and len(self.data.eval):
-            progress.initial_eval_loss = self.evaluate()
-            self.metrics.write(f"held-out loss before training: {progress.initial_eval_loss:.4f}")
-        self.model.train()
-        while progress.step < self.total_steps:
-            finished_epoch = self._train_epoch()
-            if finished_epoch:
-                self.sampler.set_epoch(self.sampler.epoch + 1, 0)
-        self.watcher.uninstall()
+        try:
+            if progress.step == 0 and progress.initial_eval_loss is None and len(self.data.eval):
+                progress.initial_eval_loss = self.evaluate()
+                self.metrics.write(f"held-out loss before training: {progress.initial_eval_loss:.4f}")
+            self.model.train()
+            while progress.step < self.total_steps:
+                finished_epoch = self._train_epoch()
+                if finished_epoch:
+                    self.sampler.set_epoch(self.sampler.epoch + 1, 0)
+        finally:
+            # Also after a signal stop or a failure: the next run in this process (a sweep job,
+            # a test) must not have its signals routed to this finished trainer.
+            self.watcher.uninstall()
 
     def _train_epoch(self) -> bool:
         """Train from the sampler's position; True if the epoch's batches ran out."""
