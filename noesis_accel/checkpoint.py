@@ -24,12 +24,13 @@ from omegaconf import DictConfig
 from noesis_accel import faults
 from noesis_accel.config import interval_steps
 from noesis_accel.errors import ResumeError
+from noesis_accel.losses import LOSS_NORMALIZATION
 from noesis_accel.volumes import Committer, commit_with_retry
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: records the loss normalisation
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -164,6 +165,7 @@ class CheckpointManager:
                 "world_size": accelerator.num_processes,
                 "distributed_type": str(accelerator.distributed_type),
                 "config_fingerprint": self.config_fingerprint,
+                "loss_normalization": LOSS_NORMALIZATION,
                 **progress,
                 "files": _listed_files(tmp),
             }
@@ -253,6 +255,13 @@ class CheckpointManager:
                 f"(fingerprint {manifest.get('config_fingerprint')} != {self.config_fingerprint}); "
                 "resume it with the config it was trained with"
             )
+        normalization = manifest.get("loss_normalization", "micro-batch mean (before format 2)")
+        if normalization != LOSS_NORMALIZATION and self.accelerator.is_main_process:
+            # Weights, optimizer, schedule and data position restore exactly; only the weighting of
+            # tokens in the steps still to come differs from what the checkpoint's run would have done.
+            log.warning("checkpoint %s was trained with the loss normalised as '%s'; continuing with '%s' "
+                        "(each global batch's summed token losses / its label tokens) from step %s on",
+                        checkpoint.path, normalization, LOSS_NORMALIZATION, checkpoint.step)
         saved_deepspeed = "DEEPSPEED" in str(manifest.get("distributed_type", ""))
         if saved_deepspeed != self.is_deepspeed:
             raise ResumeError(

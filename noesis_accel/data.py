@@ -22,7 +22,7 @@ IGNORE_INDEX = -100  # labels with this value take no part in the loss
 ROLES = ("system", "user", "assistant")
 FORMATS = ("chat", "prompt_completion", "text")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-_CACHE_VERSION = "1"  # bump when tokenisation or masking changes
+_CACHE_VERSION = "2"  # bump when tokenisation, masking or the stored columns change
 _MAX_LISTED_PROBLEMS = 10
 
 
@@ -44,7 +44,7 @@ class DataStats:
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset with input_ids, labels, length
+    train: Any  # datasets.Dataset with input_ids, labels, length, label_count
     eval: Any
     stats: DataStats
 
@@ -266,6 +266,14 @@ def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int
     return input_ids[:max_length], labels[:max_length], truncated
 
 
+def label_count(labels: list[int]) -> int:
+    """Tokens a record contributes to the loss: learned labels after the causal shift.
+
+    The first position is never predicted (nothing comes before it), so it never counts.
+    """
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     parts = [type(tokenizer).__name__, str(len(tokenizer)), str(tokenizer.chat_template or ""),
              str(tokenizer.eos_token), str(getattr(tokenizer, "name_or_path", ""))]
@@ -291,10 +299,11 @@ def _tokenize_all(tokenizer: Any, records: list[RawRecord], fmt: str, max_length
     for record in records:
         input_ids, labels, was_truncated = tokenize_record(tokenizer, record, fmt, max_length)
         truncated += was_truncated
-        if all(label == IGNORE_INDEX for label in labels):
+        learned = label_count(labels)
+        if learned == 0:
             dropped += 1  # truncation cut off every learned token: nothing left to train on
             continue
-        rows.append({"input_ids": input_ids, "labels": labels, "length": len(input_ids)})
+        rows.append({"input_ids": input_ids, "labels": labels, "length": len(input_ids), "label_count": learned})
     return rows, truncated, dropped
 
 
@@ -372,6 +381,7 @@ def _features() -> Any:
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),
+        "label_count": datasets.Value("int32"),
     })
 
 

@@ -125,6 +125,10 @@ class LengthBucketBatchSampler:
     def __len__(self) -> int:
         return (self.num_global_batches(self.epoch) - self.position) * self.accumulation
 
+    def current_global_batch(self) -> list[int]:
+        """Every record of the global batch at the current position, across all ranks."""
+        return [index for micro in self.plan(self.epoch)[self.position] for index in micro]
+
     def advance(self) -> None:
         """One optimizer step (one global batch) has been consumed."""
         self.position += 1

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel import data as data_mod
-from noesis_accel import env, faults, modeling, optim
+from noesis_accel import env, faults, losses, modeling, optim, probes
 from noesis_accel.checkpoint import CheckpointManager, refuse_fresh_start_over, register_trainable_only_hooks
 from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
@@ -91,6 +91,8 @@ class Trainer:
             self.data = data_mod.prepare(cfg.data, self.tokenizer, int(cfg.train.seed))
             model = modeling.build_model(cfg.model, cfg.peft, len(self.tokenizer), on_cuda)
         self.accumulation = accelerator.gradient_accumulation_steps
+        self.loss_scale = self.accumulation * accelerator.num_processes
+        self.label_counts = torch.as_tensor(self.data.train["label_count"], dtype=torch.long)
         self.sampler = LengthBucketBatchSampler(
             self.data.train["length"],
             micro_batch_size=int(cfg.train.micro_batch_size),
@@ -108,6 +110,7 @@ class Trainer:
         scheduler = optim.build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.gradient_probe = probes.install_gradient_probe(accelerator, self.model, self.is_deepspeed)
 
         if not self.is_deepspeed:
             register_trainable_only_hooks(accelerator)
@@ -268,27 +271,46 @@ class Trainer:
         )
         step_loss, step_samples, step_tokens = None, 0, 0
         for batch in loader:
+            if step_loss is None:  # the first micro-batch of an optimizer step
+                label_tokens = self._global_batch_label_tokens()
             # Counted on the host before the copy, so the loop never waits for the GPU to report them.
             samples, tokens = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
             batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
-            loss, grad_norm = self._micro_step(batch)
+            loss, grad_norm = self._micro_step(batch, label_tokens)
             step_loss = loss if step_loss is None else step_loss + loss
             step_samples += samples
             step_tokens += tokens
             self.metrics.count_tokens(tokens * self.accelerator.num_processes)
             if not self.accelerator.sync_gradients:
                 continue
-            self._after_optimizer_step(float(step_loss) / self.accumulation, grad_norm, step_samples, step_tokens)
+            self._after_optimizer_step(float(step_loss), grad_norm, step_samples, step_tokens)
             step_loss, step_samples, step_tokens = None, 0, 0
             if self.progress.step >= self.total_steps:
                 return False
         return True
 
-    def _micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float | None]:
+    def _global_batch_label_tokens(self) -> int:
+        """Label tokens in the whole global batch about to be trained (every micro-batch, every rank).
+
+        The sampler's plan is the same on every rank, so each rank knows the count before its first
+        backward, with no communication.
+        """
+        return int(self.label_counts[self.sampler.current_global_batch()].sum())
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], label_tokens: int) -> tuple[torch.Tensor, float | None]:
+        """Forward and backward of one micro-batch; on the last one of a step also clip and step.
+
+        Returns this micro-batch's share of the global-batch loss (summed token losses / label tokens
+        of the global batch): the shares of every micro-batch on every rank add up to the loss.
+        """
         accelerator, grad_norm = self.accelerator, None
         with accelerator.accumulate(self.model):
-            loss = self.model(**batch).loss
-            accelerator.backward(loss)
+            loss = losses.micro_batch_loss(self.model, batch, label_tokens)
+            # Accelerate (or DeepSpeed) divides by the accumulation steps and DDP/ZeRO average over the
+            # processes; scaling by both first leaves exactly the sum over the global batch / its tokens.
+            accelerator.backward(loss * self.loss_scale)
+            if accelerator.sync_gradients and self.gradient_probe is not None:
+                self.gradient_probe(self.progress.step + 1)
             if accelerator.sync_gradients and self.cfg.optim.max_grad_norm > 0:
                 norm = accelerator.clip_grad_norm_(self.trainable_params, float(self.cfg.optim.max_grad_norm))
                 grad_norm = float(norm) if norm is not None else None
@@ -306,7 +328,7 @@ class Trainer:
         if world > 1:
             reduced = self.accelerator.reduce(torch.tensor([loss, samples, tokens], dtype=torch.float64,
                                                            device=self.accelerator.device), reduction="sum")
-            loss, samples, tokens = float(reduced[0]) / world, int(reduced[1]), int(reduced[2])
+            loss, samples, tokens = float(reduced[0]), int(reduced[1]), int(reduced[2])  # shares add up
         progress.samples_seen += samples
         progress.tokens_seen += tokens
         self.step_losses.append(loss)
@@ -352,27 +374,15 @@ class Trainer:
             flags = self.accelerator.reduce(tensor, reduction="sum").tolist()
         return flags[0] > 0, flags[1] > 0
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted held-out loss over the eval set, sharded across ranks."""
+        """Held-out loss (token-weighted, the quantity the training loss logs), sharded across ranks."""
         accelerator = self.accelerator
-        model = accelerator.unwrap_model(self.model)  # no collectives inside an eval forward
-        model.eval()
-        eval_set = self.data.eval
-        order = sorted(range(len(eval_set)), key=lambda i: -eval_set[i]["length"])
-        size = int(self.cfg.train.micro_batch_size)
-        batches = [order[i : i + size] for i in range(0, len(order), size)][accelerator.process_index :: accelerator.num_processes]
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-        for indices in batches:
-            batch = self.collate([eval_set[i] for i in indices])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                loss = model(**batch).loss
-            count = int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
-            total += torch.tensor([float(loss) * count, count], dtype=torch.float64, device=accelerator.device)
-        if accelerator.num_processes > 1:
-            total = accelerator.reduce(total, reduction="sum")
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
+        # The unwrapped model: no collectives inside an eval forward.
+        return losses.heldout_loss(accelerator.unwrap_model(self.model), self.data.eval, self.collate,
+                                   int(self.cfg.train.micro_batch_size), accelerator.device,
+                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                   autocast=accelerator.autocast, reduce_sum=reduce_sum)
 
     # ================================================================ finish
 

@@ -66,7 +66,8 @@ def test_zero2_two_processes_track_one_process_with_the_same_global_batch(tmp_pa
     assert single.returncode == 0, single.stderr[-3000:]
     one, two = _losses(tmp_path / "tiny"), _losses(two_process_reference)
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
-    assert one[1] == two[1]  # identical before any optimizer state exists
+    # Before any optimizer state exists only the order in which the ranks' loss shares add up differs.
+    assert one[1] == pytest.approx(two[1], rel=1e-6)
     for step in one:
         assert one[step] == pytest.approx(two[step], rel=1e-3), step
 

@@ -1,0 +1,69 @@
+"""The one definition of the loss: summed token losses over the label tokens of a whole global batch.
+
+Training divides each micro-batch's summed token losses by the number of label tokens in its
+whole global batch (every micro-batch, every rank), so the objective does not depend on how the
+global batch is split into micro-batches, accumulation steps and processes: a long example weighs
+the same whether it shares its micro-batch with short ones or not. The held-out loss is the same
+quantity over the held-out set, computed by `heldout_loss` for the trainer and `noesis-eval` alike.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager
+
+import torch
+
+# Stored in every checkpoint manifest: a checkpoint written under another normalisation is
+# continued with a warning (weights, optimizer and data position are still exact).
+LOSS_NORMALIZATION = "global-batch-label-tokens"
+
+
+def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum (not the mean) of a micro-batch's per-token losses; labels are shifted by the model.
+
+    `num_items_in_batch` switches transformers' causal-LM loss from a mean to a sum divided by it.
+    """
+    return model(**batch, num_items_in_batch=1).loss
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], global_label_tokens: int) -> torch.Tensor:
+    """This micro-batch's share of the global-batch loss: its summed token losses / all label tokens."""
+    return model(**batch, num_items_in_batch=global_label_tokens).loss
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    dataset: Any,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    micro_batch_size: int,
+    device: torch.device | str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast: Callable[[], ContextManager] = nullcontext,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """Token-weighted loss over `dataset` (summed token losses / label tokens), sharded across ranks.
+
+    Longest records first, so the first batch shows at once whether the longest one fits in memory.
+    `reduce_sum` adds the ranks' partial sums (omit it in a single process).
+    """
+    was_training = model.training
+    model.eval()
+    lengths = dataset["length"]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for indices in batches[rank::world_size]:
+        rows = [dataset[i] for i in indices]
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
+        with autocast():
+            summed = summed_token_loss(model, batch)
+        total += torch.tensor([float(summed), sum(int(row["label_count"]) for row in rows)],
+                              dtype=torch.float64, device=device)
+    if reduce_sum is not None:
+        total = reduce_sum(total)
+    model.train(was_training)
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
