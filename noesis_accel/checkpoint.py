@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,18 +24,13 @@ from noesis_accel import faults
 from noesis_accel.config import interval_steps
 from noesis_accel.errors import ResumeError
 from noesis_accel.losses import LOSS_NORMALIZATION
+from noesis_accel.rundir import RunDir, step_dir_name
 from noesis_accel.volumes import Committer, commit_with_retry
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: records the loss normalisation
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -71,7 +65,7 @@ def _listed_files(root: Path) -> dict[str, int]:
     return files
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, verify_contents: bool = True) -> str | None:
     """Why a checkpoint directory cannot be loaded, or None if it is complete."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -87,6 +81,11 @@ def checkpoint_problem(path: Path) -> str | None:
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
     return None
+
+
+def any_complete_checkpoint(rundir: RunDir) -> bool:
+    """True if the run dir holds a checkpoint a restart could continue (a quick check: sizes, no hashing)."""
+    return any(checkpoint_problem(path, verify_contents=False) is None for _, path in rundir.step_dirs())
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -111,7 +110,8 @@ class CheckpointManager:
         is_deepspeed: bool,
     ) -> None:
         self.accelerator = accelerator
-        self.root = Path(run_dir) / "checkpoints"
+        self.rundir = RunDir(Path(run_dir))
+        self.root = self.rundir.checkpoints
         self.cfg = ckpt_cfg
         self.total_steps = total_steps
         self.interval = interval_steps(float(ckpt_cfg.every), total_steps)
@@ -187,10 +187,7 @@ class CheckpointManager:
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """Finished (renamed) checkpoint directories, newest first; completeness not yet checked."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-        return sorted(found, reverse=True)
+        return self.rundir.step_dirs()
 
     def latest_complete(self, warn: bool = True) -> Checkpoint | None:
         """The newest checkpoint whose manifest and files check out; damaged ones are named and skipped."""

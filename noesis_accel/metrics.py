@@ -9,36 +9,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from noesis_accel.rundir import RunDir
 
-
-def _parsed_lines(path: Path) -> list[dict[str, Any]]:
-    """Every readable record; a line torn by a crash mid-write is skipped, never fatal."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def truncate_metrics_after(run_dir: Path, step: int) -> None:
     """Drop records logged after `step`: a resumed run re-does those steps and logs them again."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(Path(run_dir)).metrics_file
     if not path.is_file():
         return
-    kept = [record for record in _parsed_lines(path) if record.get("step", 0) <= step]
+    kept = [record for record in RunDir(Path(run_dir)).metrics() if record.get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
     tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    return _parsed_lines(path) if path.is_file() else []
+    return RunDir(Path(run_dir)).metrics()
 
 
 class MetricsLogger:
@@ -47,7 +34,7 @@ class MetricsLogger:
     def __init__(self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int, show_progress: bool) -> None:
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
-        self.path = Path(run_dir) / METRICS_FILE
+        self.path = RunDir(Path(run_dir)).metrics_file
         self.bar = None
         if self.enabled and show_progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)

@@ -12,16 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-STATUS_FILE = "status.json"
+from noesis_accel.rundir import RunDir
+
+STATUS_FILE = "status.json"  # RunDir.status_file
 STATES = ("running", "completed", "failed", "interrupted")
 
 
 def write_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Merge `fields` into status.json atomically (tmp + rename): a reader never sees half a file."""
-    path = Path(run_dir) / STATUS_FILE
+    path = RunDir(Path(run_dir)).status_file
     status = read_status(run_dir) or {}
     status.update(fields)
     status["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    status["updated_unix"] = round(time.time(), 3)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(status, indent=2) + "\n")
     os.replace(tmp, path)
@@ -29,13 +32,7 @@ def write_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / STATUS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    return RunDir(Path(run_dir)).status()
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel import data as data_mod
 from noesis_accel import env, faults, losses, modeling, optim, probes
-from noesis_accel.checkpoint import CheckpointManager, refuse_fresh_start_over, register_trainable_only_hooks
+from noesis_accel.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    any_complete_checkpoint,
+    refuse_fresh_start_over,
+    register_trainable_only_hooks,
+)
 from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
 from noesis_accel.errors import DataError, ResumeError, UserError
 from noesis_accel.metrics import MetricsLogger, truncate_metrics_after
+from noesis_accel.rundir import RunDir, this_host
 from noesis_accel.sampling import LengthBucketBatchSampler
 from noesis_accel.signals import InterruptedBySignal, PreemptionWatcher
 from noesis_accel.status import read_status, write_status
@@ -63,7 +71,8 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.committer = committer or LocalCommitter()
-        self.run_dir = Path(cfg.run.root).expanduser() / cfg.run.name
+        self.rundir = RunDir.of(cfg)
+        self.run_dir = self.rundir.path
         self.progress = Progress()
         self.watcher = PreemptionWatcher(on_second=self._on_second_signal)
         self.step_losses: list[float] = []
@@ -76,7 +85,7 @@ class Trainer:
         cfg = self.cfg
         env.quiet_libraries()
         env.apply_alloc_conf(cfg.env.alloc_conf)
-        self.accelerator = accelerator = build_accelerator(cfg, self.run_dir / "logs")
+        self.accelerator = accelerator = build_accelerator(cfg, self.rundir.logs)
         self.is_deepspeed = str(accelerator.distributed_type) == "DistributedType.DEEPSPEED"
         if self._already_completed():
             return False
@@ -147,39 +156,42 @@ class Trainer:
         return False
 
     def _check_run_dir_config(self) -> None:
-        """A restart must train the same math: compare against the config of the first start.
+        """A restart must train the same math: compare against the config of the run it continues.
 
-        Nothing in the run dir is written before every refusal has been checked, so a refused start
-        never spoils the run it found.
+        A run dir without a complete checkpoint has nothing to protect, so there another config
+        replaces config.yaml (a start that failed on bad data must not pin its config). Nothing in
+        the run dir is written before every refusal has been checked, so a refused start never
+        spoils the run it found.
         """
-        saved_path = self.run_dir / "config.yaml"
+        rundir = self.rundir
         current = OmegaConf.to_container(self.cfg, resolve=True)
         if self.cfg.ckpt.resume == "never":
-            refuse_fresh_start_over(self.run_dir / "checkpoints")
-        if saved_path.is_file() and self.cfg.ckpt.resume != "never":
-            try:
-                saved = yaml.safe_load(saved_path.read_text())
-            except yaml.YAMLError as err:
-                saved = err
-            if not isinstance(saved, dict):
-                raise ResumeError(f"{saved_path} is unreadable ({saved}); restore it from the first start or "
-                                  "delete it to accept the current config as the run's config")
-            differing = differing_math_keys(saved, self.cfg)
-            if differing:
-                old, new = flatten(saved), flatten(current)
+            refuse_fresh_start_over(rundir.checkpoints)
+        replace_reason = None
+        if not rundir.config_file.is_file() or self.cfg.ckpt.resume == "never":
+            replace_reason = "new"
+        else:
+            differing = differing_math_keys(rundir.saved_config(), self.cfg)
+            if differing and not any_complete_checkpoint(rundir):
+                replace_reason = f"it holds no complete checkpoint, so this start's config replaces the one " \
+                                 f"it was started with (differing: {', '.join(differing)})"
+            elif differing:
+                old, new = flatten(rundir.saved_config()), flatten(current)
                 lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differing]
                 raise ResumeError(
-                    f"{self.run_dir} holds a run started with a different config; a restart must not change "
+                    f"{rundir.path} holds a run started with a different config; a restart must not change "
                     "the math. Differing keys:\n  " + "\n  ".join(lines)
                     + "\nRestore these values, or choose a new run.name for a new run."
                 )
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not saved_path.is_file() or self.cfg.ckpt.resume == "never":
-                tmp = saved_path.with_suffix(".yaml.tmp")
+            rundir.path.mkdir(parents=True, exist_ok=True)
+            if replace_reason is not None:
+                if replace_reason != "new":
+                    print(f"run {rundir.path}: {replace_reason}", flush=True)
+                tmp = rundir.config_file.with_suffix(".yaml.tmp")
                 tmp.write_text(yaml.safe_dump(current, sort_keys=False))
-                os.replace(tmp, saved_path)
+                os.replace(tmp, rundir.config_file)
         self._owns_run_dir = True
 
     def _total_steps(self) -> int:
@@ -216,10 +228,37 @@ class Trainer:
         if checkpoint is not None:
             self.checkpoints.load(checkpoint)
         if self.accelerator.is_main_process:
+            self._record_start(checkpoint)
             # Steps logged after the resume point (or every step, if nothing was saved) are re-done.
             truncate_metrics_after(self.run_dir, self.progress.step)
             if checkpoint is not None:
                 print(f"resumed from {checkpoint.path} at step {self.progress.step}/{self.total_steps}", flush=True)
+
+    def _record_start(self, checkpoint: Checkpoint | None) -> None:
+        """An `start` event: which attempt this is, where it resumed, and what the last stop cost.
+
+        Read before the metrics of re-done steps are dropped: the furthest step the previous attempt
+        logged, minus the step resumed from, is the work the interruption lost.
+        """
+        rundir = self.rundir
+        attempt = 1 + sum(1 for e in rundir.events() if e.get("event") == "start")
+        event: dict[str, Any] = {"attempt": attempt, "step": self.progress.step,
+                                 "resumed_from": checkpoint.path.name if checkpoint else None,
+                                 "processes": self.accelerator.num_processes,
+                                 "device": self.accelerator.device.type, "host": this_host(), "pid": os.getpid()}
+        if attempt > 1:
+            status = rundir.status() or {}
+            logged = [m for m in rundir.metrics() if "loss" in m]
+            reached = max((int(m["step"]) for m in logged), default=0)
+            times = [float(m["time"]) for m in logged[-1:] if "time" in m]
+            times += [float(status["updated_unix"])] if "updated_unix" in status else []
+            if status.get("state") == "running":
+                previous_exit = "killed (no exit recorded: SIGKILL, a lost machine, or a preemption past its grace)"
+            else:
+                previous_exit = status.get("exit_reason") or status.get("state") or "unknown"
+            event.update(previous_reached=reached, lost_steps=max(0, reached - self.progress.step),
+                         previous_exit=previous_exit, previous_last_seen=max(times, default=None))
+        rundir.append_event("start", **event)
 
     def _announce(self, model: torch.nn.Module) -> None:
         trainable, total = modeling.count_parameters(model)
@@ -359,8 +398,11 @@ class Trainer:
         progress = {"epoch": self.sampler.epoch, "position_in_epoch": self.sampler.position,
                     "samples_seen": self.progress.samples_seen, "tokens_seen": self.progress.tokens_seen,
                     "total_steps": self.total_steps}
+        started = time.monotonic()
         path = self.checkpoints.save(self.progress.step, reason, progress)
         if self.accelerator.is_main_process:
+            self.rundir.append_event("checkpoint", step=self.progress.step, reason=reason, name=path.name,
+                                     seconds=round(time.monotonic() - started, 3))
             write_status(self.run_dir, state="running", step=self.progress.step, latest_checkpoint=str(path))
             self.metrics.write(f"step {self.progress.step}: checkpoint {path.name} ({reason})")
         if reason == "signal":
@@ -392,7 +434,7 @@ class Trainer:
         eval_after = self.evaluate() if len(self.data.eval) else None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            target = self.run_dir / ("adapter" if self.cfg.peft.enabled else "model")
+            target = self.rundir.final_weights_dir(bool(self.cfg.peft.enabled))
             accelerator.unwrap_model(self.model).save_pretrained(str(target), safe_serialization=True)
             self.tokenizer.save_pretrained(str(target))
             before = self.progress.initial_eval_loss
@@ -408,6 +450,7 @@ class Trainer:
                 self.metrics.write(f"sample: {self.cfg.train.sample_prompt!r} -> {answer!r}")
             write_status(self.run_dir, state="completed", step=self.progress.step, exit_reason="completed",
                          eval_loss_before=before, eval_loss_after=eval_after)
+            self.rundir.append_event("stop", state="completed", step=self.progress.step, reason="completed")
         self.metrics.close()
         accelerator.wait_for_everyone()
         accelerator.end_training()  # also tears down the process group: nothing collective after it
@@ -446,6 +489,7 @@ class Trainer:
         if self._owns_run_dir and accelerator is not None and accelerator.is_main_process:
             write_status(self.run_dir, state=state, step=self.progress.step, exit_reason=reason,
                          error=reason if state == "failed" else None)
+            self.rundir.append_event("stop", state=state, step=self.progress.step, reason=reason)
 
 
 def _reset_accelerate_state() -> None:

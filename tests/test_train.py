@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from noesis_accel.metrics import read_metrics
+from noesis_accel.rundir import RunDir
 from noesis_accel.status import read_status
 from noesis_accel.train import run
 
@@ -90,3 +91,20 @@ def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path: Path) -> None:
     run_dirs = sorted(p.name for p in tmp_path.iterdir() if (p / "status.json").is_file())
     assert len(run_dirs) == 2 and all(d.startswith("tiny__") for d in run_dirs)
     assert all(read_status(tmp_path / d)["state"] == "completed" for d in run_dirs)
+
+
+def test_a_run_dir_without_checkpoints_takes_the_new_config(tmp_path) -> None:
+    """A start that failed on bad data must not pin its config: nothing there is worth protecting."""
+    from conftest import chat_records, write_jsonl
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", chat_records(60) + ["{not json"])
+    good = write_jsonl(tmp_path / "good.jsonl", chat_records(60))
+    command = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", f"run.root={tmp_path / 'runs'}"]
+    failed = run_cli(command + [f"data.path={bad}"])
+    assert failed.returncode == 2 and "bad.jsonl:61" in failed.stderr
+    fixed = run_cli(command + [f"data.path={good}"])
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "holds no complete checkpoint, so this start's config replaces" in fixed.stdout
+    assert str(good) in (tmp_path / "runs" / "tiny" / "config.yaml").read_text()
+    events = [e["event"] for e in RunDir(tmp_path / "runs" / "tiny").events()]
+    assert events[-1] == "stop" and "start" in events and "checkpoint" in events
