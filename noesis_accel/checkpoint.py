@@ -8,11 +8,13 @@ else is skipped on resume with a warning.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from omegaconf import DictConfig
 
 from noesis_accel import faults
 from noesis_accel.config import interval_steps
-from noesis_accel.errors import ResumeError
+from noesis_accel.errors import ResumeError, UserError
 from noesis_accel.losses import LOSS_NORMALIZATION
 from noesis_accel.rundir import RunDir, step_dir_name
 from noesis_accel.volumes import Committer, commit_with_retry
@@ -30,13 +32,19 @@ from noesis_accel.volumes import Committer, commit_with_retry
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 2  # 2: records the loss normalisation
+MANIFEST_FORMAT = 3  # 2: records the loss normalisation; 3: a CRC-32 of every file
+_CHUNK = 1 << 22
+
 
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path
     step: int
     manifest: dict[str, Any]
+
+
+class CheckpointWriteError(UserError):
+    """The storage refused a checkpoint (full, read-only, over quota): one line, the run stops."""
 
 
 def _fsync_tree(root: Path) -> None:
@@ -56,17 +64,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _listed_files(root: Path) -> dict[str, int]:
+def file_crc32(path: Path) -> str:
+    """CRC-32 of a file: detects flipped or torn bytes at ~7 GB/s (about 0.15 s per GB on one core).
+
+    A checksum, not a signature: it guards against storage faults, which is what a resume needs.
+    """
+    crc = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def describe_files(root: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `root` with its size and CRC-32, read back right after it was written."""
     files = {}
     for folder, _, names in os.walk(root):
-        for name in names:
+        for name in sorted(names):
             full = Path(folder) / name
-            files[str(full.relative_to(root))] = full.stat().st_size
+            files[str(full.relative_to(root))] = {"bytes": full.stat().st_size, "crc32": file_crc32(full)}
     return files
 
 
 def checkpoint_problem(path: Path, verify_contents: bool = True) -> str | None:
-    """Why a checkpoint directory cannot be loaded, or None if it is complete."""
+    """Why a checkpoint directory cannot be loaded, or None if it is complete.
+
+    `verify_contents=False` checks presence and sizes only (cheap: for pruning and quick looks);
+    the full check recomputes every file's CRC-32 against the manifest, as a resume does.
+    """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return "no manifest.json (the save did not finish)"
@@ -74,13 +99,56 @@ def checkpoint_problem(path: Path, verify_contents: bool = True) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, OSError) as err:
         return f"unreadable manifest.json ({err})"
-    for name, size in manifest.get("files", {}).items():
+    for name, entry in manifest.get("files", {}).items():
+        expected = entry if isinstance(entry, dict) else {"bytes": entry}  # format <= 2 listed sizes only
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {expected['bytes']}"
+        if verify_contents and "crc32" in expected and file_crc32(file) != expected["crc32"]:
+            return f"{name} does not match its checksum (crc32 {expected['crc32']} in the manifest): its bytes changed"
     return None
+
+
+def checkpoint_bytes(manifest: dict[str, Any]) -> int:
+    return sum(e["bytes"] if isinstance(e, dict) else int(e) for e in manifest.get("files", {}).values())
+
+
+def storage_problem(err: BaseException, directory: Path) -> str | None:
+    """What the storage said if `err` is a storage failure (full, read-only, quota), else None.
+
+    torch reports a full disk as a RuntimeError from its C++ writer ("file write failed",
+    "basic_ios::clear"), so besides OSError's errno the directory itself is asked: a small write.
+    """
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
+        return f"{err.strerror or err} ({err.filename or directory})"
+    probe = directory / f".noesis-write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as probe_err:
+        return f"{probe_err.strerror or probe_err} ({directory})"
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _megabytes(count: int | None) -> str:
+    return "an unknown amount" if count is None else f"{count / 1e6:,.1f} MB"
 
 
 def any_complete_checkpoint(rundir: RunDir) -> bool:
@@ -108,6 +176,7 @@ class CheckpointManager:
         config_fingerprint: str,
         committer: Committer,
         is_deepspeed: bool,
+        num_machines: int = 1,
     ) -> None:
         self.accelerator = accelerator
         self.rundir = RunDir(Path(run_dir))
@@ -118,8 +187,9 @@ class CheckpointManager:
         self.config_fingerprint = config_fingerprint
         self.committer = committer
         self.is_deepspeed = is_deepspeed
+        self.num_machines = num_machines
         self._last_save_time = time.monotonic()
-        if accelerator.is_main_process:
+        if accelerator.is_local_main_process:  # every machine writes its ranks' files in its own view
             self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ when
@@ -128,10 +198,12 @@ class CheckpointManager:
         minutes = self.cfg.every_minutes
         return bool(minutes) and time.monotonic() - self._last_save_time >= 60 * float(minutes)
 
-    def due(self, step: int, signal_received: bool, minutes_due: bool) -> str | None:
+    def due(self, step: int, signal_received: bool, minutes_due: bool, deadline_due: bool = False) -> str | None:
         """The reason to checkpoint after optimizer step `step`, or None."""
         if signal_received:
             return "signal"
+        if deadline_due and step < self.total_steps:
+            return "deadline"
         if step >= self.total_steps:
             return "final"
         if (self.interval and step % self.interval == 0) or minutes_due:
@@ -141,47 +213,135 @@ class CheckpointManager:
     # ------------------------------------------------------------ save
 
     def save(self, step: int, reason: str, progress: dict[str, Any]) -> Path:
-        """Write `step-NNNNNN` atomically, prune old ones, and commit. Every rank must call this."""
+        """Write `step-NNNNNN` atomically, prune old ones, and commit. Every rank must call this.
+
+        One machine: written as `step-NNNNNN.tmp`, renamed once complete. Several machines (a
+        shared Volume, where a rename cannot move files another container wrote): each machine
+        writes its ranks' files into `step-NNNNNN/` and commits them, and the manifest, which
+        lists every machine's files with their checksums, is written last: a directory whose
+        manifest's files are not all there and intact is incomplete, whoever looks at it.
+        """
         accelerator = self.accelerator
         final = self.root / step_dir_name(step)
-        tmp = final.with_name(final.name + ".tmp")
-        if final.is_dir() and checkpoint_problem(final) is None:
+        already = accelerator.is_main_process and final.is_dir() and checkpoint_problem(final, verify_contents=False) is None
+        if self._agreed(already):
             return final  # this step is already saved (a signal right after an interval save)
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
-            tmp.mkdir(parents=True)
+        multi_machine = self.num_machines > 1
+        target = final if multi_machine else final.with_name(final.name + ".tmp")
+        needed = self._make_room(step) if accelerator.is_main_process else None
+        if accelerator.is_local_main_process:
+            if not multi_machine:
+                shutil.rmtree(target, ignore_errors=True)  # leftovers of a save that was killed
+            (target / MANIFEST).unlink(missing_ok=True)  # a damaged same-step manifest must not vouch for new files
         accelerator.wait_for_everyone()
         started = time.monotonic()
-        save_kwargs = {"exclude_frozen_parameters": True} if self.is_deepspeed else {}
-        accelerator.save_state(str(tmp), **save_kwargs)
-        faults.maybe_inject("save", step)
+        try:
+            self._write_state(target, step)
+            listing = describe_files(target) if accelerator.is_local_main_process else {}
+        except Exception as err:
+            raise self._write_failure(err, target, needed) from None
+        listings = self._gather(listing)
+        if multi_machine and accelerator.is_local_main_process:  # each machine's own files reach the Volume
+            commit_with_retry(self.committer, int(self.cfg.commit_retries), float(self.cfg.commit_backoff_s))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            files: dict[str, Any] = {}
+            for node_listing in listings:
+                files.update(node_listing)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "step": step,
                 "reason": reason,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "world_size": accelerator.num_processes,
+                "num_machines": self.num_machines,
                 "distributed_type": str(accelerator.distributed_type),
                 "config_fingerprint": self.config_fingerprint,
                 "loss_normalization": LOSS_NORMALIZATION,
                 **progress,
-                "files": _listed_files(tmp),
+                "files": files,
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            _fsync_tree(tmp)
-            if final.exists():  # a damaged directory of the same step: replaced by the good one
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            try:
+                (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                _fsync_tree(target)
+                if not multi_machine:
+                    if final.exists():  # a damaged directory of the same step: replaced by the good one
+                        shutil.rmtree(final)
+                    os.replace(target, final)
+                _fsync_dir(self.root)
+            except Exception as err:
+                raise self._write_failure(err, target, needed) from None
             self.prune()
             attempts = commit_with_retry(self.committer, int(self.cfg.commit_retries), float(self.cfg.commit_backoff_s))
             log.debug("checkpoint %s (%s) saved in %.2fs, committed in %d attempt(s)",
-                     final.name, reason, time.monotonic() - started, attempts)
+                      final.name, reason, time.monotonic() - started, attempts)
         accelerator.wait_for_everyone()
         self._last_save_time = time.monotonic()
         return final
+
+    def _write_state(self, target: Path, step: int) -> None:
+        save_kwargs = {"exclude_frozen_parameters": True} if self.is_deepspeed else {}
+        self.accelerator.save_state(str(target), **save_kwargs)
+        faults.maybe_inject("save", step)
+        faults.maybe_inject("enospc", step)
+        self.accelerator.wait_for_everyone()
+
+    def _write_failure(self, err: Exception, target: Path, needed: int | None) -> Exception:
+        """A storage failure becomes one line (after removing our partial files); anything else stays as is."""
+        problem = storage_problem(err, self.root)
+        if problem is None:
+            return err
+        shutil.rmtree(target, ignore_errors=True)
+        free = _free_bytes(self.root)
+        newest = self.latest_complete(warn=False)
+        resume = f"it resumes from {newest.path.name}" if newest else "nothing was saved yet, it starts afresh"
+        return CheckpointWriteError(
+            f"checkpoint {target} could not be written: {problem}; a checkpoint needs about {_megabytes(needed)} "
+            f"and {_megabytes(free)} are free there. Free space (or lower ckpt.keep_last, or set ckpt.make_room=true) "
+            f"and restart the same command: {resume}"
+        )
+
+    def _make_room(self, step: int) -> int | None:
+        """Bytes the next checkpoint needs (the newest one's size); warn, or prune, when they are not free.
+
+        A save that fails midway costs a restart; one line before it lets a person act first.
+        """
+        newest = self.latest_complete(warn=False, verify_contents=False)
+        if newest is None:
+            return None
+        needed = checkpoint_bytes(newest.manifest)
+        margin = needed // 10 + (64 << 20)  # filesystem overhead, metrics and status written meanwhile
+        free = _free_bytes(self.root)
+        if free is None or free >= needed + margin:
+            return needed
+        if self.cfg.make_room:
+            for _, path in self.step_dirs()[::-1]:
+                if path == newest.path or (_free_bytes(self.root) or 0) >= needed + margin:
+                    break
+                log.warning("removing %s to make room for checkpoint step %d (ckpt.make_room=true)", path, step)
+                shutil.rmtree(path, ignore_errors=True)
+            free = _free_bytes(self.root)
+        if free is not None and free < needed + margin:
+            log.warning("checkpoint step %d needs about %s and only %s are free in %s; free space, lower "
+                        "ckpt.keep_last or set ckpt.make_room=true, or the save will fail", step,
+                        _megabytes(needed), _megabytes(free), self.root)
+        return needed
+
+    def _agreed(self, value: bool) -> bool:
+        """The main process's answer on every rank: ranks must not decide from their own view of storage."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return bool(broadcast_object_list([value], from_process=0)[0])
+
+    def _gather(self, listing: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every machine's file listing, on the main process (one process: just ours)."""
+        if self.accelerator.num_processes == 1:
+            return [listing]
+        from accelerate.utils import gather_object
+
+        return gather_object([listing])
 
     # ------------------------------------------------------------ discovery and retention
 
@@ -189,10 +349,10 @@ class CheckpointManager:
         """Finished (renamed) checkpoint directories, newest first; completeness not yet checked."""
         return self.rundir.step_dirs()
 
-    def latest_complete(self, warn: bool = True) -> Checkpoint | None:
+    def latest_complete(self, warn: bool = True, verify_contents: bool = True) -> Checkpoint | None:
         """The newest checkpoint whose manifest and files check out; damaged ones are named and skipped."""
         for step, path in self.step_dirs():
-            problem = checkpoint_problem(path)
+            problem = checkpoint_problem(path, verify_contents)
             if problem is None:
                 return Checkpoint(path, step, read_manifest(path))
             if warn and self.accelerator.is_main_process:
@@ -207,7 +367,7 @@ class CheckpointManager:
         """
         complete_seen = 0
         for step, path in self.step_dirs():
-            if checkpoint_problem(path) is None:
+            if checkpoint_problem(path, verify_contents=False) is None:
                 complete_seen += 1
                 if complete_seen > int(self.cfg.keep_last):
                     shutil.rmtree(path, ignore_errors=True)

@@ -29,6 +29,9 @@ class RunConfig:
 
     root: str = "runs"
     name: str = "demo"
+    # Appended to the directory name (`<name>-<tag>`): debug configs set it, so a debug run of a
+    # recipe never occupies (or resumes) the production run's directory.
+    tag: Optional[str] = None
 
 
 @dataclass
@@ -133,6 +136,13 @@ class CkptConfig:
     # count: `refuse` (exact or nothing), or `reset_optimizer` (weights, schedule and data position
     # continue; the optimizer moments start afresh: not exact, stated in the log).
     on_world_size_change: str = "refuse"
+    # Before a save, if the disk lacks room for one more checkpoint (the newest one's size), drop the
+    # oldest kept ones (never the newest complete) instead of only warning.
+    make_room: bool = False
+    # One writer per run dir: a lease whose heartbeat is older than this is taken over (its owner
+    # is presumed dead on another machine); the owner renews it every `lease_heartbeat_s`.
+    lease_stale_s: float = 120.0
+    lease_heartbeat_s: float = 10.0
 
 
 @dataclass
@@ -147,6 +157,30 @@ class DistributedConfig:
     main_process_port: int = 29500
     # DeepSpeed JSON (zero2); micro batch, accumulation and clipping are filled in from train/optim.
     deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class ModalConfig:
+    """How `modal run launch/modal_entry.py` runs this config on Modal; local runs only validate it."""
+
+    app_name: str = "noesis-accel"
+    # TYPE[:COUNT], e.g. H100:8. A container holds at most 8 GPUs; 16, 24, ... run as a cluster of
+    # 8-GPU containers. null: a CPU container (the demo).
+    gpu: Optional[str] = None
+    cpu: float = 8.0  # cores per container (data loading, tokenisation)
+    memory_gib: int = 64
+    timeout_s: int = 6 * 3600  # per attempt; Modal allows at most 24 h
+    retries: int = 10  # attempts after a failure or timeout (preemptions do not count); Modal's maximum
+    volume: str = "noesis-training-data"  # runs, data and caches live here
+    mount: str = "/vol"
+    secret: Optional[str] = "huggingface-token"  # a Modal Secret providing HF_TOKEN (gated models)
+    # Checkpoint and commit this long before the attempt's timeout, so a timeout costs no steps.
+    deadline_margin_s: int = 300
+    gpu_hour_usd: Optional[float] = None  # price of one GPU-hour, for the cost line of `status`
+    python_version: str = "3.11"
+    torch_version: str = "2.13.0"  # the CUDA build from `torch_index_url` goes into the image
+    torch_index_url: str = "https://download.pytorch.org/whl/cu128"
+    extras: list[str] = field(default_factory=list)  # optional dependency groups of this project
 
 
 @dataclass
@@ -167,6 +201,7 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    modal: ModalConfig = field(default_factory=ModalConfig)
 
 
 def _package_dir(name: str) -> str:
@@ -193,6 +228,17 @@ def register() -> None:
 register()
 
 
+def order_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Debug configs after everything else, so `+debug=x` wins whatever its place on the command line.
+
+    Hydra appends `+group=option` defaults in command-line order, so `+debug=gpu +experiment=noesis`
+    would let the experiment override the debug run's process count and batch. Other words keep
+    their order (a value override such as `train.max_steps=5` wins over every config file anyway).
+    """
+    is_debug = lambda word: word.lstrip("+~").split("=", 1)[0] == "debug"  # noqa: E731
+    return [w for w in overrides if not is_debug(w)] + [w for w in overrides if is_debug(w)]
+
+
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """Compose `conf/config.yaml` with overrides outside `@hydra.main` (tests, Modal, benches)."""
     from hydra import compose as hydra_compose
@@ -201,7 +247,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        cfg = hydra_compose(config_name="config", overrides=order_overrides(list(overrides or [])))
     GlobalHydra.instance().clear()
     return cfg
 
@@ -280,6 +326,8 @@ def validate(cfg: DictConfig) -> None:
     check(ckpt.every_minutes is None or ckpt.every_minutes > 0, "ckpt.every_minutes", "must be > 0 or null")
     check(ckpt.keep_last >= 1, "ckpt.keep_last", "must be >= 1 (the newest complete checkpoint is always kept)")
     check(ckpt.commit_retries >= 0, "ckpt.commit_retries", "must be >= 0")
+    check(0 < ckpt.lease_heartbeat_s < ckpt.lease_stale_s, "ckpt.lease_heartbeat_s",
+          f"must be > 0 and below ckpt.lease_stale_s ({ckpt.lease_stale_s})")
     check(bool(str(ckpt.resume)), "ckpt.resume", "must be auto, never or a checkpoint path")
     check(data.max_length >= 8, "data.max_length", "must be >= 8 tokens")
     check(data.min_examples >= 1, "data.min_examples", "must be >= 1")
@@ -308,8 +356,79 @@ def validate(cfg: DictConfig) -> None:
             accumulation_steps(cfg)
         except ConfigError as err:
             problems.append(f"train.global_batch_size: {err}")
+    if cfg.modal.gpu:
+        problems.extend(f"modal.gpu: {p}" for p in modal_gpu_problems(cfg))
+    check(0 < cfg.modal.timeout_s <= 24 * 3600, "modal.timeout_s", "must be in (0, 86400]: Modal allows 24 h per attempt")
+    check(0 <= cfg.modal.retries <= 10, "modal.retries", "must be in [0, 10] (Modal's limit)")
+    check(0 <= cfg.modal.deadline_margin_s < cfg.modal.timeout_s, "modal.deadline_margin_s",
+          "must be >= 0 and below modal.timeout_s")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+MODAL_GPU_TYPES = ("T4", "L4", "A10G", "A10", "A100", "A100-40GB", "A100-80GB", "L40S", "H100", "H100!", "H200", "B200")
+GPUS_PER_CONTAINER = 8
+
+
+def parse_gpu_spec(spec: str) -> tuple[str, int]:
+    """`H100:8` -> ("H100", 8); a bare type is one GPU. Raises ValueError with the reason."""
+    kind, _, count_text = spec.strip().partition(":")
+    kind = kind.upper()
+    if kind not in MODAL_GPU_TYPES:
+        raise ValueError(f"unknown GPU type {kind!r}; Modal offers {', '.join(MODAL_GPU_TYPES)}")
+    try:
+        count = int(count_text) if count_text else 1
+    except ValueError:
+        raise ValueError(f"GPU count {count_text!r} is not a whole number (write TYPE:COUNT, e.g. H100:8)") from None
+    if count < 1:
+        raise ValueError("the GPU count must be >= 1")
+    return kind, count
+
+
+def modal_layout(spec: str) -> tuple[str, int, int]:
+    """(GPU type, GPUs per container, containers) for a valid spec: 16 -> 8 per container x 2."""
+    kind, count = parse_gpu_spec(spec)
+    if count <= GPUS_PER_CONTAINER:
+        return kind, count, 1
+    return kind, GPUS_PER_CONTAINER, count // GPUS_PER_CONTAINER
+
+
+def _batch_splits(global_batch: int, world: int, preferred_micro: int) -> list[str]:
+    """Ways to write `global = micro x accumulation x world` ('micro 2 x accumulation 5'), the current micro first."""
+    micros = sorted({preferred_micro, 1, 2, 4, 8, 16}, key=lambda m: (m != preferred_micro, m))
+    return [f"micro {m} x accumulation {global_batch // (m * world)}" for m in micros
+            if global_batch % (m * world) == 0]
+
+
+def modal_gpu_problems(cfg: DictConfig) -> list[str]:
+    """Why `modal.gpu` cannot run this config, each with the options spelled out (empty if it can)."""
+    spec = str(cfg.modal.gpu)
+    try:
+        kind, count = parse_gpu_spec(spec)
+    except ValueError as err:
+        return [f"{spec}: {err}"]
+    global_batch, micro = int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size)
+    if count > GPUS_PER_CONTAINER and count % GPUS_PER_CONTAINER:
+        lower = count // GPUS_PER_CONTAINER * GPUS_PER_CONTAINER
+        higher = lower + GPUS_PER_CONTAINER
+        options = []
+        for total in (lower, higher):
+            splits = _batch_splits(global_batch, total, micro)
+            layout = "one container" if total == GPUS_PER_CONTAINER else \
+                f"a cluster of {total // GPUS_PER_CONTAINER} x {GPUS_PER_CONTAINER}"
+            keep = f"global batch {global_batch} kept as {splits[0]} x {total}" if splits else \
+                f"global batch {global_batch} cannot be split over {total} GPUs"
+            options.append(f"{kind}:{total} ({layout}; {keep})")
+        return [f"{spec}: a container holds at most {GPUS_PER_CONTAINER} GPUs and a cluster is made of full "
+                f"{GPUS_PER_CONTAINER}-GPU containers, so {count} GPUs cannot be placed; use "
+                + " or ".join(options)]
+    if global_batch % (micro * count):
+        splits = _batch_splits(global_batch, count, micro)
+        fix = f"set train.micro_batch_size for one of: {', '.join(s + f' x {count}' for s in splits)}" if splits else \
+            f"choose a global batch divisible by {count}"
+        return [f"{spec}: train.global_batch_size={global_batch} is not micro_batch_size ({micro}) x accumulation x "
+                f"{count} GPUs for any whole accumulation; {fix}"]
+    return []
 
 
 def _valid_every(every: float) -> bool:
@@ -328,10 +447,9 @@ def interval_steps(every: float, total_steps: int) -> int:
 # Keys that may change between a run and its restart because they do not change the math.
 RESTART_SAFE_PREFIXES = (
     "run.",
-    "ckpt.every", "ckpt.every_minutes", "ckpt.keep_last", "ckpt.resume", "ckpt.commit_retries",
-    "ckpt.commit_backoff_s", "ckpt.on_world_size_change",
+    "ckpt.",  # cadence, retention, resume choice, commits, lease: where and when, never what
     "train.log_every", "train.tracker", "train.progress_bar", "train.eval_every",
-    "data.num_workers", "data.cache_dir", "model.cache_dir", "env.",
+    "data.num_workers", "data.cache_dir", "model.cache_dir", "env.", "modal.",
     # The process layout may change (8 -> 16 GPUs); the global batch, which is the math, may not.
     "distributed.",
 )

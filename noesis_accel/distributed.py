@@ -1,17 +1,13 @@
-"""Process layout: starting N processes (torchrun underneath) and building the `Accelerator`.
+"""Building the `Accelerator` for a process layout: precision, accumulation, DDP or DeepSpeed ZeRO-2.
 
-`noesis-train distributed=ddp distributed.num_processes=2` re-executes itself under
-`torch.distributed.run`, so nobody writes an accelerate config file by hand; a process already
-started by `torchrun` or `accelerate launch` is detected and used as it is.
+The processes themselves are started by `launcher.py`; a process already started by `torchrun` or
+`accelerate launch` is detected (by `WORLD_SIZE`) and used as it is.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,48 +23,7 @@ def launched_world_size() -> int | None:
     return int(value) if value else None
 
 
-def needs_launch(cfg: DictConfig) -> bool:
-    return world_size(cfg) > 1 and launched_world_size() is None
-
-
-def launch_command(cfg: DictConfig, overrides: list[str]) -> list[str]:
-    """`python -m torch.distributed.run ... -m noesis_accel.train <overrides>` for this config."""
-    dist = cfg.distributed
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={dist.num_processes}"]
-    if dist.num_machines == 1:
-        command.append("--standalone")  # a free rendezvous port on localhost
-    else:
-        command += [
-            f"--nnodes={dist.num_machines}",
-            f"--node_rank={dist.machine_rank}",
-            f"--master_addr={dist.main_process_ip}",
-            f"--master_port={dist.main_process_port}",
-        ]
-    return command + ["-m", "noesis_accel.train", *overrides]
-
-
-def launch(cfg: DictConfig, overrides: list[str]) -> int:
-    """Run this job in `num_processes` processes and wait; SIGTERM/SIGINT are passed on to them.
-
-    The processes get a session of their own, so a terminal's Ctrl-C reaches them once, through
-    us, rather than twice (which would skip the preemption checkpoint).
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    process = subprocess.Popen(launch_command(cfg, overrides), env=env, start_new_session=True)
-    received: list[int] = []
-
-    def forward(signum: int, _frame: Any) -> None:
-        received.append(signum)
-        process.send_signal(signum)  # torchrun relays it to every worker, which checkpoint and exit
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-    code = process.wait()
-    # torchrun reports any failed worker as 1; after a preemption the caller expects 128 + signal.
-    return 128 + received[0] if received and code != 0 else code
-
-
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -79,7 +34,7 @@ def _free_port() -> int:
 def _single_process_rendezvous() -> None:
     """The environment torchrun would set for a world of one, on a free local port."""
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         os.environ.setdefault(key, value)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -35,7 +37,19 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
 
     return wrapper
+
+
+# Environment variables whose values must never reach a terminal, a log or a file we write.
+_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every secret-looking environment variable (HF_TOKEN, ...) replaced by ***."""
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, "***")
+    return text

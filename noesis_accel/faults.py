@@ -1,23 +1,37 @@
 """Fault injection for the crash tests: `NOESIS_FAULT=point:step[,point:step]` in the environment.
 
 Points: `step` (SIGKILL right after optimizer step N), `save` (SIGKILL inside the save of step N,
-after Accelerate wrote its files and before the manifest), `term` (SIGTERM to ourselves after step
-N: the preemption path). Unset in normal runs, where this costs one dictionary lookup per step.
+after Accelerate wrote its files and before the manifest), `term` / `usr1` (SIGTERM / SIGUSR1 to
+ourselves after step N: the preemption and timeout paths), `enospc` (the save of step N fails as a
+full disk would, for machines where a small filesystem cannot be mounted). `NOESIS_STEP_DELAY_S=S`
+sleeps S seconds after every step, so a test can act while a run is in progress. `NOESIS_FAULT_KILL_PID=PID` sends the
+SIGKILL of `step`/`save` to that process first: a whole container dying, not just this process.
+Unset in normal runs, where this costs one dictionary lookup per step.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 
-_SIGNALS = {"step": signal.SIGKILL, "save": signal.SIGKILL, "term": signal.SIGTERM}
+_SIGNALS = {"step": signal.SIGKILL, "save": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1}
 
 
 def maybe_inject(point: str, step: int) -> None:
+    if point == "step" and os.environ.get("NOESIS_STEP_DELAY_S"):
+        time.sleep(float(os.environ["NOESIS_STEP_DELAY_S"]))
     spec = os.environ.get("NOESIS_FAULT")
     if not spec:
         return
     for item in spec.split(","):
         name, _, at = item.strip().partition(":")
-        if name == point and at and int(at) == step:
-            os.kill(os.getpid(), _SIGNALS[point])
+        if name != point or not at or int(at) != step:
+            continue
+        if point == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        container = os.environ.get("NOESIS_FAULT_KILL_PID")
+        if container and _SIGNALS[point] == signal.SIGKILL:
+            os.kill(int(container), signal.SIGKILL)
+        os.kill(os.getpid(), _SIGNALS[point])

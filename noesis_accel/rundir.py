@@ -61,7 +61,8 @@ class RunDir:
     @classmethod
     def of(cls, cfg: Any) -> "RunDir":
         """The run dir a config trains into: `<run.root>/<run.name>`."""
-        return cls(Path(os.path.expanduser(str(cfg.run.root))) / str(cfg.run.name))
+        name = f"{cfg.run.name}-{cfg.run.tag}" if cfg.run.get("tag") else str(cfg.run.name)
+        return cls(Path(os.path.expanduser(str(cfg.run.root))) / name)
 
     # ------------------------------------------------------------ where things are
 

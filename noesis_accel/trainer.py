@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,12 +26,20 @@ from noesis_accel.checkpoint import (
 )
 from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
-from noesis_accel.errors import DataError, ResumeError, UserError
+from noesis_accel.errors import ConfigError, DataError, ResumeError, UserError
 from noesis_accel.metrics import MetricsLogger, truncate_metrics_after
 from noesis_accel.rundir import RunDir, this_host
 from noesis_accel.sampling import LengthBucketBatchSampler
-from noesis_accel.signals import InterruptedBySignal, PreemptionWatcher
-from noesis_accel.status import read_status, write_status
+from noesis_accel.lease import RunLease
+from noesis_accel.signals import (
+    InterruptedBySignal,
+    PreemptionWatcher,
+    RunInterrupted,
+    StoppedAtDeadline,
+    attempt_deadline,
+    deadline_reached,
+)
+from noesis_accel.status import read_status, record_stop, write_status
 from noesis_accel.volumes import Committer, LocalCommitter
 
 log = logging.getLogger(__name__)
@@ -63,9 +72,45 @@ class RunResult:
     eval_loss_after: float | None = None
     losses: list[float] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "RunResult":
+        """A result reported by a training process as JSON (see worker.py)."""
+        return cls(**{**fields, "run_dir": Path(fields["run_dir"])})
+
 
 class Trainer:
     """One fine-tuning run. Bad flag combinations are rejected in `__init__`, before any loading."""
+
+    # Known from the config alone
+    cfg: DictConfig
+    committer: Committer
+    rundir: RunDir
+    run_dir: Path
+    progress: Progress
+    watcher: PreemptionWatcher
+    deadline: float | None  # the attempt's "checkpoint and stop by" time (NOESIS_DEADLINE)
+    lease: RunLease | None  # held by this process when no launcher holds it for us
+    step_losses: list[float]
+    # Built by setup()
+    accelerator: Any
+    is_deepspeed: bool
+    tokenizer: Any
+    data: data_mod.PreparedData
+    accumulation: int
+    loss_scale: int
+    label_counts: torch.Tensor
+    sampler: LengthBucketBatchSampler
+    total_steps: int
+    collate: data_mod.PaddingCollator
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    trainable_params: list[torch.nn.Parameter]
+    gradient_probe: Any
+    checkpoints: CheckpointManager
+    eval_interval: int
+    resumed_from: Checkpoint | None
+    metrics: MetricsLogger
 
     def __init__(self, cfg: DictConfig, committer: Committer | None = None) -> None:
         validate(cfg)
@@ -74,8 +119,11 @@ class Trainer:
         self.rundir = RunDir.of(cfg)
         self.run_dir = self.rundir.path
         self.progress = Progress()
-        self.watcher = PreemptionWatcher(on_second=self._on_second_signal)
-        self.step_losses: list[float] = []
+        self.watcher = PreemptionWatcher(on_forced_exit=self._on_forced_exit)
+        self.deadline = attempt_deadline()
+        self.lease = None
+        self.accelerator = None
+        self.step_losses = []
         self._owns_run_dir = False  # set once this start is allowed to write the run dir
 
     # ================================================================ setup
@@ -89,6 +137,8 @@ class Trainer:
         self.is_deepspeed = str(accelerator.distributed_type) == "DistributedType.DEEPSPEED"
         if self._already_completed():
             return False
+        self._take_lease()
+        self._check_same_config_on_every_machine()
         self._check_run_dir_config()
         from accelerate.utils import set_seed
 
@@ -126,7 +176,8 @@ class Trainer:
         accelerator.register_for_checkpointing(self.progress)
         accelerator.register_for_checkpointing(self.sampler)
         self.checkpoints = CheckpointManager(
-            accelerator, self.run_dir, cfg.ckpt, self.total_steps, fingerprint(cfg), self.committer, self.is_deepspeed
+            accelerator, self.run_dir, cfg.ckpt, self.total_steps, fingerprint(cfg), self.committer, self.is_deepspeed,
+            num_machines=int(cfg.distributed.num_machines),
         )
         self.eval_interval = interval_steps(float(cfg.train.eval_every), self.total_steps)
         self._resume()
@@ -145,6 +196,30 @@ class Trainer:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value], from_process=0)[0]
+
+    def _take_lease(self) -> None:
+        """One writer per run dir: taken before anything in it is written (unless the launcher holds it)."""
+        problem = None
+        if self.accelerator.is_main_process and not os.environ.get("NOESIS_LEASE_HELD"):
+            lease = RunLease(self.rundir, float(self.cfg.ckpt.lease_stale_s), float(self.cfg.ckpt.lease_heartbeat_s))
+            try:
+                self.lease = lease.acquire()
+            except UserError as err:
+                problem = err
+        problem = self._main_decides(problem)
+        if problem is not None:
+            raise problem
+
+    def _check_same_config_on_every_machine(self) -> None:
+        """On a cluster every machine composes the config itself: all must train the same math."""
+        if int(self.cfg.distributed.num_machines) == 1:
+            return
+        ours = fingerprint(self.cfg)
+        if self._main_decides(ours) != ours:
+            raise ConfigError(
+                f"machine {self.cfg.distributed.machine_rank} composed a config whose math differs from machine 0's "
+                "(another code version or other overrides); start every machine with the same command and image"
+            )
 
     def _already_completed(self) -> bool:
         status = self._main_decides(read_status(self.run_dir) if self.accelerator.is_main_process else None)
@@ -281,20 +356,14 @@ class Trainer:
     def train(self) -> None:
         """The loop: batch -> forward -> backward -> step -> checkpoint hook -> log, until total steps."""
         progress = self.progress
-        self.watcher.install()
-        try:
-            if progress.step == 0 and progress.initial_eval_loss is None and len(self.data.eval):
-                progress.initial_eval_loss = self.evaluate()
-                self.metrics.write(f"held-out loss before training: {progress.initial_eval_loss:.4f}")
-            self.model.train()
-            while progress.step < self.total_steps:
-                finished_epoch = self._train_epoch()
-                if finished_epoch:
-                    self.sampler.set_epoch(self.sampler.epoch + 1, 0)
-        finally:
-            # Also after a signal stop or a failure: the next run in this process (a sweep job,
-            # a test) must not have its signals routed to this finished trainer.
-            self.watcher.uninstall()
+        if progress.step == 0 and progress.initial_eval_loss is None and len(self.data.eval):
+            progress.initial_eval_loss = self.evaluate()
+            self.metrics.write(f"held-out loss before training: {progress.initial_eval_loss:.4f}")
+        self.model.train()
+        while progress.step < self.total_steps:
+            finished_epoch = self._train_epoch()
+            if finished_epoch:
+                self.sampler.set_epoch(self.sampler.epoch + 1, 0)
 
     def _train_epoch(self) -> bool:
         """Train from the sampler's position; True if the epoch's batches ran out."""
@@ -388,18 +457,25 @@ class Trainer:
         self._checkpoint_hook()
 
     def _checkpoint_hook(self) -> None:
-        """Save when due (interval, minutes, signal, final); on a signal, exit once it is safe."""
+        """Save when due (interval, minutes, signal, deadline, final); after a stop request, stop once saved."""
         faults.maybe_inject("step", self.progress.step)
         faults.maybe_inject("term", self.progress.step)
-        signal_received, minutes_due = self._agreed_flags()
-        reason = self.checkpoints.due(self.progress.step, signal_received, minutes_due)
+        faults.maybe_inject("usr1", self.progress.step)
+        if self.lease is not None and self.lease.lost:
+            raise ResumeError(f"{self.lease.lost}; this start stops without writing more")
+        signal_received, minutes_due, deadline_due = self._agreed_flags()
+        reason = self.checkpoints.due(self.progress.step, signal_received, minutes_due, deadline_due)
         if reason is None:
             return
         progress = {"epoch": self.sampler.epoch, "position_in_epoch": self.sampler.position,
                     "samples_seen": self.progress.samples_seen, "tokens_seen": self.progress.tokens_seen,
                     "total_steps": self.total_steps}
         started = time.monotonic()
-        path = self.checkpoints.save(self.progress.step, reason, progress)
+        self.watcher.saving = reason in ("signal", "deadline")
+        try:
+            path = self.checkpoints.save(self.progress.step, reason, progress)
+        finally:
+            self.watcher.saving = False
         if self.accelerator.is_main_process:
             self.rundir.append_event("checkpoint", step=self.progress.step, reason=reason, name=path.name,
                                      seconds=round(time.monotonic() - started, 3))
@@ -407,14 +483,17 @@ class Trainer:
             self.metrics.write(f"step {self.progress.step}: checkpoint {path.name} ({reason})")
         if reason == "signal":
             raise InterruptedBySignal(self.watcher.received or 15)
+        if reason == "deadline":
+            raise StoppedAtDeadline()
 
-    def _agreed_flags(self) -> tuple[bool, bool]:
-        """Signal and wall-clock triggers, agreed across ranks so every rank saves at the same step."""
-        flags = [float(self.watcher.requested), float(self.checkpoints.minutes_elapsed_due())]
+    def _agreed_flags(self) -> tuple[bool, bool, bool]:
+        """Signal, wall-clock and deadline triggers, agreed across ranks so every rank saves at the same step."""
+        flags = [float(self.watcher.requested), float(self.checkpoints.minutes_elapsed_due()),
+                 float(deadline_reached(self.deadline))]
         if self.accelerator.num_processes > 1:
             tensor = torch.tensor(flags, device=self.accelerator.device)
             flags = self.accelerator.reduce(tensor, reduction="sum").tolist()
-        return flags[0] > 0, flags[1] > 0
+        return flags[0] > 0, flags[1] > 0, flags[2] > 0
 
     def evaluate(self) -> float:
         """Held-out loss (token-weighted, the quantity the training loss logs), sharded across ranks."""
@@ -448,31 +527,35 @@ class Trainer:
 
                 answer = reply(accelerator.unwrap_model(self.model), self.tokenizer, self.cfg.train.sample_prompt)
                 self.metrics.write(f"sample: {self.cfg.train.sample_prompt!r} -> {answer!r}")
-            write_status(self.run_dir, state="completed", step=self.progress.step, exit_reason="completed",
-                         eval_loss_before=before, eval_loss_after=eval_after)
-            self.rundir.append_event("stop", state="completed", step=self.progress.step, reason="completed")
+            write_status(self.run_dir, eval_loss_before=before, eval_loss_after=eval_after)
+            record_stop(self.rundir, "completed", self.progress.step, "completed")
         self.metrics.close()
         accelerator.wait_for_everyone()
         accelerator.end_training()  # also tears down the process group: nothing collective after it
         return RunResult(self.run_dir, "completed", self.progress.step, self.total_steps,
                          self.progress.initial_eval_loss, eval_after, list(self.step_losses))
 
-    def _on_second_signal(self, signum: int) -> None:
-        if getattr(self, "accelerator", None) is not None and self.accelerator.is_main_process:
-            write_status(self.run_dir, state="interrupted", exit_reason=f"signal {signum} (second: exited at once)")
+    def _on_forced_exit(self, signum: int) -> None:
+        if self._owns_run_dir and self.accelerator is not None and self.accelerator.is_main_process:
+            record_stop(self.rundir, "interrupted", self.progress.step,
+                        f"{signal.Signals(signum).name} again: exited at once, before a checkpoint")
 
     # ================================================================ lifecycle
 
     def run(self) -> RunResult:
         """setup -> train -> finish, recording in status.json how and why the run ended."""
+        # Installed first: a preemption while the model loads is honoured as soon as it is safe.
+        self.watcher.install()
         try:
             if not self.setup():
                 status = read_status(self.run_dir) or {}
                 return RunResult(self.run_dir, "already_completed", int(status.get("step", 0)),
                                  int(status.get("total_steps", 0)))
+            if self.watcher.requested:  # during setup: nothing new to save, the resume point stands
+                raise InterruptedBySignal(self.watcher.received or signal.SIGTERM)
             self.train()
             return self.finish()
-        except InterruptedBySignal as stop:
+        except RunInterrupted as stop:
             self._record_exit("interrupted", str(stop))
             raise
         except UserError as err:
@@ -482,14 +565,16 @@ class Trainer:
             self._record_exit("failed", f"{err.__class__.__name__}: {err}")
             raise
         finally:
+            # Also after a stop or a failure: the next run in this process (a sweep job, a test)
+            # must not have its signals routed to this finished trainer.
+            self.watcher.uninstall()
+            if self.lease is not None:
+                self.lease.release()
             _reset_accelerate_state()
 
     def _record_exit(self, state: str, reason: str) -> None:
-        accelerator = getattr(self, "accelerator", None)
-        if self._owns_run_dir and accelerator is not None and accelerator.is_main_process:
-            write_status(self.run_dir, state=state, step=self.progress.step, exit_reason=reason,
-                         error=reason if state == "failed" else None)
-            self.rundir.append_event("stop", state=state, step=self.progress.step, reason=reason)
+        if self._owns_run_dir and self.accelerator is not None and self.accelerator.is_main_process:
+            record_stop(self.rundir, state, self.progress.step, reason)
 
 
 def _reset_accelerate_state() -> None:

@@ -7,6 +7,7 @@ directory sits on a Volume, which only persists what `commit()` flushed before t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable, Protocol
 
@@ -34,6 +35,48 @@ class ModalVolumeCommitter:
 
     def commit(self) -> None:
         self.volume.commit()
+
+
+_default_committer: Committer | None = None
+
+
+def use_default_committer(committer: Committer | None) -> None:
+    """What `run(cfg)` commits with when its caller names none (a Modal container sets its Volume)."""
+    global _default_committer
+    _default_committer = committer
+
+
+def default_committer() -> Committer:
+    return _default_committer or LocalCommitter()
+
+
+class LauncherCommitter:
+    """Asks the launcher (the process that holds the Volume) to commit, and waits for its answer.
+
+    Modal's `commit()` must run in the container process that mounts the Volume, and a training
+    process started by the launcher is a child of it; whether a child may commit is undocumented,
+    so it never tries: it writes `commit` on a pipe and reads `ok` or `error ...` back.
+    """
+
+    def __init__(self, request_fd: int, response_fd: int) -> None:
+        self.request_fd = request_fd
+        self.responses = os.fdopen(response_fd, "rb", buffering=0)
+
+    @classmethod
+    def from_env(cls) -> "LauncherCommitter | None":
+        value = os.environ.get("NOESIS_COMMIT_FDS")
+        if not value:
+            return None
+        request_fd, response_fd = (int(fd) for fd in value.split(","))
+        return cls(request_fd, response_fd)
+
+    def commit(self) -> None:
+        os.write(self.request_fd, b"commit\n")
+        reply = self.responses.readline().decode().strip()
+        if not reply:
+            raise OSError("the launcher is gone, so nothing can be committed")
+        if reply != "ok":
+            raise OSError(f"the launcher could not commit: {reply.removeprefix('error ')}")
 
 
 def commit_with_retry(

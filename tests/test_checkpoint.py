@@ -16,22 +16,23 @@ from safetensors.torch import load_file
 
 from noesis_accel.checkpoint import MANIFEST, checkpoint_problem
 from noesis_accel.config import compose
-from noesis_accel.metrics import read_metrics
+from noesis_accel.status import main as status_main
 from noesis_accel.status import read_status
 from noesis_accel.train import run
 
 from conftest import run_cli
+from helpers import (
+    adapter_weights,
+    assert_same_adapter,
+    mark_interrupted,
+    resumed_step,
+    start_cli,
+    step_losses,
+    wait_until,
+)
 
 STEPS = 12
 BASE = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0.5"]
-
-
-def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _step_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
 def _reference(tmp_path_factory, extra: list[str]) -> Path:
@@ -52,11 +53,8 @@ def _crash_and_resume(root: Path, extra: list[str], fault: str, expect_code: int
 
 
 def _assert_bitwise_equal(run_dir: Path, reference: Path, resumed_from: int, first_logged: int = 1) -> None:
-    ours, theirs = _adapter(run_dir), _adapter(reference)
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
-    ours_losses, ref_losses = _step_losses(run_dir), _step_losses(reference)
+    assert_same_adapter(run_dir, reference)
+    ours_losses, ref_losses = step_losses(run_dir), step_losses(reference)
     assert sorted(ours_losses) == list(range(first_logged, STEPS + 1))
     for step in range(resumed_from + 1, STEPS + 1):
         assert ours_losses[step] == ref_losses[step], step  # exactly, not approximately
@@ -67,17 +65,11 @@ def reference_run(tmp_path_factory) -> Path:
     return _reference(tmp_path_factory, [])
 
 
-def _resumed_step(output: str) -> int:
-    marker = "resumed from "
-    line = next(l for l in output.splitlines() if marker in l)
-    return int(line.split("at step ")[1].split("/")[0])
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, reference_run, seed: int) -> None:
     kill_step = random.Random(seed).randint(2, STEPS - 1)
     run_dir, output = _crash_and_resume(tmp_path, [], f"step:{kill_step}", expect_code=-9)
-    resumed_from = _resumed_step(output)
+    resumed_from = resumed_step(output)
     assert resumed_from <= kill_step and kill_step - resumed_from < 3  # at most one interval lost
     _assert_bitwise_equal(run_dir, reference_run, resumed_from)
 
@@ -85,7 +77,7 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, refere
 def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, reference_run) -> None:
     run_dir, output = _crash_and_resume(tmp_path, [], "save:6", expect_code=-9)
     assert "removing incomplete checkpoint" in output and "step-000006.tmp" in output
-    assert _resumed_step(output) == 3
+    assert resumed_step(output) == 3
     _assert_bitwise_equal(run_dir, reference_run, 3)
 
 
@@ -100,7 +92,7 @@ def test_sigterm_saves_at_the_next_step_and_loses_nothing(tmp_path, reference_ru
     assert manifest["reason"] == "signal"
     resumed = run_cli(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _resumed_step(resumed.stdout + resumed.stderr) == 5
+    assert resumed_step(resumed.stdout + resumed.stderr) == 5
     _assert_bitwise_equal(tmp_path / "tiny", reference_run, 5)
 
 
@@ -110,7 +102,7 @@ def test_adamw8bit_resume_is_bitwise_exact(tmp_path, tmp_path_factory) -> None:
     extra = ["optim=adamw8bit", "peft.r=64", "peft.alpha=128"]
     reference = _reference(tmp_path_factory, extra)
     run_dir, output = _crash_and_resume(tmp_path, extra, "step:8", expect_code=-9)
-    _assert_bitwise_equal(run_dir, reference, _resumed_step(output))
+    _assert_bitwise_equal(run_dir, reference, resumed_step(output))
     optimizer_state = torch.load(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "optimizer.bin", weights_only=False)
     quantised = [s["__bnb_optimizer_quant_state__"] for s in optimizer_state["state"].values()]
     assert any(q["state1"].dtype == torch.uint8 for q in quantised)  # the 8-bit state round-tripped
@@ -121,37 +113,57 @@ def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_
     extra = ["distributed=ddp", "distributed.num_processes=2"]
     reference = _reference(tmp_path_factory, extra)
     run_dir, output = _crash_and_resume(tmp_path, extra, "step:7", expect_code=1)
-    _assert_bitwise_equal(run_dir, reference, _resumed_step(output))
+    _assert_bitwise_equal(run_dir, reference, resumed_step(output))
 
 
 # ---------------------------------------------------------------- damage, retention, commits, size
 
 
-def _interrupted_copy(run_dir: Path) -> None:
-    status_file = run_dir / "status.json"
-    status = json.loads(status_file.read_text())
-    status["state"] = "interrupted"
-    status_file.write_text(json.dumps(status))
-
-
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: str) -> None:
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: str, capsys) -> None:
     command = BASE + [f"run.root={tmp_path}", "ckpt.keep_last=2"]
     assert run_cli(command).returncode == 0
     run_dir = tmp_path / "tiny"
-    _interrupted_copy(run_dir)
+    mark_interrupted(run_dir)
     newest = run_dir / "checkpoints" / f"step-{STEPS:06d}"
-    victim = newest / "optimizer.bin"
-    if damage == "truncate":
-        victim.write_bytes(victim.read_bytes()[:100])
+    if damage == "flip":
+        # Silent corruption: 256 bytes inverted inside the adapter weights, the file's size unchanged.
+        victim = newest / "model.safetensors"
+        data = bytearray(victim.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 256] = bytes(b ^ 0xFF for b in data[middle : middle + 256])
+        victim.write_bytes(bytes(data))
+        assert status_main([str(run_dir), "--verify"]) == 1
+        assert "step-000012: DAMAGED: model.safetensors does not match its checksum" in capsys.readouterr().out
     else:
-        victim.unlink()
+        victim = newest / "optimizer.bin"
+        if damage == "truncate":
+            victim.write_bytes(victim.read_bytes()[:100])
+        else:
+            victim.unlink()
     resumed = run_cli(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
-    assert f"skipping checkpoint {newest}: optimizer.bin" in output
-    assert _resumed_step(output) == 9
+    assert f"skipping checkpoint {newest}: {victim.name}" in output
+    assert resumed_step(output) == 9
     assert checkpoint_problem(newest) is None  # rewritten by the resumed run's final save
+
+
+def test_a_second_start_on_the_same_run_dir_is_refused_and_the_first_is_unharmed(tmp_path, reference_run) -> None:
+    command = BASE + [f"run.root={tmp_path}"]
+    first = start_cli(command, env={"NOESIS_STEP_DELAY_S": "1.5"})  # time for the second to try
+    try:
+        wait_until(lambda: step_losses(tmp_path / "tiny") != {}, 120, "the first start's first step")
+        second = run_cli(command)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "is in use by pid" in second.stderr and "two starts must not train one run" in second.stderr
+        assert "Traceback" not in second.stderr
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    _assert_bitwise_equal(tmp_path / "tiny", reference_run, 0)
+    assert not (tmp_path / "tiny" / "lease.json").exists()  # released at exit
 
 
 class RecordingCommitter:
@@ -174,9 +186,10 @@ def test_every_tenth_of_the_run_is_saved_committed_and_pruned(tmp_path) -> None:
     committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints")
     run(cfg, committer)
     # Ten checkpoints, one per tenth of the run (the tenth is the final one), each committed once,
-    # after its rename, complete on disk at commit time, with no partial directory beside it.
-    assert committer.calls == 10
-    assert [name for name, _, _ in committer.seen] == [f"step-{s:06d}" for s in range(2, 21, 2)]
+    # after its rename, complete on disk at commit time, with no partial directory beside it; and
+    # one more commit as the run exits (status.json and the adapter reach the storage too).
+    assert committer.calls == 11
+    assert [name for name, _, _ in committer.seen] == [f"step-{s:06d}" for s in range(2, 21, 2)] + ["step-000020"]
     assert all(problem is None and partials == [] for _, problem, partials in committer.seen)
     remaining = sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir())
     assert remaining == ["step-000016", "step-000018", "step-000020"]
@@ -190,8 +203,8 @@ def test_a_commit_that_fails_twice_then_succeeds_loses_nothing(tmp_path) -> None
     committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints", failures=2)
     result = run(cfg, committer)
     assert result.state == "completed"
-    assert committer.calls == 4  # 3 attempts for step 2, 1 for step 4
-    assert [name for name, _, _ in committer.seen] == ["step-000002", "step-000004"]
+    assert committer.calls == 5  # 3 attempts for step 2, 1 for step 4, 1 at exit
+    assert [name for name, _, _ in committer.seen] == ["step-000002", "step-000004", "step-000004"]
 
 
 def test_a_commit_that_never_succeeds_fails_the_run_loudly(tmp_path) -> None:
@@ -234,12 +247,12 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
     checkpoint = source / "tiny" / "checkpoints" / "step-000009"
     resumed = run_cli(BASE + [f"run.root={tmp_path / 'b'}", f"ckpt.resume={checkpoint}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _resumed_step(resumed.stdout) == 9
+    assert resumed_step(resumed.stdout) == 9
     _assert_bitwise_equal(tmp_path / "b" / "tiny", source / "tiny", 9, first_logged=10)
     bad = run_cli(BASE + [f"run.root={tmp_path / 'c'}", f"ckpt.resume={tmp_path / 'nowhere'}"])
     assert bad.returncode == 2 and "cannot resume from it: no such directory" in bad.stderr
     # Resuming an older checkpoint into the run dir that holds newer ones would mix two trajectories.
-    _interrupted_copy(source / "tiny")
+    mark_interrupted(source / "tiny")
     mixed = run_cli(BASE + [f"run.root={source}", f"ckpt.resume={checkpoint}"])
     assert mixed.returncode == 2 and "already holds later checkpoints (step-000012)" in mixed.stderr
 
@@ -254,6 +267,6 @@ def test_ddp_checkpoint_resumes_on_fewer_processes(tmp_path) -> None:
     one = BASE + [f"run.root={tmp_path}"]
     resumed = run_cli(one)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _resumed_step(resumed.stdout) == 6
+    assert resumed_step(resumed.stdout) == 6
     assert "1 process(es)" in resumed.stdout and "accumulation 2" in resumed.stdout
     assert read_status(tmp_path / "tiny")["state"] == "completed"

