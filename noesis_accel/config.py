@@ -228,15 +228,23 @@ def register() -> None:
 register()
 
 
-def order_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
-    """Debug configs after everything else, so `+debug=x` wins whatever its place on the command line.
+def order_overrides(words: list[str] | tuple[str, ...]) -> list[str]:
+    """Debug configs after every other override, so `+debug=x` wins whatever its place on the command line.
 
     Hydra appends `+group=option` defaults in command-line order, so `+debug=gpu +experiment=noesis`
-    would let the experiment override the debug run's process count and batch. Other words keep
-    their order (a value override such as `train.max_steps=5` wins over every config file anyway).
+    would let the experiment override the debug run's process count and batch. Only override words
+    move, among their own places; flags such as `--cfg job -p train` stay where they are. (A value
+    override such as `train.max_steps=5` wins over every config file whatever its place anyway.)
     """
+    is_override = lambda word: not word.startswith("-") and "=" in word  # noqa: E731
     is_debug = lambda word: word.lstrip("+~").split("=", 1)[0] == "debug"  # noqa: E731
-    return [w for w in overrides if not is_debug(w)] + [w for w in overrides if is_debug(w)]
+    places = [i for i, word in enumerate(words) if is_override(word)]
+    overrides = [words[i] for i in places]
+    reordered = [w for w in overrides if not is_debug(w)] + [w for w in overrides if is_debug(w)]
+    result = list(words)
+    for place, word in zip(places, reordered):
+        result[place] = word
+    return result
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -478,7 +486,7 @@ def fingerprint(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def differing_math_keys(saved: dict, current: DictConfig) -> list[str]:
+def differing_math_keys(saved: dict, current: DictConfig | dict) -> list[str]:
     """Keys whose values differ between a saved config and the current one, restart-safe keys aside."""
     old, new = math_keys(saved), math_keys(current)
     return sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))

@@ -6,7 +6,7 @@ import functools
 import os
 import re
 import sys
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -45,6 +45,17 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
 
 # Environment variables whose values must never reach a terminal, a log or a file we write.
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY)", re.IGNORECASE)
+
+
+def redact_tree(value: Any) -> Any:
+    """`redact` applied to every string inside nested dicts and lists (a config about to be written)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: redact_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(item) for item in value]
+    return value
 
 
 def redact(text: str) -> str:

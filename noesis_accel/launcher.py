@@ -241,8 +241,14 @@ class Launcher:
         interrupted = [o for _, o in outcomes if o.get("kind") == "interrupted"]
         if len(interrupted) == len(outcomes):
             return interruption_from_outcome(interrupted[0])
+        errors = [(o.get("time", 0.0), w.rank, o) for w, o in outcomes if o.get("kind") == "error"]
+        if errors:
+            # The first rank to fail is the cause; the others failed in a collective with it.
+            _, _, cause = min(errors)
+            sys.stderr.write(cause.get("traceback", ""))
+            sys.stderr.flush()
         failed = [w for w in self.workers if w.process.returncode != 0]
-        first = min(failed, key=lambda w: (w.outcome().get("kind") != "error", w.rank))
+        first = min(failed, key=lambda w: (w.outcome().get("kind") != "error", w.outcome().get("time", 0.0), w.rank))
         code = first.process.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         if self.signals_received:

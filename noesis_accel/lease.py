@@ -12,8 +12,9 @@ What it guarantees:
   and the other container mounts or reloads the Volume (Modal commits in the background every few
   seconds). Two `modal run`s started seconds apart can both pass; later ones refuse. Modal itself
   runs one container per input (`single_use_containers`) and starts a retry only after the previous
-  attempt's container is gone, so retries never overlap; the lease catches a second `modal run` of
-  the same run, and the takeover rule covers an attempt that died without releasing it.
+  attempt's container is gone, so retries never overlap: a lease left by an earlier attempt of the
+  same function call (`NOESIS_LEASE_GROUP`, set by the Modal entry) is taken over at once, while a
+  second `modal run` of the same run (another call) is refused.
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ class Owner:
     pid: int
     started: float
     token: str
+    # Attempts of one job share a group (on Modal: the function call, which its retries keep):
+    # a lease left by an earlier attempt of the same group belongs to a container that is gone.
+    group: str | None
 
     @classmethod
     def this_process(cls) -> "Owner":
-        return cls(this_host(), os.getpid(), time.time(), uuid.uuid4().hex)
+        return cls(this_host(), os.getpid(), time.time(), uuid.uuid4().hex, os.environ.get("NOESIS_LEASE_GROUP") or None)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -116,7 +120,8 @@ class RunLease:
 
     def _record(self) -> dict[str, Any]:
         return {"host": self.owner.host, "pid": self.owner.pid, "started": self.owner.started,
-                "token": self.owner.token, "heartbeat": time.time(), "stale_after_s": self.stale_after_s}
+                "token": self.owner.token, "group": self.owner.group, "heartbeat": time.time(),
+                "stale_after_s": self.stale_after_s}
 
     def _create_exclusively(self) -> bool:
         try:
@@ -139,14 +144,16 @@ class RunLease:
     def _take_over_if_stale(self, current: dict[str, Any]) -> None:
         now = time.time()
         same_host_dead = current.get("host") == self.owner.host and not _pid_alive(int(current.get("pid", -1)))
+        earlier_attempt = self.owner.group is not None and current.get("group") == self.owner.group
         silent_for = now - float(current.get("heartbeat", 0))
-        if not (same_host_dead or silent_for > self.stale_after_s or current.get("unreadable")):
+        if not (same_host_dead or earlier_attempt or silent_for > self.stale_after_s or current.get("unreadable")):
             raise LeaseHeld(
                 f"{self.rundir.path} is in use by {_describe(current, now)}; two starts must not train one run. "
                 f"Wait for it or stop it; if it died on another machine, its lease is taken over once its "
                 f"heartbeat is older than ckpt.lease_stale_s={self.stale_after_s:g}s, or delete {self.path}"
             )
-        why = "its process is gone" if same_host_dead else f"no heartbeat for {silent_for:.0f}s"
+        why = ("its process is gone" if same_host_dead else "it is an earlier attempt of this same job"
+               if earlier_attempt else f"no heartbeat for {silent_for:.0f}s")
         log.warning("taking over the lease of %s from %s: %s", self.rundir.path, _describe(current, now), why)
         # Rename first: of several processes taking over at once, only one rename succeeds.
         stale = self.path.with_name(f"lease.stale-{self.owner.token}.json")

@@ -162,6 +162,17 @@ def _prepare_attempt(settings: ModalSettings, volume: Volume, attempt_started: f
     os.environ["NOESIS_DEADLINE"] = str(started + settings.timeout_s - settings.deadline_margin_s)
     os.environ.setdefault("HF_HOME", f"{settings.mount}/hf-cache")  # models download once per Volume
     use_default_committer(ModalVolumeCommitter(volume))
+    # Retries of one call share its id: a lease left by an earlier (dead) attempt is taken over at once.
+    os.environ["NOESIS_LEASE_GROUP"] = _modal_call_id() or os.environ.get("NOESIS_LEASE_GROUP", "")
+
+
+def _modal_call_id() -> str | None:
+    try:
+        import modal
+
+        return modal.current_function_call_id() or modal.current_input_id()
+    except Exception:  # not in a Modal container (tests, a local run)
+        return None
 
 
 def run_job_in_container(job: Sequence[str] | dict, volume: Volume, settings: ModalSettings, machine_rank: int = 0,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.errors import redact
 from noesis_accel.rundir import RunDir
 
 STATUS_FILE = "status.json"  # RunDir.status_file
@@ -54,6 +55,7 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 def record_stop(rundir: RunDir, state: str, step: int, reason: str) -> None:
     """How a run stopped, in status.json and events.jsonl; if even that cannot be written, say so."""
+    reason = redact(reason)
     try:
         write_status(rundir.path, state=state, step=step, exit_reason=reason,
                      error=reason if state == "failed" else None)

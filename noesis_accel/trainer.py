@@ -26,7 +26,7 @@ from noesis_accel.checkpoint import (
 )
 from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
-from noesis_accel.errors import ConfigError, DataError, ResumeError, UserError
+from noesis_accel.errors import ConfigError, DataError, ResumeError, UserError, redact, redact_tree
 from noesis_accel.metrics import MetricsLogger, truncate_metrics_after
 from noesis_accel.rundir import RunDir, this_host
 from noesis_accel.sampling import LengthBucketBatchSampler
@@ -239,14 +239,15 @@ class Trainer:
         spoils the run it found.
         """
         rundir = self.rundir
-        current = OmegaConf.to_container(self.cfg, resolve=True)
+        # Secrets (a token pasted into a path) never reach the file; both sides compare redacted.
+        current = redact_tree(OmegaConf.to_container(self.cfg, resolve=True))
         if self.cfg.ckpt.resume == "never":
             refuse_fresh_start_over(rundir.checkpoints)
         replace_reason = None
         if not rundir.config_file.is_file() or self.cfg.ckpt.resume == "never":
             replace_reason = "new"
         else:
-            differing = differing_math_keys(rundir.saved_config(), self.cfg)
+            differing = differing_math_keys(rundir.saved_config(), current)
             if differing and not any_complete_checkpoint(rundir):
                 replace_reason = f"it holds no complete checkpoint, so this start's config replaces the one " \
                                  f"it was started with (differing: {', '.join(differing)})"
@@ -588,4 +589,5 @@ def _reset_accelerate_state() -> None:
 
 def _tracker_config(cfg: DictConfig) -> dict[str, Any]:
     """Tracker hyperparameters must be scalars: lists and None become strings."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(cfg).items()}
+    return {k: redact(v) if isinstance(v, str) else v if isinstance(v, (int, float, bool)) else redact(str(v))
+            for k, v in flatten(cfg).items()}

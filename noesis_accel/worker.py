@@ -3,7 +3,7 @@
 The parent passes the config as a file (`NOESIS_CONFIG`), its lifeline (`NOESIS_LIFELINE_FD`: EOF
 when the parent is gone), and to the machine's first worker a commit channel. The outcome goes to
 `NOESIS_OUTCOME` as JSON; the parent turns it into the run's one line, so the worker prints no error
-line of its own (a bug's traceback still reaches stderr).
+line of its own; the parent prints the traceback of the first failing rank, once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -53,9 +54,11 @@ def _die_with_parent() -> None:
 
 
 def _write_outcome(outcome: dict[str, Any]) -> None:
+    from noesis_accel.errors import redact
+
     path = os.environ.get("NOESIS_OUTCOME")
     if path:
-        Path(path).write_text(json.dumps(outcome, default=str))
+        Path(path).write_text(redact(json.dumps(outcome, default=str)))
 
 
 def main() -> None:
@@ -82,8 +85,10 @@ def main() -> None:
         _write_outcome({"kind": "user_error", "message": str(err), "exit_code": err.exit_code})
         sys.exit(err.exit_code)
     except BaseException as err:  # a bug or a library failure: its traceback is the useful part
-        _write_outcome({"kind": "error", "message": f"{err.__class__.__name__}: {err}".splitlines()[0]})
-        traceback.print_exc()
+        # Not printed here: when one rank fails, the others fail too ("connection closed by peer");
+        # the parent prints the traceback of the first failure, the cause, once.
+        _write_outcome({"kind": "error", "message": f"{err.__class__.__name__}: {err}".splitlines()[0],
+                        "traceback": traceback.format_exc(), "time": time.time()})
         sys.exit(1)
     _write_outcome({"kind": "completed", "result": asdict(result)})
 

@@ -119,3 +119,12 @@ def test_a_full_disk_stops_the_run_with_one_line_and_loses_nothing(tmp_path, big
         assert_same_adapter(run_dir.path, big_adapter_reference)
         ours, reference = step_losses(run_dir.path), step_losses(big_adapter_reference)
         assert all(ours[s] == reference[s] for s in range(saved[0][0] + 1, 9))
+
+
+def test_a_user_error_in_a_two_process_run_is_one_line_once(tmp_path) -> None:
+    result = run_cli(DDP + ["train.max_steps=2", f"data.path={tmp_path / 'missing.jsonl'}", f"run.root={tmp_path}"])
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.strip() and not l.startswith("[")]  # [time][logger] lines aside
+    assert lines == [f"error: data.path: {tmp_path / 'missing.jsonl'} does not exist; point data.path at a "
+                     ".jsonl, .json or .parquet file"]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

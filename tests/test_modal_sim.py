@@ -22,6 +22,7 @@ import pytest
 
 from noesis_accel.checkpoint import checkpoint_problem
 from noesis_accel.rundir import RunDir
+from noesis_accel.status import main as status_main
 
 from conftest import run_cli
 from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
@@ -115,7 +116,7 @@ def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_pa
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["preemption", "timeout"])
-def test_preemption_and_timeout_lose_no_step(tmp_path, reference, signum: int) -> None:
+def test_preemption_and_timeout_lose_no_step(tmp_path, reference, signum: int, capsys) -> None:
     """As Modal stops a container: the signal, then SIGKILL 30 s later. The checkpoint must be committed by then."""
     view, remote = tmp_path / "container", tmp_path / "remote"
     container = _container(view, remote, TINY, env={"NOESIS_STEP_DELAY_S": "0.5"})
@@ -138,6 +139,11 @@ def test_preemption_and_timeout_lose_no_step(tmp_path, reference, signum: int) -
     start = [e for e in RunDir(_run_dir(remote)).events() if e["event"] == "start"][-1]
     assert start["step"] == stopped_at and start["lost_steps"] == 0
     assert_same_adapter(_run_dir(remote), reference)
+    # What `modal run launch/modal_entry.py::status tiny` prints from the Volume.
+    assert status_main([str(_run_dir(remote))]) == 0
+    history = capsys.readouterr().out
+    assert "attempts:    2 (1 interruption(s) survived, 0 step(s) redone)" in history
+    assert f"#1: steps 0 -> {stopped_at}" in history and f"stopped by {signal.Signals(signum).name}" in history
 
 
 def test_the_deadline_checkpoint_fires_before_the_configured_timeout(tmp_path, reference) -> None:
@@ -159,3 +165,49 @@ def test_the_deadline_checkpoint_fires_before_the_configured_timeout(tmp_path, r
     start = [e for e in RunDir(_run_dir(remote)).events() if e["event"] == "start"][-1]
     assert start["step"] == stopped_at and start["lost_steps"] == 0
     assert_same_adapter(_run_dir(remote), reference)
+
+
+def _cluster_overrides(rank: int, port: int) -> list[str]:
+    """Two containers of one process each, rank 0's address and port, as the clustered function sets them."""
+    return TINY + ["distributed=ddp", "distributed.num_processes=1", "distributed.num_machines=2",
+                   f"distributed.machine_rank={rank}", "distributed.main_process_ip=127.0.0.1",
+                   f"distributed.main_process_port={port}"]
+
+
+def _cluster(tmp_path: Path, port: int, env: dict | None = None) -> list[subprocess.Popen]:
+    remote = tmp_path / "remote"
+    return [_container(tmp_path / f"container{rank}", remote, _cluster_overrides(rank, port), env=env, rank=rank)
+            for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_path, tmp_path_factory) -> None:
+    """Each container sees the other's files only after their commit and its own remount: the manifest,
+    written last by rank 0, lists both containers' files; a restart checks every one of them."""
+    from noesis_accel.distributed import free_port
+
+    reference = tmp_path_factory.mktemp("cluster_reference")
+    plain = run_cli(TINY + ["distributed=ddp", "distributed.num_processes=2", f"run.root={reference}"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    containers = _cluster(tmp_path, free_port())
+    wait_until(lambda: logged_step(_run_dir(tmp_path / "container0")) >= 5, 300, "step 5 on rank 0")
+    kill_group(containers[1], signal.SIGKILL)  # one container lost: Modal fails and restarts the whole cluster
+    for container in containers:
+        try:
+            container.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_group(container, signal.SIGKILL)
+        _finish(container)
+    remote_run = _run_dir(tmp_path / "remote")
+    newest = RunDir(remote_run).step_dirs()[0][1]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["num_machines"] == 2 and "random_states_1.pkl" in manifest["files"]  # rank 1's own file
+    assert not (tmp_path / "container0" / "runs" / "tiny" / "checkpoints" / newest.name / "random_states_1.pkl").exists()
+    restarted = _cluster(tmp_path, free_port())
+    results = [_finish(container) for container in restarted]
+    assert all(code == 0 for code, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
+    assert_same_adapter(remote_run, reference / "tiny")
+    assert step_losses(remote_run) == step_losses(reference / "tiny")
+    # A commit of rank 1 that never arrived: the checkpoint is incomplete, whoever looks at it.
+    (RunDir(remote_run).step_dirs()[0][1] / "random_states_1.pkl").unlink()
+    assert "random_states_1.pkl is missing" in checkpoint_problem(RunDir(remote_run).step_dirs()[0][1])

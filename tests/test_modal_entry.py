@@ -1,0 +1,156 @@
+"""The Modal app, offline: its real settings through `fn.info()`, GPU spec checks, and the function bodies
+run in-process against a fake Volume (no Modal servers are reached)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+from noesis_accel.config import compose, validate
+from noesis_accel.errors import ConfigError
+
+from conftest import run_cli
+from helpers import REPO, FakeVolume
+
+ENTRY = REPO / "launch" / "modal_entry.py"
+
+
+def load_app(overrides: list[str], monkeypatch) -> ModuleType:
+    """Import launch/modal_entry.py as `modal run launch/modal_entry.py <overrides>` would declare it."""
+    monkeypatch.setenv("NOESIS_MODAL_OVERRIDES", json.dumps(overrides))
+    spec = importlib.util.spec_from_file_location(f"modal_entry_{abs(hash(tuple(overrides)))}", ENTRY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_noesis_recipe_runs_on_eight_h100_with_retries_volume_and_secret(monkeypatch) -> None:
+    app = load_app(["+experiment=noesis"], monkeypatch)
+    info = app.train.info()
+    assert info.gpus == [("H100", 8)]
+    assert info.timeout == 6 * 3600 and info.max_retries == 10
+    assert info.single_use_containers  # every retry in a fresh container
+    assert info.cluster_info is None and not hasattr(app, "train_cluster")
+    assert {path: mount.name for path, mount in info.volumes.items()} == {"/vol": "noesis-training-data"}
+    assert any("huggingface-token" in secret for secret in info.secrets)
+    assert app.training_function() is app.train
+
+
+def test_sixteen_gpus_run_as_a_cluster_of_two_full_containers(monkeypatch) -> None:
+    app = load_app(["+experiment=noesis", "modal.gpu=H100:16", "train.micro_batch_size=1"], monkeypatch)
+    info = app.train_cluster.info()
+    assert info.gpus == [("H100", 8)] and info.cluster_info.size == 2 and info.cluster_info.rdma
+    assert info.timeout == 6 * 3600 and info.max_retries == 10
+    assert app.training_function() is app.train_cluster
+
+
+def test_settings_follow_the_config(monkeypatch) -> None:
+    app = load_app(["+experiment=noesis", "modal.timeout_s=7200", "modal.retries=3", "modal.volume=other",
+                    "modal.secret=null"], monkeypatch)
+    info = app.train.info()
+    assert info.timeout == 7200 and info.max_retries == 3
+    assert [m.name for m in info.volumes.values()] == ["other"]
+    assert not any("huggingface" in secret for secret in info.secrets)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("H100:10", "so 10 GPUs cannot be placed; use H100:8 (one container; global batch 80 kept as micro 2 x "
+                "accumulation 5 x 8) or H100:16 (a cluster of 2 x 8; global batch 80 kept as micro 1 x accumulation 5 x 16)"),
+    ("H100:16", "train.global_batch_size=80 is not micro_batch_size (2) x accumulation x 16 GPUs for any whole "
+                "accumulation; set train.micro_batch_size for one of: micro 1 x accumulation 5 x 16"),
+    ("H100:12", "12 GPUs cannot be placed"),
+    ("H100:0", "the GPU count must be >= 1"),
+    ("V100:8", "unknown GPU type 'V100'"),
+    ("H100:eight", "GPU count 'eight' is not a whole number"),
+])
+def test_impossible_gpu_specs_are_refused_with_the_options(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["+experiment=noesis", f"modal.gpu={spec}"]))
+    assert f"modal.gpu: {spec}: " in str(err.value) and message in str(err.value)
+
+
+def test_valid_gpu_specs_pass() -> None:
+    validate(compose(["+experiment=noesis"]))
+    validate(compose(["+experiment=noesis", "modal.gpu=H100:16", "train.micro_batch_size=1"]))
+    validate(compose(["+experiment=noesis", "modal.gpu=A100-80GB:4"]))
+
+
+def test_a_bad_gpu_spec_fails_the_same_way_on_the_cli_and_in_the_app(tmp_path) -> None:
+    cli = run_cli(["+experiment=noesis", "modal.gpu=H100:10", f"run.root={tmp_path}"])
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "modal.gpu: H100:10: a container holds at most 8 GPUs" in cli.stderr
+    app = subprocess.run([sys.executable, str(ENTRY), "+experiment=noesis", "modal.gpu=H100:10"], cwd=REPO,
+                         capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                              if k != "NOESIS_MODAL_OVERRIDES"})
+    assert app.returncode == 2 and "Traceback" not in app.stderr
+    assert "modal.gpu: H100:10: a container holds at most 8 GPUs" in app.stderr
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+class _RecordingFunction:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def remote(self, job: list) -> dict:
+        self.calls.append(job)
+        return {"state": "completed", "run_dir": "/vol/runs/tiny", "step": 2, "total_steps": 2,
+                "eval_loss_before": 1.0, "eval_loss_after": 0.5}
+
+
+def test_the_entrypoint_forwards_the_overrides_unchanged(monkeypatch, capsys) -> None:
+    args = ["+experiment=tiny", "train.max_steps=2", "optim.lr=3e-4", "+debug=cpu", "peft.target_modules=[q_proj,v_proj]"]
+    app = load_app(args, monkeypatch)
+    recorder = _RecordingFunction()
+    monkeypatch.setattr(app, "training_function", lambda: recorder)
+    app.main.info.raw_f(*args)
+    assert recorder.calls == [args]
+    assert "watch it with: modal run launch/modal_entry.py::status tiny-debug" in capsys.readouterr().out
+
+
+def test_the_function_body_trains_the_cli_config_and_commits_it_to_the_volume(tmp_path, monkeypatch, capsys) -> None:
+    """`train.local(overrides)` in-process: the container's body with a Volume that keeps only commits."""
+    mount, remote = tmp_path / "vol", tmp_path / "remote"
+    args = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "modal.secret=null", f"modal.mount={mount}"]
+    app = load_app(args, monkeypatch)
+    volume = FakeVolume.mount(mount, remote)
+    monkeypatch.setattr(app, "volume", volume)
+    result = app.train.local(args)
+    assert result["state"] == "completed" and result["step"] == 2
+    saved = yaml.safe_load((remote / "runs" / "tiny" / "config.yaml").read_text())  # on the remote: committed
+    cli = compose(args + [f"run.root={mount}/runs", f"data.cache_dir={mount}/cache/data",
+                          f"model.cache_dir={mount}/cache/models"])
+    from omegaconf import OmegaConf
+
+    assert saved == OmegaConf.to_container(cli, resolve=True)  # the same config noesis-train composes
+    assert volume.commits >= 3  # two checkpoints and the exit
+    app.status.local("tiny")  # `modal run launch/modal_entry.py::status tiny`, in-process
+    out = capsys.readouterr().out
+    assert "state:       completed" in out and "step 2 / 2 (100%)" in out and "attempts:    1" in out
+
+
+def test_secrets_never_reach_output_files_or_errors(tmp_path) -> None:
+    token = "hf_SeCrEtToKeNvAlUe123"
+    env = {"HF_TOKEN": token}
+    data = tmp_path / f"data-{token}.jsonl"  # a careless path: the token must still not be echoed
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                                     {"role": "assistant", "content": f"A{i}."}]}) + "\n"
+                            for i in range(60)))
+    trained = run_cli(["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", f"data.path={data}",
+                       f"run.root={tmp_path / 'runs'}"], env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    failed = run_cli(["+experiment=tiny", f"data.path={tmp_path / token}.jsonl", f"run.root={tmp_path / 'runs2'}"],
+                     env=env)
+    assert failed.returncode == 2 and "***" in failed.stderr
+    for text in (trained.stdout, trained.stderr, failed.stdout, failed.stderr):
+        assert token not in text
+    for file in (tmp_path / "runs").rglob("*"):
+        if file.is_file() and file.suffix in (".yaml", ".json", ".jsonl"):
+            assert token not in file.read_text(errors="replace"), file
