@@ -5,6 +5,7 @@
     modal run --detach launch/modal_entry.py +experiment=noesis         # keeps running after you disconnect
     modal run launch/modal_entry.py -m +experiment=noesis optim.lr=1e-4,2e-4   # a sweep: one call per job
     modal run launch/modal_entry.py::status noesis                      # state, attempts, GPU-hours, cost
+    modal run launch/modal_entry.py::status noesis modal.volume=other   # overrides pick the app's Volume
     modal run launch/modal_entry.py                                     # the CPU demo, as a smoke test
 
 Every setting comes from the composed Hydra config (`conf/modal/`): GPU spec, timeout per attempt,
@@ -73,7 +74,7 @@ if SETTINGS.clustered:
                                               main_address=main_address, attempt_started=time.time())
 
 
-@app.function(image=image, volumes={SETTINGS.mount: volume}, timeout=600)
+@app.function(image=image, volumes={SETTINGS.mount: volume}, timeout=600, env=common["env"])
 def status(*args: str) -> None:
     """`modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]`."""
     code = modal_job.show_status(args, volume, SETTINGS)

@@ -223,7 +223,8 @@ class CheckpointManager:
         """
         accelerator = self.accelerator
         final = self.root / step_dir_name(step)
-        already = accelerator.is_main_process and final.is_dir() and checkpoint_problem(final, verify_contents=False) is None
+        # Fully verified: a same-size damaged directory of this step must be rewritten, not kept.
+        already = accelerator.is_main_process and final.is_dir() and checkpoint_problem(final) is None
         if self._agreed(already):
             return final  # this step is already saved (a signal right after an interval save)
         multi_machine = self.num_machines > 1

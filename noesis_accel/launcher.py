@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -34,11 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from noesis_accel.config import world_size
 from noesis_accel.distributed import free_port, launched_world_size
 from noesis_accel.errors import UserError
-from noesis_accel.lease import RunLease
+from noesis_accel.lease import LeaseHeld, RunLease
 from noesis_accel.rundir import RunDir
 from noesis_accel.signals import FORWARDED_SIGNALS, RunInterrupted, interruption_from_outcome
 from noesis_accel.status import record_stop
 from noesis_accel.volumes import Committer, commit_with_retry
+
+log = logging.getLogger(__name__)
 
 # How long the other workers may take to stop on their own after one failed, before SIGKILL:
 # they are usually blocked in a collective with the dead one and never return from it.
@@ -108,9 +111,13 @@ class Launcher:
             self._stop_all(signal.SIGKILL)  # only reached with workers alive if we failed ourselves
             if self.lease is not None:
                 self.lease.release()
-            # Whatever happened, what reached the run dir is made durable (status.json included).
-            commit_with_retry(self.committer, int(self.cfg.ckpt.commit_retries), float(self.cfg.ckpt.commit_backoff_s))
             shutil.rmtree(self._workdir, ignore_errors=True)
+            # Whatever happened, what reached the run dir is made durable (status.json included).
+            try:
+                commit_with_retry(self.committer, int(self.cfg.ckpt.commit_retries),
+                                  float(self.cfg.ckpt.commit_backoff_s))
+            except Exception as err:  # never hide the error that ended the run behind this one
+                log.error("final commit failed: %s", err)
 
     def _take_lease(self) -> None:
         # Only the first machine owns the run dir; on a cluster the others write only their shards.
@@ -233,6 +240,8 @@ class Launcher:
 
     def _failure(self) -> Exception:
         """The one exception that says why this machine's workers stopped."""
+        if self.lease is not None and self.lease.lost:
+            return LeaseHeld(f"{self.lease.lost}; this start stopped its training processes and wrote nothing more")
         outcomes = [(w, w.outcome()) for w in self.workers]
         user_errors = [(w, o) for w, o in outcomes if o.get("kind") == "user_error"]
         if user_errors:

@@ -34,8 +34,24 @@ class Volume(Protocol):
 
 
 def hydra_overrides(argv: Sequence[str]) -> list[str]:
-    """The Hydra overrides among command-line words (`key=value`, `+group=option`, `~key`)."""
-    return [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    """The overrides that declare the app: command-line overrides, less a sweep's varying ones.
+
+    A sweep (`-m optim.lr=1e-4,2e-4`) shares one app declaration, so what varies between its jobs
+    cannot be a Modal setting (GPUs, timeout, Volume): that is refused in one line.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    parser = OverridesParser.create()
+    kept = []
+    for word in words:
+        override = parser.parse_overrides([word])[0]
+        if not override.is_sweep_override():
+            kept.append(word)
+        elif override.key_or_group.startswith("modal"):
+            raise ConfigError(f"{word}: a sweep cannot vary modal.* (its jobs share one app: GPUs, timeout, "
+                              "Volume); start one `modal run` per value instead")
+    return kept
 
 
 def overrides_at_import() -> list[str]:
@@ -125,8 +141,8 @@ def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
 
 def settings_at_import() -> ModalSettings:
     """The app's settings for this `modal run` (or this container); config errors become one line."""
-    overrides = overrides_at_import()
     try:
+        overrides = overrides_at_import()
         cfg = compose_for_modal(overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -233,6 +249,7 @@ def show_status(args: Sequence[str], volume: Volume, settings: ModalSettings) ->
     from noesis_accel.status import main as status_main
 
     volume.reload()  # other containers' commits become visible
+    args = [a for a in args if "=" not in a]  # overrides declared the app (its Volume); they are not status options
     if not args:
         print("usage: modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]", file=sys.stderr)
         return 2

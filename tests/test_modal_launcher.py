@@ -18,6 +18,19 @@ from hydra.test_utils.launcher_common_tests import (
 from sweep_tasks import return_100
 
 
+@pytest.fixture(autouse=True)
+def unspecified_version_base():
+    """Hydra's suite expects a fresh process, where no `version_base` has been chosen yet (jobs then
+    chdir into their output dir); compositions by earlier tests in this process leave one behind."""
+    from hydra import version
+
+    instance = version.VersionBase.instance()
+    before = instance.version_base
+    instance.version_base = version._UNSPECIFIED_
+    yield
+    instance.version_base = before
+
+
 @pytest.mark.parametrize("launcher_name, overrides", [("modal", ["hydra.launcher.backend=local"])])
 class TestModalLauncher(LauncherTestSuite):
     def get_task_function(self) -> Callable[[Any], Any]:

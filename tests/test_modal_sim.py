@@ -211,3 +211,17 @@ def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_p
     # A commit of rank 1 that never arrived: the checkpoint is incomplete, whoever looks at it.
     (RunDir(remote_run).step_dirs()[0][1] / "random_states_1.pkl").unlink()
     assert "random_states_1.pkl is missing" in checkpoint_problem(RunDir(remote_run).step_dirs()[0][1])
+
+
+@pytest.mark.slow
+def test_a_sweep_from_the_modal_entrypoint_runs_each_job_in_its_own_container(tmp_path) -> None:
+    """`modal run launch/modal_entry.py -m ...`: the entrypoint's real body, Modal's spawn simulated per job."""
+    args = ["-m", "+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "optim.lr=0.001,0.002", "modal.secret=null"]
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "modal_submit_sim.py"), str(tmp_path), *args],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Launching 2 jobs on Modal" in done.stdout + done.stderr
+    runs = sorted(p for p in (tmp_path / "remote" / "runs").iterdir() if (p / "status.json").is_file())
+    assert [p.name.split("_optim.lr-")[1].split("_")[0] for p in runs] == ["0.001", "0.002"]
+    assert all(RunDir(p).status()["state"] == "completed" for p in runs)  # committed from each job's own container
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("container-")) == ["container-1", "container-2"]

@@ -15,6 +15,7 @@ from noesis_accel.status import read_status
 from noesis_accel.train import run
 
 from conftest import run_cli
+from helpers import step_losses
 
 
 def test_tiny_run_trains_and_writes_everything(tiny_cfg) -> None:
@@ -58,7 +59,7 @@ def test_restart_with_changed_math_is_refused_listing_keys(tiny_overrides) -> No
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+    return list(step_losses(run_dir).values())
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:

@@ -7,25 +7,19 @@ meeting another process count is refused with a clear message (or continued on r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from noesis_accel.metrics import read_metrics
 from noesis_accel.status import read_status
 
 from conftest import run_cli
-from test_checkpoint import _adapter, _resumed_step
+from helpers import adapter_weights, mark_interrupted, resumed_step, step_losses
 
 STEPS = 8
 ZERO2 = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0",
          "distributed=zero2", "optim=adamw8bit", "peft.r=64", "peft.alpha=128"]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +37,14 @@ def test_zero2_adamw8bit_two_processes_killed_and_resumed_is_bitwise_exact(tmp_p
     assert crashed.returncode != 0
     resumed = run_cli(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _resumed_step(resumed.stdout) == 4
+    assert resumed_step(resumed.stdout) == 4
     checkpoint = tmp_path / "tiny" / "checkpoints" / "step-000004" / "pytorch_model"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    ours, theirs = _adapter(tmp_path / "tiny"), _adapter(two_process_reference)
+    ours, theirs = adapter_weights(tmp_path / "tiny"), adapter_weights(two_process_reference)
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
-    ours_losses, ref_losses = _losses(tmp_path / "tiny"), _losses(two_process_reference)
+    ours_losses, ref_losses = step_losses(tmp_path / "tiny"), step_losses(two_process_reference)
     for step in range(5, STEPS + 1):
         assert ours_losses[step] == ref_losses[step], step  # the loss after each resumed step is identical
 
@@ -64,7 +58,7 @@ def test_zero2_two_processes_track_one_process_with_the_same_global_batch(tmp_pa
     """
     single = run_cli(ZERO2 + ["distributed.num_processes=1", f"run.root={tmp_path}"])
     assert single.returncode == 0, single.stderr[-3000:]
-    one, two = _losses(tmp_path / "tiny"), _losses(two_process_reference)
+    one, two = step_losses(tmp_path / "tiny"), step_losses(two_process_reference)
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     # Before any optimizer state exists only the order in which the ranks' loss shares add up differs.
     assert one[1] == pytest.approx(two[1], rel=1e-6)
@@ -78,9 +72,7 @@ def test_zero2_world_size_change_is_refused_then_continued_on_request(tmp_path, 
     run_dir = tmp_path / "tiny"
     shutil.copytree(two_process_reference, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / f"step-{STEPS:06d}")  # as if killed after step 6
-    status = json.loads((run_dir / "status.json").read_text())
-    status["state"] = "interrupted"
-    (run_dir / "status.json").write_text(json.dumps(status))
+    mark_interrupted(run_dir)
     command = ZERO2 + ["distributed.num_processes=1", f"run.root={tmp_path}"]
     refused = run_cli(command)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
@@ -88,6 +80,6 @@ def test_zero2_world_size_change_is_refused_then_continued_on_request(tmp_path, 
     assert "distributed.num_processes=2" in refused.stderr
     continued = run_cli(command + ["ckpt.on_world_size_change=reset_optimizer"])
     assert continued.returncode == 0, continued.stderr[-3000:]
-    assert _resumed_step(continued.stdout) == 6
+    assert resumed_step(continued.stdout) == 6
     assert "optimizer moments start afresh" in continued.stdout + continued.stderr
     assert read_status(run_dir)["state"] == "completed"
