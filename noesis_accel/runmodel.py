@@ -16,6 +16,12 @@ from noesis_accel.errors import UserError
 from noesis_accel.rundir import RunDir
 
 
+# Where Accelerate's save_state puts the trainable weights: our trainable-only hook writes safetensors;
+# DeepSpeed writes its engine's module state (frozen parameters excluded) under its `pytorch_model` tag.
+CHECKPOINT_WEIGHTS = "model.safetensors"
+DEEPSPEED_WEIGHTS = "pytorch_model/mp_rank_00_model_states.pt"
+
+
 @dataclass(frozen=True)
 class WeightsSource:
     """Where the trained weights come from: the final adapter/model dir, or one checkpoint dir."""
@@ -24,6 +30,7 @@ class WeightsSource:
     label: str  # "adapter", "model" or "step-000123"
     is_checkpoint: bool
     step: int | None = None
+    weights_file: Path | None = None  # a checkpoint's file holding the trained parameters
 
 
 @dataclass
@@ -42,8 +49,8 @@ def run_config(rundir: RunDir) -> DictConfig:
 def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) -> WeightsSource:
     """The final weights, or the checkpoint `checkpoint` names (a path, or a step-NNNNNN name in the run).
 
-    Raises a one-line UserError for a run without final weights, an incomplete checkpoint, or a
-    DeepSpeed checkpoint (its layout is not read here).
+    Raises a one-line UserError for a run without final weights, or a checkpoint that is incomplete
+    or holds no trained parameters.
     """
     from noesis_accel.checkpoint import checkpoint_problem, read_manifest
 
@@ -60,15 +67,13 @@ def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) 
     if problem is not None:
         raise UserError(f"checkpoint {path} is incomplete ({problem}); choose a complete one from {path.parent}")
     manifest = read_manifest(path)
-    if (path / "pytorch_model").is_dir() or "DEEPSPEED" in str(manifest.get("distributed_type", "")):
-        raise UserError(
-            f"checkpoint {path} was written by DeepSpeed (pytorch_model/mp_rank_00_model_states.pt), which "
-            "cannot be read without its engine here; resume the run to completion and use its final adapter, "
-            "or train with distributed=single/ddp for checkpoints that export directly"
-        )
-    if not (path / "model.safetensors").is_file():
-        raise UserError(f"checkpoint {path} has no model.safetensors (the trainable weights); it cannot be loaded")
-    return WeightsSource(path, path.name, is_checkpoint=True, step=int(manifest.get("step", 0)) or None)
+    deepspeed = (path / "pytorch_model").is_dir() or "DEEPSPEED" in str(manifest.get("distributed_type", ""))
+    weights = path / (DEEPSPEED_WEIGHTS if deepspeed else CHECKPOINT_WEIGHTS)
+    if not weights.is_file():
+        raise UserError(f"checkpoint {path} has no {weights.relative_to(path)} (the trained weights); "
+                        "it cannot be loaded; choose another checkpoint")
+    return WeightsSource(path, path.name, is_checkpoint=True, step=int(manifest.get("step", 0)) or None,
+                         weights_file=weights)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -97,14 +102,14 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
     peft_enabled = bool(cfg.peft.enabled)
     if peft_enabled and source.is_checkpoint:
         model = modeling.apply_lora(base, model_cfg, cfg.peft)
-        _load_trainable(model, source.path / "model.safetensors")
+        _load_trainable(model, source.weights_file)
     elif peft_enabled:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, str(source.path))
     elif source.is_checkpoint:
         model = base
-        _load_trainable(model, source.path / "model.safetensors")
+        _load_trainable(model, source.weights_file)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -117,14 +122,21 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
 
 
 def _load_trainable(model: torch.nn.Module, file: Path) -> None:
-    """Copy a checkpoint's trainable parameters (saved under the unwrapped model's names) into `model`."""
-    from safetensors.torch import load_file
+    """Copy a checkpoint's trainable parameters (saved under the unwrapped model's names) into `model`.
 
-    saved = load_file(str(file))
+    A DeepSpeed file may also hold frozen tensors (a tied lm_head); they equal the base and are skipped.
+    """
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        saved = load_file(str(file))
+    else:  # tensors and plain Python values only: no pickled code runs
+        saved = dict(torch.load(str(file), map_location="cpu", weights_only=True)["module"])
     params = dict(model.named_parameters())
-    unexpected = sorted(set(saved) - set(params))
     trainable = {name for name, p in params.items() if p.requires_grad}
+    unexpected = sorted(set(saved) - set(model.state_dict()))
     missing = sorted(trainable - set(saved))
+    saved = {name: tensor for name, tensor in saved.items() if name in trainable}
     if unexpected or missing:
         raise UserError(
             f"{file} does not match the run's model (unexpected: {unexpected[:2]}, missing: {missing[:2]}); "

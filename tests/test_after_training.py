@@ -206,18 +206,37 @@ def test_export_of_a_checkpoint_by_path(tiny_run, tmp_path) -> None:
     assert torch.allclose(ours, theirs, atol=1e-4) and not torch.allclose(ours, last, atol=1e-4)
 
 
-def test_deepspeed_and_incomplete_checkpoints_are_refused_in_one_line(tiny_run, tmp_path) -> None:
+def test_incomplete_checkpoints_are_refused_in_one_line(tiny_run, tmp_path) -> None:
     run_dir, _ = tiny_run
     fake = tmp_path / "step-000004"
     shutil.copytree(run_dir / "checkpoints" / "step-000005", fake)
     (fake / "model.safetensors").unlink()
     with pytest.raises(UserError, match="incomplete"):
         weights_source(RunDir(run_dir), fake)
-    shutil.rmtree(fake)
-    shutil.copytree(run_dir / "checkpoints" / "step-000005", fake)
-    (fake / "pytorch_model").mkdir()
-    with pytest.raises(UserError, match="DeepSpeed"):
+    manifest = json.loads((fake / "manifest.json").read_text())
+    manifest["files"].pop("model.safetensors")
+    (fake / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="has no model.safetensors"):
         weights_source(RunDir(run_dir), fake)
+
+
+def test_export_of_a_deepspeed_zero2_checkpoint(tmp_path) -> None:
+    """ZeRO-2 checkpoints hold the engine's module state (pytorch_model/mp_rank_00_model_states.pt)."""
+    from transformers import AutoModelForCausalLM
+
+    ran = run_cli(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "train.eval_every=0", "distributed=zero2",
+                   "distributed.num_processes=1", f"run.root={tmp_path}"])
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    run_dir = RunDir(tmp_path / "tiny")
+    assert (run_dir.checkpoints / "step-000004" / "pytorch_model" / "mp_rank_00_model_states.pt").is_file()
+    out = export_run(run_dir.path, checkpoint="step-000004", out=tmp_path / "export", log=lambda _: None)
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    final = load_run_model(run_config(run_dir), weights_source(run_dir)).model  # the final adapter: same weights
+    earlier = load_run_model(run_config(run_dir), weights_source(run_dir, "step-000002")).model
+    ids = torch.tensor([[1, 520, 2040, 314, 346, 47]])
+    with torch.no_grad():
+        ours, last, before = merged(ids).logits, final(ids).logits, earlier(ids).logits
+    assert torch.allclose(ours, last, atol=1e-4) and not torch.allclose(before, last, atol=1e-4)
 
 
 # ---------------------------------------------------------------- user mistakes, as a user sees them
