@@ -192,24 +192,25 @@ def evaluate_loaded(
     collate = data_mod.PaddingCollator(tokenizer.pad_token_id, run_cfg.data.pad_to_multiple_of)
     autocast = _autocast(run_cfg, device)
     model.config.use_cache = True  # generation; training switched it off
-    variants: list[tuple[str, Callable[[], ContextManager]]] = []
-    if eval_cfg.compare_base:
-        if not hasattr(model, "disable_adapter"):
-            raise ConfigError("eval.compare_base: this run trained every weight (no LoRA adapter to switch off); "
-                              "set eval.compare_base=false, or evaluate the base model as its own run")
-        variants.append(("base", model.disable_adapter))
-    variants.append(("tuned", contextlib.nullcontext))
+    variants: list[tuple[str, Any, Callable[[], ContextManager]]] = []
+    if eval_cfg.compare_base and hasattr(model, "disable_adapter"):
+        variants.append(("base", model, model.disable_adapter))  # the same weights with LoRA switched off
+    elif eval_cfg.compare_base:  # every weight trained: the base is a second model
+        from noesis_accel.runmodel import load_base
+
+        variants.append(("base", load_base(run_cfg, device), contextlib.nullcontext))
+    variants.append(("tuned", model, contextlib.nullcontext))
 
     models: dict[str, dict[str, Any]] = {}
     rows = [{"prompt": p.prompt, "expected": p.expected, "tags": p.tags, "location": p.location} for p in prompts]
-    for name, context in variants:
+    for name, subject, context in variants:
         started = time.monotonic()
         result: dict[str, Any] = {}
         with context():
             if heldout is not None:
-                loss = heldout_loss(model, heldout, collate, micro, device, autocast=autocast)
+                loss = heldout_loss(subject, heldout, collate, micro, device, autocast=autocast)
                 result.update(heldout_loss=loss, perplexity=math.exp(loss) if loss < 700 else float("inf"))
-            answers = [reply(model, tokenizer, p.prompt, int(eval_cfg.max_new_tokens)) for p in prompts]
+            answers = [reply(subject, tokenizer, p.prompt, int(eval_cfg.max_new_tokens)) for p in prompts]
         for row, record, answer in zip(rows, prompts, answers):
             row[name] = _judged(judge_fn, judge_name, record, answer)
         failed = [row[name]["reason"] for row in rows if row[name]["reason"].startswith("judge raised")]

@@ -82,6 +82,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cuda: bool) -> torch.nn.Module:
+    """The base model; one built from `model.architecture` is drawn after `set_seed(train.seed)`, as the trainer drew it."""
+    if model_cfg.architecture:
+        from accelerate.utils import set_seed
+
+        set_seed(int(cfg.train.seed))
+    return modeling.load_base_model(model_cfg, vocab_size, device_is_cuda=on_cuda)
+
+
+def load_base(cfg: DictConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The run's base model alone, in eval mode: the "before" of a run that trained every weight."""
+    target = torch.device(device)
+    model = _seeded_base(cfg, cfg.model, len(modeling.load_tokenizer(cfg.model)), target.type == "cuda")
+    if not cfg.model.load_in_4bit:
+        model.to(target)
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
 def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", for_merge: bool = False) -> LoadedRun:
     """The base model of `cfg` with the run's trained weights applied, in eval mode on `device`.
 
@@ -94,26 +114,22 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
     if for_merge and model_cfg.load_in_4bit:
         model_cfg = OmegaConf.merge(model_cfg, {"load_in_4bit": False})
     tokenizer = modeling.load_tokenizer(model_cfg)
-    if model_cfg.architecture:
-        from accelerate.utils import set_seed
-
-        set_seed(int(cfg.train.seed))
-    base = modeling.load_base_model(model_cfg, len(tokenizer), device_is_cuda=target.type == "cuda")
     peft_enabled = bool(cfg.peft.enabled)
-    if peft_enabled and source.is_checkpoint:
-        model = modeling.apply_lora(base, model_cfg, cfg.peft)
-        _load_trainable(model, source.weights_file)
-    elif peft_enabled:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base, str(source.path))
-    elif source.is_checkpoint:
-        model = base
-        _load_trainable(model, source.weights_file)
-    else:
+    if not peft_enabled and not source.is_checkpoint:  # a full fine-tune's final model/ is complete in itself
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=base.dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=getattr(torch, str(model_cfg.dtype)))
+    else:
+        model = _seeded_base(cfg, model_cfg, len(tokenizer), target.type == "cuda")
+        if peft_enabled and source.is_checkpoint:
+            model = modeling.apply_lora(model, model_cfg, cfg.peft)
+            _load_trainable(model, source.weights_file)
+        elif peft_enabled:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(source.path))
+        else:
+            _load_trainable(model, source.weights_file)
     if not model_cfg.load_in_4bit:  # a k-bit model already sits on its GPU
         model.to(target)
     model.eval()

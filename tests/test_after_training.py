@@ -239,6 +239,25 @@ def test_export_of_a_deepspeed_zero2_checkpoint(tmp_path) -> None:
     assert torch.allclose(ours, last, atol=1e-4) and not torch.allclose(before, last, atol=1e-4)
 
 
+def test_a_full_finetune_exports_and_evaluates_too(tmp_path) -> None:
+    """peft=none: the final weights are model/, and the "base" of the comparison is a second model."""
+    from transformers import AutoModelForCausalLM
+
+    result = run(compose(["+experiment=tiny", "peft=none", "train.max_steps=4", f"run.root={tmp_path}"]))
+    status = RunDir(result.run_dir).status()
+    summary = evaluate.evaluate_run(result.run_dir, ["eval.prompts=null"])
+    assert summary["weights"] == "model"
+    assert abs(summary["models"]["tuned"]["heldout_loss"] - status["eval_loss_after"]) < 5e-5
+    assert abs(summary["models"]["base"]["heldout_loss"] - status["eval_loss_before"]) < 5e-5
+    out = export_run(result.run_dir, out=tmp_path / "export", log=lambda _: None)
+    assert "all weights trained (no LoRA)" in (out / "README.md").read_text()
+    ids = torch.tensor([[1, 520, 2040, 314, 346, 47]])
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(str(out))(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(str(result.run_dir / "model"))(ids).logits
+    assert torch.equal(ours, theirs)
+
+
 # ---------------------------------------------------------------- user mistakes, as a user sees them
 
 
