@@ -69,6 +69,8 @@ def _one_line(err: BaseException) -> str:
             continue
         for line in str(source).splitlines():
             line = line.strip()
+            if line.startswith("Config search path"):
+                break  # Hydra's provider list says nothing a user can act on
             if line and not line.startswith(("full_key:", "object_type", "reference_type")) and line not in parts:
                 parts.append(line)
     return " ".join(parts) or err.__class__.__name__
