@@ -170,7 +170,7 @@ class EvalConfig:
     heldout: bool = True  # held-out loss and perplexity, computed as the trainer computes them
     max_new_tokens: int = 48  # greedy generation per prompt
     micro_batch_size: Optional[int] = None  # held-out batches; null = the run's train.micro_batch_size
-    device: str = "auto"  # auto (GPU when present) | cpu
+    device: str = "auto"  # auto (GPU when present) | cpu | cuda
 
 
 @dataclass
