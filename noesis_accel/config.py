@@ -191,6 +191,23 @@ class EnvConfig:
 
 
 @dataclass
+class EvalConfig:
+    """After-training evaluation (`noesis-eval`, or the end of training when `after_training`)."""
+
+    # Run the evaluation on the main process once training has finished and the adapter is saved.
+    after_training: bool = False
+    # JSONL, one object per line: {"prompt": ..., "expected": ... (optional), "tags": [...] (optional)}.
+    prompts: Optional[str] = "${package_dir:noesis_accel}/assets/noesis_eval_prompts.jsonl"
+    # A `_target_` callable (prompt, answer, expected, record) -> (score, reason); see judges.py.
+    judge: Any = field(default_factory=lambda: {"_target_": "noesis_accel.judges.contains"})
+    compare_base: bool = True  # also evaluate the base model (adapter disabled) for a before/after table
+    heldout: bool = True  # held-out loss and perplexity, computed as the trainer computes them
+    max_new_tokens: int = 48  # greedy generation per prompt
+    micro_batch_size: Optional[int] = None  # held-out batches; null = the run's train.micro_batch_size
+    device: str = "auto"  # auto (GPU when present) | cpu | cuda
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -202,6 +219,18 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     modal: ModalConfig = field(default_factory=ModalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class EvalRunConfig:
+    """The primary config of `noesis-eval` (conf/eval.yaml): a run dir, its model and data, the eval keys."""
+
+    run_dir: str = MISSING
+    checkpoint: Optional[str] = None  # a checkpoints/step-NNNNNN dir to evaluate instead of the final adapter
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _package_dir(name: str) -> str:
@@ -220,6 +249,7 @@ def _conf_path(relative: str) -> str:
 def register() -> None:
     """Register the schema and resolvers once per process (Hydra and tests both call this)."""
     ConfigStore.instance().store(name="schema", node=Config)
+    ConfigStore.instance().store(name="eval_schema", node=EvalRunConfig)
     for name, resolver in (("package_dir", _package_dir), ("conf_path", _conf_path)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
@@ -460,6 +490,8 @@ RESTART_SAFE_PREFIXES = (
     "data.num_workers", "data.cache_dir", "model.cache_dir", "env.", "modal.",
     # The process layout may change (8 -> 16 GPUs); the global batch, which is the math, may not.
     "distributed.",
+    # Evaluation runs after training and never changes the weights.
+    "eval.",
 )
 
 

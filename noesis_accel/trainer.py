@@ -114,6 +114,11 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, committer: Committer | None = None) -> None:
         validate(cfg)
+        # With eval.after_training, a prompt file or judge that cannot load fails now, not after training.
+        if OmegaConf.select(cfg, "eval.after_training", default=False):
+            from noesis_accel.evaluate import check_ready
+
+            check_ready(cfg)
         self.cfg = cfg
         self.committer = committer or LocalCommitter()
         self.rundir = RunDir.of(cfg)
@@ -531,8 +536,13 @@ class Trainer:
             write_status(self.run_dir, eval_loss_before=before, eval_loss_after=eval_after)
             record_stop(self.rundir, "completed", self.progress.step, "completed")
         self.metrics.close()
+        evaluate_now = accelerator.is_main_process and bool(OmegaConf.select(self.cfg, "eval.after_training", default=False))
         accelerator.wait_for_everyone()
         accelerator.end_training()  # also tears down the process group: nothing collective after it
+        if evaluate_now:  # after end_training, so the other processes are not held at a barrier meanwhile
+            from noesis_accel.evaluate import evaluate_after_training
+
+            evaluate_after_training(self.cfg, accelerator.unwrap_model(self.model), self.tokenizer, self.data.eval)
         return RunResult(self.run_dir, "completed", self.progress.step, self.total_steps,
                          self.progress.initial_eval_loss, eval_after, list(self.step_losses))
 
