@@ -6,6 +6,9 @@
     modal run launch/modal_entry.py -m +experiment=noesis optim.lr=1e-4,2e-4   # a sweep: one call per job
     modal run launch/modal_entry.py::status noesis                      # state, attempts, GPU-hours, cost
     modal run launch/modal_entry.py::status noesis modal.volume=other   # overrides pick the app's Volume
+    modal run launch/modal_entry.py::export noesis                      # merge -> /vol/runs/noesis/export/
+    modal run launch/modal_entry.py::evaluate noesis +experiment=noesis # on one of the recipe's GPUs
+    modal run launch/modal_entry.py::report noesis                      # plots + summary in report/
     modal run launch/modal_entry.py                                     # the CPU demo, as a smoke test
 
 Every setting comes from the composed Hydra config (`conf/modal/`): GPU spec, timeout per attempt,
@@ -77,7 +80,34 @@ if SETTINGS.clustered:
 @app.function(image=image, volumes={SETTINGS.mount: volume}, timeout=600, env=common["env"])
 def status(*args: str) -> None:
     """`modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]`."""
-    code = modal_job.show_status(args, volume, SETTINGS)
+    _exit_with(modal_job.show_status(args, volume, SETTINGS))
+
+
+# After training, on the Volume: the same commands as noesis-export / noesis-eval / noesis-report.
+command_settings = dict(image=image, volumes={SETTINGS.mount: volume}, secrets=secrets, timeout=4 * 3600,
+                        cpu=SETTINGS.cpu, memory=SETTINGS.memory_mib, env=common["env"])
+
+
+@app.function(**command_settings)
+def export(*args: str) -> None:
+    """`modal run launch/modal_entry.py::export RUN_NAME [--checkpoint step-NNNNNN] [--push-to-hub REPO]`."""
+    _exit_with(modal_job.run_command("export", args, volume, SETTINGS))
+
+
+# Generation wants a GPU for an 8B model: one of the run's type (pass +experiment=... or modal.gpu=...).
+@app.function(gpu=f"{SETTINGS.gpu_type}:1" if SETTINGS.gpu_type else None, **command_settings)
+def evaluate(*args: str) -> None:
+    """`modal run launch/modal_entry.py::evaluate RUN_NAME [--checkpoint step-NNNNNN] [eval overrides]`."""
+    _exit_with(modal_job.run_command("evaluate", args, volume, SETTINGS))
+
+
+@app.function(**command_settings)
+def report(*args: str) -> None:
+    """`modal run launch/modal_entry.py::report RUN_NAME`: plots and a summary in RUN_DIR/report/ on the Volume."""
+    _exit_with(modal_job.run_command("report", args, volume, SETTINGS))
+
+
+def _exit_with(code: int) -> None:
     if code:
         raise SystemExit(code)
 

@@ -54,6 +54,12 @@ def hydra_overrides(argv: Sequence[str]) -> list[str]:
     return kept
 
 
+# The functions that act on a run already on the Volume: `::export runs-name [options]` and the like.
+RUN_COMMANDS = ("status", "export", "evaluate", "report")
+# Words that declare the app for them (which Volume, which GPU); the rest are the command's own.
+APP_WORDS = ("modal.", "+experiment=", "experiment=")
+
+
 def overrides_at_import() -> list[str]:
     """The overrides the app is declared for: from `modal run launch/modal_entry.py <overrides>`, or
     from the environment in the container (which imports the same file with other arguments)."""
@@ -61,7 +67,12 @@ def overrides_at_import() -> list[str]:
         return json.loads(os.environ[OVERRIDES_ENV])
     argv = sys.argv
     entry = next((i for i, a in enumerate(argv) if a.split("::")[0].endswith("modal_entry.py")), None)
-    return hydra_overrides(argv[entry + 1 :]) if entry is not None else []
+    if entry is None:
+        return []
+    words = hydra_overrides(argv[entry + 1 :])
+    if argv[entry].partition("::")[2] in RUN_COMMANDS:  # e.g. noesis-eval's own overrides are not the app's
+        words = [w for w in words if w.startswith(APP_WORDS)]
+    return words
 
 
 # ---------------------------------------------------------------- settings
@@ -242,6 +253,24 @@ def cluster_position() -> tuple[int, str]:
 def run_dir_for(settings: ModalSettings, name_or_path: str) -> Path:
     """`noesis` -> <mount>/runs/noesis; a path is taken as it is."""
     return Path(name_or_path) if "/" in name_or_path else Path(settings.mount) / "runs" / name_or_path
+
+
+def run_command(command: str, args: Sequence[str], volume: Volume, settings: ModalSettings) -> int:
+    """`noesis-export`, `noesis-eval` or `noesis-report` on a run on the Volume; what they write is committed."""
+    from noesis_accel import evaluate, export, report
+
+    volume.reload()  # the newest committed state of the run, whoever wrote it
+    args = [a for a in args if not a.startswith(APP_WORDS)]
+    if not args:
+        print(f"usage: modal run launch/modal_entry.py::{command} RUN_NAME [options]", file=sys.stderr)
+        return 2
+    entry = {"export": export.main, "evaluate": evaluate.main, "report": report.main}[command]
+    try:
+        code = entry([str(run_dir_for(settings, args[0])), *args[1:]])
+    except SystemExit as stop:  # the commands exit with one line on a user error
+        code = stop.code if isinstance(stop.code, int) else 1
+    volume.commit()
+    return int(code or 0)
 
 
 def show_status(args: Sequence[str], volume: Volume, settings: ModalSettings) -> int:

@@ -134,6 +134,14 @@ def test_the_function_body_trains_the_cli_config_and_commits_it_to_the_volume(tm
     app.status.local("tiny")  # `modal run launch/modal_entry.py::status tiny`, in-process
     out = capsys.readouterr().out
     assert "state:       completed" in out and "step 2 / 2 (100%)" in out and "attempts:    1" in out
+    # After training, on the Volume: the same commands, their output committed.
+    app.report.local("tiny")
+    app.export.local("tiny")
+    assert (remote / "runs" / "tiny" / "report" / "training.png").is_file()
+    assert (remote / "runs" / "tiny" / "export" / "config.json").is_file()
+    with pytest.raises(SystemExit) as refused:
+        app.export.local("nothing-here")
+    assert refused.value.code == 2
 
 
 def test_secrets_never_reach_output_files_or_errors(tmp_path) -> None:
