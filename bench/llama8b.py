@@ -52,6 +52,7 @@ from noesis_accel import env, losses, modeling  # noqa: E402
 from noesis_accel.config import compose  # noqa: E402
 from noesis_accel.metrics import read_metrics  # noqa: E402
 from noesis_accel.packing import PackingCollator  # noqa: E402
+from noesis_accel.trainer import Trainer, _reset_accelerate_state  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
 H100_USABLE_GIB = 79.1  # an 80 GB H100 as torch sees it (total_memory), before the CUDA context
@@ -78,13 +79,14 @@ class Variant:
         return f"{'ours' if self.runner == 'ours' else 'HF Trainer'} ({', '.join(options)})"
 
 
-# Order matters: Liger patches the shared model for good, so its rows come after every row without it,
-# and compilation (the slowest to start) comes last.
+# Most telling first, since a time budget may cut the tail. Liger patches the shared model for good, so
+# its rows come after every row without it, and compilation (the slowest to start) comes last.
 GPU_VARIANTS = [
     Variant("hf", True), Variant("ours", True), Variant("hf", False), Variant("ours", False),
-    Variant("ours", True, packing=True), Variant("ours", False, packing=True),
-    Variant("ours", True, liger=True), Variant("ours", False, liger=True), Variant("hf", False, liger=True),
-    Variant("ours", False, liger=True, packing=True), Variant("ours", False, liger=True, compile=True),
+    Variant("ours", False, packing=True), Variant("ours", True, packing=True),
+    Variant("ours", False, liger=True), Variant("ours", True, liger=True),
+    Variant("ours", False, liger=True, packing=True), Variant("hf", False, liger=True),
+    Variant("ours", False, liger=True, compile=True),
 ]
 PROBED = {Variant("ours", True), Variant("ours", False), Variant("ours", False, liger=True)}
 CPU_VARIANTS = [Variant("hf", True), Variant("ours", True), Variant("ours", False, packing=True),
@@ -237,8 +239,6 @@ def probe_worst_micro_batch(model: torch.nn.Module, accelerator: Any, optimizer:
 
 def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict,
              probe_len: int | None) -> Row:
-    from noesis_accel.trainer import Trainer, _reset_accelerate_state
-
     cfg = compose(overrides + [f"run.root={root}", f"run.name=ours-{_slug(variant)}", f"train.max_steps={steps}",
                                f"ckpt.every={steps}", "train.eval_every=0", "train.tracker=none",
                                "train.progress_bar=false", "data.eval_fraction=0",
@@ -247,6 +247,8 @@ def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, unt
     trainer = Trainer(cfg)
     try:
         trainer.setup()
+        if trainer.sampler.num_global_batches(0) != untimed:  # else "the second epoch" is not what is timed
+            raise RuntimeError(f"an epoch holds {trainer.sampler.num_global_batches(0)} steps, not {untimed}")
         _reset_peak()
         trainer.train()
         peak = _peak()
@@ -328,6 +330,7 @@ def run_hf(variant: Variant, overrides: list[str], root: Path, steps: int, untim
                    1 - real / padded, peak)
     finally:
         del trainer, model
+        _reset_accelerate_state()  # the Trainer's Accelerator set process-wide state our next run must not inherit
 
 
 # ---------------------------------------------------------------- report
@@ -404,12 +407,12 @@ def _setup(args: argparse.Namespace, root: Path) -> tuple[list[str], list[Varian
                    "model.architecture.num_key_value_heads=1", "model.architecture.head_dim=16",
                    "~model.architecture.vocab_size", "model.dtype=float32", "model.attn_implementation=eager",
                    "train.device=cpu", "train.mixed_precision=no", "data.max_length=256"]
-        return common + list(args.overrides), CPU_VARIANTS
-    common += ["model=llama3_8b_arch", "model.dtype=bfloat16", "train.device=auto", "train.mixed_precision=bf16",
-               "data.max_length=2048"]
+    else:
+        common += ["model=llama3_8b_arch", "model.dtype=bfloat16", "train.device=auto", "train.mixed_precision=bf16",
+                   "data.max_length=2048"]
     if args.tokenizer:
         common += [f"model.name_or_path={args.tokenizer}", "model.gguf_file=null"]
-    return common + list(args.overrides), GPU_VARIANTS
+    return common + list(args.overrides), CPU_VARIANTS if args.cpu_smoke else GPU_VARIANTS
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -477,6 +480,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 elif variant.liger and not on_cuda:
                     rows.append(Row(variant.name, variant.runner, "skipped: Liger needs CUDA"))
                 else:
+                    # Written first, so a run stopped by its time limit shows which configuration it was in.
+                    write_json(args.json, rows + [Row(variant.name, variant.runner, "started, no result")], info)
                     rows.append(_run_one(variant, overrides, root, args, shared, arch, on_cuda))
                 print(row_line(rows[-1]), f"[{time.monotonic() - started:.0f} s]", flush=True)
                 write_json(args.json, rows, info)
