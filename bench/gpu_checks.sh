@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Used by: bash bench/gpu_checks.sh   (on a GPU machine; every GPU claim in one run of <= ~9.5 minutes (run it with timeout_s=600), results under $OUT)
-# Prepare here first: bash bench/fetch_gpu_wheels.sh   (fills .whl/ and .gpu/; carry both to the GPU machine)
+# Used by: bash bench/gpu_checks.sh   (on a GPU machine; every GPU claim in one run of about 9.5 minutes (allow 10); results under $OUT)
+# Prepare on a machine with network first: bash bench/fetch_gpu_wheels.sh   (fills .whl/ and .gpu/; bring both along)
 # 1. The 8B bench: Llama-3-8B shape + LoRA, ours vs HF Trainer, gradient checkpointing / Liger / packing /
 #    compile on and off, MFU, the 2 x 2048 memory probe (bench/llama8b.py).
 # 2. The noesis recipe itself, 20 steps on the 8B shape in +debug=gpu: tokens/s, memory, LoRA checkpoint
@@ -10,7 +10,7 @@
 # 5. bf16 throughput on the SmolLM2-135M shape, ours against the length-grouped Trainer.
 # 6. QLoRA (4-bit base) + gradient checkpointing + AdamW8bit, 10 steps.
 # Each part has a time cap inside a total budget (GPU_CHECKS_BUDGET_S, default 560 s); PARTS picks parts
-# (default "bench8b recipe gputests zero2 throughput qlora"). Files under $OUT (at most 8 come back): gpu.txt
+# (default "bench8b recipe gputests zero2 throughput qlora"). Six files under $OUT: gpu.txt
 # (versions, per-part exit codes and seconds), gpu_checks.log (all output), llama8b.json, recipe.json,
 # zero2_exactness.json, throughput.json.
 set -uo pipefail
@@ -67,10 +67,9 @@ part bench8b 300 python3 bench/llama8b.py --tokenizer "$TOKENIZER" --json "$OUT/
 [ -f "$OUT/llama8b.json" ] && python3 bench/llama8b.py --table-from "$OUT/llama8b.json" 2>&1 | tee -a "$LOG"
 
 # 2. ~1.5 min: process start, 8B model on the GPU, 20 steps with checkpoints at 10 and 20, held-out loss 3 times.
-python3 bench/llama8b.py --write-data /tmp/recipe_data.jsonl --records 400 >/dev/null 2>&1
-part recipe 150 python3 -m noesis_accel.train +experiment=noesis +debug=gpu model=llama3_8b_arch \
-  model.name_or_path="$TOKENIZER" model.gguf_file=null data.path=/tmp/recipe_data.jsonl run.root=/tmp/recipe \
-  train.progress_bar=false
+part recipe 160 bash -c "python3 bench/llama8b.py --write-data /tmp/recipe_data.jsonl --records 400 && \
+  python3 -m noesis_accel.train +experiment=noesis +debug=gpu model=llama3_8b_arch model.name_or_path='$TOKENIZER' \
+  model.gguf_file=null data.path=/tmp/recipe_data.jsonl run.root=/tmp/recipe train.progress_bar=false"
 [ -d /tmp/recipe/noesis ] && python3 bench/recipe_report.py /tmp/recipe/noesis --json "$OUT/recipe.json" 2>&1 | tee -a "$LOG"
 
 # 3. ~40 s: packing through sdpa on the GPU, and Liger keeping our loss and gradients (tests/test_gpu_speed.py).

@@ -10,8 +10,6 @@ token attends to, or is predicted from, another record.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from omegaconf import DictConfig
 
@@ -52,12 +50,3 @@ def records_and_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         return batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
     return int((batch["position_ids"] == 0).sum()), batch["input_ids"].numel()
 
-
-def padded_tokens(lengths: list[int], pad_to_multiple_of: int | None, packed: bool) -> int:
-    """Positions a micro-batch of records with these lengths occupies once collated."""
-    if packed:
-        return sum(lengths)
-    width = max(lengths)
-    if pad_to_multiple_of:
-        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-    return width * len(lengths)

@@ -85,3 +85,13 @@ def test_runs_from_before_the_speed_keys_still_resume() -> None:
     assert differing_math_keys(saved, current) == []
     assert fingerprint(saved) == fingerprint(current)
     assert differing_math_keys(saved, compose(["data.packing=true"])) == ["data.packing"]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_the_same_losses(tmp_path) -> None:
+    """Inductor fuses and reorders float32 arithmetic: the losses agree to 1e-5, not bitwise."""
+    common = ["+experiment=tiny", "train.max_steps=3", "ckpt.every=3", "peft.dropout=0", "train.eval_every=0",
+              "data.eval_fraction=0"]
+    plain = run(compose(common + [f"run.root={tmp_path / 'plain'}"]))
+    compiled = run(compose(common + [f"run.root={tmp_path / 'compiled'}", "model.compile=true"]))
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
