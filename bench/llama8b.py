@@ -186,6 +186,9 @@ class SharedBase:
         if self.peft_model is not None:
             self.peft_model.unload()
             self.peft_model = None
+        # peft hooks the embedding output to require grad (one more backward GEMM chain); gone with the LoRA.
+        if getattr(self.model, "_require_grads_hooks", None) or getattr(self.model, "_require_grads_hook", None):
+            self.model.disable_input_require_grads()
         for layer in modeling.repeated_layers(self.model) or []:
             layer._compiled_call_impl = None
         torch._dynamo.reset()
