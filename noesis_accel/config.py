@@ -49,6 +49,11 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False  # QLoRA: 4-bit base via bitsandbytes (GPU only)
+    # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy that never
+    # materialises the logits); CUDA only. Needs `pip install 'noesis-accel[gpu]'`.
+    liger: bool = False
+    # torch.compile each repeated decoder layer in place (dynamic shapes); names and checkpoints unchanged.
+    compile: bool = False
     trust_remote_code: bool = False
     revision: Optional[str] = None
     cache_dir: str = "~/.cache/noesis_accel/models"
@@ -71,6 +76,9 @@ class DataConfig:
     # Length buckets are sorted within mega-batches of this many global batches.
     mega_batch_factor: int = 50
     pad_to_multiple_of: Optional[int] = None
+    # Lay each micro-batch's records end to end in one row with per-record positions instead of
+    # padding them (the same records, another layout); attention never crosses records.
+    packing: bool = False
     num_workers: int = 0
     cache_dir: str = "~/.cache/noesis_accel/data"
 
@@ -310,6 +318,10 @@ def accumulation_steps(cfg: DictConfig, world: int | None = None) -> int:
     )
 
 
+# Attention implementations that keep packed records apart from their positions alone (transformers
+# detects the restarts: a block-diagonal mask for eager/sdpa, the variable-length kernel for flash).
+PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
 _CHOICES = {
     "data.format": ("auto", "chat", "prompt_completion", "text"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -387,6 +399,14 @@ def validate(cfg: DictConfig) -> None:
           "a 4-bit base can only be trained with LoRA (peft.enabled=true)")
     check(train.mixed_precision != "fp16" or dist.type != "zero2", "train.mixed_precision",
           "fp16 loss scaling is not wired for zero2; use bf16")
+    check(not (data.packing and cfg.model.attn_implementation not in PACKING_ATTENTION), "data.packing",
+          f"attention '{cfg.model.attn_implementation}' cannot keep packed records apart; "
+          f"use model.attn_implementation={'|'.join(PACKING_ATTENTION)} or data.packing=false")
+    check(not (cfg.model.liger and on_cpu), "model.liger",
+          "Liger kernels are Triton GPU kernels; set model.liger=false for train.device=cpu")
+    check(not (cfg.model.liger and any("lm_head" in str(t) for t in cfg.peft.target_modules)), "model.liger",
+          "the fused linear cross-entropy reads lm_head's base weight and would skip its LoRA; "
+          "drop lm_head from peft.target_modules or set model.liger=false")
     check(cfg.peft.r > 0 and cfg.peft.alpha > 0, "peft.r", "r and alpha must be > 0")
     check(0 <= cfg.peft.dropout < 1, "peft.dropout", "must be in [0, 1)")
     if train.micro_batch_size > 0 and train.global_batch_size > 0 and world_size(cfg) > 0:
@@ -507,9 +527,15 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys added after runs were started: at these defaults they are left out of the math keys, so a run
+# (and its checkpoints' fingerprint) from before they existed still resumes.
+ADDED_KEY_DEFAULTS: dict[str, Any] = {"data.packing": False, "model.liger": False, "model.compile": False}
+
+
 def math_keys(cfg: DictConfig | dict) -> dict[str, Any]:
     """The flattened config without the keys a restart may change."""
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(RESTART_SAFE_PREFIXES)}
+    return {k: v for k, v in flatten(cfg).items()
+            if not k.startswith(RESTART_SAFE_PREFIXES) and not (k in ADDED_KEY_DEFAULTS and v == ADDED_KEY_DEFAULTS[k])}
 
 
 def fingerprint(cfg: DictConfig | dict) -> str:

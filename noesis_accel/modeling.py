@@ -102,9 +102,13 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
         model_type = arch.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model.architecture.model_type is required (e.g. llama) to build a model from config")
-        config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **arch)
+        arch["vocab_size"] = _architecture_vocab_size(arch.get("vocab_size"), vocab_size)
+        config = AutoConfig.for_model(model_type, **arch)
         config._attn_implementation = model_cfg.attn_implementation
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # Random weights are created where they train: an 8B model never passes through host memory.
+        device = torch.device("cuda", torch.cuda.current_device()) if device_is_cuda else torch.device("cpu")
+        with device:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     source = str(materialize_gguf(model_cfg) / "model") if model_cfg.gguf_file else str(model_cfg.name_or_path)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
@@ -126,6 +130,17 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise _unloadable(source, err) from None
+
+
+def _architecture_vocab_size(requested: int | None, tokenizer_size: int) -> int:
+    """The embedding rows: the tokenizer's length, or a larger `architecture.vocab_size` (a real model's
+    shape, e.g. Llama-3's 128256, trained with a smaller tokenizer for speed checks)."""
+    if requested is None:
+        return tokenizer_size
+    if int(requested) < tokenizer_size:
+        raise ConfigError(f"model.architecture.vocab_size: {requested} is smaller than the tokenizer's "
+                          f"{tokenizer_size} tokens; raise it or remove it to use the tokenizer's length")
+    return int(requested)
 
 
 def _unloadable(source: str, err: Exception) -> ConfigError:
@@ -162,13 +177,67 @@ def apply_lora(model: torch.nn.Module, model_cfg: DictConfig, peft_cfg: DictConf
 
 def build_model(model_cfg: DictConfig, peft_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> torch.nn.Module:
     model = load_base_model(model_cfg, vocab_size, device_is_cuda)
-    model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
+    # The KV cache is useless in training, clashes with checkpointing, and (present) hides packed
+    # records from transformers' mask builder, which only reads positions when there is no cache.
+    model.config.use_cache = False
+    if model_cfg.liger:
+        apply_liger(model, device_is_cuda)  # before LoRA: it patches the base model's own forward
     if model_cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if peft_cfg.enabled:
         model = apply_lora(model, model_cfg, peft_cfg)
+    if model_cfg.compile:
+        compile_repeated_layers(model)
     return model
+
+
+def apply_liger(model: torch.nn.Module, device_is_cuda: bool) -> None:
+    """Liger's kernels in place on `model`: RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy.
+
+    The fused loss keeps our loss definition: liger's patched forward passes `num_items_in_batch`
+    on to `LigerForCausalLMLoss`, which then sums the token losses and divides by it (liger-kernel
+    0.8.5, `transformers/model/loss_utils.py`), as transformers' own `ForCausalLMLoss` does.
+    """
+    if not device_is_cuda:
+        raise ConfigError("model.liger: Liger kernels run on CUDA GPUs only and none is visible; "
+                          "set model.liger=false")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as err:
+        raise ConfigError(f"model.liger: liger-kernel is not importable ({err}); "
+                          "pip install 'noesis-accel[gpu]' or set model.liger=false") from None
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        # liger itself would only log this and train without its kernels.
+        raise ConfigError(f"model.liger: liger-kernel has no kernels for model type '{model_type}'; "
+                          "set model.liger=false")
+    MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](model=model)
+
+
+def repeated_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The longest ModuleList whose children are all of one class: a transformer's decoder layers."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 \
+                and len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best)):
+            best = module
+    return best
+
+
+def compile_repeated_layers(model: torch.nn.Module) -> int:
+    """`torch.compile` every decoder layer in place (regional compilation); returns how many.
+
+    One layer's code compiles once and the others reuse it, so start-up stays short; in place,
+    so parameter names, checkpoints and saved adapters are unchanged. Dynamic shapes, because
+    every micro-batch has another length.
+    """
+    layers = repeated_layers(model)
+    if layers is None:
+        raise ConfigError("model.compile: found no repeated layers to compile in this model; set model.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel import data as data_mod
-from noesis_accel import env, faults, losses, modeling, optim, probes
+from noesis_accel import env, faults, losses, modeling, optim, packing, probes
 from noesis_accel.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -168,7 +168,7 @@ class Trainer:
             max_tokens_per_batch=cfg.data.max_tokens_per_batch,
         )
         self.total_steps = self._total_steps()
-        self.collate = data_mod.PaddingCollator(self.tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
+        self.collate = packing.build_collator(cfg.data, self.tokenizer.pad_token_id)
 
         optimizer = optim.build_optimizer(model, cfg.optim, on_cuda)
         scheduler = optim.build_scheduler(optimizer, cfg.optim, self.total_steps)
@@ -350,7 +350,9 @@ class Trainer:
             f"{stats.train_records} train / {stats.eval_records} held-out records ({stats.format}), "
             f"{stats.truncated} truncated; {self.total_steps} steps of {self.cfg.train.global_batch_size} "
             f"(micro {self.cfg.train.micro_batch_size} x accumulation {self.accumulation} x "
-            f"{self.accelerator.num_processes} process(es)); padding {100 * self.sampler.padding_fraction(0):.1f}%"
+            f"{self.accelerator.num_processes} process(es)); "
+            + (f"packed rows (padded would be {100 * self.sampler.padding_fraction(0):.1f}% padding)"
+               if self.cfg.data.packing else f"padding {100 * self.sampler.padding_fraction(0):.1f}%")
         )
         if self.accelerator.is_main_process:
             write_status(self.run_dir, state="running", step=self.progress.step, total_steps=self.total_steps,
@@ -388,7 +390,7 @@ class Trainer:
             if step_loss is None:  # the first micro-batch of an optimizer step
                 label_tokens = self._global_batch_label_tokens()
             # Counted on the host before the copy, so the loop never waits for the GPU to report them.
-            samples, tokens = batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
+            samples, tokens = packing.records_and_tokens(batch)
             batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
             loss, grad_norm = self._micro_step(batch, label_tokens)
             step_loss = loss if step_loss is None else step_loss + loss
@@ -453,9 +455,12 @@ class Trainer:
                       "samples_seen": progress.samples_seen, "tokens_seen": progress.tokens_seen}
             if grad_norm is not None:
                 values["grad_norm"] = grad_norm
+            if self.accelerator.device.type == "cuda":  # the allocator's own counter: no device sync
+                values["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             self.metrics.log(progress.step, values)
             self.metrics.progress(progress.step, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"})
-        if self.eval_interval and progress.step % self.eval_interval == 0 and progress.step < self.total_steps:
+        if (self.eval_interval and len(self.data.eval) and progress.step % self.eval_interval == 0
+                and progress.step < self.total_steps):  # no held-out set, no held-out loss (not a NaN)
             eval_loss = self.evaluate()
             self.metrics.log(progress.step, {"eval_loss": eval_loss})
             self.metrics.write(f"step {progress.step}: held-out loss {eval_loss:.4f}")
