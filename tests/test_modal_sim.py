@@ -28,6 +28,7 @@ from conftest import run_cli
 from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
 
 STEPS = 12
+RANDOM_KILL_STEP_DELAY_S = 0.25  # the random sleep before a kill is at most 0.6 s: under 3 steps
 TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
 
 
@@ -67,14 +68,19 @@ def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[di
     view, remote = tmp_path / "container", tmp_path / "remote"
     lost: list[int] = []
     for kill in kills:
-        container = _container(view, remote, overrides, env=kill.get("env"))
+        env = kill.get("env")
+        if "after_step" in kill:
+            # Slow steps keep a kill at most a few steps after `after_step` on a fast machine, so the
+            # kills land where the test plans them (before the next fault's save, before the end).
+            env = {**(env or {}), "NOESIS_STEP_DELAY_S": str(RANDOM_KILL_STEP_DELAY_S)}
+        container = _container(view, remote, overrides, env=env)
         if "after_step" in kill:  # a random moment: some time after a step, mid-step or mid-save alike
             wait_until(lambda: logged_step(_run_dir(view)) >= kill["after_step"] or container.poll() is not None,
                        240, f"step {kill['after_step']}")
             time.sleep(rng.uniform(0, 0.6))
             kill_group(container, signal.SIGKILL)  # the container dies: nothing more is committed
         code, output = _finish(container)
-        assert code != 0, output[-3000:]
+        assert code != 0, f"the container planned to die ({kill}) finished:\n{output[-3000:]}"
     for _ in range(3):
         code, output = _finish(_container(view, remote, overrides))
         if code == 0:
@@ -108,7 +114,9 @@ def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_pa
     root = tmp_path_factory.mktemp("ddp_reference")
     plain = run_cli(ddp + [f"run.root={root}"])
     assert plain.returncode == 0, plain.stderr[-3000:]
-    kills = [{"after_step": 2}, {"after_step": 8}, {"env": {"NOESIS_FAULT": "save:6", "NOESIS_FAULT_KILL_PID": "container"}}]
+    # The save fault comes before the late random kill, which could otherwise pass step 6 first.
+    kills = [{"after_step": 2}, {"env": {"NOESIS_FAULT": "save:6", "NOESIS_FAULT_KILL_PID": "container"}},
+             {"after_step": 8}]
     lost = _kill_at_random_moments(tmp_path, ddp, kills, seed=11)
     assert all(0 <= n <= 3 for n in lost)
     assert_same_adapter(_run_dir(tmp_path / "remote"), root / "tiny")
