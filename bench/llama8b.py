@@ -54,6 +54,8 @@ from noesis_accel.metrics import read_metrics  # noqa: E402
 from noesis_accel.packing import PackingCollator  # noqa: E402
 from noesis_accel.trainer import Trainer, _reset_accelerate_state  # noqa: E402
 
+from hf_baseline import CountingCollator, StepClock, peak_memory_gib, reset_peak_memory, sampling_arguments  # noqa: E402
+
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
 H100_USABLE_GIB = 79.1  # an 80 GB H100 as torch sees it (total_memory), before the CUDA context
 _WORDS = ("the model answers every question about data training checkpoints volumes gpus batches tokens loss "
@@ -203,16 +205,6 @@ class SharedBase:
 # ---------------------------------------------------------------- runners
 
 
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
 def probe_worst_micro_batch(model: torch.nn.Module, accelerator: Any, optimizer: Any, seq_len: int,
                             micro_batch: int, packing: bool) -> tuple[float | None, float | None]:
     """Peak memory of one forward + backward on the longest micro-batch the data allows.
@@ -230,7 +222,7 @@ def probe_worst_micro_batch(model: torch.nn.Module, accelerator: Any, optimizer:
     optimizer.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.empty_cache()
-    _reset_peak()
+    reset_peak_memory()
     with accelerator.autocast():
         loss = losses.micro_batch_loss(model, batch, sum(lengths))
     accelerator.backward(loss)
@@ -252,9 +244,9 @@ def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, unt
         trainer.setup()
         if trainer.sampler.num_global_batches(0) != untimed:  # else "the second epoch" is not what is timed
             raise RuntimeError(f"an epoch holds {trainer.sampler.num_global_batches(0)} steps, not {untimed}")
-        _reset_peak()
+        reset_peak_memory()
         trainer.train()
-        peak = _peak()
+        peak = peak_memory_gib()
         metrics = {m["step"]: m for m in read_metrics(trainer.run_dir) if "loss" in m}
         lengths = trainer.sampler.lengths
         timed = [micro for batch in trainer.sampler.plan(1) for micro in batch]  # the second epoch
@@ -279,7 +271,7 @@ def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, unt
 def run_hf(variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict) -> Row:
     """The baseline: transformers' Trainer, length-grouped, on the same records, LoRA and optimizer."""
     from transformers import Trainer as HFTrainer
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
     cfg = compose(overrides + ["data.eval_fraction=0", f"model.gradient_checkpointing={variant.checkpointing}",
                                f"model.liger={variant.liger}"])
@@ -288,26 +280,8 @@ def run_hf(variant: Variant, overrides: list[str], root: Path, steps: int, untim
     prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
     torch.manual_seed(int(cfg.train.seed))
     model = modeling.build_model(cfg.model, cfg.peft, len(tokenizer), on_cuda)
-    collate = data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
-    batches: list[tuple[int, int, list[int]]] = []  # (real, padded, lengths) per collated batch, in order
-
-    def counting_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = collate(rows)
-        batches.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel(),
-                        [len(r["input_ids"]) for r in rows]))
-        return batch
-
-    clock: dict[int, float] = {}
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            clock[state.global_step] = time.perf_counter()
-
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    sampling = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields
-                else {"group_by_length": True})
+    collate = CountingCollator(data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of))
+    clock = StepClock()
     accumulation = int(cfg.train.global_batch_size) // int(cfg.train.micro_batch_size)
     args = TrainingArguments(
         output_dir=str(root / "hf"), per_device_train_batch_size=int(cfg.train.micro_batch_size),
@@ -317,19 +291,18 @@ def run_hf(variant: Variant, overrides: list[str], root: Path, steps: int, untim
         optim="adamw_bnb_8bit" if cfg.optim.name == "adamw8bit" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
         bf16=cfg.train.mixed_precision == "bf16", use_cpu=not on_cuda, logging_steps=10**9, save_strategy="no",
         report_to=[], remove_unused_columns=False, dataloader_drop_last=True, dataloader_num_workers=0,
-        seed=int(cfg.train.seed), disable_tqdm=True, **sampling,
+        seed=int(cfg.train.seed), disable_tqdm=True, **sampling_arguments("group_by_length"),
     )
-    trainer = HFTrainer(model=model, args=args, train_dataset=prepared.train, data_collator=counting_collate,
-                        callbacks=[StepClock()])
+    trainer = HFTrainer(model=model, args=args, train_dataset=prepared.train, data_collator=collate, callbacks=[clock])
     try:
-        _reset_peak()
+        reset_peak_memory()
         trainer.train()
-        peak = _peak()
-        timed = batches[untimed * accumulation: steps * accumulation]  # step i trains batches (i-1)·acc ... i·acc-1
+        peak = peak_memory_gib()
+        timed = collate.batches[untimed * accumulation: steps * accumulation]  # step i trains batches (i-1)·acc ... i·acc-1
         assert len(timed) == (steps - untimed) * accumulation, "the Trainer trained another number of batches"
         real, padded = sum(b[0] for b in timed), sum(b[1] for b in timed)
         flops = step_flops([n for b in timed for n in b[2]], arch["n_params"], arch["layers"], arch["width"])
-        return Row(variant.name, variant.runner, "ok", steps - untimed, real, clock[steps] - clock[untimed], flops,
+        return Row(variant.name, variant.runner, "ok", steps - untimed, real, clock.at[steps] - clock.at[untimed], flops,
                    1 - real / padded, peak)
     finally:
         del trainer, model

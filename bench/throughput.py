@@ -19,9 +19,7 @@ import json
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,6 +30,8 @@ from noesis_accel import modeling  # noqa: E402
 from noesis_accel.config import compose  # noqa: E402
 from noesis_accel.metrics import read_metrics  # noqa: E402
 from noesis_accel.trainer import Trainer  # noqa: E402
+
+from hf_baseline import CountingCollator, StepClock, peak_memory_gib, reset_peak_memory, sampling_arguments  # noqa: E402
 
 _WORDS = ("noesis understands the question and answers with care about models data training checkpoints "
           "volumes gpus batches tokens loss schedule warmup cosine adapter rank alpha").split()
@@ -62,23 +62,13 @@ class Result:
         return self.tokens / self.seconds
 
 
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
 def run_ours(overrides: list[str], steps: int, warmup: int, root: Path, variant: str = "") -> Result:
     cfg = compose(overrides + [f"run.root={root}", f"run.name=ours{variant}", f"train.max_steps={steps}",
                                f"ckpt.every={steps}", "train.eval_every=0", "train.tracker=none",
                                "train.progress_bar=false", "data.eval_fraction=0"])
     trainer = Trainer(cfg)
     trainer.setup()
-    _reset_peak()
+    reset_peak_memory()
     trainer.train()
     metrics = {m["step"]: m for m in read_metrics(trainer.run_dir) if "loss" in m}
     tokens = metrics[steps]["tokens_seen"] - metrics[warmup]["tokens_seen"]
@@ -88,13 +78,13 @@ def run_ours(overrides: list[str], steps: int, warmup: int, root: Path, variant:
     padded = sum(int(lengths[m].max()) * len(m) for m in consumed)
     real = sum(int(lengths[m].sum()) for m in consumed)
     padding = 0.0 if cfg.data.packing else 1 - real / padded
-    return Result(f"ours (length buckets{', ' + variant if variant else ''})", tokens, seconds, padding, _peak())
+    return Result(f"ours (length buckets{', ' + variant if variant else ''})", tokens, seconds, padding, peak_memory_gib())
 
 
 def run_hf_trainer(overrides: list[str], steps: int, warmup: int, root: Path, strategy: str) -> Result:
     """The baseline: transformers' Trainer on the same tokenised data and the same LoRA model."""
     from transformers import Trainer as HFTrainer
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
 
     cfg = compose(overrides + ["data.eval_fraction=0"])
     torch.manual_seed(int(cfg.train.seed))
@@ -102,24 +92,8 @@ def run_hf_trainer(overrides: list[str], steps: int, warmup: int, root: Path, st
     prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
     on_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     model = modeling.build_model(cfg.model, cfg.peft, len(tokenizer), on_cuda)
-    collate = data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
-    batch_tokens: list[tuple[int, int]] = []  # (real, padded) per collated batch, in order
-
-    def counting_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = collate(rows)
-        batch_tokens.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
-        return batch
-
-    step_times: dict[int, float] = {}
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            step_times[state.global_step] = time.perf_counter()
-
-    sampling = ({"train_sampling_strategy": strategy} if "train_sampling_strategy" in
-                {f.name for f in dataclasses.fields(TrainingArguments)} else {"group_by_length": strategy == "group_by_length"})
+    collate = CountingCollator(data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of))
+    clock = StepClock()
     args = TrainingArguments(
         output_dir=str(root / f"hf-{strategy}"),
         per_device_train_batch_size=int(cfg.train.micro_batch_size),
@@ -139,16 +113,15 @@ def run_hf_trainer(overrides: list[str], steps: int, warmup: int, root: Path, st
         dataloader_drop_last=True,
         dataloader_num_workers=0,
         seed=int(cfg.train.seed),
-        **sampling,
+        **sampling_arguments(strategy),
     )
-    trainer = HFTrainer(model=model, args=args, train_dataset=prepared.train, data_collator=counting_collate,
-                        callbacks=[StepClock()])
-    _reset_peak()
+    trainer = HFTrainer(model=model, args=args, train_dataset=prepared.train, data_collator=collate, callbacks=[clock])
+    reset_peak_memory()
     trainer.train()
-    used = batch_tokens[warmup:steps]  # batch i is trained in step i+1 (the loader may prefetch one more)
-    tokens = sum(real for real, _ in used)
-    padding = 1 - tokens / sum(padded for _, padded in used)
-    return Result(f"HF Trainer ({strategy})", tokens, step_times[steps] - step_times[warmup], padding, _peak())
+    used = collate.batches[warmup:steps]  # batch i is trained in step i+1 (the loader may prefetch one more)
+    tokens = sum(real for real, _, _ in used)
+    padding = 1 - tokens / sum(padded for _, padded, _ in used)
+    return Result(f"HF Trainer ({strategy})", tokens, clock.at[steps] - clock.at[warmup], padding, peak_memory_gib())
 
 
 def main() -> None:

@@ -36,6 +36,13 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> sub
     )
 
 
+def uninterrupted_run(root: Path, overrides: list[str]) -> Path:
+    """Train `overrides` without interruption under `root`; the run dir, for comparison with an interrupted run."""
+    result = run_cli(overrides + [f"run.root={root}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "tiny"
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path

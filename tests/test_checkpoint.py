@@ -20,9 +20,8 @@ from noesis_accel.status import main as status_main
 from noesis_accel.status import read_status
 from noesis_accel.train import run
 
-from conftest import run_cli
+from conftest import run_cli, uninterrupted_run
 from helpers import (
-    adapter_weights,
     assert_same_adapter,
     mark_interrupted,
     resumed_step,
@@ -36,10 +35,7 @@ BASE = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "trai
 
 
 def _reference(tmp_path_factory, extra: list[str]) -> Path:
-    root = tmp_path_factory.mktemp("reference")
-    result = run_cli(BASE + extra + [f"run.root={root}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "tiny"
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), BASE + extra)
 
 
 def _crash_and_resume(root: Path, extra: list[str], fault: str, expect_code: int) -> tuple[Path, str]:

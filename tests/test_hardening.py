@@ -13,7 +13,7 @@ import pytest
 from noesis_accel.checkpoint import checkpoint_problem
 from noesis_accel.rundir import RunDir
 
-from conftest import run_cli
+from conftest import run_cli, uninterrupted_run
 from helpers import (
     alive,
     assert_same_adapter,
@@ -82,10 +82,7 @@ def test_read_only_run_root_is_one_line(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def big_adapter_reference(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reference")
-    result = run_cli(_FULL_DISK + [f"run.root={root}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "tiny"
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), _FULL_DISK)
 
 
 # r=64 makes each checkpoint ~1.5 MB, so a 4 MB filesystem fills up within a few saves.

@@ -24,7 +24,7 @@ from noesis_accel.checkpoint import checkpoint_problem
 from noesis_accel.rundir import RunDir
 from noesis_accel.status import main as status_main
 
-from conftest import run_cli
+from conftest import uninterrupted_run
 from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
 
 STEPS = 12
@@ -56,10 +56,7 @@ def _run_dir(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The same training, uninterrupted, as a plain local run."""
-    root = tmp_path_factory.mktemp("reference")
-    result = run_cli(TINY + [f"run.root={root}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "tiny"
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), TINY)
 
 
 def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[dict], seed: int) -> list[int]:
@@ -111,16 +108,14 @@ def test_a_container_killed_at_random_moments_and_during_a_save_resumes_from_the
 @pytest.mark.slow
 def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_path, tmp_path_factory) -> None:
     ddp = TINY + ["distributed=ddp", "distributed.num_processes=2"]
-    root = tmp_path_factory.mktemp("ddp_reference")
-    plain = run_cli(ddp + [f"run.root={root}"])
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    reference = uninterrupted_run(tmp_path_factory.mktemp("ddp_reference"), ddp)
     # The save fault comes before the late random kill, which could otherwise pass step 6 first.
     kills = [{"after_step": 2}, {"env": {"NOESIS_FAULT": "save:6", "NOESIS_FAULT_KILL_PID": "container"}},
              {"after_step": 8}]
     lost = _kill_at_random_moments(tmp_path, ddp, kills, seed=11)
     assert all(0 <= n <= 3 for n in lost)
-    assert_same_adapter(_run_dir(tmp_path / "remote"), root / "tiny")
-    assert step_losses(_run_dir(tmp_path / "remote")) == step_losses(root / "tiny")
+    assert_same_adapter(_run_dir(tmp_path / "remote"), reference)
+    assert step_losses(_run_dir(tmp_path / "remote")) == step_losses(reference)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["preemption", "timeout"])
@@ -194,9 +189,8 @@ def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_p
     written last by rank 0, lists both containers' files; a restart checks every one of them."""
     from noesis_accel.distributed import free_port
 
-    reference = tmp_path_factory.mktemp("cluster_reference")
-    plain = run_cli(TINY + ["distributed=ddp", "distributed.num_processes=2", f"run.root={reference}"])
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    reference = uninterrupted_run(tmp_path_factory.mktemp("cluster_reference"),
+                                  TINY + ["distributed=ddp", "distributed.num_processes=2"])
     containers = _cluster(tmp_path, free_port())
     wait_until(lambda: logged_step(_run_dir(tmp_path / "container0")) >= 5, 300, "step 5 on rank 0")
     kill_group(containers[1], signal.SIGKILL)  # one container lost: Modal fails and restarts the whole cluster
@@ -214,8 +208,8 @@ def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_p
     restarted = _cluster(tmp_path, free_port())
     results = [_finish(container) for container in restarted]
     assert all(code == 0 for code, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
-    assert_same_adapter(remote_run, reference / "tiny")
-    assert step_losses(remote_run) == step_losses(reference / "tiny")
+    assert_same_adapter(remote_run, reference)
+    assert step_losses(remote_run) == step_losses(reference)
     # A commit of rank 1 that never arrived: the checkpoint is incomplete, whoever looks at it.
     (RunDir(remote_run).step_dirs()[0][1] / "random_states_1.pkl").unlink()
     assert "random_states_1.pkl is missing" in checkpoint_problem(RunDir(remote_run).step_dirs()[0][1])
