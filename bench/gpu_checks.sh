@@ -82,7 +82,7 @@ part zero2 110 python3 bench/resume_exactness.py --kill-step 7 --json "$OUT/zero
   train.global_batch_size=16 train.micro_batch_size=4 peft.r=16 peft.alpha=32 data.max_length=256
 
 # 5. ~1 min.
-part throughput 90 python3 bench/throughput.py --steps 60 --warmup 10 --micro-batch 16 --records 2000 \
+part throughput 90 python3 bench/throughput.py --repeats 1 --steps 60 --warmup 10 --micro-batch 16 --records 2000 \
   --json "$OUT/throughput.json" $MODEL train.mixed_precision=bf16 model.dtype=bfloat16
 
 # 6. ~40 s.

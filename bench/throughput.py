@@ -8,7 +8,9 @@ Both runners train the same LoRA model on the same tokenised, variable-length ch
 torch AdamW, a cosine schedule and clipping. Reported: non-pad tokens per second over the timed
 steps (the first `--warmup` steps are excluded for both), the padding fraction of the batches each
 one actually trained on, peak GPU memory when on a GPU, and the ratio ours / Trainer. `--also` adds
-runs of our loop with an option switched on, measured against the same Trainer baseline.
+runs of our loop with an option switched on, measured against the same Trainer baseline. Each runner
+runs `--repeats` times, in A B / B A order, and its tokens/s pools all its rounds: on a shared machine
+one round of each swings by 10% with the neighbours' load.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--random-too", action="store_true", help="also time the Trainer with random batches")
     parser.add_argument("--also", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE]",
                         help="one more run of ours with these overrides, e.g. packing=data.packing=true")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds of every runner, the order reversed every other round; tok/s pools the rounds")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.mixed_precision=bf16")
     args = parser.parse_args()
@@ -144,22 +148,36 @@ def main() -> None:
                      "data.min_examples=1", f"train.global_batch_size={args.micro_batch}",
                      f"train.micro_batch_size={args.micro_batch}", "optim=adamw", "peft.dropout=0.05",
                      f"data.cache_dir={root / 'cache'}", *args.overrides]
-        results = [run_hf_trainer(overrides, args.steps, args.warmup, root, "group_by_length")]
+        runners = [lambda at: run_hf_trainer(overrides, args.steps, args.warmup, at, "group_by_length")]
         if args.random_too:
-            results.append(run_hf_trainer(overrides, args.steps, args.warmup, root, "random"))
-        ours = run_ours(overrides, args.steps, args.warmup, root)
-        results.append(ours)
+            runners.append(lambda at: run_hf_trainer(overrides, args.steps, args.warmup, at, "random"))
+        runners.append(lambda at: run_ours(overrides, args.steps, args.warmup, at))
         for spec in args.also:
             name, _, extra = spec.partition("=")
-            results.append(run_ours(overrides + extra.split(","), args.steps, args.warmup, root, name))
-    baseline = results[0]
+            runners.append(lambda at, name=name, extra=extra:
+                           run_ours(overrides + extra.split(","), args.steps, args.warmup, at, name))
+        rounds = [[] for _ in runners]  # rounds[runner] = its result in each round
+        for round_ in range(args.repeats):
+            # Every other round in reverse order (A B, B A): a machine that speeds up or slows down over
+            # the run (other tenants, heat) then weighs on both runners alike instead of on the later one.
+            order = range(len(runners)) if round_ % 2 == 0 else reversed(range(len(runners)))
+            for i in order:
+                rounds[i].append(runners[i](root / f"round{round_}"))
+    results = [_pooled(runs) for runs in rounds]
+    ours_at = 2 if args.random_too else 1
+    baseline, ours = results[0], results[ours_at]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nthroughput on {device}: {args.steps} steps (first {args.warmup} untimed), micro batch {args.micro_batch}, "
-          f"overrides {args.overrides or 'none'}")
-    print(f"{'runner':<28}{'non-pad tok/s':>15}{'padding':>10}{'peak GiB':>10}")
+          f"{args.repeats} round(s), overrides {args.overrides or 'none'}")
+    if args.repeats > 1:
+        for round_ in range(args.repeats):
+            print(f"round {round_ + 1}: " + ", ".join(f"{runs[round_].name} {runs[round_].tokens_per_s:.1f}"
+                                                      for runs in rounds) +
+                  f" tok/s; ratio {rounds[ours_at][round_].tokens_per_s / rounds[0][round_].tokens_per_s:.2f}x")
+    print(f"{'runner':<34}{'non-pad tok/s':>15}{'padding':>10}{'peak GiB':>10}")
     for r in results:
         peak = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
-        print(f"{r.name:<28}{r.tokens_per_s:>15.1f}{100 * r.padding:>9.1f}%{peak:>10}")
+        print(f"{r.name:<34}{r.tokens_per_s:>15.1f}{100 * r.padding:>9.1f}%{peak:>10}")
     ratio = ours.tokens_per_s / baseline.tokens_per_s
     print(f"ratio ours / HF Trainer (group_by_length): {ratio:.2f}x  (target >= 1.2x)")
     for r in results:
@@ -168,7 +186,15 @@ def main() -> None:
                   f"/ ours: {r.tokens_per_s / ours.tokens_per_s:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"results": [dataclasses.asdict(r) | {"tokens_per_s": r.tokens_per_s}
-                                                     for r in results], "ratio": ratio, "device": device}, indent=2))
+                                                     for r in results], "ratio": ratio, "device": device,
+                                         "rounds": args.repeats}, indent=2))
+
+
+def _pooled(runs: list[Result]) -> Result:
+    """One runner's rounds as one result: all their tokens over all their timed seconds."""
+    peaks = [r.peak_memory_gib for r in runs if r.peak_memory_gib is not None]
+    return Result(runs[0].name, sum(r.tokens for r in runs), sum(r.seconds for r in runs),
+                  sum(r.padding for r in runs) / len(runs), max(peaks) if peaks else None)
 
 
 if __name__ == "__main__":
