@@ -220,6 +220,7 @@ def test_incomplete_checkpoints_are_refused_in_one_line(tiny_run, tmp_path) -> N
         weights_source(RunDir(run_dir), fake)
 
 
+@pytest.mark.slow
 def test_export_of_a_deepspeed_zero2_checkpoint(tmp_path) -> None:
     """ZeRO-2 checkpoints hold the engine's module state (pytorch_model/mp_rank_00_model_states.pt)."""
     from transformers import AutoModelForCausalLM

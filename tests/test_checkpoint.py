@@ -61,7 +61,7 @@ def reference_run(tmp_path_factory) -> Path:
     return _reference(tmp_path_factory, [])
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # a second moment: slow suite
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, reference_run, seed: int) -> None:
     kill_step = random.Random(seed).randint(2, STEPS - 1)
     run_dir, output = _crash_and_resume(tmp_path, [], f"step:{kill_step}", expect_code=-9)
@@ -115,7 +115,9 @@ def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_
 # ---------------------------------------------------------------- damage, retention, commits, size
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+# The byte flip (found only by the checksum) runs by default; truncation and deletion in the slow suite.
+@pytest.mark.parametrize("damage", [pytest.param("truncate", marks=pytest.mark.slow),
+                                    pytest.param("delete", marks=pytest.mark.slow), "flip"])
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: str, capsys) -> None:
     command = BASE + [f"run.root={tmp_path}", "ckpt.keep_last=2"]
     assert run_cli(command).returncode == 0
@@ -237,6 +239,7 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path) -> None:
     assert read_status(tmp_path / "tiny")["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
     source = tmp_path / "a"
     assert run_cli(BASE + [f"run.root={source}"]).returncode == 0
