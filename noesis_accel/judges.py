@@ -48,28 +48,27 @@ def _normalise(text: str, case_sensitive: bool) -> str:
     return text if case_sensitive else text.casefold()
 
 
-def exact(prompt: str, answer: str, expected: Any, record: dict, *, case_sensitive: bool = False) -> Verdict:
-    """1 if the answer is one of the expected answers (ignoring case, spacing, end punctuation), else 0."""
+def _any_option(expected: Any, matches: Callable[[str], bool], hit: str, miss: str) -> Verdict:
+    """1 with `hit` naming the first expected answer that `matches`, 0 with `miss` listing them all, None if none."""
     options = _alternatives(expected)
     if not options:
         return None, "no expected answer"
-    got = _normalise(answer, case_sensitive)
     for option in options:
-        if got == _normalise(option, case_sensitive):
-            return 1.0, f"equals {option!r}"
-    return 0.0, f"is not {' / '.join(repr(o) for o in options)}"
+        if matches(option):
+            return 1.0, f"{hit} {option!r}"
+    return 0.0, f"{miss} {' / '.join(repr(o) for o in options)}"
+
+
+def exact(prompt: str, answer: str, expected: Any, record: dict, *, case_sensitive: bool = False) -> Verdict:
+    """1 if the answer is one of the expected answers (ignoring case, spacing, end punctuation), else 0."""
+    got = _normalise(answer, case_sensitive)
+    return _any_option(expected, lambda option: got == _normalise(option, case_sensitive), "equals", "is not")
 
 
 def contains(prompt: str, answer: str, expected: Any, record: dict, *, case_sensitive: bool = False) -> Verdict:
     """1 if any expected answer occurs in the answer (ignoring case and spacing), else 0."""
-    options = _alternatives(expected)
-    if not options:
-        return None, "no expected answer"
     got = _normalise(answer, case_sensitive)
-    for option in options:
-        if _normalise(option, case_sensitive) in got:
-            return 1.0, f"contains {option!r}"
-    return 0.0, f"lacks {' / '.join(repr(o) for o in options)}"
+    return _any_option(expected, lambda option: _normalise(option, case_sensitive) in got, "contains", "lacks")
 
 
 def regex(prompt: str, answer: str, expected: Any, record: dict, *, ignore_case: bool = True) -> Verdict:
