@@ -116,6 +116,9 @@ def checkpoint_bytes(manifest: dict[str, Any]) -> int:
     return sum(e["bytes"] if isinstance(e, dict) else int(e) for e in manifest.get("files", {}).values())
 
 
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def storage_problem(err: BaseException, directory: Path) -> str | None:
     """What the storage said if `err` is a storage failure (full, read-only, quota), else None.
 
@@ -135,9 +138,6 @@ def storage_problem(err: BaseException, directory: Path) -> str | None:
     finally:
         probe.unlink(missing_ok=True)
     return None
-
-
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -377,8 +377,8 @@ class CheckpointManager:
 
     def remove_stale_partials(self) -> None:
         """`.tmp` directories left by a save that was killed; called at start, before any save."""
-        if self.accelerator.is_main_process and self.root.is_dir():
-            for path in self.root.glob("step-*.tmp"):
+        if self.accelerator.is_main_process:
+            for path in self.rundir.partial_checkpoints():
                 log.warning("removing incomplete checkpoint %s left by an interrupted save", path)
                 shutil.rmtree(path, ignore_errors=True)
 

@@ -35,11 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from noesis_accel.config import world_size
 from noesis_accel.distributed import free_port, launched_world_size
 from noesis_accel.errors import UserError
-from noesis_accel.lease import LeaseHeld, RunLease
+from noesis_accel.lease import HELD_BY_PARENT_ENV, LeaseHeld, RunLease, take_run_lease
 from noesis_accel.rundir import RunDir
 from noesis_accel.signals import FORWARDED_SIGNALS, RunInterrupted, interruption_from_outcome
 from noesis_accel.status import record_stop
-from noesis_accel.volumes import Committer, commit_with_retry
+from noesis_accel.volumes import Committer
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +112,12 @@ class Launcher:
             if self.lease is not None:
                 self.lease.release()
             shutil.rmtree(self._workdir, ignore_errors=True)
-            # Whatever happened, what reached the run dir is made durable (status.json included).
-            try:
-                commit_with_retry(self.committer, int(self.cfg.ckpt.commit_retries),
-                                  float(self.cfg.ckpt.commit_backoff_s))
-            except Exception as err:  # never hide the error that ended the run behind this one
-                log.error("final commit failed: %s", err)
+            # The final commit of what reached the run dir is the caller's (train.run, on every exit path).
 
     def _take_lease(self) -> None:
         # Only the first machine owns the run dir; on a cluster the others write only their shards.
-        if self.node_rank == 0 and not os.environ.get("NOESIS_LEASE_HELD"):
-            self.lease = RunLease(self.rundir, float(self.cfg.ckpt.lease_stale_s),
-                                  float(self.cfg.ckpt.lease_heartbeat_s)).acquire()
+        if self.node_rank == 0:
+            self.lease = take_run_lease(self.rundir, self.cfg.ckpt)
 
     def _start_workers(self) -> None:
         config_file = self._workdir / "config.yaml"
@@ -142,7 +136,7 @@ class Launcher:
             "MASTER_ADDR": address, "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "NOESIS_CONFIG": str(config_file), "NOESIS_LAUNCHER_PID": str(os.getpid()),
-            "NOESIS_LIFELINE_FD": str(lifeline_read), "NOESIS_LEASE_HELD": "1",
+            "NOESIS_LIFELINE_FD": str(lifeline_read), HELD_BY_PARENT_ENV: "1",
         }
         self._install_signal_handlers()  # before the first worker exists: no signal may be missed
         for local_rank in range(self.nproc):
@@ -242,22 +236,23 @@ class Launcher:
         """The one exception that says why this machine's workers stopped."""
         if self.lease is not None and self.lease.lost:
             return LeaseHeld(f"{self.lease.lost}; this start stopped its training processes and wrote nothing more")
-        outcomes = [(w, w.outcome()) for w in self.workers]
-        user_errors = [(w, o) for w, o in outcomes if o.get("kind") == "user_error"]
+        outcomes = {w.rank: w.outcome() for w in self.workers}
+        user_errors = [(w.rank, outcomes[w.rank]) for w in self.workers if outcomes[w.rank].get("kind") == "user_error"]
         if user_errors:
-            _, outcome = min(user_errors, key=lambda item: item[0].rank)
+            _, outcome = min(user_errors, key=lambda item: item[0])
             return WorkerUserError(outcome["message"], int(outcome.get("exit_code", 2)))
-        interrupted = [o for _, o in outcomes if o.get("kind") == "interrupted"]
+        interrupted = [o for o in outcomes.values() if o.get("kind") == "interrupted"]
         if len(interrupted) == len(outcomes):
             return interruption_from_outcome(interrupted[0])
-        errors = [(o.get("time", 0.0), w.rank, o) for w, o in outcomes if o.get("kind") == "error"]
+        errors = [(o.get("time", 0.0), rank, o) for rank, o in outcomes.items() if o.get("kind") == "error"]
         if errors:
             # The first rank to fail is the cause; the others failed in a collective with it.
             _, _, cause = min(errors)
             sys.stderr.write(cause.get("traceback", ""))
             sys.stderr.flush()
         failed = [w for w in self.workers if w.process.returncode != 0]
-        first = min(failed, key=lambda w: (w.outcome().get("kind") != "error", w.outcome().get("time", 0.0), w.rank))
+        first = min(failed, key=lambda w: (outcomes[w.rank].get("kind") != "error",
+                                           outcomes[w.rank].get("time", 0.0), w.rank))
         code = first.process.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         if self.signals_received:
@@ -265,7 +260,7 @@ class Launcher:
             return TrainingProcessFailed(
                 f"stopped by {stopped}, but training process rank {first.rank} {how} before its checkpoint "
                 "was complete; restart the same command to resume from the newest complete checkpoint")
-        detail = first.outcome().get("message")
+        detail = outcomes[first.rank].get("message")
         return TrainingProcessFailed(
             f"training process rank {first.rank} {how}" + (f" ({detail})" if detail else "")
             + "; restart the same command to resume from the newest complete checkpoint")
@@ -278,9 +273,8 @@ class Launcher:
         """
         if self.node_rank != 0:
             return
-        if self.rundir.checkpoints.is_dir():
-            for partial in self.rundir.checkpoints.glob("step-*.tmp"):
-                shutil.rmtree(partial, ignore_errors=True)
+        for partial in self.rundir.partial_checkpoints():
+            shutil.rmtree(partial, ignore_errors=True)
         status = self.rundir.status()
         if status is not None and status.get("state") == "running":
             state = "interrupted" if isinstance(failure, RunInterrupted) else "failed"

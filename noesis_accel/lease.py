@@ -26,7 +26,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from noesis_accel.errors import UserError
@@ -110,12 +109,6 @@ class RunLease:
         if current is not None and current.get("token") == self.owner.token:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "RunLease":
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
     # ------------------------------------------------------------ internals
 
     def _record(self) -> dict[str, Any]:
@@ -177,3 +170,13 @@ class RunLease:
                 os.replace(tmp, self.path)
             except OSError as err:  # a full disk must not kill training; the lease just ages
                 log.warning("could not renew the lease %s: %s", self.path, err)
+
+
+HELD_BY_PARENT_ENV = "NOESIS_LEASE_HELD"  # set by the launcher for its workers: the lease is already ours
+
+
+def take_run_lease(rundir: RunDir, ckpt_cfg: Any) -> RunLease | None:
+    """This start's lease on `rundir` (see `ckpt.lease_*`), or None when the launcher above us holds it."""
+    if os.environ.get(HELD_BY_PARENT_ENV):
+        return None
+    return RunLease(rundir, float(ckpt_cfg.lease_stale_s), float(ckpt_cfg.lease_heartbeat_s)).acquire()

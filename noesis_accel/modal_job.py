@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from noesis_accel.config import compose, modal_layout, order_overrides, validate
 from noesis_accel.errors import ConfigError, UserError, redact
+from noesis_accel.rundir import RunDir, runs_root
 
 OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"  # the CLI overrides, for the container's own import of the app
 
@@ -142,7 +143,7 @@ def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
             problems.append(f"distributed: modal.gpu={cfg.modal.gpu} runs {per_container * containers} processes; "
                             "choose distributed=ddp or distributed=zero2")
     mount = Path(str(cfg.modal.mount))
-    root = Path(os.path.expanduser(str(cfg.run.root)))
+    root = runs_root(cfg)
     if root_given and mount not in (root, *root.parents):
         problems.append(f"run.root: {root} is not on the Volume ({mount}); checkpoints there are lost with the "
                         f"container. Leave run.root unset (it becomes {mount}/runs) or put it under {mount}")
@@ -293,7 +294,7 @@ def describe_submission(settings: ModalSettings, cfg: DictConfig) -> str:
     where = f"{settings.containers} x {settings.gpu}" if settings.gpu else "a CPU container"
     return (f"modal: {cfg.run.name} on {where} (timeout {settings.timeout_s // 3600} h per attempt, "
             f"{settings.retries} retries); watch it with: modal run launch/modal_entry.py::status "
-            f"{shlex.quote(str(cfg.run.name) + ('-' + cfg.run.tag if cfg.run.get('tag') else ''))}")
+            f"{shlex.quote(RunDir.of(cfg).path.name)}")
 
 
 def submit(args: Sequence[str], function: Any, settings: ModalSettings) -> None:

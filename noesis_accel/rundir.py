@@ -52,6 +52,11 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def runs_root(cfg: Any) -> Path:
+    """`run.root`, with `~` expanded: the directory that holds every run dir."""
+    return Path(os.path.expanduser(str(cfg.run.root)))
+
+
 @dataclass(frozen=True)
 class RunDir:
     """One run's directory: where each file lives, and readers for the small ones."""
@@ -60,9 +65,9 @@ class RunDir:
 
     @classmethod
     def of(cls, cfg: Any) -> "RunDir":
-        """The run dir a config trains into: `<run.root>/<run.name>`."""
+        """The run dir a config trains into: `<run.root>/<run.name>[-<run.tag>]`."""
         name = f"{cfg.run.name}-{cfg.run.tag}" if cfg.run.get("tag") else str(cfg.run.name)
-        return cls(Path(os.path.expanduser(str(cfg.run.root))) / name)
+        return cls(runs_root(cfg) / name)
 
     # ------------------------------------------------------------ where things are
 
@@ -163,6 +168,10 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir()
                  if p.is_dir() and (m := STEP_DIR.match(p.name))]
         return sorted(found, reverse=True)
+
+    def partial_checkpoints(self) -> list[Path]:
+        """`step-*.tmp` directories: saves that never finished (a killed process leaves them)."""
+        return sorted(self.checkpoints.glob("step-*.tmp")) if self.checkpoints.is_dir() else []
 
     def final_weights(self) -> Path:
         """The final adapter (or full model) directory, or a one-line error saying why there is none."""

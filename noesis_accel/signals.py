@@ -27,7 +27,7 @@ class PreemptionWatcher:
     def __init__(self, on_forced_exit: Callable[[int], None] | None = None) -> None:
         self.received: int | None = None
         self.saving = False  # set by the loop while the requested checkpoint is written
-        self._extra: list[int] = []
+        self._repeats = 0  # signals after the first
         self._on_forced_exit = on_forced_exit
         self._previous: dict[int, object] = {}
 
@@ -39,8 +39,8 @@ class PreemptionWatcher:
         if self.received is None:
             self.received = signum
             return
-        self._extra.append(signum)
-        if self.saving and len(self._extra) < 2:
+        self._repeats += 1
+        if self.saving and self._repeats < 2:
             return  # let the checkpoint that was asked for finish
         if self._on_forced_exit is not None:
             self._on_forced_exit(signum)
@@ -93,9 +93,8 @@ class StoppedAtDeadline(RunInterrupted):
 
     exit_code = DEADLINE_EXIT_CODE
 
-    def __init__(self, margin_s: float | None = None) -> None:
-        ahead = f" {margin_s:.0f}s" if margin_s is not None else ""
-        super().__init__(f"stopped{ahead} before this attempt's time limit after a checkpoint; "
+    def __init__(self) -> None:
+        super().__init__("stopped before this attempt's time limit after a checkpoint; "
                          "restart (or let the retry run) to resume")
 
     def outcome(self) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def format_status(status: dict[str, Any], attempts: list[Attempt] | None = None,
     if status.get("error"):
         lines.append(f"error:       {status['error']}")
     if attempts:
-        interruptions = [a for a in attempts[:-1]]
+        interruptions = attempts[:-1]
         lost = sum(a.lost_steps or 0 for a in interruptions)
         lines.append(f"attempts:    {len(attempts)} ({len(interruptions)} interruption(s) survived, "
                      f"{lost} step(s) redone)")

@@ -25,6 +25,7 @@ from noesis_accel import config as _config  # registers the schema and resolvers
 from noesis_accel.config import RESTART_SAFE_PREFIXES, order_overrides, validate
 from noesis_accel.errors import UserError, redact
 from noesis_accel.launcher import TrainingProcessFailed, launch, needs_launch
+from noesis_accel.rundir import runs_root
 from noesis_accel.signals import RunInterrupted
 from noesis_accel.trainer import RunResult, Trainer
 from noesis_accel.volumes import Committer, commit_with_retry, default_committer
@@ -44,9 +45,9 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     quiet_known_noise()
     validate(cfg)
     committer = committer or default_committer()
-    if needs_launch(cfg):
-        return RunResult.from_dict(launch(cfg, committer))  # the launcher commits on every exit path
     try:
+        if needs_launch(cfg):
+            return RunResult.from_dict(launch(cfg, committer))
         return Trainer(cfg, committer).run()
     finally:
         try:  # what reached the run dir (status.json included) is made durable on every exit path
@@ -156,7 +157,7 @@ def refuse_unwritable_run_root(args: list[str]) -> None:
     overrides = [a for a in args if not a.startswith("-") and "," not in a.split("=", 1)[-1]]
     try:
         cfg = _config.compose(overrides)
-        root = Path(os.path.expanduser(str(cfg.run.root)))
+        root = runs_root(cfg)
     except Exception:
         return
     existing = root

@@ -30,7 +30,7 @@ from noesis_accel.errors import ConfigError, DataError, ResumeError, UserError, 
 from noesis_accel.metrics import MetricsLogger, truncate_metrics_after
 from noesis_accel.rundir import RunDir, this_host
 from noesis_accel.sampling import LengthBucketBatchSampler
-from noesis_accel.lease import RunLease
+from noesis_accel.lease import RunLease, take_run_lease
 from noesis_accel.signals import (
     InterruptedBySignal,
     PreemptionWatcher,
@@ -101,7 +101,7 @@ class Trainer:
     label_counts: torch.Tensor
     sampler: LengthBucketBatchSampler
     total_steps: int
-    collate: data_mod.PaddingCollator
+    collate: data_mod.PaddingCollator | packing.PackingCollator
     model: torch.nn.Module
     optimizer: Any
     scheduler: Any
@@ -205,10 +205,9 @@ class Trainer:
     def _take_lease(self) -> None:
         """One writer per run dir: taken before anything in it is written (unless the launcher holds it)."""
         problem = None
-        if self.accelerator.is_main_process and not os.environ.get("NOESIS_LEASE_HELD"):
-            lease = RunLease(self.rundir, float(self.cfg.ckpt.lease_stale_s), float(self.cfg.ckpt.lease_heartbeat_s))
+        if self.accelerator.is_main_process:
             try:
-                self.lease = lease.acquire()
+                self.lease = take_run_lease(self.rundir, self.cfg.ckpt)
             except UserError as err:
                 problem = err
         problem = self._main_decides(problem)
@@ -552,9 +551,7 @@ class Trainer:
                          self.progress.initial_eval_loss, eval_after, list(self.step_losses))
 
     def _on_forced_exit(self, signum: int) -> None:
-        if self._owns_run_dir and self.accelerator is not None and self.accelerator.is_main_process:
-            record_stop(self.rundir, "interrupted", self.progress.step,
-                        f"{signal.Signals(signum).name} again: exited at once, before a checkpoint")
+        self._record_exit("interrupted", f"{signal.Signals(signum).name} again: exited at once, before a checkpoint")
 
     # ================================================================ lifecycle
 
@@ -604,5 +601,4 @@ def _reset_accelerate_state() -> None:
 
 def _tracker_config(cfg: DictConfig) -> dict[str, Any]:
     """Tracker hyperparameters must be scalars: lists and None become strings."""
-    return {k: redact(v) if isinstance(v, str) else v if isinstance(v, (int, float, bool)) else redact(str(v))
-            for k, v in flatten(cfg).items()}
+    return {k: v if isinstance(v, (int, float, bool)) else redact(str(v)) for k, v in flatten(cfg).items()}

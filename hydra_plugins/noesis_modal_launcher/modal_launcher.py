@@ -26,6 +26,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel import sweeps
+from noesis_accel.modal_job import OVERRIDES_ENV
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ class ModalLauncher(Launcher):
         # `noesis-train -m ... hydra/launcher=modal`: start the app ourselves for the sweep's duration.
         given = OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False)
         task_overrides = [o for o in given if "," not in o.split("=", 1)[-1]]
-        os.environ["NOESIS_MODAL_OVERRIDES"] = json.dumps(task_overrides)
+        os.environ[OVERRIDES_ENV] = json.dumps(task_overrides)
         spec = importlib.util.spec_from_file_location("noesis_modal_entry", PROJECT / self.entry)
         entry = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(entry)
