@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from omegaconf import DictConfig
 from transformers import TrainerCallback, TrainingArguments
+
+from noesis_accel import data as data_mod
+from noesis_accel import modeling
+from noesis_accel.trainer import _reset_accelerate_state
 
 
 class CountingCollator:
@@ -51,3 +57,42 @@ def reset_peak_memory() -> None:
 
 def peak_memory_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+@dataclasses.dataclass
+class BaselineRun:
+    batches: list[tuple[int, int, list[int]]]  # CountingCollator's record: every collated batch, in order
+    step_end: dict[int, float]  # optimizer step -> wall-clock time at its end
+    peak_memory_gib: float | None
+
+
+def train_hf_baseline(cfg: DictConfig, steps: int, output_dir: Path, strategy: str = "group_by_length") -> BaselineRun:
+    """Hugging Face's Trainer for `steps` steps on `cfg`'s records, model, LoRA, batch, optimizer and schedule."""
+    from transformers import Trainer
+
+    on_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    tokenizer = modeling.load_tokenizer(cfg.model)
+    prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
+    torch.manual_seed(int(cfg.train.seed))
+    model = modeling.build_model(cfg.model, cfg.peft, len(tokenizer), on_cuda)
+    collate = CountingCollator(data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of))
+    clock = StepClock()
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=int(cfg.train.micro_batch_size),
+        gradient_accumulation_steps=int(cfg.train.global_batch_size) // int(cfg.train.micro_batch_size),
+        max_steps=steps, learning_rate=float(cfg.optim.lr),
+        lr_scheduler_type="cosine", warmup_steps=max(1, int(steps * float(cfg.optim.warmup_ratio))),
+        max_grad_norm=float(cfg.optim.max_grad_norm),
+        optim="adamw_bnb_8bit" if cfg.optim.name == "adamw8bit" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
+        bf16=cfg.train.mixed_precision == "bf16", use_cpu=not on_cuda, logging_steps=10**9, save_strategy="no",
+        report_to=[], remove_unused_columns=False, dataloader_drop_last=True, dataloader_num_workers=0,
+        seed=int(cfg.train.seed), disable_tqdm=True, **sampling_arguments(strategy),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=prepared.train, data_collator=collate, callbacks=[clock])
+    try:
+        reset_peak_memory()
+        trainer.train()
+        return BaselineRun(collate.batches, clock.at, peak_memory_gib())
+    finally:
+        del trainer, model
+        _reset_accelerate_state()  # the Trainer's Accelerator set process-wide state our next run must not inherit

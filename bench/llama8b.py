@@ -54,7 +54,7 @@ from noesis_accel.metrics import read_metrics  # noqa: E402
 from noesis_accel.packing import PackingCollator  # noqa: E402
 from noesis_accel.trainer import Trainer, _reset_accelerate_state  # noqa: E402
 
-from hf_baseline import CountingCollator, StepClock, peak_memory_gib, reset_peak_memory, sampling_arguments  # noqa: E402
+from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
 H100_USABLE_GIB = 79.1  # an 80 GB H100 as torch sees it (total_memory), before the CUDA context
@@ -270,43 +270,16 @@ def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, unt
 
 def run_hf(variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict) -> Row:
     """The baseline: transformers' Trainer, length-grouped, on the same records, LoRA and optimizer."""
-    from transformers import Trainer as HFTrainer
-    from transformers import TrainingArguments
-
     cfg = compose(overrides + ["data.eval_fraction=0", f"model.gradient_checkpointing={variant.checkpointing}",
                                f"model.liger={variant.liger}"])
-    on_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    tokenizer = modeling.load_tokenizer(cfg.model)
-    prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
-    torch.manual_seed(int(cfg.train.seed))
-    model = modeling.build_model(cfg.model, cfg.peft, len(tokenizer), on_cuda)
-    collate = CountingCollator(data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of))
-    clock = StepClock()
+    run = train_hf_baseline(cfg, steps, root / "hf")
     accumulation = int(cfg.train.global_batch_size) // int(cfg.train.micro_batch_size)
-    args = TrainingArguments(
-        output_dir=str(root / "hf"), per_device_train_batch_size=int(cfg.train.micro_batch_size),
-        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=float(cfg.optim.lr),
-        lr_scheduler_type="cosine", warmup_steps=max(1, int(steps * float(cfg.optim.warmup_ratio))),
-        max_grad_norm=float(cfg.optim.max_grad_norm),
-        optim="adamw_bnb_8bit" if cfg.optim.name == "adamw8bit" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
-        bf16=cfg.train.mixed_precision == "bf16", use_cpu=not on_cuda, logging_steps=10**9, save_strategy="no",
-        report_to=[], remove_unused_columns=False, dataloader_drop_last=True, dataloader_num_workers=0,
-        seed=int(cfg.train.seed), disable_tqdm=True, **sampling_arguments("group_by_length"),
-    )
-    trainer = HFTrainer(model=model, args=args, train_dataset=prepared.train, data_collator=collate, callbacks=[clock])
-    try:
-        reset_peak_memory()
-        trainer.train()
-        peak = peak_memory_gib()
-        timed = collate.batches[untimed * accumulation: steps * accumulation]  # step i trains batches (i-1)·acc ... i·acc-1
-        assert len(timed) == (steps - untimed) * accumulation, "the Trainer trained another number of batches"
-        real, padded = sum(b[0] for b in timed), sum(b[1] for b in timed)
-        flops = step_flops([n for b in timed for n in b[2]], arch["n_params"], arch["layers"], arch["width"])
-        return Row(variant.name, variant.runner, "ok", steps - untimed, real, clock.at[steps] - clock.at[untimed], flops,
-                   1 - real / padded, peak)
-    finally:
-        del trainer, model
-        _reset_accelerate_state()  # the Trainer's Accelerator set process-wide state our next run must not inherit
+    timed = run.batches[untimed * accumulation: steps * accumulation]  # step i trains batches (i-1)·acc ... i·acc-1
+    assert len(timed) == (steps - untimed) * accumulation, "the Trainer trained another number of batches"
+    real, padded = sum(b[0] for b in timed), sum(b[1] for b in timed)
+    flops = step_flops([n for b in timed for n in b[2]], arch["n_params"], arch["layers"], arch["width"])
+    return Row(variant.name, variant.runner, "ok", steps - untimed, real, run.step_end[steps] - run.step_end[untimed],
+               flops, 1 - real / padded, run.peak_memory_gib)
 
 
 # ---------------------------------------------------------------- report
