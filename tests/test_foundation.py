@@ -13,6 +13,7 @@ from noesis_accel.checkpoint import checkpoint_problem
 from noesis_accel.config import compose
 from noesis_accel.metrics import read_metrics
 from noesis_accel.optim import CosineWithWarmup
+from noesis_accel.rundir import RunDir
 from noesis_accel.status import read_status
 from noesis_accel.train import run
 
@@ -72,8 +73,7 @@ def test_the_cli_applies_debug_last_too(tmp_path) -> None:
 
 def test_a_debug_run_never_uses_the_production_run_dir() -> None:
     production, debug = compose(["+experiment=noesis"]), compose(["+experiment=noesis", "+debug=cpu"])
-    directory = lambda cfg: f"{cfg.run.name}-{cfg.run.tag}" if cfg.run.get("tag") else cfg.run.name  # noqa: E731
-    assert directory(production) == "noesis" and directory(debug) == "noesis-debug"
+    assert RunDir.of(production).path.name == "noesis" and RunDir.of(debug).path.name == "noesis-debug"
 
 
 def test_a_sweep_survives_a_failing_job_and_reports_it(tmp_path) -> None:

@@ -63,7 +63,6 @@ def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[di
     """Run containers until the run completes, killing the first ones as `kills` says; steps each kill cost."""
     rng = random.Random(seed)
     view, remote = tmp_path / "container", tmp_path / "remote"
-    lost: list[int] = []
     for kill in kills:
         env = kill.get("env")
         if "after_step" in kill:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from noesis_accel.config import compose
 from noesis_accel.data import IGNORE_INDEX, PaddingCollator, label_count
@@ -23,6 +22,7 @@ from noesis_accel.packing import PackingCollator, build_collator, records_and_to
 from noesis_accel.train import run
 
 from conftest import run_cli, write_jsonl
+from helpers import assert_same_adapter
 
 RECORDS = [
     {"input_ids": [11, 12, 13, 14, 15], "labels": [IGNORE_INDEX, IGNORE_INDEX, 13, 14, 15]},
@@ -114,9 +114,7 @@ def test_packed_run_killed_and_resumed_is_bitwise_exact(tmp_path, data_path, mon
     assert crashed.returncode == -9, crashed.stderr[-3000:]
     resumed = run(compose(command + [f"run.root={tmp_path / 'crash'}"]))
     assert resumed.losses == reference.losses[2:]  # resumed from step 2: steps 3 and 4, exactly
-    ours = load_file(str(tmp_path / "crash" / "tiny" / "adapter" / "adapter_model.safetensors"))
-    theirs = load_file(str(tmp_path / "reference" / "tiny" / "adapter" / "adapter_model.safetensors"))
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert_same_adapter(tmp_path / "crash" / "tiny", tmp_path / "reference" / "tiny")
 
 
 def test_build_collator_follows_the_config() -> None:

@@ -15,7 +15,7 @@ import torch
 from noesis_accel.status import read_status
 
 from conftest import run_cli
-from helpers import adapter_weights, mark_interrupted, resumed_step, step_losses
+from helpers import assert_same_adapter, mark_interrupted, resumed_step, step_losses
 
 STEPS = 8
 ZERO2 = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0",
@@ -41,9 +41,7 @@ def test_zero2_adamw8bit_two_processes_killed_and_resumed_is_bitwise_exact(tmp_p
     checkpoint = tmp_path / "tiny" / "checkpoints" / "step-000004" / "pytorch_model"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    ours, theirs = adapter_weights(tmp_path / "tiny"), adapter_weights(two_process_reference)
-    for name in ours:
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_same_adapter(tmp_path / "tiny", two_process_reference)
     ours_losses, ref_losses = step_losses(tmp_path / "tiny"), step_losses(two_process_reference)
     for step in range(5, STEPS + 1):
         assert ours_losses[step] == ref_losses[step], step  # the loss after each resumed step is identical
