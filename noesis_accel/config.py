@@ -140,6 +140,9 @@ class CkptConfig:
     resume: str = "auto"  # auto | never | <path to a checkpoint>
     commit_retries: int = 5
     commit_backoff_s: float = 1.0
+    # Also commit the small progress files (metrics, events, status) this often, and at each start:
+    # a hard kill, which commits nothing, then costs steps known to within this period. 0: never.
+    progress_commit_s: float = 60.0
     # A DeepSpeed checkpoint's optimizer state is partitioned per process. On another process
     # count: `refuse` (exact or nothing), or `reset_optimizer` (weights, schedule and data position
     # continue; the optimizer moments start afresh: not exact, stated in the log).
@@ -376,6 +379,7 @@ def validate(cfg: DictConfig) -> None:
     check(ckpt.every_minutes is None or ckpt.every_minutes > 0, "ckpt.every_minutes", "must be > 0 or null")
     check(ckpt.keep_last >= 1, "ckpt.keep_last", "must be >= 1 (the newest complete checkpoint is always kept)")
     check(ckpt.commit_retries >= 0, "ckpt.commit_retries", "must be >= 0")
+    check(ckpt.progress_commit_s >= 0, "ckpt.progress_commit_s", "must be >= 0 seconds (0: no progress commits)")
     check(0 < ckpt.lease_heartbeat_s < ckpt.lease_stale_s, "ckpt.lease_heartbeat_s",
           f"must be > 0 and below ckpt.lease_stale_s ({ckpt.lease_stale_s})")
     check(bool(str(ckpt.resume)), "ckpt.resume", "must be auto, never or a checkpoint path")

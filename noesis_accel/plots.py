@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.status import history_of, lost_words, resumed_after
+
 # (metrics.jsonl key, panel title, y label); the held-out loss shares the loss panel.
 PANELS = (
     ("loss", "Loss (held-out: dots; open dot: before training)", "loss"),
@@ -26,22 +28,33 @@ def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
 
 
 def marks(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Checkpoints, interruptions (the step a stopped attempt had reached) and resumes, from events.jsonl."""
+    """Checkpoints, interruptions (the step a stopped attempt had reached) and resumes, from events.jsonl.
+
+    Attempts come from the run's history (status.history_of), so the figure and noesis-status agree.
+    """
     checkpoints = [{"step": int(e["step"]), "name": e.get("name"), "reason": e.get("reason")}
                    for e in events if e.get("event") == "checkpoint"]
+    attempts = history_of(events)
     interruptions, resumes = [], []
-    for e in events:
-        if e.get("event") != "start" or int(e.get("attempt", 1)) <= 1:
+    for i, attempt in enumerate(attempts[:-1]):
+        after = resumed_after(attempts, i)
+        reached = attempt.last_step if attempt.last_step is not None else (after.first_step if after else None)
+        if reached is not None:
+            interruptions.append({"step": int(reached), "exit": attempt.stop_reason, "attempt": attempt.number,
+                                  "resumed_at": after.first_step if after else None})
+    for attempt in attempts[1:]:
+        if attempt.first_step is None:
             continue
-        reached = e.get("previous_reached")
-        interruptions.append({"step": int(reached if reached is not None else e.get("step", 0)),
-                              "exit": e.get("previous_exit"), "attempt": int(e["attempt"]) - 1})
-        resumes.append({"step": int(e.get("step", 0)), "from": e.get("resumed_from"),
-                        "attempt": int(e["attempt"]), "lost_steps": e.get("lost_steps")})
+        # The attempts this resume followed: usually one, more when some died before training.
+        redone = [a for i, a in enumerate(attempts[:-1]) if resumed_after(attempts, i) is attempt]
+        costs = [(a.lost_steps or 0, a.lost_steps_exact) for a in redone]
+        resumes.append({"step": attempt.first_step, "from": attempt.resumed_from, "attempt": attempt.number,
+                        "lost_steps": sum(n for n, _ in costs), "lost_steps_exact": all(e for _, e in costs)})
     # A run that is stopped now (its last event a stop that is not completion) shows that stop too.
     last = events[-1] if events else None
     if last is not None and last.get("event") == "stop" and last.get("state") != "completed":
-        interruptions.append({"step": int(last.get("step", 0)), "exit": last.get("reason"), "attempt": None})
+        interruptions.append({"step": int(last.get("step", 0)), "exit": last.get("reason"), "attempt": None,
+                              "resumed_at": None})
     return {"checkpoint": checkpoints, "interruption": interruptions, "resume": resumes}
 
 
@@ -105,17 +118,18 @@ def build_figure(data: dict[str, Any], title: str):  # -> matplotlib.figure.Figu
 def _draw_marks(ax: Any, found: dict[str, list[dict[str, Any]]]) -> None:
     for mark in found["checkpoint"]:
         ax.axvline(mark["step"], color=_COLORS["checkpoint"], linestyle=":", linewidth=0.9, gid="checkpoint", zorder=0)
-    for stop, resume in zip(found["interruption"], found["resume"] + [None] * len(found["interruption"])):
-        if resume is not None and resume["step"] < stop["step"]:
+    for stop in found["interruption"]:
+        resumed_at = stop.get("resumed_at")
+        if resumed_at is not None and resumed_at < stop["step"]:
             # The steps between the checkpoint resumed from and the step reached were done twice.
-            ax.axvspan(resume["step"], stop["step"], color=_COLORS["interruption"], alpha=0.12, gid="lost", zorder=0)
+            ax.axvspan(resumed_at, stop["step"], color=_COLORS["interruption"], alpha=0.12, gid="lost", zorder=0)
         ax.axvline(stop["step"], color=_COLORS["interruption"], linewidth=1.8, gid="interruption", zorder=1)
     for resume in found["resume"]:
         ax.axvline(resume["step"], color=_COLORS["resume"], linestyle="--", linewidth=1.8, gid="resume", zorder=1)
     top = ax.get_xaxis_transform()
     for i, resume in enumerate(found["resume"]):
-        lost = resume.get("lost_steps")
-        note = f"resume {i + 1}" + (f": {lost} step{'s' if lost != 1 else ''} redone" if lost else "")
+        lost, exact = resume.get("lost_steps"), resume.get("lost_steps_exact", True)
+        note = f"resume {i + 1}" + (f": {lost_words(lost, exact)}" if lost or not exact else "")
         ax.text(resume["step"], 0.98, " " + note, transform=top, color=_COLORS["resume"], fontsize=8,
                 va="top", ha="left", gid="resume_label")
 

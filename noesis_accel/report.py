@@ -19,6 +19,7 @@ import yaml
 
 from noesis_accel.errors import exit_on_user_error
 from noesis_accel.rundir import RunDir
+from noesis_accel.status import history_of, redone_words, resumed_after
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Attempt:
     number: int
     started: float
     ended: float | None
-    start_step: int
+    start_step: int | None  # None: it never got to train, as far as the committed files show
     processes: int
     device: str
     exit: str
@@ -39,28 +40,26 @@ class Attempt:
 
 
 def attempts(events: list[dict[str, Any]], status: dict[str, Any]) -> list[Attempt]:
-    """Every start in events.jsonl with when and how it ended."""
-    starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
-    found = []
-    for n, index in enumerate(starts):
-        start = events[index]
-        following = events[index + 1 : starts[n + 1] if n + 1 < len(starts) else len(events)]
-        stops = [e for e in following if e.get("event") == "stop"]
-        nxt = events[starts[n + 1]] if n + 1 < len(starts) else None
-        if stops:
-            ended, how = float(stops[-1]["time"]), str(stops[-1].get("reason") or stops[-1].get("state"))
-        elif nxt is not None:
-            ended, how = nxt.get("previous_last_seen"), str(nxt.get("previous_exit", "unknown"))
-        else:  # the newest attempt, still running or killed without a record yet
-            ended, how = status.get("updated_unix"), f"{status.get('state', 'unknown')} (no stop recorded yet)"
-        times = [float(e["time"]) for e in following if "time" in e]
-        found.append(Attempt(
-            number=int(start.get("attempt", n + 1)), started=float(start["time"]),
-            ended=float(ended) if ended is not None else (max(times) if times else None),
-            start_step=int(start.get("step", 0)), processes=int(start.get("processes", 1)),
-            device=str(start.get("device", "unknown")), exit=how,
-        ))
-    return found
+    """Every start in events.jsonl with when and how it ended (the run's history, as noesis-status tells it)."""
+    found = history_of(events, status)
+    return [Attempt(number=a.number, started=a.started, ended=a.ended, start_step=a.first_step,
+                    processes=a.processes, device=a.device,
+                    exit=a.stop_reason or f"{status.get('state', 'unknown')} (no stop recorded yet)")
+            for a in found]
+
+
+def interruptions(events: list[dict[str, Any]], status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every attempt that a later one followed: how it ended, how far it got, and what resuming cost."""
+    found = history_of(events, status)
+    rows = []
+    for i, attempt in enumerate(found[:-1]):
+        after = resumed_after(found, i)
+        rows.append({"attempt": attempt.number, "exit": attempt.stop_reason, "reached": attempt.last_step,
+                     "reached_exact": attempt.reached_exact,
+                     "resumed_from": after.resumed_from if after else None,
+                     "resumed_at": after.first_step if after else None,
+                     "lost_steps": attempt.lost_steps, "lost_steps_exact": attempt.lost_steps_exact})
+    return rows
 
 
 def run_facts(rundir: RunDir) -> dict[str, Any]:
@@ -72,11 +71,6 @@ def run_facts(rundir: RunDir) -> dict[str, Any]:
     started = runs[0].started if runs else None
     ended = max((a.ended for a in runs if a.ended), default=None)
     gpu_hours = sum(a.processes * a.hours for a in runs if a.device == "cuda")
-    interruptions = [
-        {"attempt": int(e.get("attempt", 0)) - 1, "exit": e.get("previous_exit"), "reached": e.get("previous_reached"),
-         "resumed_from": e.get("resumed_from"), "resumed_at": e.get("step"), "lost_steps": e.get("lost_steps")}
-        for e in events if e.get("event") == "start" and int(e.get("attempt", 1)) > 1
-    ]
     before, after = status.get("eval_loss_before"), status.get("eval_loss_after")
     return {
         "name": rundir.path.name,
@@ -100,7 +94,7 @@ def run_facts(rundir: RunDir) -> dict[str, Any]:
         "attempts": [asdict(a) for a in runs],
         "checkpoints": [{k: e.get(k) for k in ("step", "name", "reason", "seconds", "time")}
                         for e in events if e.get("event") == "checkpoint"],
-        "interruptions": interruptions,
+        "interruptions": interruptions(events, status),
     }
 
 
@@ -143,6 +137,20 @@ def _num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _reached(interruption: dict[str, Any]) -> str:
+    """The step an interrupted attempt reached: '14', or 'at least 14' when it was killed."""
+    exact = interruption.get("reached_exact", True) or interruption["reached"] is None
+    return _num(interruption["reached"]) if exact else f"at least {_num(interruption['reached'])}"
+
+
+def _lost(interruption: dict[str, Any]) -> str:
+    """The steps lost column: '2', 'at least 2', 'unknown', or '-' when no attempt resumed after it yet."""
+    lost, exact = interruption["lost_steps"], interruption.get("lost_steps_exact", True)
+    if lost is None or exact:
+        return _num(lost)
+    return f"at least {_num(lost)}" if lost else "unknown"
+
+
 def markdown(rundir: RunDir, facts: dict[str, Any], figure: str | None, evaluation: dict[str, Any] | None) -> str:
     lines = [f"# Run report: {facts['name']}", ""]
     lines += [f"`{rundir.path}` · state **{facts['state']}** at step {facts['step']} / {facts['total_steps'] or '?'}", ""]
@@ -169,16 +177,18 @@ def markdown(rundir: RunDir, facts: dict[str, Any], figure: str | None, evaluati
         lines += ["| attempt | how it ended | step reached | resumed from | resumed at | steps lost |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for i in facts["interruptions"]:
-            lines.append(f"| {i['attempt']} | {i['exit'] or '-'} | {_num(i['reached'])} | {i['resumed_from'] or 'start'} | "
-                         f"{_num(i['resumed_at'])} | {_num(i['lost_steps'])} |")
-        total = sum(int(i["lost_steps"] or 0) for i in facts["interruptions"])
-        lines += ["", f"{len(facts['interruptions'])} interruption(s); {total} step(s) done twice in all."]
+            lines.append(f"| {i['attempt']} | {i['exit'] or '-'} | {_reached(i)} | {i['resumed_from'] or 'start'} | "
+                         f"{_num(i['resumed_at'])} | {_lost(i)} |")
+        costs = [(int(i["lost_steps"]), i.get("lost_steps_exact", True)) for i in facts["interruptions"]
+                 if i["lost_steps"] is not None]
+        lines += ["", f"{len(facts['interruptions'])} interruption(s); {redone_words(costs, 'done twice in all')}."]
     else:
         lines.append("None: the run trained in one attempt.")
     lines += ["", "## Attempts", "", "| # | started | ended | from step | processes x device | how it ended |",
               "| --- | --- | --- | --- | --- | --- |"]
     for a in facts["attempts"]:
-        lines.append(f"| {a['number']} | {_when(a['started'])} | {_when(a['ended'])} | {a['start_step']} | "
+        first = "-" if a["start_step"] is None else a["start_step"]  # it never got to train, as committed
+        lines.append(f"| {a['number']} | {_when(a['started'])} | {_when(a['ended'])} | {first} | "
                      f"{a['processes']} x {a['device']} | {a['exit']} |")
     lines += ["", "## Checkpoints", ""]
     if facts["checkpoints"]:

@@ -3,7 +3,7 @@
     <run.root>/<run.name>/
       config.yaml        resolved config of the run (a restart compares its math keys against it)
       status.json        state, progress, newest checkpoint, exit reason
-      events.jsonl       one line per start, checkpoint and stop: the run's history
+      events.jsonl       one line per attempt starting, start, checkpoint and stop: the run's history
       metrics.jsonl      per-step loss, lr, tokens/s, grad norm; held-out loss
       lease.json         the one process allowed to write here, with its heartbeat
       checkpoints/step-000123/   accelerate save_state output + manifest.json (written last)

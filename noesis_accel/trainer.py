@@ -39,7 +39,15 @@ from noesis_accel.signals import (
     attempt_deadline,
     deadline_reached,
 )
-from noesis_accel.status import read_status, record_stop, write_status
+from noesis_accel.status import (
+    PreviousAttempt,
+    attempt_starts,
+    lost_steps,
+    previous_attempt,
+    read_status,
+    record_stop,
+    write_status,
+)
 from noesis_accel.volumes import Committer, LocalCommitter
 
 log = logging.getLogger(__name__)
@@ -111,6 +119,10 @@ class Trainer:
     eval_interval: int
     resumed_from: Checkpoint | None
     metrics: MetricsLogger
+    # Main process only, set by _record_starting()
+    attempt: int  # this attempt's number (1 for the first start of the run)
+    last_attempt: PreviousAttempt | None  # how far the attempt before this one got, as committed
+    _last_progress_commit: float = 0.0  # time.monotonic() of the newest progress commit
 
     def __init__(self, cfg: DictConfig, committer: Committer | None = None) -> None:
         validate(cfg)
@@ -145,6 +157,8 @@ class Trainer:
         self._take_lease()
         self._check_same_config_on_every_machine()
         self._check_run_dir_config()
+        if accelerator.is_main_process:  # before loading: an attempt killed while it loads still counts
+            self._record_starting()
         from accelerate.utils import set_seed
 
         set_seed(int(cfg.train.seed))
@@ -311,34 +325,70 @@ class Trainer:
             self._record_start(checkpoint)
             # Steps logged after the resume point (or every step, if nothing was saved) are re-done.
             truncate_metrics_after(self.run_dir, self.progress.step)
+            self._commit_progress()
             if checkpoint is not None:
                 print(f"resumed from {checkpoint.path} at step {self.progress.step}/{self.total_steps}", flush=True)
 
-    def _record_start(self, checkpoint: Checkpoint | None) -> None:
-        """An `start` event: which attempt this is, where it resumed, and what the last stop cost.
+    def _record_starting(self) -> None:
+        """A `starting` event, committed at once: which attempt this is, and how far the one before got.
 
-        Read before the metrics of re-done steps are dropped: the furthest step the previous attempt
-        logged, minus the step resumed from, is the work the interruption lost.
+        Written before the model loads, so an attempt killed while loading still counts. Read from
+        the committed files before this attempt writes anything: the previous attempt's newest
+        records, and whether it stopped gracefully (exact) or was killed (a lower bound, unless
+        every step it finished was durable as written).
         """
         rundir = self.rundir
-        attempt = 1 + sum(1 for e in rundir.events() if e.get("event") == "start")
-        event: dict[str, Any] = {"attempt": attempt, "step": self.progress.step,
+        events = rundir.events()
+        self.last_attempt = previous = previous_attempt(events, rundir.metrics(), rundir.status())
+        event: dict[str, Any] = {
+            "attempt": 1 + len(attempt_starts(events)),
+            "processes": self.accelerator.num_processes, "device": self.accelerator.device.type,
+            "host": this_host(), "pid": os.getpid(),
+            "every_step_durable": _durable_as_written(self.committer) and int(self.cfg.train.log_every) == 1,
+        }
+        if previous is not None:
+            event.update(previous_reached=previous.reached, previous_reached_exact=previous.exact,
+                         previous_exit=previous.exit, previous_last_seen=previous.last_seen)
+        self.attempt = event["attempt"]
+        rundir.append_event("starting", **event)
+        self._commit_progress()
+
+    def _record_start(self, checkpoint: Checkpoint | None) -> None:
+        """A `start` event: the step training starts from, and what the interruption before it cost."""
+        event: dict[str, Any] = {"attempt": self.attempt, "step": self.progress.step,
                                  "resumed_from": checkpoint.path.name if checkpoint else None,
                                  "processes": self.accelerator.num_processes,
                                  "device": self.accelerator.device.type, "host": this_host(), "pid": os.getpid()}
-        if attempt > 1:
-            status = rundir.status() or {}
-            logged = [m for m in rundir.metrics() if "loss" in m]
-            reached = max((int(m["step"]) for m in logged), default=0)
-            times = [float(m["time"]) for m in logged[-1:] if "time" in m]
-            times += [float(status["updated_unix"])] if "updated_unix" in status else []
-            if status.get("state") == "running":
-                previous_exit = "killed (no exit recorded: SIGKILL, a lost machine, or a preemption past its grace)"
-            else:
-                previous_exit = status.get("exit_reason") or status.get("state") or "unknown"
-            event.update(previous_reached=reached, lost_steps=max(0, reached - self.progress.step),
-                         previous_exit=previous_exit, previous_last_seen=max(times, default=None))
-        rundir.append_event("start", **event)
+        previous = self.last_attempt
+        if previous is not None:
+            event["lost_steps"], event["lost_steps_exact"] = lost_steps(previous.reached, previous.exact,
+                                                                        self.progress.step)
+        self.rundir.append_event("start", **event)
+
+    def _progress_commit_hook(self) -> None:
+        """Every `ckpt.progress_commit_s`: status.json's step, then a commit of the small progress files.
+
+        So a hard kill's cost is known to within that period: the next attempt reads how far this
+        one got from what was committed. Main process only (it holds the committer).
+        """
+        period = self.cfg.ckpt.progress_commit_s
+        if not period or not self.accelerator.is_main_process:
+            return
+        if time.monotonic() - self._last_progress_commit < float(period):
+            return
+        write_status(self.run_dir, step=self.progress.step)
+        self._commit_progress()
+
+    def _commit_progress(self) -> None:
+        """Commit what the run dir holds now; a failure costs only precision, so it is a warning."""
+        if not self.cfg.ckpt.progress_commit_s:
+            return
+        self._last_progress_commit = time.monotonic()
+        try:
+            self.committer.commit()
+        except Exception as err:  # any storage backend's error; the next checkpoint commit retries anyway
+            log.warning("could not commit the run's progress files (%s); training goes on, but a hard kill "
+                        "now may be reported as costing fewer steps than it did", err)
 
     def _announce(self, model: torch.nn.Module) -> None:
         trainable, total = modeling.count_parameters(model)
@@ -465,6 +515,7 @@ class Trainer:
             self.metrics.write(f"step {progress.step}: held-out loss {eval_loss:.4f}")
             self.model.train()
         self._checkpoint_hook()
+        self._progress_commit_hook()
 
     def _checkpoint_hook(self) -> None:
         """Save when due (interval, minutes, signal, deadline, final); after a stop request, stop once saved."""
@@ -588,6 +639,12 @@ class Trainer:
     def _record_exit(self, state: str, reason: str) -> None:
         if self._owns_run_dir and self.accelerator is not None and self.accelerator.is_main_process:
             record_stop(self.rundir, state, self.progress.step, reason)
+
+
+def _durable_as_written(committer: Committer) -> bool:
+    """Whether what is written under the run dir lasts with no commit (a local disk, not a Volume)."""
+    inner = getattr(committer, "inner", committer)  # a wrapper (the tracker-log mirror) commits through `inner`
+    return isinstance(inner, LocalCommitter)
 
 
 def _reset_accelerate_state() -> None:

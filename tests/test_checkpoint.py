@@ -179,8 +179,9 @@ class RecordingCommitter:
 
 
 def test_every_tenth_of_the_run_is_saved_committed_and_pruned(tmp_path) -> None:
+    # Progress commits off: this counts the commits of checkpoints.
     cfg = compose(["+experiment=tiny", "train.max_steps=20", "ckpt.every=0.1", "ckpt.keep_last=3",
-                   f"run.root={tmp_path}", "train.eval_every=0"])
+                   f"run.root={tmp_path}", "train.eval_every=0", "ckpt.progress_commit_s=0"])
     committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints")
     run(cfg, committer)
     # Ten checkpoints, one per tenth of the run (the tenth is the final one), each committed once,
@@ -196,8 +197,9 @@ def test_every_tenth_of_the_run_is_saved_committed_and_pruned(tmp_path) -> None:
 
 
 def test_a_commit_that_fails_twice_then_succeeds_loses_nothing(tmp_path) -> None:
+    # Progress commits off: the two failures must hit the first checkpoint's commit.
     cfg = compose(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "ckpt.commit_backoff_s=0",
-                   f"run.root={tmp_path}"])
+                   f"run.root={tmp_path}", "ckpt.progress_commit_s=0"])
     committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints", failures=2)
     result = run(cfg, committer)
     assert result.state == "completed"

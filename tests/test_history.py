@@ -1,0 +1,289 @@
+"""The run's history: every attempt that started, how far each got, and what each interruption cost.
+
+Most tests read hand-made events.jsonl/metrics.jsonl as a restart finds them on a Volume (only what
+was committed); one runs simulated Modal containers with no background commits and kills one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from noesis_accel.plots import marks
+from noesis_accel.report import markdown, run_facts
+from noesis_accel.rundir import RunDir
+from noesis_accel.status import (
+    KILLED,
+    attempt_starts,
+    format_status,
+    history,
+    history_of,
+    lost_steps,
+    lost_words,
+    main as status_main,
+    previous_attempt,
+)
+
+from conftest import write_jsonl
+from helpers import REPO, kill_group, logged_step, wait_until
+
+T0 = 1_700_000_000.0
+
+
+def _starting(t: float, attempt: int, previous: Any = None, durable: bool = False) -> dict[str, Any]:
+    """A `starting` event as the trainer writes it before loading, its reading of the previous attempt included."""
+    event = {"event": "starting", "time": t, "attempt": attempt, "processes": 1, "device": "cuda", "host": "h",
+             "pid": 1, "every_step_durable": durable}
+    if previous is not None:
+        event.update(previous_reached=previous.reached, previous_reached_exact=previous.exact,
+                     previous_exit=previous.exit, previous_last_seen=previous.last_seen)
+    return event
+
+
+def _start(t: float, attempt: int, step: int, previous: Any = None) -> dict[str, Any]:
+    """A `start` event as the trainer writes it once the checkpoint is loaded."""
+    event = {"event": "start", "time": t, "attempt": attempt, "step": step,
+             "resumed_from": f"step-{step:06d}" if step else None, "processes": 1, "device": "cuda", "host": "h"}
+    if previous is not None:
+        event["lost_steps"], event["lost_steps_exact"] = lost_steps(previous.reached, previous.exact, step)
+    return event
+
+
+def _metrics(first: int, last: int, t: float) -> list[dict[str, Any]]:
+    return [{"step": s, "loss": 1.0, "time": t + s} for s in range(first, last + 1)]
+
+
+def _checkpoint(t: float, step: int) -> dict[str, Any]:
+    return {"event": "checkpoint", "time": t, "step": step, "reason": "interval", "name": f"step-{step:06d}"}
+
+
+def _restart(events: list[dict[str, Any]], metrics: list[dict[str, Any]], t: float, resume_at: int,
+             status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """What the next attempt appends, reading the committed files as the trainer does."""
+    previous = previous_attempt(events, metrics, status)
+    attempt = 1 + len(attempt_starts(events))
+    return events + [_starting(t, attempt, previous), _start(t + 1, attempt, resume_at, previous)]
+
+
+def _first_attempt_killed_at_14() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Attempt 1: checkpoints every 6 steps, progress committed up to step 14, then SIGKILL."""
+    events = [_starting(T0, 1), _start(T0 + 1, 1, 0), _checkpoint(T0 + 7, 6), _checkpoint(T0 + 13, 12)]
+    return events, _metrics(1, 14, T0)
+
+
+def test_a_kill_after_a_progress_commit_costs_at_least_the_committed_steps_beyond_the_checkpoint() -> None:
+    events, metrics = _first_attempt_killed_at_14()
+    events = _restart(events, metrics, T0 + 100, resume_at=12)
+    starting, start = events[-2], events[-1]
+    assert starting["previous_reached"] == 14 and starting["previous_reached_exact"] is False
+    assert starting["previous_exit"] == KILLED and starting["previous_last_seen"] == T0 + 14
+    assert (start["lost_steps"], start["lost_steps_exact"]) == (2, False)
+    first, second = history_of(events)
+    assert (first.first_step, first.last_step, first.reached_exact) == (0, 14, False)
+    assert (first.lost_steps, first.lost_steps_exact, first.lost) == (2, False, "lost at least 2 step(s)")
+    assert second.first_step == 12 and second.resumed_from == "step-000012"
+
+
+def test_an_attempt_killed_before_its_first_progress_commit_appears_with_an_unknown_cost() -> None:
+    """The issue's case: attempt 2 resumed at 12, reached 14 and was killed before committing anything more."""
+    events, metrics = _first_attempt_killed_at_14()
+    events = _restart(events, metrics, T0 + 100, resume_at=12)
+    # Attempt 2 truncated metrics.jsonl to step 12 and logged 13 and 14, none of it committed: the
+    # Volume still holds attempt 1's records up to 14, which must not be taken for attempt 2's.
+    events = _restart(events, metrics, T0 + 200, resume_at=12)
+    assert events[-2]["previous_reached"] == 12 and events[-1]["lost_steps"] == 0
+    assert events[-1]["lost_steps_exact"] is False
+    attempts = history_of(events)
+    assert [a.number for a in attempts] == [1, 2, 3]
+    assert attempts[1].lost == "lost an unknown number of steps"
+    text = format_status({"state": "running", "step": 12, "total_steps": 30}, attempts)
+    assert "attempts:    3 (2 interruption(s) survived, at least 2 step(s) redone; 1 of unknown cost)" in text
+    assert "  #1: steps 0 -> at least 14, 0:00:14 on 1 x cuda (h); killed (no exit recorded" in text
+    assert text.splitlines()[5].endswith("; lost at least 2 step(s)")
+    assert "  #2: steps 12 -> at least 12, " in text
+    assert text.splitlines()[6].endswith("; lost an unknown number of steps")
+
+
+def test_an_attempt_killed_while_loading_still_counts() -> None:
+    events, metrics = _first_attempt_killed_at_14()
+    events = _restart(events, metrics, T0 + 100, resume_at=12)[:-1]  # `starting` only: killed while loading
+    events = _restart(events, metrics, T0 + 200, resume_at=12)
+    attempts = history_of(events)
+    assert [a.number for a in attempts] == [1, 2, 3]
+    assert attempts[0].lost == "lost at least 2 step(s)"  # redone by attempt 3, the next one to train
+    assert (attempts[1].first_step, attempts[1].last_step, attempts[1].lost) == \
+        (None, None, "lost an unknown number of steps")
+    text = format_status({"state": "running", "step": 12}, attempts)
+    assert "  #2: no step recorded, " in text
+    assert [m["step"] for m in marks(events)["interruption"]] == [14, 12]
+    assert marks(events)["resume"][-1] == {"step": 12, "from": "step-000012", "attempt": 3, "lost_steps": 2,
+                                           "lost_steps_exact": False}
+
+
+def test_a_graceful_stop_costs_an_exact_count() -> None:
+    events, metrics = _first_attempt_killed_at_14()
+    events += [{"event": "stop", "time": T0 + 15, "state": "failed", "step": 14, "reason": "RuntimeError: boom"}]
+    events = _restart(events, metrics, T0 + 100, resume_at=12)
+    assert (events[-1]["lost_steps"], events[-1]["lost_steps_exact"]) == (2, True)
+    first = history_of(events)[0]
+    assert (first.last_step, first.stop_reason, first.lost) == (14, "RuntimeError: boom", "lost 2 step(s)")
+    assert "(1 interruption(s) survived, 2 step(s) redone)" in format_status({}, history_of(events))
+
+
+def test_a_kill_where_every_step_was_durable_as_written_is_exact() -> None:
+    """A local run: metrics.jsonl is on disk the moment a step is logged, so the kill's cost is known."""
+    events = [_starting(T0, 1, durable=True), _start(T0 + 1, 1, 0), _checkpoint(T0 + 4, 3)]
+    events = _restart(events, _metrics(1, 5, T0), T0 + 100, resume_at=3)
+    assert (events[-1]["lost_steps"], events[-1]["lost_steps_exact"]) == (2, True)
+    assert history_of(events)[0].lost == "lost 2 step(s)"
+
+
+def test_status_json_counts_when_this_attempt_wrote_it() -> None:
+    """The periodic progress commit writes status.json's step: with log_every > 1 it may be the furthest."""
+    events, metrics = _first_attempt_killed_at_14()
+    previous = previous_attempt(events, metrics, {"step": 15, "updated_unix": T0 + 15.5})
+    assert (previous.reached, previous.last_seen) == (15, T0 + 15.5)
+    stale = previous_attempt(events, metrics, {"step": 99, "updated_unix": T0 - 1})  # before it started
+    assert stale.reached == 14
+
+
+def test_old_events_without_the_new_keys_still_read() -> None:
+    """Run dirs written before the `starting` event: one `start` per attempt held everything."""
+    killed = "killed (no exit recorded: SIGKILL, a lost machine, or a preemption past its grace)"
+    events = [
+        {"event": "start", "time": T0, "attempt": 1, "step": 0, "resumed_from": None, "processes": 2,
+         "device": "cuda", "host": "a", "pid": 1},
+        _checkpoint(T0 + 4, 3),
+        {"event": "start", "time": T0 + 100, "attempt": 2, "step": 3, "resumed_from": "step-000003",
+         "processes": 2, "device": "cuda", "host": "b", "pid": 2, "previous_reached": 5, "lost_steps": 2,
+         "previous_exit": killed, "previous_last_seen": T0 + 6},
+        {"event": "stop", "time": T0 + 110, "state": "interrupted", "step": 6, "reason": "stopped by SIGTERM"},
+        {"event": "start", "time": T0 + 200, "attempt": 3, "step": 6, "resumed_from": "step-000006",
+         "processes": 2, "device": "cuda", "host": "c", "pid": 3, "previous_reached": 6, "lost_steps": 0,
+         "previous_exit": "stopped by SIGTERM", "previous_last_seen": T0 + 110},
+    ]
+    attempts = history_of(events, {"step": 8, "updated_unix": T0 + 250})
+    assert [(a.first_step, a.last_step) for a in attempts] == [(0, 5), (3, 6), (6, 8)]
+    # The old count of a kill came from committed files that may end before the kill: a lower bound.
+    assert [a.lost for a in attempts] == ["lost at least 2 step(s)", "lost 0 step(s)", ""]
+    assert [a.stop_reason for a in attempts[:2]] == [killed, "stopped by SIGTERM"]
+    assert round(attempts[0].gpu_hours * 3600) == 12  # 6 s on 2 GPUs
+    previous = previous_attempt(events[:2], [], None)  # an old start as the previous attempt's only record
+    assert previous.reached == 3 and not previous.exact
+    # The same run dir continued by this version: its attempt 4 reads attempt 3 from the old records.
+    continued = _restart(events, _metrics(7, 8, T0 + 200), T0 + 300, resume_at=6)
+    assert continued[-1]["attempt"] == 4 and continued[-2]["previous_reached"] == 8
+    assert [a.lost for a in history_of(continued)] == ["lost at least 2 step(s)", "lost 0 step(s)",
+                                                       "lost at least 2 step(s)", ""]
+
+
+def test_a_start_that_failed_while_loading_trained_nothing() -> None:
+    events, metrics = _first_attempt_killed_at_14()
+    events = _restart(events, metrics, T0 + 100, resume_at=12)[:-1]
+    events.append({"event": "stop", "time": T0 + 101, "state": "failed", "step": 0, "reason": "data.path: bad"})
+    events = _restart(events, metrics, T0 + 200, resume_at=12)
+    failed = history_of(events)[1]
+    assert (failed.first_step, failed.last_step, failed.stop_reason) == (None, None, "data.path: bad")
+    assert failed.lost == "lost 0 step(s)"
+    assert "  #2: no step recorded, 0:00:01 on 1 x cuda (h); data.path: bad; lost 0 step(s)" in \
+        format_status({}, history_of(events))
+
+
+def test_noesis_status_report_and_plots_tell_the_same_costs(tmp_path: Path, capsys) -> None:
+    events, metrics = _first_attempt_killed_at_14()
+    events = _restart(events, metrics, T0 + 100, resume_at=12)
+    events = _restart(events, metrics, T0 + 200, resume_at=12)
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    write_jsonl(rundir.events_file, events)
+    write_jsonl(rundir.metrics_file, metrics)
+    status = {"state": "running", "step": 12, "total_steps": 30, "updated_unix": T0 + 201}
+    rundir.status_file.write_text(json.dumps(status))
+    assert [a.lost for a in history(rundir)][:2] == ["lost at least 2 step(s)", "lost an unknown number of steps"]
+    assert status_main([str(rundir.path)]) == 0
+    assert "lost at least 2 step(s)" in capsys.readouterr().out
+    facts = run_facts(rundir)
+    assert [a["start_step"] for a in facts["attempts"]] == [0, 12, 12]
+    text = markdown(rundir, facts, None, None)
+    assert "| 1 | killed (no exit recorded: SIGKILL, a lost machine, or a preemption past its grace) | " \
+           "at least 14 | step-000012 | 12 | at least 2 |" in text
+    assert "| 12 | unknown |" in text
+    assert "2 interruption(s); at least 2 step(s) done twice in all; 1 of unknown cost." in text
+    assert [lost_words(*c) for c in [(3, True), (3, False), (0, False), (None, True)]] == \
+        ["lost 3 step(s)", "lost at least 3 step(s)", "lost an unknown number of steps", ""]
+
+
+class _ProgressCommitsFail:
+    """A committer whose commits fail until a checkpoint exists: the start's progress commits fail."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.checkpoints, self.calls, self.failed = RunDir(run_dir).checkpoints, 0, 0
+
+    def commit(self) -> None:
+        self.calls += 1
+        if not RunDir(self.checkpoints.parent).step_dirs():
+            self.failed += 1
+            raise OSError("volume temporarily unavailable")
+
+
+def test_a_failed_progress_commit_is_a_warning_and_training_goes_on(tmp_path, caplog) -> None:
+    from noesis_accel.config import compose
+    from noesis_accel.train import run
+
+    cfg = compose(["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", f"run.root={tmp_path}"])
+    committer = _ProgressCommitsFail(tmp_path / "tiny")
+    with caplog.at_level("WARNING", logger="noesis_accel.trainer"):
+        assert run(cfg, committer).state == "completed"
+    assert committer.failed == 2  # at `starting` and at `start`, before any checkpoint
+    assert sum("could not commit the run's progress files" in r.getMessage() for r in caplog.records) == 2
+    events = RunDir(tmp_path / "tiny").events()
+    assert [e["event"] for e in events] == ["starting", "start", "checkpoint", "stop"]
+    assert events[0]["every_step_durable"] is False  # what it writes lasts only once committed
+
+
+# ---------------------------------------------------------------- a simulated Modal container, killed
+
+STEPS = 12
+# A checkpoint at step 6 (and the final one at 12); progress committed every 0.2 s, about every step.
+TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.5", "train.eval_every=0", "modal.secret=null",
+        "ckpt.progress_commit_s=0.2"]
+
+
+def _container(view: Path, remote: Path, env: dict[str, str]) -> subprocess.Popen:
+    """One simulated container (tests/modal_sim.py) with no background commits: only explicit ones count."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "modal_sim.py"), str(view), str(remote), *TINY],
+        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "NOESIS_SIM_BACKGROUND_S": "0", **env},
+    )
+
+
+def test_a_container_killed_after_a_progress_commit_reports_at_least_the_committed_steps(tmp_path, capsys) -> None:
+    view, remote = tmp_path / "container", tmp_path / "remote"
+    run_dir, committed = view / "runs" / "tiny", RunDir(remote / "runs" / "tiny")
+    container = _container(view, remote, {"NOESIS_STEP_DELAY_S": "0.3"})
+    try:
+        wait_until(lambda: logged_step(run_dir) >= 8 or container.poll() is not None, 240, "step 8")
+    finally:
+        kill_group(container, signal.SIGKILL)  # the container dies: nothing more is committed
+    out, err = container.communicate(timeout=60)
+    assert logged_step(run_dir) >= 8, (out + err)[-3000:]
+    checkpoint = committed.step_dirs()[0][0]
+    reached = max(m["step"] for m in committed.metrics() if "loss" in m)
+    assert checkpoint == 6 and reached > checkpoint  # the progress commits carried steps past the checkpoint
+    restarted = _container(view, remote, {})
+    out, err = restarted.communicate(timeout=300)
+    assert restarted.returncode == 0, (out + err)[-3000:]
+    start = [e for e in committed.events() if e["event"] == "start"][-1]
+    assert start["attempt"] == 2 and start["step"] == checkpoint
+    assert (start["lost_steps"], start["lost_steps_exact"]) == (reached - checkpoint, False)
+    assert status_main([str(committed.path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"  #1: steps 0 -> at least {reached}, " in printed
+    assert f"; lost at least {reached - checkpoint} step(s)" in printed
+    assert f"attempts:    2 (1 interruption(s) survived, at least {reached - checkpoint} step(s) redone)" in printed
