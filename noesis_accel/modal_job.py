@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 
 from noesis_accel.config import compose, modal_layout, order_overrides, validate
 from noesis_accel.errors import ConfigError, UserError, redact
-from noesis_accel.rundir import RunDir, runs_root
+from noesis_accel.modal_image import config_extras, extras_problem
+from noesis_accel.rundir import runs_root
 
 OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"  # the CLI overrides, for the container's own import of the app
 
@@ -57,8 +58,18 @@ def hydra_overrides(argv: Sequence[str]) -> list[str]:
 
 # The functions that act on a run already on the Volume: `::export runs-name [options]` and the like.
 RUN_COMMANDS = ("status", "export", "evaluate", "report")
-# Words that declare the app for them (which Volume, which GPU); the rest are the command's own.
-APP_WORDS = ("modal.", "+experiment=", "experiment=")
+# Keys of the words that declare the app for them (which Volume, which GPU); the rest are the command's own.
+APP_KEYS = ("modal.", "experiment=")
+
+
+def is_app_word(word: str) -> bool:
+    """`modal.volume=other`, `+experiment=noesis`: a word that declares the app, not a command's option."""
+    return word.lstrip("+~").startswith(APP_KEYS)
+
+
+def command_words(args: Sequence[str]) -> list[str]:
+    """A run command's own words (`noesis --price=3.95 --verify`): every word but those declaring the app."""
+    return [word for word in args if not is_app_word(word)]
 
 
 def overrides_at_import() -> list[str]:
@@ -72,7 +83,7 @@ def overrides_at_import() -> list[str]:
         return []
     words = hydra_overrides(argv[entry + 1 :])
     if argv[entry].partition("::")[2] in RUN_COMMANDS:  # e.g. noesis-eval's own overrides are not the app's
-        words = [w for w in words if w.startswith(APP_WORDS)]
+        words = [w for w in words if is_app_word(w)]
     return words
 
 
@@ -121,7 +132,7 @@ class ModalSettings:
             retries=int(modal.retries), volume=str(modal.volume), mount=str(modal.mount),
             secret=modal.secret or None, deadline_margin_s=int(modal.deadline_margin_s),
             python_version=str(modal.python_version), torch_version=str(modal.torch_version),
-            torch_index_url=str(modal.torch_index_url), extras=tuple(modal.extras),
+            torch_index_url=str(modal.torch_index_url), extras=config_extras(cfg),
             gpu_hour_usd=modal.gpu_hour_usd, overrides=tuple(overrides),
         )
 
@@ -135,8 +146,8 @@ def compose_for_modal(overrides: Sequence[str]) -> DictConfig:
 
 
 def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
-    """What only matters on Modal: a layout the strategy can run, and runs kept on the Volume."""
-    problems = []
+    """What only matters on Modal: a layout the strategy can run, runs kept on the Volume, known extras."""
+    problems = [problem] if (problem := extras_problem(cfg)) else []
     if cfg.modal.gpu:
         _, per_container, containers = modal_layout(cfg.modal.gpu)
         if per_container * containers > 1 and cfg.distributed.type == "single":
@@ -261,7 +272,7 @@ def run_command(command: str, args: Sequence[str], volume: Volume, settings: Mod
     from noesis_accel import evaluate, export, report
 
     volume.reload()  # the newest committed state of the run, whoever wrote it
-    args = [a for a in args if not a.startswith(APP_WORDS)]
+    args = command_words(args)
     if not args:
         print(f"usage: modal run launch/modal_entry.py::{command} RUN_NAME [options]", file=sys.stderr)
         return 2
@@ -279,12 +290,12 @@ def show_status(args: Sequence[str], volume: Volume, settings: ModalSettings) ->
     from noesis_accel.status import main as status_main
 
     volume.reload()  # other containers' commits become visible
-    args = [a for a in args if "=" not in a]  # overrides declared the app (its Volume); they are not status options
+    args = command_words(args)  # overrides declared the app (its Volume); `--price=3.95` is the command's own
     if not args:
         print("usage: modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]", file=sys.stderr)
         return 2
     rest = list(args[1:])
-    if settings.gpu_hour_usd and "--price" not in rest:
+    if settings.gpu_hour_usd and not any(word.split("=", 1)[0] == "--price" for word in rest):
         rest += ["--price", str(settings.gpu_hour_usd)]
     return status_main([str(run_dir_for(settings, args[0])), *rest])
 

@@ -24,10 +24,13 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
+
+from hydra.errors import CompactHydraException
 
 # Hydra overrides that only concern the launching side: the receiving side launches nothing.
 _LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher")
@@ -131,15 +134,89 @@ def requests_for(config: Any, task_function: Callable, job_overrides: Sequence[S
 
 
 def run_all(backend: Backend, requests: list[JobRequest], max_parallel: int) -> list[Any]:
-    """Every job at once (up to `max_parallel`), results in job order."""
+    """Every job at once (up to `max_parallel`), results in job order, each job's to its end.
+
+    A job that raised (a Modal call that spent its retries, a local process that died) becomes a
+    failed result instead of ending the batch: the other jobs' results are never thrown away.
+    """
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(requests)))) as pool:
-        return list(pool.map(backend.run, requests))
+        futures = [pool.submit(backend.run, request) for request in requests]
+        return [_result_or_failure(request, future) for request, future in zip(requests, futures)]
+
+
+def _result_or_failure(request: JobRequest, future: Any) -> Any:
+    try:
+        return future.result()
+    except Exception as error:  # any way a job can fail is that job's outcome, not the sweep's
+        return failed_return(request, error)
+
+
+def failed_return(request: JobRequest, error: BaseException) -> Any:
+    """A Hydra JobReturn for a job that never returned one: the sweeper sees it failed, with its line."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    if not isinstance(error, CompactHydraException):  # Hydra then prints the line, not this thread's traceback
+        error = JobFailed(error_line(error), int(getattr(error, "exit_code", 1) or 1))
+    return JobReturn(overrides=list(request.overrides), task_name=request.job_name, status=JobStatus.FAILED,
+                     _return_value=error)
+
+
+def error_line(error: BaseException) -> str:
+    """The line a person reads: a stopped job's message is one already; anything else is named by its type."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, CompactHydraException) else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+class JobFailed(CompactHydraException):
+    """A job that ended without a result of its own (its call failed after its retries, its process died)."""
+
+    def __init__(self, line: str, exit_code: int = 1) -> None:
+        super().__init__(line)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple:
+        return (JobFailed, (str(self), self.exit_code))
+
+
+@dataclass
+class JobOutcome:
+    """How one job of a sweep ended, in plain values (it travels back from a Modal coordinator as JSON)."""
+
+    job_num: int
+    overrides: list[str]
+    state: str  # completed | failed
+    value: Any = None  # the task's return value (noesis-train: the final held-out loss)
+    error: str | None = None  # the one line a person reads
+    exit_code: int = 0
+
+    @classmethod
+    def of(cls, request: JobRequest, returned: Any) -> "JobOutcome":
+        from hydra.core.utils import JobStatus
+
+        if returned.status == JobStatus.COMPLETED:
+            value = returned._return_value
+            plain = value is None or isinstance(value, (bool, int, float, str))
+            return cls(request.job_num, list(request.overrides), "completed", value if plain else repr(value))
+        error = returned._return_value
+        return cls(request.job_num, list(request.overrides), "failed", error=error_line(error),
+                   exit_code=int(getattr(error, "exit_code", 1) or 1))
+
+    def line(self) -> str:
+        what = f"completed (returned {self.value})" if self.state == "completed" else f"failed: {self.error}"
+        return f"#{self.job_num} ({' '.join(self.overrides)}): {what}"
+
+
+def summary(outcomes: Sequence[JobOutcome]) -> str:
+    """`3 jobs: 2 completed, 1 failed`: the sweep's last line."""
+    failed = sum(outcome.state != "completed" for outcome in outcomes)
+    return f"{len(outcomes)} jobs: {len(outcomes) - failed} completed, {failed} failed"
 
 
 # ---------------------------------------------------------------- the receiving side
 
 
-def _import_task(reference: str) -> Callable:
+def import_object(reference: str) -> Any:
+    """`package.module:name.attr` -> that object, imported (a module already imported is reused)."""
     module, _, name = reference.partition(":")
     target: Any = importlib.import_module(module)
     for part in name.split("."):
@@ -164,7 +241,7 @@ def run_sweep_job(request: JobRequest, extra_overrides: Sequence[str] = ()) -> A
         if path not in sys.path:
             sys.path.insert(0, path)
     # Importing the task also registers its structured configs and resolvers.
-    task_function = _unpickled(request.task_pickle) if request.task_pickle else _import_task(request.task)
+    task_function = _unpickled(request.task_pickle) if request.task_pickle else import_object(request.task)
     for name, resolver in (_unpickled(request.resolvers_pickle) if request.resolvers_pickle else {}).items():
         BaseContainer._resolvers.setdefault(name, resolver)
     GlobalHydra.instance().clear()
@@ -214,14 +291,39 @@ class LocalProcessBackend:
         return pickle.loads(result_file.read_bytes())
 
 
+class CallBook:
+    """Which Modal call runs each job of a sweep, in a JSON file on the Volume (Modal's background
+    commits keep it): a restarted coordinator attaches to the calls its earlier attempt started
+    instead of starting each job a second time (that one would find the run dir leased, and fail)."""
+
+    def __init__(self, path: Path, attach: Callable[[str], Any]) -> None:
+        self.path, self.attach = path, attach
+        self._lock = threading.Lock()
+
+    def call_for(self, request: JobRequest, function: Any) -> Any:
+        key = f"{request.job_num} {' '.join(request.overrides)}"
+        with self._lock:  # the jobs start from several threads; the file is read and written whole
+            known = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            if key in known:
+                return self.attach(known[key])
+            call = function.spawn(asdict(request))
+            known[key] = call.object_id
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(self.path.name + ".tmp")
+            partial.write_text(json.dumps(known, indent=1))
+            os.replace(partial, self.path)  # a commit never sees half a file
+            return call
+
+
 class ModalBackend:
     """Each job in its own call of the app's training function (a clustered one when the GPUs span containers)."""
 
-    def __init__(self, function: Any) -> None:
-        self.function = function
+    def __init__(self, function: Any, calls: CallBook | None = None) -> None:
+        self.function, self.calls = function, calls
 
     def run(self, request: JobRequest) -> Any:
-        return self.function.spawn(asdict(request)).get()
+        call = self.calls.call_for(request, self.function) if self.calls else self.function.spawn(asdict(request))
+        return call.get()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,15 +19,22 @@ from noesis_accel.errors import ConfigError
 
 from conftest import run_cli
 from helpers import REPO, FakeVolume
+from modal_fakes import RecordingFunction, completed_run
 
 ENTRY = REPO / "launch" / "modal_entry.py"
 
 
 def load_app(overrides: list[str], monkeypatch) -> ModuleType:
-    """Import launch/modal_entry.py as `modal run launch/modal_entry.py <overrides>` would declare it."""
+    """Import launch/modal_entry.py as `modal run launch/modal_entry.py <overrides>` would declare it.
+
+    Registered in sys.modules (for this test), as Modal's CLI registers it: its functions are then
+    imported by name in the container, and the sweep coordinator can name its training function.
+    """
     monkeypatch.setenv("NOESIS_MODAL_OVERRIDES", json.dumps(overrides))
-    spec = importlib.util.spec_from_file_location(f"modal_entry_{abs(hash(tuple(overrides)))}", ENTRY)
+    name = f"modal_entry_{abs(hash(tuple(overrides)))}"
+    spec = importlib.util.spec_from_file_location(name, ENTRY)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -95,23 +102,13 @@ def test_a_bad_gpu_spec_fails_the_same_way_on_the_cli_and_in_the_app(tmp_path) -
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
-class _RecordingFunction:
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def remote(self, job: list) -> dict:
-        self.calls.append(job)
-        return {"state": "completed", "run_dir": "/vol/runs/tiny", "step": 2, "total_steps": 2,
-                "eval_loss_before": 1.0, "eval_loss_after": 0.5}
-
-
 def test_the_entrypoint_forwards_the_overrides_unchanged(monkeypatch, capsys) -> None:
     args = ["+experiment=tiny", "train.max_steps=2", "optim.lr=3e-4", "+debug=cpu", "peft.target_modules=[q_proj,v_proj]"]
     app = load_app(args, monkeypatch)
-    recorder = _RecordingFunction()
+    recorder = RecordingFunction("train", completed_run)
     monkeypatch.setattr(app, "training_function", lambda: recorder)
     app.main.info.raw_f(*args)
-    assert recorder.calls == [args]
+    assert recorder.spawned == [args] and not recorder.remote_calls  # spawned: Modal's server drives the retries
     assert "watch it with: modal run launch/modal_entry.py::status tiny-debug" in capsys.readouterr().out
 
 

@@ -216,12 +216,15 @@ def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_p
 
 @pytest.mark.slow
 def test_a_sweep_from_the_modal_entrypoint_runs_each_job_in_its_own_container(tmp_path) -> None:
-    """`modal run launch/modal_entry.py -m ...`: the entrypoint's real body, Modal's spawn simulated per job."""
+    """`modal run launch/modal_entry.py -m ...`: the entrypoint's and the coordinator's real bodies; the
+    coordinator's one call simulated in-process, each job's training call in its own simulated container."""
     args = ["-m", "+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "optim.lr=0.001,0.002", "modal.secret=null"]
     done = subprocess.run([sys.executable, str(REPO / "tests" / "modal_submit_sim.py"), str(tmp_path), *args],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Launching 2 jobs on Modal" in done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert "coordinator calls: 1" in output and "Launching 2 jobs on Modal" in output
+    assert "modal: sweep: 2 jobs: 2 completed, 0 failed" in output
     runs = sorted(p for p in (tmp_path / "remote" / "runs").iterdir() if (p / "status.json").is_file())
     assert [p.name.split("_optim.lr-")[1].split("_")[0] for p in runs] == ["0.001", "0.002"]
     assert all(RunDir(p).status()["state"] == "completed" for p in runs)  # committed from each job's own container
