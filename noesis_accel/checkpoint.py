@@ -27,7 +27,7 @@ from noesis_accel.config import interval_steps
 from noesis_accel.errors import ResumeError, UserError
 from noesis_accel.losses import LOSS_NORMALIZATION
 from noesis_accel.rundir import RunDir, step_dir_name
-from noesis_accel.volumes import Committer, commit_with_retry
+from noesis_accel.volumes import Committer, commit_or_report
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class CheckpointManager:
             raise self._write_failure(err, target, needed) from None
         listings = self._gather(listing)
         if multi_machine and accelerator.is_local_main_process:  # each machine's own files reach the Volume
-            commit_with_retry(self.committer, int(self.cfg.commit_retries), float(self.cfg.commit_backoff_s))
+            commit_or_report(self.committer, self.cfg, f"this machine's part of checkpoint {final.name}")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files: dict[str, Any] = {}
@@ -273,9 +273,9 @@ class CheckpointManager:
             except Exception as err:
                 raise self._write_failure(err, target, needed) from None
             self.prune()
-            attempts = commit_with_retry(self.committer, int(self.cfg.commit_retries), float(self.cfg.commit_backoff_s))
-            log.debug("checkpoint %s (%s) saved in %.2fs, committed in %d attempt(s)",
-                      final.name, reason, time.monotonic() - started, attempts)
+            committed = commit_or_report(self.committer, self.cfg, f"checkpoint {final.name}")
+            log.debug("checkpoint %s (%s) saved in %.2fs, committed: %s",
+                      final.name, reason, time.monotonic() - started, committed)
         accelerator.wait_for_everyone()
         self._last_save_time = time.monotonic()
         return final

@@ -80,7 +80,10 @@ class DataConfig:
     # padding them (the same records, another layout); attention never crosses records.
     packing: bool = False
     num_workers: int = 0
-    cache_dir: str = "~/.cache/noesis_accel/data"
+    cache_dir: str = "~/.cache/noesis_accel/data"  # the tokenised data, memory-mapped while training
+    # A copy of the tokenised data kept where the next machine finds it (a Modal Volume), so a
+    # retry skips tokenising; training reads `cache_dir` only, so nothing here is held open.
+    persistent_cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -125,6 +128,9 @@ class TrainConfig:
     eval_every: float = 0.25  # fraction of total steps (< 1) or a step count; 0 = only before/after
     log_every: int = 1
     tracker: str = "tensorboard"  # tensorboard | wandb | none
+    # Where the tracker writes while the run lasts (it holds its files open); copied into the run
+    # dir's logs/ before every commit. null: the run dir's logs/ itself.
+    tracker_dir: Optional[str] = None
     progress_bar: bool = True
     # Asked of the trained model at the end (greedy), so a person sees what it learned.
     sample_prompt: Optional[str] = None
@@ -140,6 +146,10 @@ class CkptConfig:
     resume: str = "auto"  # auto | never | <path to a checkpoint>
     commit_retries: int = 5
     commit_backoff_s: float = 1.0
+    # At most this long waiting between a commit's attempts: a commit during a preemption must end
+    # within its grace (Modal's SIGKILL comes 30 s after SIGINT). A commit still failing is reported
+    # and the run goes on: the next commit, or the exit's, carries what it missed.
+    commit_budget_s: float = 20.0
     # Also commit the small progress files (metrics, events, status) this often, and at each start:
     # a hard kill, which commits nothing, then costs steps known to within this period. 0: never.
     progress_commit_s: float = 60.0
@@ -184,6 +194,9 @@ class ModalConfig:
     retries: int = 10  # attempts after a failure or timeout (preemptions do not count); Modal's maximum
     volume: str = "noesis-training-data"  # runs, data and caches live here
     mount: str = "/vol"
+    # The container's own disk: what is held open while training (the tokenised data, the tracker's
+    # files) lives here, since a Volume cannot commit while a file on it is open.
+    scratch_dir: str = "/tmp/noesis"
     secret: Optional[str] = "huggingface-token"  # a Modal Secret providing HF_TOKEN (gated models)
     # Checkpoint and commit this long before the attempt's timeout, so a timeout costs no steps.
     deadline_margin_s: int = 300
@@ -379,6 +392,7 @@ def validate(cfg: DictConfig) -> None:
     check(ckpt.every_minutes is None or ckpt.every_minutes > 0, "ckpt.every_minutes", "must be > 0 or null")
     check(ckpt.keep_last >= 1, "ckpt.keep_last", "must be >= 1 (the newest complete checkpoint is always kept)")
     check(ckpt.commit_retries >= 0, "ckpt.commit_retries", "must be >= 0")
+    check(ckpt.commit_budget_s >= 0, "ckpt.commit_budget_s", "must be >= 0 seconds")
     check(ckpt.progress_commit_s >= 0, "ckpt.progress_commit_s", "must be >= 0 seconds (0: no progress commits)")
     check(0 < ckpt.lease_heartbeat_s < ckpt.lease_stale_s, "ckpt.lease_heartbeat_s",
           f"must be > 0 and below ckpt.lease_stale_s ({ckpt.lease_stale_s})")
@@ -511,7 +525,7 @@ RESTART_SAFE_PREFIXES = (
     "run.",
     "ckpt.",  # cadence, retention, resume choice, commits, lease: where and when, never what
     "train.log_every", "train.tracker", "train.progress_bar", "train.eval_every",
-    "data.num_workers", "data.cache_dir", "model.cache_dir", "env.", "modal.",
+    "data.num_workers", "data.cache_dir", "data.persistent_cache_dir", "model.cache_dir", "env.", "modal.",
     # The process layout may change (8 -> 16 GPUs); the global batch, which is the math, may not.
     "distributed.",
     # Evaluation runs after training and never changes the weights.

@@ -349,6 +349,9 @@ def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
     ]
     key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
     cache = Path(os.path.expanduser(data_cfg.cache_dir)) / key
+    persistent = Path(os.path.expanduser(data_cfg.persistent_cache_dir)) / key if data_cfg.persistent_cache_dir else None
+    if persistent is not None and not (cache / "stats.json").is_file() and (persistent / "stats.json").is_file():
+        _publish_copy(persistent, cache)  # an earlier machine tokenised it: copy, never map the shared one
     if (cache / "stats.json").is_file():
         stats = DataStats(**json.loads((cache / "stats.json").read_text()))
         # An empty held-out set is not saved (datasets cannot reload a table without rows).
@@ -366,6 +369,8 @@ def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
             os.replace(tmp, cache)
         except OSError:  # another process published the same key first
             shutil.rmtree(tmp, ignore_errors=True)
+        if persistent is not None and not (persistent / "stats.json").is_file():
+            _publish_copy(cache, persistent)
     if prepared.stats.train_records < data_cfg.min_examples:
         raise DataError(
             f"data.path: only {prepared.stats.train_records} usable training records "
@@ -374,6 +379,17 @@ def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
             "Add data or lower data.min_examples."
         )
     return prepared
+
+
+def _publish_copy(source: Path, target: Path) -> None:
+    """Copy a cache entry to `target` whole or not at all (tmp + rename); files are closed after."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process published the same key first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:

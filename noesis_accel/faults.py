@@ -2,7 +2,7 @@
 
 Points: `step` (SIGKILL right after optimizer step N), `save` (SIGKILL inside the save of step N,
 after Accelerate wrote its files and before the manifest), `term` / `usr1` (SIGTERM / SIGUSR1 to
-ourselves after step N: the preemption and timeout paths), `enospc` (the save of step N fails as a
+ourselves, or to our launcher, after step N: the preemption and timeout paths), `enospc` (the save of step N fails as a
 full disk would, for machines where a small filesystem cannot be mounted). `NOESIS_STEP_DELAY_S=S`
 sleeps S seconds after every step, so a test can act while a run is in progress. `NOESIS_FAULT_KILL_PID=PID` sends the
 SIGKILL of `step`/`save` to that process first: a whole container dying, not just this process.
@@ -31,7 +31,14 @@ def maybe_inject(point: str, step: int) -> None:
             continue
         if point == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        signum = _SIGNALS[point]
         container = os.environ.get("NOESIS_FAULT_KILL_PID")
-        if container and _SIGNALS[point] == signal.SIGKILL:
+        if container and signum == signal.SIGKILL:
             os.kill(int(container), signal.SIGKILL)
-        os.kill(os.getpid(), _SIGNALS[point])
+        if signum != signal.SIGKILL and os.environ.get("NOESIS_LAUNCHER_PID"):
+            # A training process takes stop requests from its launcher only: the signal goes there,
+            # once (from the machine's first process), as a preemption of the machine would.
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                os.kill(int(os.environ["NOESIS_LAUNCHER_PID"]), signum)
+            continue
+        os.kill(os.getpid(), signum)

@@ -6,9 +6,10 @@
 - every worker trains the parent's exact resolved config (a file), not a re-composition;
 - the parent holds the run dir's lease and the storage: worker rank 0 asks it, over a pipe, to
   commit each checkpoint, and it commits once more on every exit path;
-- SIGTERM, SIGINT and SIGUSR1 reach each worker exactly once (workers have their own session, so
-  a terminal's Ctrl-C is not delivered twice), and nobody SIGKILLs them while they checkpoint;
-- the workers die with the parent, whatever kills it (a parent-death signal and a lifeline pipe);
+- SIGTERM, SIGINT and SIGUSR1 reach each worker exactly once, as a request on its lifeline pipe:
+  workers ignore those signals themselves, so a terminal's Ctrl-C or a container runtime that
+  signals every process is not counted twice; nobody SIGKILLs them while they checkpoint;
+- the workers die with the parent, whatever kills it (a parent-death signal and EOF on the lifeline);
 - if one worker fails, the others are stopped, and the caller gets one outcome: the run's result,
   or one exception carrying one line (the workers print nothing of their own about it).
 """
@@ -50,9 +51,17 @@ POLL_S = 0.2
 
 
 class TrainingProcessFailed(Exception):
-    """A training process died or failed without a user error: one line, exit code 1, restart resumes."""
+    """A training process died or failed without a user error: one line, exit code 1, restart resumes.
+
+    `signum`: the stop signal the launcher had received, when the processes died after one (a
+    second request forced them out before their checkpoint): the run was stopped, not broken.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class WorkerUserError(UserError):
@@ -73,6 +82,13 @@ class _Worker:
     rank: int
     process: subprocess.Popen
     outcome_file: Path
+    lifeline: int  # our end of its lifeline: stop requests go down it, and our exit closes it
+
+    def request_stop(self, signum: int) -> None:
+        try:
+            os.write(self.lifeline, f"{signum}\n".encode())
+        except OSError:  # it has exited already: nothing to stop
+            pass
 
     def outcome(self) -> dict[str, Any]:
         try:
@@ -126,7 +142,6 @@ class Launcher:
         single_machine = int(dist.num_machines) == 1
         address = "127.0.0.1" if single_machine else str(dist.main_process_ip)
         port = free_port() if single_machine else int(dist.main_process_port)
-        lifeline_read, self._lifeline_write = os.pipe()
         request_read, request_write = os.pipe()
         response_read, self._response_write = os.pipe()
         self._request_read = request_read
@@ -135,24 +150,25 @@ class Launcher:
             "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.nproc), "GROUP_RANK": str(self.node_rank),
             "MASTER_ADDR": address, "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            "NOESIS_CONFIG": str(config_file), "NOESIS_LAUNCHER_PID": str(os.getpid()),
-            "NOESIS_LIFELINE_FD": str(lifeline_read), HELD_BY_PARENT_ENV: "1",
+            "NOESIS_CONFIG": str(config_file), "NOESIS_LAUNCHER_PID": str(os.getpid()), HELD_BY_PARENT_ENV: "1",
         }
         self._install_signal_handlers()  # before the first worker exists: no signal may be missed
         for local_rank in range(self.nproc):
             rank = self.node_rank * self.nproc + local_rank
             outcome_file = self._workdir / f"rank-{rank}.json"
+            lifeline_read, lifeline_write = os.pipe()
             env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(local_rank),
-                   "NOESIS_OUTCOME": str(outcome_file)}
+                   "NOESIS_OUTCOME": str(outcome_file), "NOESIS_LIFELINE_FD": str(lifeline_read)}
             fds = [lifeline_read]
             if local_rank == 0:  # this machine's first worker commits through us
                 env["NOESIS_COMMIT_FDS"] = f"{request_write},{response_read}"
                 fds += [request_write, response_read]
             process = subprocess.Popen([sys.executable, "-m", "noesis_accel.worker"], env=env, pass_fds=fds,
                                        start_new_session=True)
-            self.workers.append(_Worker(local_rank, rank, process, outcome_file))
+            os.close(lifeline_read)  # only this worker reads it: our exit (or close) is its EOF
+            self.workers.append(_Worker(local_rank, rank, process, outcome_file, lifeline_write))
         # Only the workers hold these ends now: their exit closes the channel (EOF for us).
-        for fd in (lifeline_read, request_write, response_read):
+        for fd in (request_write, response_read):
             os.close(fd)
 
     def _supervise(self) -> None:
@@ -179,7 +195,8 @@ class Launcher:
             selector.close()
             requests.close()
             os.close(self._response_write)
-            os.close(self._lifeline_write)
+            for worker in self.workers:
+                os.close(worker.lifeline)
 
     def _serve(self, request: str) -> None:
         if request != "commit":
@@ -209,7 +226,7 @@ class Launcher:
         self.signals_received.append(signum)
         for worker in self.workers:
             if worker.process.poll() is None:
-                worker.process.send_signal(signum)
+                worker.request_stop(signum)
 
     def _stop_all(self, signum: int) -> None:
         for worker in self.workers:
@@ -259,7 +276,8 @@ class Launcher:
             stopped = signal.Signals(self.signals_received[0]).name
             return TrainingProcessFailed(
                 f"stopped by {stopped}, but training process rank {first.rank} {how} before its checkpoint "
-                "was complete; restart the same command to resume from the newest complete checkpoint")
+                "was complete; restart the same command to resume from the newest complete checkpoint",
+                signum=self.signals_received[0])
         detail = outcomes[first.rank].get("message")
         return TrainingProcessFailed(
             f"training process rank {first.rank} {how}" + (f" ({detail})" if detail else "")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, NoReturn, Protocol, Sequence
 
 from omegaconf import DictConfig
 
@@ -22,6 +22,7 @@ from noesis_accel.config import compose, modal_layout, order_overrides, validate
 from noesis_accel.errors import ConfigError, UserError, redact
 from noesis_accel.modal_image import config_extras, extras_problem
 from noesis_accel.rundir import runs_root
+from noesis_accel.signals import FORWARDED_SIGNALS
 
 OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"  # the CLI overrides, for the container's own import of the app
 
@@ -104,6 +105,7 @@ class ModalSettings:
     retries: int
     volume: str
     mount: str
+    scratch_dir: str
     secret: str | None
     deadline_margin_s: int
     python_version: str
@@ -130,6 +132,7 @@ class ModalSettings:
             app_name=str(modal.app_name), gpu_type=kind, gpus_per_container=per_container, containers=containers,
             cpu=float(modal.cpu), memory_mib=int(modal.memory_gib) * 1024, timeout_s=int(modal.timeout_s),
             retries=int(modal.retries), volume=str(modal.volume), mount=str(modal.mount),
+            scratch_dir=str(modal.scratch_dir),
             secret=modal.secret or None, deadline_margin_s=int(modal.deadline_margin_s),
             python_version=str(modal.python_version), torch_version=str(modal.torch_version),
             torch_index_url=str(modal.torch_index_url), extras=config_extras(cfg),
@@ -178,12 +181,19 @@ def settings_at_import() -> ModalSettings:
 
 def placement_overrides(settings: ModalSettings, given: Sequence[str], machine_rank: int = 0,
                         main_address: str = "127.0.0.1") -> list[str]:
-    """Where things live on the Volume (unless `given` sets them) and the process layout the GPUs give."""
+    """Where things live (unless `given` sets them) and the process layout the GPUs give.
+
+    What must last goes on the Volume: runs, model files (read once and closed), a copy of the
+    tokenised data. What stays open while training goes on the container's disk: the tokenised data
+    (memory-mapped) and the tracker's files; a Volume cannot commit while a file on it is open.
+    """
     keys = {o.lstrip("+~").split("=", 1)[0] for o in given}
     placed = {
         "run.root": f"{settings.mount}/runs",
-        "data.cache_dir": f"{settings.mount}/cache/data",
+        "data.cache_dir": f"{settings.scratch_dir}/cache/data",
+        "data.persistent_cache_dir": f"{settings.mount}/cache/data",
         "model.cache_dir": f"{settings.mount}/cache/models",
+        "train.tracker_dir": f"{settings.scratch_dir}/tracker",
     }
     derived = [f"{key}={value}" for key, value in placed.items() if key not in keys]
     if settings.gpu_type:
@@ -200,6 +210,8 @@ def _prepare_attempt(settings: ModalSettings, volume: Volume, attempt_started: f
     started = attempt_started if attempt_started is not None else time.time()
     os.environ["NOESIS_DEADLINE"] = str(started + settings.timeout_s - settings.deadline_margin_s)
     os.environ.setdefault("HF_HOME", f"{settings.mount}/hf-cache")  # models download once per Volume
+    # Hub datasets are memory-mapped from their cache while read: never from the Volume.
+    os.environ.setdefault("HF_DATASETS_CACHE", f"{settings.scratch_dir}/hf-datasets")
     use_default_committer(ModalVolumeCommitter(volume))
     # Retries of one call share its id: a lease left by an earlier (dead) attempt is taken over at once.
     os.environ["NOESIS_LEASE_GROUP"] = _modal_call_id() or os.environ.get("NOESIS_LEASE_GROUP", "")
@@ -218,21 +230,54 @@ def run_job_in_container(job: Sequence[str] | dict, volume: Volume, settings: Mo
                          main_address: str = "127.0.0.1", attempt_started: float | None = None) -> Any:
     """The body of the training functions: one run (a list of overrides) or one sweep job (a request).
 
-    A user error is returned (a retry would fail the same way, ten times over); a stop or a crash is
-    raised, so Modal restarts the input (preemption) or spends a retry (failure, timeout) and the
-    next attempt resumes from the newest committed checkpoint.
+    A user error is returned (a retry would fail the same way, ten times over). A stop ends the
+    input the way Modal's runtime expects (`end_as_modal_expects`), after its checkpoint was
+    committed; a crash or the deadline is raised, so Modal spends a retry and the next attempt
+    resumes from the newest committed checkpoint.
     """
+    # Modal's own handlers (SIGUSR1: its input cancellation); ours replace them while training runs.
+    modal_handlers = {signum: signal.getsignal(signum) for signum in FORWARDED_SIGNALS}
     _prepare_attempt(settings, volume, attempt_started)
-    if isinstance(job, dict):
-        from noesis_accel.sweeps import JobRequest, run_sweep_job
+    try:
+        if isinstance(job, dict):
+            from noesis_accel.sweeps import JobRequest, run_sweep_job
 
-        request = JobRequest(**job)
-        returned = run_sweep_job(request, placement_overrides(settings, request.overrides, machine_rank, main_address))
-        failure = getattr(returned, "_return_value", None)
-        if getattr(failure, "retryable", False):
-            raise failure  # a preempted or crashed job: let Modal run it again, it resumes
-        return returned
-    return train_in_container(list(job), settings, machine_rank, main_address)
+            request = JobRequest(**job)
+            returned = run_sweep_job(request,
+                                     placement_overrides(settings, request.overrides, machine_rank, main_address))
+            failure = getattr(returned, "_return_value", None)
+            if getattr(failure, "retryable", False):
+                raise failure  # a preempted or crashed job: let Modal run it again, it resumes
+            return returned
+        return train_in_container(list(job), settings, machine_rank, main_address)
+    except BaseException as stop:
+        if getattr(stop, "signum", None) is None:  # not a signal's stop: a crash, the deadline, ...
+            raise
+        end_as_modal_expects(stop, modal_handlers)
+
+
+def end_as_modal_expects(stop: BaseException, modal_handlers: dict[int, Any]) -> NoReturn:
+    """End the input after a stop the way Modal's runtime reads it (modal 1.6, read in its source).
+
+    The runtime runs a sync function in the container's main thread. `handle_input_exception`
+    (modal/_runtime/container_io_manager.py) re-raises a KeyboardInterrupt without sending an
+    output, so a preempted input comes back as lost and is restarted without spending a retry;
+    it turns InputCancellation, which its own SIGUSR1 handler raises, into TERMINATED, which the
+    client never retries; any other exception is sent as a FAILURE, which spends one of the
+    function's retries (a crash, the deadline). Our checkpoint is committed before we get here.
+    """
+    signum = getattr(stop, "signum", None)
+    print(f"modal: {redact(str(stop))}", file=sys.stderr, flush=True)
+    if signum == signal.SIGUSR1:  # Modal's input cancellation: the input stays cancelled
+        handler = modal_handlers.get(signal.SIGUSR1)
+        if callable(handler):
+            handler(signal.SIGUSR1, None)  # Modal's own handler raises its InputCancellation
+        from modal.exception import InputCancellation
+
+        raise InputCancellation(str(stop)) from None
+    if signum in (signal.SIGINT, signal.SIGTERM):  # a preemption: the same input runs again, for free
+        raise KeyboardInterrupt(str(stop)) from None
+    raise stop
 
 
 def train_in_container(overrides: Sequence[str], settings: ModalSettings, machine_rank: int = 0,
@@ -299,35 +344,3 @@ def show_status(args: Sequence[str], volume: Volume, settings: ModalSettings) ->
         rest += ["--price", str(settings.gpu_hour_usd)]
     return status_main([str(run_dir_for(settings, args[0])), *rest])
 
-
-def describe_submission(settings: ModalSettings, cfg: DictConfig) -> str:
-    """One line before a run starts: what runs where, and the command that watches it."""
-    where = f"{settings.containers} x {settings.gpu}" if settings.gpu else "a CPU container"
-    return (f"modal: {cfg.run.name} on {where} (timeout {settings.timeout_s // 3600} h per attempt, "
-            f"{settings.retries} retries); watch it with: modal run launch/modal_entry.py::status "
-            f"{shlex.quote(RunDir.of(cfg).path.name)}")
-
-
-def submit(args: Sequence[str], function: Any, settings: ModalSettings) -> None:
-    """The local entrypoint: one run, or with `-m` a sweep whose jobs each get their own call."""
-    args = list(args)
-    if "-m" in args or "--multirun" in args:
-        from hydra_plugins.noesis_modal_launcher import modal_launcher
-
-        from noesis_accel.train import main
-
-        modal_launcher.running_function = function  # the app is running: jobs go to its function
-        sys.argv = ["noesis-train", *args, "hydra/launcher=modal"]
-        main()
-        return
-    try:
-        cfg = compose_for_modal(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(err.exit_code) from None
-    print(describe_submission(settings, cfg), flush=True)
-    result = function.remote(args)
-    if result.get("state") == "failed":
-        raise SystemExit(int(result.get("exit_code", 2)))  # the container printed its one line
-    print(f"modal: {result['state']} at step {result['step']}/{result['total_steps']} in {result['run_dir']} "
-          f"(held-out loss {result.get('eval_loss_before')} -> {result.get('eval_loss_after')})", flush=True)

@@ -127,9 +127,25 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
         # k-bit weights must sit on the GPU that trains them; each process owns one device.
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise _unloadable(source, err) from None
+    # On a GPU the move to the device (accelerator.prepare) drops the mapping, and until then the
+    # processes share the mapped pages: copying there would hold the model once per process.
+    return model if device_is_cuda else _without_file_mappings(model)
+
+
+def _without_file_mappings(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights in memory of their own, not views of the safetensors files they were read from.
+
+    Loaded in the file's dtype on the CPU, safetensors hands out memory-mapped tensors, which keep
+    the file open for the whole run; on a Modal Volume an open file makes every commit fail.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and not tensor.is_meta:
+                tensor.data = tensor.data.clone()
+    return model
 
 
 def _architecture_vocab_size(requested: int | None, tokenizer_size: int) -> int:

@@ -1,9 +1,19 @@
 """Stop requests: signals and the attempt's deadline ask for a checkpoint at the next step boundary.
 
-The first SIGTERM, SIGINT or SIGUSR1 (Modal's timeout signal) asks for a checkpoint at the next step
-boundary; a second one exits at once, except while that checkpoint is being written, when only a
-third does (Modal sends SIGINT 30 s after SIGUSR1: it must not cut the save it asked for). The
-checkpoint directory is atomic, so an exit at any moment leaves nothing half-written.
+The first SIGTERM, SIGINT or SIGUSR1 (Modal's timeout and cancellation signal) asks for a
+checkpoint at the next step boundary; a second one stops at once, except while that checkpoint is
+being written, when only a third does (Modal sends SIGINT 30 s after SIGUSR1: it must not cut the
+save it asked for). The checkpoint directory is atomic, so a stop at any moment leaves nothing
+half-written.
+
+Who receives the requests depends on the process:
+- the process that runs the training itself (a single-process run, the Modal function's own
+  thread) takes them from its signal handlers; a forced stop raises `ForcedStop`, so the caller's
+  `finally` blocks (the final commit, Modal's own output and exit-time commit) still run;
+- a training process started by the launcher ignores these signals and takes requests from its
+  launcher only (`PreemptionWatcher.request`), so a signal sent to every process of a container
+  (as a container runtime may do) counts once, not once directly and once forwarded. There a
+  forced stop exits at once: the process may be blocked in a collective with a dead peer.
 """
 
 from __future__ import annotations
@@ -19,36 +29,62 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DEADLINE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early on purpose, a retry continues
 
 
+class ForcedStop(BaseException):
+    """A second stop request before the checkpoint: the run stops now, at its newest complete checkpoint.
+
+    A BaseException, so no `except Exception` on the way (a commit retry loop, a cleanup) swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} again: stopped at once, before a checkpoint; "
+                         "restart to resume from the newest complete checkpoint")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 class PreemptionWatcher:
-    """Records the first stop signal; the training loop polls `requested`."""
+    """Records the first stop request; the training loop polls `requested`.
+
+    `from_launcher=False`: requests are this process's signals (its handlers are installed while
+    the run lasts). `from_launcher=True`: the signals are ignored and the launcher's requests come
+    through `request()` (from the thread that reads the launcher's channel).
+    """
 
     SIGNALS = FORWARDED_SIGNALS
 
-    def __init__(self, on_forced_exit: Callable[[int], None] | None = None) -> None:
+    def __init__(self, on_forced_exit: Callable[[int], None] | None = None, from_launcher: bool = False) -> None:
         self.received: int | None = None
         self.saving = False  # set by the loop while the requested checkpoint is written
-        self._repeats = 0  # signals after the first
-        self._on_forced_exit = on_forced_exit
+        self.from_launcher = from_launcher
+        self._repeats = 0  # requests after the first
+        self.on_forced_exit = on_forced_exit  # records the stop before it happens
         self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
         return self.received is not None
 
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+    def request(self, signum: int) -> None:
+        """One stop request: the first asks for a checkpoint, a later one forces the stop."""
         if self.received is None:
             self.received = signum
             return
         self._repeats += 1
         if self.saving and self._repeats < 2:
             return  # let the checkpoint that was asked for finish
-        if self._on_forced_exit is not None:
-            self._on_forced_exit(signum)
-        os._exit(128 + signum)
+        if self.on_forced_exit is not None:
+            self.on_forced_exit(signum)
+        if self.from_launcher:
+            os._exit(128 + signum)
+        raise ForcedStop(signum)  # from a signal handler: raised in the main thread, where training runs
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.request(signum)
 
     def install(self) -> "PreemptionWatcher":
+        handler = signal.SIG_IGN if self.from_launcher else self._handle
         for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, handler)
         return self
 
     def uninstall(self) -> None:

@@ -26,14 +26,14 @@ from noesis_accel.config import RESTART_SAFE_PREFIXES, order_overrides, validate
 from noesis_accel.errors import UserError, redact
 from noesis_accel.launcher import TrainingProcessFailed, launch, needs_launch
 from noesis_accel.rundir import runs_root
-from noesis_accel.signals import RunInterrupted
+from noesis_accel.signals import ForcedStop, RunInterrupted
 from noesis_accel.trainer import RunResult, Trainer
-from noesis_accel.volumes import Committer, commit_with_retry, default_committer
+from noesis_accel.volumes import Committer, commit_or_report, default_committer
 
 log = logging.getLogger(__name__)
 
 # What stops a run in a way a person can act on: printed as one line, mapped to an exit code.
-STOPS = (UserError, RunInterrupted, TrainingProcessFailed)
+STOPS = (UserError, RunInterrupted, ForcedStop, TrainingProcessFailed)
 
 
 def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
@@ -50,15 +50,14 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
             return RunResult.from_dict(launch(cfg, committer))
         return Trainer(cfg, committer).run()
     finally:
-        try:  # what reached the run dir (status.json included) is made durable on every exit path
-            commit_with_retry(committer, int(cfg.ckpt.commit_retries), float(cfg.ckpt.commit_backoff_s))
-        except Exception as err:  # never hide the error that ended the run behind this one
-            log.error("final commit failed: %s", err)
+        # What reached the run dir (status.json included) is made durable on every exit path; a
+        # failure is reported, never raised over the error that ended the run.
+        commit_or_report(committer, cfg.ckpt, "the run dir's final state")
 
 
 def stop_line(stop: BaseException) -> str:
     """The one line a person reads when a run stops early."""
-    kind = "interrupted" if isinstance(stop, RunInterrupted) else "error"
+    kind = "interrupted" if isinstance(stop, (RunInterrupted, ForcedStop)) else "error"
     return redact(f"{kind}: {stop}")
 
 
@@ -66,19 +65,21 @@ class JobStopped(CompactHydraException):
     """A Hydra job that stopped: Hydra prints its message alone (no traceback) when it ends the app.
 
     `retryable`: the job stopped after a checkpoint or crashed (not a user error), so running it
-    again resumes it; a Modal sweep job raises it to get Modal's retry.
+    again resumes it; a Modal sweep job raises it to get Modal's retry. `signum`: the stop signal,
+    when a signal stopped it (a Modal sweep job then ends the way Modal expects for that signal).
     """
 
-    def __init__(self, line: str, exit_code: int = 1, retryable: bool = False) -> None:
+    def __init__(self, line: str, exit_code: int = 1, retryable: bool = False, signum: int | None = None) -> None:
         super().__init__(line)
-        self.exit_code, self.retryable = exit_code, retryable
+        self.exit_code, self.retryable, self.signum = exit_code, retryable, signum
 
     @classmethod
     def of(cls, stop: BaseException) -> "JobStopped":
-        return cls(stop_line(stop), int(getattr(stop, "exit_code", 1)), not isinstance(stop, UserError))
+        return cls(stop_line(stop), int(getattr(stop, "exit_code", 1)), not isinstance(stop, UserError),
+                   getattr(stop, "signum", None))
 
     def __reduce__(self) -> tuple:  # sweep jobs send it back pickled
-        return (JobStopped, (str(self), self.exit_code, self.retryable))
+        return (JobStopped, (str(self), self.exit_code, self.retryable, self.signum))
 
 
 _stops: list[JobStopped] = []  # what the jobs of this process raised, for main()'s exit code

@@ -32,6 +32,7 @@ from noesis_accel.rundir import RunDir, this_host
 from noesis_accel.sampling import LengthBucketBatchSampler
 from noesis_accel.lease import RunLease, take_run_lease
 from noesis_accel.signals import (
+    ForcedStop,
     InterruptedBySignal,
     PreemptionWatcher,
     RunInterrupted,
@@ -48,7 +49,7 @@ from noesis_accel.status import (
     record_stop,
     write_status,
 )
-from noesis_accel.volumes import Committer, LocalCommitter
+from noesis_accel.volumes import Committer, LocalCommitter, MirroringCommitter
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class Trainer:
 
     # Known from the config alone
     cfg: DictConfig
-    committer: Committer
+    committer: MirroringCommitter
+    tracker_logs: Path  # where the tracker writes (the run dir's logs/, or a copy's source)
     rundir: RunDir
     run_dir: Path
     progress: Progress
@@ -124,7 +126,8 @@ class Trainer:
     last_attempt: PreviousAttempt | None  # how far the attempt before this one got, as committed
     _last_progress_commit: float = 0.0  # time.monotonic() of the newest progress commit
 
-    def __init__(self, cfg: DictConfig, committer: Committer | None = None) -> None:
+    def __init__(self, cfg: DictConfig, committer: Committer | None = None,
+                 watcher: PreemptionWatcher | None = None) -> None:
         validate(cfg)
         # With eval.after_training, a prompt file or judge that cannot load fails now, not after training.
         if OmegaConf.select(cfg, "eval.after_training", default=False):
@@ -132,11 +135,16 @@ class Trainer:
 
             check_ready(cfg)
         self.cfg = cfg
-        self.committer = committer or LocalCommitter()
         self.rundir = RunDir.of(cfg)
         self.run_dir = self.rundir.path
+        # The tracker writes off the Volume when told to (its files stay open); each commit copies them in.
+        tracker_dir = cfg.train.tracker_dir
+        self.tracker_logs = Path(tracker_dir).expanduser() / self.rundir.path.name if tracker_dir else self.rundir.logs
+        self.committer = MirroringCommitter(committer or LocalCommitter(), [(self.tracker_logs, self.rundir.logs)])
         self.progress = Progress()
-        self.watcher = PreemptionWatcher(on_forced_exit=self._on_forced_exit)
+        # A training process started by the launcher gets its stop requests from it (worker.py).
+        self.watcher = watcher or PreemptionWatcher()
+        self.watcher.on_forced_exit = self._on_forced_exit
         self.deadline = attempt_deadline()
         self.lease = None
         self.accelerator = None
@@ -150,7 +158,7 @@ class Trainer:
         cfg = self.cfg
         env.quiet_libraries()
         env.apply_alloc_conf(cfg.env.alloc_conf)
-        self.accelerator = accelerator = build_accelerator(cfg, self.rundir.logs)
+        self.accelerator = accelerator = build_accelerator(cfg, self.tracker_logs)
         self.is_deepspeed = str(accelerator.distributed_type) == "DistributedType.DEEPSPEED"
         if self._already_completed():
             return False
@@ -594,6 +602,8 @@ class Trainer:
         evaluate_now = accelerator.is_main_process and bool(OmegaConf.select(self.cfg, "eval.after_training", default=False))
         accelerator.wait_for_everyone()
         accelerator.end_training()  # also tears down the process group: nothing collective after it
+        if accelerator.is_main_process:
+            self.committer.sync()  # the tracker's last lines, now that it closed its files
         if evaluate_now:  # after end_training, so the other processes are not held at a barrier meanwhile
             from noesis_accel.evaluate import evaluate_after_training
 
@@ -602,7 +612,7 @@ class Trainer:
                          self.progress.initial_eval_loss, eval_after, list(self.step_losses))
 
     def _on_forced_exit(self, signum: int) -> None:
-        self._record_exit("interrupted", f"{signal.Signals(signum).name} again: exited at once, before a checkpoint")
+        self._record_exit("interrupted", f"{signal.Signals(signum).name} again: stopped at once, before a checkpoint")
 
     # ================================================================ lifecycle
 
@@ -622,6 +632,8 @@ class Trainer:
         except RunInterrupted as stop:
             self._record_exit("interrupted", str(stop))
             raise
+        except ForcedStop:
+            raise  # recorded by _on_forced_exit, before the stop unwound anything
         except UserError as err:
             self._record_exit("failed", str(err))
             raise

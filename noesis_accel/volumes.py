@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 import time
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,42 @@ class ModalVolumeCommitter:
 
     def commit(self) -> None:
         self.volume.commit()
+
+
+class MirroringCommitter:
+    """Copies directories kept off the Volume into the run dir, then commits through `inner`.
+
+    A tracker holds its files open while the run lasts, and a Modal Volume cannot commit (its
+    reload fails) while a file on it is open; so the tracker writes on the container's disk and
+    each commit carries a copy. Copies are whole files (tmp + rename): a background commit never
+    captures half of one.
+    """
+
+    def __init__(self, inner: Committer, mirrors: list[tuple[Path, Path]]) -> None:
+        self.inner = inner
+        self.mirrors = [(Path(source), Path(target)) for source, target in mirrors if Path(source) != Path(target)]
+        self._copied: dict[Path, tuple[int, int]] = {}
+
+    def sync(self) -> None:
+        """Bring every mirror's changed files into its target."""
+        for source, target in self.mirrors:
+            for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                stat = path.stat()
+                if self._copied.get(path) == (stat.st_size, stat.st_mtime_ns):
+                    continue
+                destination = target / path.relative_to(source)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                tmp = destination.with_name(destination.name + ".tmp")
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, destination)
+                self._copied[path] = (stat.st_size, stat.st_mtime_ns)
+
+    def commit(self) -> None:
+        try:
+            self.sync()
+        except OSError as err:  # the logs are worth less than the checkpoint this commit carries
+            log.warning("could not copy the tracker's files into the run dir: %s", err)
+        self.inner.commit()
 
 
 _default_committer: Committer | None = None
@@ -84,20 +123,38 @@ def commit_with_retry(
     retries: int,
     backoff_s: float,
     sleep: Callable[[float], None] = time.sleep,
+    budget_s: float | None = None,
 ) -> int:
     """Commit, retrying with exponential backoff; returns the attempts used. Raises after the last.
 
-    Every failure is logged: a checkpoint that never reaches the volume must never go unnoticed.
+    `budget_s` bounds the time spent waiting between attempts: a commit during a preemption must
+    be done within the grace before the SIGKILL (Modal's is 30 s). Every failure is logged: a
+    checkpoint that never reaches the volume must never go unnoticed.
     """
+    waited = 0.0
     for attempt in range(1, retries + 2):
         try:
             committer.commit()
             return attempt
         except Exception as err:  # any backend error; retried, then re-raised
-            if attempt > retries:
+            delay = backoff_s * 2 ** (attempt - 1)
+            if attempt > retries or (budget_s is not None and waited + delay > budget_s):
                 log.error("commit failed %d time(s), giving up: %s", attempt, err)
                 raise
-            delay = backoff_s * 2 ** (attempt - 1)
             log.warning("commit attempt %d failed (%s); retrying in %.1fs", attempt, err, delay)
             sleep(delay)
+            waited += delay
     raise AssertionError("unreachable")
+
+
+def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str) -> bool:
+    """Commit within `ckpt.commit_budget_s`; on failure say so and carry on: the files stay on local
+    disk (nothing is deleted because a commit failed) and the next commit, or the exit's, carries them."""
+    try:
+        commit_with_retry(committer, int(ckpt_cfg.commit_retries), float(ckpt_cfg.commit_backoff_s),
+                          budget_s=float(ckpt_cfg.commit_budget_s))
+        return True
+    except Exception as err:
+        print(f"warning: {what} is saved but not committed ({err.__class__.__name__}: {err}); "
+              "the next commit will carry it", file=sys.stderr, flush=True)
+        return False

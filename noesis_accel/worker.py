@@ -1,7 +1,9 @@
 """A training process started by `launcher.py`: train the parent's resolved config, report one outcome.
 
-The parent passes the config as a file (`NOESIS_CONFIG`), its lifeline (`NOESIS_LIFELINE_FD`: EOF
-when the parent is gone), and to the machine's first worker a commit channel. The outcome goes to
+The parent passes the config as a file (`NOESIS_CONFIG`), its lifeline (`NOESIS_LIFELINE_FD`: one
+line per stop request, the signal's number; EOF when the parent is gone), and to the machine's first
+worker a commit channel. Stop signals sent to this process directly are ignored: the launcher
+receives them too and sends each one down the lifeline, so each counts once. The outcome goes to
 `NOESIS_OUTCOME` as JSON; the parent turns it into the run's one line, so the worker prints no error
 line of its own; the parent prints the traceback of the first failing rank, once.
 """
@@ -18,13 +20,22 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Exit within moments of the parent, whatever killed it, including SIGKILL.
+def _ignore_stop_signals() -> None:
+    """From the first moment: a stop signal sent to every process of a container reaches the launcher
+    too, which forwards it down the lifeline; taking it here as well would count it twice."""
+    from noesis_accel.signals import FORWARDED_SIGNALS
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _die_with_parent(on_stop_request: Callable[[int], None]) -> None:
+    """Exit within moments of the parent, whatever killed it, including SIGKILL; pass on its stop requests.
 
     The kernel's parent-death signal covers Linux (even if this process is stuck in C code); the
     lifeline thread covers every platform. Workers have their own session, so nothing else would
@@ -44,9 +55,10 @@ def _die_with_parent() -> None:
 
     def watch() -> None:
         try:
-            while os.read(int(lifeline), 1):
-                pass
-        except OSError:
+            with os.fdopen(int(lifeline), "rb", buffering=0) as requests:
+                for line in requests:
+                    on_stop_request(int(line))
+        except (OSError, ValueError):
             pass
         os._exit(1)  # EOF: the launcher is gone; a checkpoint now could race its restart
 
@@ -62,7 +74,12 @@ def _write_outcome(outcome: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    _die_with_parent()
+    _ignore_stop_signals()
+    from noesis_accel.signals import PreemptionWatcher
+
+    # Requests may arrive while the libraries load: the watcher holds them until the loop polls it.
+    watcher = PreemptionWatcher(from_launcher=True)
+    _die_with_parent(watcher.request)
     from omegaconf import OmegaConf
 
     from noesis_accel.config import Config
@@ -77,7 +94,7 @@ def main() -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.environ["NOESIS_CONFIG"]))
     committer = LauncherCommitter.from_env() or LocalCommitter()
     try:
-        result = Trainer(cfg, committer).run()
+        result = Trainer(cfg, committer, watcher).run()
     except RunInterrupted as stop:
         _write_outcome(stop.outcome())
         sys.exit(stop.exit_code)

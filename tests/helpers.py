@@ -131,20 +131,70 @@ def read_only_dir(path: Path) -> Iterator[str | None]:
         yield "read-only file system" if mounted else None
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            pending += children_of(current)
+    return found
+
+
+def open_files_under(root: Path, pids: list[int]) -> str | None:
+    """What keeps `root` busy for these processes (a cwd, an open file, a memory map), or None.
+
+    As `modal.volume._open_files_error_annotation` words it, with memory maps added: a mapped file
+    is open too, though it has no descriptor.
+    """
+    root = Path(root).resolve()
+
+    def under(path: str) -> str | None:
+        with contextlib.suppress(ValueError):
+            return str(Path(path.removesuffix(" (deleted)")).relative_to(root))
+        return None
+
+    for pid in pids:
+        proc = Path(f"/proc/{pid}")
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if under(os.readlink(proc / "cwd")) is not None:
+                return f"cwd of '{command}' is inside volume"
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if (name := under(os.readlink(fd))) is not None:
+                        return f"path {name} is open from '{command}'"
+            for line in (proc / "maps").read_text().splitlines():
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and (name := under(parts[5])) is not None:
+                    return f"path {name} is memory-mapped by '{command}'"
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the process exited meanwhile
+    return None
+
+
 class FakeVolume:
     """A Modal Volume as one container sees it: a private view, and a remote store that keeps only commits.
 
-    `commit()` copies what this container changed into `remote` (and removes what it deleted);
-    `reload()` brings other containers' commits into the view. A background thread can commit every
-    `background_s` seconds, as Modal does, so half-written files reach the remote too. A container
-    that dies takes its uncommitted changes with it: restart from `FakeVolume.mount(remote)` alone.
+    `commit()` copies what this container changed into `remote` (and removes what it deleted), then
+    reloads, as `modal.Volume.commit` does; `reload()` brings other containers' commits into the view.
+    Modal's reload rule holds: a reload (so a commit too) fails while any process of the container
+    (`container_pid` and its descendants) has a file under the mount open, memory-mapped or as its
+    cwd; the commit's files have reached the remote by then, as Modal's commit RPC precedes its
+    reload. A background thread can commit every `background_s` seconds, as Modal does, so
+    half-written files reach the remote too. A container that dies takes its uncommitted changes
+    with it: restart from `FakeVolume.mount(remote)` alone.
     """
 
-    def __init__(self, view: Path, remote: Path, background_s: float | None = None) -> None:
+    def __init__(self, view: Path, remote: Path, background_s: float | None = None,
+                 container_pid: int | None = None) -> None:
         import threading
 
         self.view, self.remote = Path(view), Path(remote)
+        self.container_pid = container_pid or os.getpid()
         self.commits = 0
+        self.refused: list[str] = []  # every reload refused for open files, with what held it
         self._lock = threading.Lock()
         self._known = self._files(self.view)
         self._stop = threading.Event()
@@ -174,6 +224,10 @@ class FakeVolume:
         return found
 
     def commit(self) -> None:
+        self._persist()
+        self.reload()
+
+    def _persist(self) -> None:
         import shutil
 
         with self._lock:
@@ -197,6 +251,10 @@ class FakeVolume:
     def reload(self) -> None:
         import shutil
 
+        busy = open_files_under(self.view, descendants(self.container_pid))
+        if busy is not None:
+            self.refused.append(busy)
+            raise RuntimeError(f"there are open files preventing the operation: {busy}")
         with self._lock:
             remote = self._files(self.remote)
             for name in remote:
@@ -211,6 +269,6 @@ class FakeVolume:
     def _background(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                self.commit()
+                self._persist()  # Modal's background snapshot: no reload, so no open-file rule
             except OSError:
                 pass

@@ -115,15 +115,19 @@ def test_the_entrypoint_forwards_the_overrides_unchanged(monkeypatch, capsys) ->
 def test_the_function_body_trains_the_cli_config_and_commits_it_to_the_volume(tmp_path, monkeypatch, capsys) -> None:
     """`train.local(overrides)` in-process: the container's body with a Volume that keeps only commits."""
     mount, remote = tmp_path / "vol", tmp_path / "remote"
-    args = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "modal.secret=null", f"modal.mount={mount}"]
+    local = tmp_path / "container-disk"
+    args = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "modal.secret=null", f"modal.mount={mount}",
+            f"modal.scratch_dir={local}"]
     app = load_app(args, monkeypatch)
     volume = FakeVolume.mount(mount, remote)
     monkeypatch.setattr(app, "volume", volume)
     result = app.train.local(args)
     assert result["state"] == "completed" and result["step"] == 2
     saved = yaml.safe_load((remote / "runs" / "tiny" / "config.yaml").read_text())  # on the remote: committed
-    cli = compose(args + [f"run.root={mount}/runs", f"data.cache_dir={mount}/cache/data",
-                          f"model.cache_dir={mount}/cache/models"])
+    # What must last on the Volume; what is held open while training on the container's own disk.
+    cli = compose(args + [f"run.root={mount}/runs", f"data.cache_dir={local}/cache/data",
+                          f"data.persistent_cache_dir={mount}/cache/data", f"model.cache_dir={mount}/cache/models",
+                          f"train.tracker_dir={local}/tracker"])
     from omegaconf import OmegaConf
 
     assert saved == OmegaConf.to_container(cli, resolve=True)  # the same config noesis-train composes

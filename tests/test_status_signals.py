@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+
+import pytest
 
 from noesis_accel.status import main as status_main
 from noesis_accel.status import read_status, write_status
@@ -25,19 +29,46 @@ def test_noesis_status_on_a_non_run_dir_is_a_clear_error(tmp_path, capsys) -> No
     assert "no readable status.json" in capsys.readouterr().err
 
 
-def test_first_signal_asks_second_signal_exits_at_once() -> None:
+def test_first_signal_asks_second_signal_stops_at_once() -> None:
+    """In the process that trains (a single-process run, a Modal function's thread) the forced stop is
+    an exception: the final commit and Modal's own output and exit-time commit still happen."""
+    from noesis_accel.signals import ForcedStop, PreemptionWatcher
+
+    recorded: list[int] = []
+    watcher = PreemptionWatcher(on_forced_exit=recorded.append).install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # Python runs the handler at the next bytecode of the main thread
+        assert watcher.requested and not recorded
+        with pytest.raises(ForcedStop) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert stopped.value.exit_code == 128 + signal.SIGTERM and recorded == [signal.SIGTERM]
+    finally:
+        watcher.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler it replaced is back
+
+
+def test_a_launched_process_ignores_direct_signals_and_counts_each_launcher_request_once() -> None:
+    """A runtime that signals every process of a container reaches the launcher too, which forwards
+    each signal once: taken directly as well, one preemption would count twice and force the exit."""
     script = textwrap.dedent("""
         import os, signal, time
         from noesis_accel.signals import PreemptionWatcher
-        watcher = PreemptionWatcher().install()
-        os.kill(os.getpid(), signal.SIGTERM)
+        watcher = PreemptionWatcher(from_launcher=True).install()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(os.getpid(), signum)
         time.sleep(0.1)
-        print("requested", watcher.requested, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
+        print("after direct signals: requested", watcher.requested, flush=True)
+        watcher.request(signal.SIGINT)
+        watcher.saving = True  # the checkpoint that was asked for is being written
+        watcher.request(signal.SIGINT)
+        print("while saving, a second request waits; requested", watcher.requested, flush=True)
+        watcher.request(signal.SIGINT)
         print("still alive", flush=True)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "requested True" in result.stdout
+    assert "after direct signals: requested False" in result.stdout
+    assert "while saving, a second request waits; requested True" in result.stdout
     assert "still alive" not in result.stdout
-    assert result.returncode == 128 + signal.SIGTERM
+    assert result.returncode == 128 + signal.SIGINT

@@ -1,0 +1,210 @@
+"""Our training function under Modal's own container runtime: how each stop ends, as Modal's code decides.
+
+Each container (tests/modal_sim.py) hands one input to `modal._container_entrypoint.call_function`
+with a real `ContainerIOManager` whose only stand-in is the API stub that records the outputs sent.
+The client's retry loop then reads those outputs (tests/test_modal_retries.py). A preemption must
+end with no output (Modal's runtime re-raises KeyboardInterrupt: a free restart), a cancellation
+with TERMINATED, the deadline with one FAILURE; each after its checkpoint was committed. Signals go
+to the container's main process only, or to every process of the container, as a runtime might.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from noesis_accel.rundir import RunDir
+from noesis_accel.status import main as status_main
+
+from conftest import uninterrupted_run
+from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, wait_until
+
+STEPS = 12
+TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
+LAYOUTS = {"1-process": [], "2-process": ["distributed=ddp", "distributed.num_processes=2"]}
+GRACE_S = 30  # Modal's SIGKILL follows its stop signal after this long
+TRACKED = ["train.tracker=tensorboard"]
+
+
+def _run_dir(root: Path) -> Path:
+    return root / "runs" / "tiny"
+
+
+class Container:
+    """One simulated container under Modal's runtime; `outputs` is what the runtime sent."""
+
+    def __init__(self, tmp_path: Path, overrides: list[str], env: dict | None = None) -> None:
+        self.view, self.remote = tmp_path / "container", tmp_path / "remote"
+        self.outputs_file = tmp_path / f"outputs-{time.monotonic_ns()}.json"
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "modal_sim.py"), str(self.view), str(self.remote),
+             "--outputs", str(self.outputs_file), *overrides],
+            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+    def signal(self, signum: int, every_process: bool) -> None:
+        pids = descendants(self.process.pid) if every_process else [self.process.pid]
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        try:
+            out, err = self.process.communicate(timeout=timeout)
+        finally:
+            kill_group(self.process)
+        return self.process.returncode, out + err
+
+    @property
+    def outputs(self) -> list[dict]:
+        return json.loads(self.outputs_file.read_text())
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted local runs, made when a test first needs one layout."""
+    made: dict[str, Path] = {}
+
+    class Lazy(dict):
+        def __missing__(self, layout: str) -> Path:
+            made[layout] = uninterrupted_run(tmp_path_factory.mktemp(f"reference-{layout}"), TINY + LAYOUTS[layout])
+            return made[layout]
+
+    return Lazy()
+
+
+def _stopped_checkpoint(remote_run: Path) -> tuple[int, dict]:
+    """The step the stop recorded (committed) and its checkpoint's manifest."""
+    status = RunDir(remote_run).status()
+    step = status["step"]
+    manifest = json.loads((remote_run / "checkpoints" / f"step-{step:06d}" / "manifest.json").read_text())
+    return step, {**manifest, "state": status["state"]}
+
+
+def _signal_mid_run(tmp_path: Path, layout: str, signum: int, every_process: bool,
+                    extra: list[str] = ()) -> tuple[Container, int, str]:
+    container = Container(tmp_path, TINY + LAYOUTS[layout] + list(extra), env={"NOESIS_STEP_DELAY_S": "0.5"})
+    wait_until(lambda: logged_step(_run_dir(container.view)) >= 3 or container.process.poll() is not None,
+               240, "step 3")
+    container.signal(signum, every_process)
+    signalled = time.monotonic()
+    code, output = container.finish(timeout=GRACE_S + 10)
+    assert time.monotonic() - signalled < GRACE_S, "still running when Modal's SIGKILL would come"
+    return container, code, output
+
+
+CASES = [pytest.param(layout, every, marks=[] if (layout, every) == ("1-process", False) else [pytest.mark.slow],
+                      id=f"{layout}-{'every-process' if every else 'main-process'}")
+         for layout in LAYOUTS for every in (False, True)]
+
+
+@pytest.mark.parametrize("layout, every_process", CASES)
+def test_a_preemption_commits_its_checkpoint_sends_no_output_and_the_restart_loses_nothing(
+        tmp_path, references, layout: str, every_process: bool, capsys) -> None:
+    # The tracker on too: its files are open while the run lasts, and the Volume must still commit.
+    container, code, output = _signal_mid_run(tmp_path, layout, signal.SIGINT, every_process, TRACKED)
+    assert container.outputs == [], output[-3000:]  # KeyboardInterrupt: Modal restarts the input for free
+    assert code == 3, output[-3000:]  # 6 if a commit's reload had been refused for an open file
+    stopped_at, manifest = _stopped_checkpoint(_run_dir(container.remote))
+    assert manifest["reason"] == "signal" and manifest["state"] == "interrupted"
+    assert 3 <= stopped_at < STEPS
+    assert list((container.remote / "cache" / "data").iterdir())  # the tokenised data, kept for the restart
+    restart = Container(tmp_path, TINY + LAYOUTS[layout] + TRACKED)
+    code, output = restart.finish()
+    assert code == 0 and restart.outputs[0]["status"] == "SUCCESS", output[-3000:]
+    assert list((_run_dir(restart.remote) / "logs").rglob("events.out.tfevents.*"))  # both attempts' logs
+    start = [e for e in RunDir(_run_dir(restart.remote)).events() if e["event"] == "start"][-1]
+    assert start["step"] == stopped_at and start["lost_steps"] == 0 and start["lost_steps_exact"]
+    assert_same_adapter(_run_dir(restart.remote), references[layout])
+    # What `modal run launch/modal_entry.py::status tiny` prints from the Volume.
+    assert status_main([str(_run_dir(restart.remote))]) == 0
+    history = capsys.readouterr().out
+    assert "attempts:    2 (1 interruption(s) survived, 0 step(s) redone)" in history
+    assert f"#1: steps 0 -> {stopped_at}" in history and "stopped by SIGINT" in history
+
+
+@pytest.mark.parametrize("layout, every_process", CASES)
+def test_a_cancellation_commits_its_checkpoint_and_ends_terminated(tmp_path, layout: str, every_process: bool) -> None:
+    container, code, output = _signal_mid_run(tmp_path, layout, signal.SIGUSR1, every_process)
+    assert [o["status"] for o in container.outputs] == ["TERMINATED"], output[-3000:]  # never retried
+    assert code == 4
+    stopped_at, manifest = _stopped_checkpoint(_run_dir(container.remote))
+    assert manifest["reason"] == "signal" and manifest["state"] == "interrupted" and stopped_at >= 3
+
+
+@pytest.mark.parametrize("layout", [pytest.param("1-process"), pytest.param("2-process", marks=pytest.mark.slow)])
+def test_the_deadline_commits_its_checkpoint_and_ends_as_one_failure(tmp_path, layout: str) -> None:
+    # A 60 s attempt with a 50 s margin: checkpoint and stop 10 s in, well before Modal's timeout.
+    timed = TINY + LAYOUTS[layout] + ["modal.timeout_s=60", "modal.deadline_margin_s=50"]
+    container = Container(tmp_path, timed, env={"NOESIS_STEP_DELAY_S": "1.5"})
+    code, output = container.finish()
+    assert [o["status"] for o in container.outputs] == ["FAILURE"], output[-3000:]  # spends one retry
+    assert "before this attempt's time limit" in container.outputs[0]["exception"]
+    stopped_at, manifest = _stopped_checkpoint(_run_dir(container.remote))
+    assert manifest["reason"] == "deadline" and 0 < stopped_at < STEPS
+
+
+@pytest.mark.parametrize("layout", [pytest.param("1-process"), pytest.param("2-process", marks=pytest.mark.slow)])
+def test_a_bad_config_is_one_line_and_a_result_not_a_failure(tmp_path, layout: str) -> None:
+    container = Container(tmp_path, TINY + LAYOUTS[layout] + [f"data.path={tmp_path / 'missing.jsonl'}"])
+    code, output = container.finish()
+    assert [o["status"] for o in container.outputs] == ["SUCCESS"], output[-3000:]  # terminal: no retry
+    assert container.outputs[0]["value"]["state"] == "failed" and code == 2
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        f"error: {container.outputs[0]['value']['error']}"]
+
+
+def test_the_fake_volume_refuses_a_reload_while_a_file_under_it_is_open_or_mapped(tmp_path) -> None:
+    """Modal's rule (`Volume.reload`: "will fail if there are open files for the volume"), mapped files
+    included: what `datasets` loads from disk stays memory-mapped, with no descriptor left open."""
+    import datasets
+
+    from helpers import FakeVolume
+
+    volume = FakeVolume.mount(tmp_path / "view", tmp_path / "remote")
+    (volume.view / "notes.txt").write_text("x")
+    with (volume.view / "notes.txt").open():
+        with pytest.raises(RuntimeError, match="path notes.txt is open"):
+            volume.commit()
+    datasets.Dataset.from_dict({"length": list(range(100))}).save_to_disk(str(volume.view / "cache"))
+    volume.commit()  # written and closed: the rule is satisfied
+    loaded = datasets.load_from_disk(str(volume.view / "cache"))
+    with pytest.raises(RuntimeError, match=r"path cache/data-00000-of-00001.arrow is memory-mapped"):
+        volume.reload()
+    del loaded
+    import gc
+
+    gc.collect()
+    volume.commit()
+    assert (tmp_path / "remote" / "cache" / "data-00000-of-00001.arrow").is_file()
+
+
+def test_weights_loaded_on_the_cpu_hold_no_mapping_of_their_file(tmp_path) -> None:
+    """safetensors maps the file for tensors already in its dtype; kept, that mapping is an open file
+    on the Volume for the whole run (model weights are cached there), and every commit would fail."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from noesis_accel.modeling import load_base_model
+
+    saved = tmp_path / "model"
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(saved))
+    model_cfg = OmegaConf.create({"name_or_path": str(saved), "gguf_file": None, "architecture": None,
+                                  "dtype": "float32", "attn_implementation": "eager", "load_in_4bit": False,
+                                  "trust_remote_code": False, "revision": None, "cache_dir": str(tmp_path / "c")})
+    model = load_base_model(model_cfg, vocab_size=512, device_is_cuda=False)
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(saved) in line]
+    assert mapped == [] and next(model.parameters()).dtype.is_floating_point
