@@ -65,7 +65,23 @@ class DataConfig:
 
     path: str = MISSING  # JSONL/JSON/Parquet file, a directory of them, or a hub dataset name
     split: str = "train"
-    format: str = "auto"  # auto | chat | prompt_completion | text
+    # Record shape (see formats.py): auto | messages (alias chat) | sharegpt | alpaca | prompt_completion |
+    # conversational_prompt_completion | text.
+    format: str = "auto"
+    # The dataset's own field names, {canonical: yours}: +data.columns={prompt: question, completion: answer}.
+    # Canonical: messages, conversations, prompt, completion, text, instruction, input, output, system, tools.
+    columns: dict[str, str] = field(default_factory=dict)
+    # The dataset's role names mapped to system | user | assistant | tool: +data.roles={narrator: system}; added
+    # to the built-in ShareGPT ones (human: user, gpt: assistant, bot: assistant).
+    roles: dict[str, str] = field(default_factory=dict)
+    role_key: Optional[str] = None  # a message's role field; null: "role", or "from" (ShareGPT) where no "role"
+    content_key: Optional[str] = None  # its text field; null: "content", or "value" (ShareGPT) where no "content"
+    # What is learned: assistant (every assistant turn) | last_assistant (the final one) | all (every token,
+    # prompts too). A prompt/completion record learns its completion unless `all`. A message's or a record's
+    # own "weight": 0|1 / "train": false|true wins (see formats.py).
+    train_on: str = "assistant"
+    # null (the tokenizer's own) | the name of a template the tokenizer ships | a path to a Jinja file.
+    chat_template: Optional[str] = None
     eval_path: Optional[str] = None  # held-out file; else `eval_fraction` of `path` is held out
     eval_fraction: float = 0.1
     max_eval_examples: int = 512
@@ -339,7 +355,9 @@ def accumulation_steps(cfg: DictConfig, world: int | None = None) -> int:
 PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
 _CHOICES = {
-    "data.format": ("auto", "chat", "prompt_completion", "text"),
+    "data.format": ("auto", "messages", "chat", "sharegpt", "alpaca", "prompt_completion",
+                    "conversational_prompt_completion", "text"),
+    "data.train_on": ("assistant", "last_assistant", "all"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "optim.name": ("adamw8bit", "adamw"),
@@ -547,7 +565,9 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
 
 # Keys added after runs were started: at these defaults they are left out of the math keys, so a run
 # (and its checkpoints' fingerprint) from before they existed still resumes.
-ADDED_KEY_DEFAULTS: dict[str, Any] = {"data.packing": False, "model.liger": False, "model.compile": False}
+ADDED_KEY_DEFAULTS: dict[str, Any] = {"data.packing": False, "model.liger": False, "model.compile": False,
+                                     "data.train_on": "assistant", "data.chat_template": None,
+                                     "data.role_key": None, "data.content_key": None}
 
 
 def math_keys(cfg: DictConfig | dict) -> dict[str, Any]:

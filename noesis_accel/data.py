@@ -16,13 +16,12 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig
 
+from noesis_accel import formats, templates
 from noesis_accel.errors import DataError
 
 IGNORE_INDEX = -100  # labels with this value take no part in the loss
-ROLES = ("system", "user", "assistant")
-FORMATS = ("chat", "prompt_completion", "text")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-_CACHE_VERSION = "2"  # bump when tokenisation, masking or the stored columns change
+_CACHE_VERSION = "3"  # bump when tokenisation, masking or the stored columns change
 _MAX_LISTED_PROBLEMS = 10
 
 
@@ -143,72 +142,54 @@ def read_records(path_spec: str, split: str = "train") -> list[RawRecord]:
 # ---------------------------------------------------------------- validation
 
 
-def detect_format(record: RawRecord, declared: str) -> str:
+def detect_format(record: RawRecord, declared: str, options: formats.Options | None = None) -> str:
+    """The record's shape (see formats.py): `declared` unless it is auto, else what its fields say."""
     fields = record.fields
     if not isinstance(fields, dict):
         raise DataError(f"{record.location}: a record must be a JSON object, found {type(fields).__name__}")
     if declared != "auto":
-        return declared
-    if "messages" in fields:
-        return "chat"
-    if "prompt" in fields and "completion" in fields:
-        return "prompt_completion"
-    if "text" in fields:
-        return "text"
-    found = ", ".join(sorted(fields)) or "no fields"
-    raise DataError(
-        f"{record.location}: unknown record shape (fields: {found}); use one of "
-        '{"messages": [{"role": ..., "content": ...}]}, {"prompt": ..., "completion": ...} or {"text": ...}'
-    )
+        return formats.canonical_shape(declared)
+    shape = formats.detect_shape(fields, options or formats.Options.from_config())
+    if shape is None:
+        raise formats.unknown_shape(fields, record.location)
+    return shape
 
 
-def record_problems(record: RawRecord, fmt: str) -> list[str]:
+def record_problems(record: RawRecord, fmt: str, options: formats.Options | None = None) -> list[str]:
     """Everything wrong with one record, each naming its field and the fix."""
-    fields, where = record.fields, record.location
-    if not isinstance(fields, dict):
-        return [f"{where}: a record must be a JSON object, found {type(fields).__name__}"]
+    return formats.parse(record.fields, fmt, options or formats.Options.from_config(), record.location)[1]
 
-    def text_problem(key: str, value: Any) -> str | None:
-        if not isinstance(value, str):
-            return f"{where}: field '{key}' must be a string, found {type(value).__name__}"
-        if not value.strip():
-            return f"{where}: field '{key}' is empty; remove the record or fill it in"
-        return None
 
-    if fmt == "chat":
-        messages = fields.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return [f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects"]
-        problems = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                problems.append(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-                continue
-            role = message.get("role")
-            if role not in ROLES:
-                problems.append(f"{where}: messages[{i}].role is {role!r}; use one of {', '.join(ROLES)}")
-            problem = text_problem(f"messages[{i}].content", message.get("content"))
-            if problem:
-                problems.append(problem)
-        if not problems and not any(m.get("role") == "assistant" for m in messages):
-            problems.append(f"{where}: 'messages' has no assistant turn, so there is nothing to learn; add one")
+def _with_shape_hint(problems: list[str], record: RawRecord, fmt: str, declared: str,
+                     options: formats.Options) -> list[str]:
+    """`problems`, the first one saying which shape the record has when data.format names another."""
+    looks = formats.detect_shape(record.fields, options) if declared != "auto" and problems else None
+    if looks is None or looks == fmt:
         return problems
-    keys = ("prompt", "completion") if fmt == "prompt_completion" else ("text",)
-    return [p for key in keys if (p := text_problem(key, fields.get(key))) is not None]
+    return [f"{problems[0]} (the record looks like {looks}: set data.format=auto or data.format={looks})",
+            *problems[1:]]
 
 
-def validate_records(records: list[RawRecord], declared_format: str) -> str:
-    """Check every record; raise one DataError listing the first problems. Returns the format."""
+def validate_records(records: list[RawRecord], declared_format: str, data_cfg: Any = None) -> str:
+    """Check every record; raise one DataError listing the first problems. Returns the shape.
+
+    `data_cfg` (the `data` config) gives the mapping (data.columns, data.roles, ...); without it
+    the defaults apply.
+    """
     if not records:
         raise DataError("data.path: no records found; the file is empty")
-    fmt = detect_format(records[0], declared_format)
+    options = formats.Options.from_config(data_cfg)
+    if options.problems():
+        raise DataError("; ".join(options.problems()))
+    fmt = detect_format(records[0], declared_format, options)
     problems: list[str] = []
     for record in records:
-        record_fmt = detect_format(record, declared_format)
+        record_fmt = detect_format(record, declared_format, options)
         if record_fmt != fmt:
             problems.append(f"{record.location}: record is {record_fmt} but the first record is {fmt}; use one shape per file")
             continue
-        problems.extend(record_problems(record, fmt))
+        found = record_problems(record, fmt, options)
+        problems.extend(_with_shape_hint(found, record, fmt, declared_format, options))
     if problems:
         shown = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
         more = f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
@@ -244,44 +225,67 @@ def check_data(data_cfg: Any) -> DataStats:
 # ---------------------------------------------------------------- tokenisation and masking
 
 
-def _spans_for_chat(tokenizer: Any, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of every assistant turn.
+def _learned_messages(conversation: formats.Conversation, train_on: str) -> list[bool]:
+    """Which messages are learned: data.train_on picks the turns, a message's own flag wins over it.
 
-    Each assistant span runs from the end of the rendered prefix with a generation prompt to the
-    end of the rendering that includes the turn, so the end-of-turn token is learned too.
+    `assistant`: every assistant turn after the prompt (a conversational prompt-completion's prompt
+    is never learned); `last_assistant`: only the final one; `all`: every message. A record whose
+    own flag is off learns nothing.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
-            raise DataError(
-                f"{where}: the tokenizer's chat template does not render this conversation turn by turn "
-                "(a prefix differs), so assistant tokens cannot be masked; use data.format=prompt_completion"
-            )
-        spans.append((len(before), len(through)))
-    return full, spans
+    messages = conversation.messages
+    if not conversation.learn:
+        return [False] * len(messages)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= conversation.prompt_turns]
+    chosen = {"all": set(range(len(messages))), "last_assistant": set(answers[-1:])}.get(train_on, set(answers))
+    return [i in chosen if flag is None else flag for i, flag in enumerate(conversation.flags)]
 
 
-def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int) -> tuple[list[int], list[int], bool]:
-    """Token ids and labels (IGNORE_INDEX outside assistant/completion text); truncated or not."""
-    fields = record.fields
-    if fmt == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{record.location}: chat records need a tokenizer with a chat template, and "
-                            f"{getattr(tokenizer, 'name_or_path', 'this one')} has none; use prompt/completion records")
-        text, spans = _spans_for_chat(tokenizer, fields["messages"], record.location)
+def _spans_for_chat(tokenizer: Any, conversation: formats.Conversation, options: formats.Options,
+                    where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans to learn.
+
+    The template renders turn by turn (templates.py): an assistant turn's span runs from the end of
+    the rendered prefix with a generation prompt to the end of the rendering that includes the turn,
+    so the end-of-turn token is learned too. Under data.train_on=all the text between turns (system
+    prompt, user turns, headers) is learned as well.
+    """
+    template = templates.resolve(tokenizer, options.chat_template, conversation.tools)
+    learned = _learned_messages(conversation, options.train_on)
+    learn_context = options.train_on == "all" and conversation.learn
+    text, spans = "", []
+    for turn in templates.render_turns(tokenizer, template, conversation.messages, conversation.tools, where):
+        if turn.text and (learned[turn.message] if turn.message is not None else learn_context):
+            spans.append((len(text), len(text) + len(turn.text)))
+        text += turn.text
+    return text, spans
+
+
+def _spans_for_completion(tokenizer: Any, example: formats.Completion,
+                          train_on: str) -> tuple[str, list[tuple[int, int]]]:
+    """Prompt, completion and end-of-sequence as one text; the completion (all of it under `all`) is learned."""
+    text = example.prompt + example.completion + (tokenizer.eos_token or "")
+    start = 0 if train_on == "all" else len(example.prompt)
+    return text, [(start, len(text))] if example.learn else []
+
+
+def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int, *,
+                    data_cfg: Any = None) -> tuple[list[int], list[int], bool]:
+    """Token ids and labels (IGNORE_INDEX where nothing is learned); truncated or not.
+
+    Args:
+        tokenizer: a fast tokenizer (loss masks come from its character offsets).
+        record: one record as read, in the shape `fmt` (a name from formats.SHAPES, or `chat`).
+        max_length: longer records are cut to this many tokens.
+        data_cfg: the `data` config: its mapping, data.train_on and data.chat_template decide what
+            the record means and what of it is learned; without it their defaults apply.
+    """
+    options = formats.Options.from_config(data_cfg)
+    example = formats.to_example(record.fields, fmt, options, record.location)
+    if isinstance(example, formats.Conversation):
+        text, spans = _spans_for_chat(tokenizer, example, options, record.location)
         add_special = False  # the template already placed its special tokens
-    elif fmt == "prompt_completion":
-        text = fields["prompt"] + fields["completion"] + (tokenizer.eos_token or "")
-        spans = [(len(fields["prompt"]), len(text))]
-        add_special = True
     else:
-        text = fields["text"] + (tokenizer.eos_token or "")
-        spans = [(0, len(text))]
+        text, spans = _spans_for_completion(tokenizer, example, options.train_on)
         add_special = True
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("the tokenizer is a slow (Python) one; loss masks need a fast tokenizer's offsets. "
@@ -295,6 +299,14 @@ def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int
         labels.append(token_id if learn else IGNORE_INDEX)
     truncated = len(input_ids) > max_length
     return input_ids[:max_length], labels[:max_length], truncated
+
+
+def template_notes(tokenizer: Any, data_cfg: Any, fmt: str) -> list[str]:
+    """Lines for the start-up summary about how records are rendered (the template's default system prompt)."""
+    if formats.canonical_shape(fmt) not in formats.CHAT_SHAPES:
+        return []
+    note = templates.system_prompt_note(tokenizer, formats.Options.from_config(data_cfg).chat_template)
+    return [note] if note else []
 
 
 def label_count(labels: list[int]) -> int:

@@ -411,6 +411,8 @@ class Trainer:
             + (f"packed rows (padded would be {100 * self.sampler.padding_fraction(0):.1f}% padding)"
                if self.cfg.data.packing else f"padding {100 * self.sampler.padding_fraction(0):.1f}%")
         )
+        for note in data_mod.template_notes(self.tokenizer, self.cfg.data, stats.format):
+            self.metrics.write(note)
         if self.accelerator.is_main_process:
             write_status(self.run_dir, state="running", step=self.progress.step, total_steps=self.total_steps,
                          latest_checkpoint=str(self.resumed_from.path) if self.resumed_from else None,

@@ -132,8 +132,10 @@ def test_empty_content_names_the_field(tokenizer, tmp_path: Path) -> None:
 
 
 def test_unknown_role_lists_the_valid_roles(tokenizer, tmp_path: Path) -> None:
-    records = [{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
-    assert "bad.jsonl:1: messages[0].role is 'human'; use one of system, user, assistant" in _error_for(tmp_path, tokenizer, records)
+    records = [{"messages": [{"role": "narrator", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    message = _error_for(tmp_path, tokenizer, records)
+    assert "bad.jsonl:1: messages[0].role is 'narrator'; use one of system, user, assistant, tool" in message
+    assert "data.roles={narrator: user}" in message
 
 
 def test_too_few_examples(tokenizer, tmp_path: Path) -> None:
