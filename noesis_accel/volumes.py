@@ -55,18 +55,39 @@ class MirroringCommitter:
         self._copied: dict[Path, tuple[int, int]] = {}
 
     def sync(self) -> None:
-        """Bring every mirror's changed files into its target."""
+        """Bring every mirror's changed files, and its folders (empty ones too), into its target."""
         for source, target in self.mirrors:
-            for path in sorted(p for p in source.rglob("*") if p.is_file()):
-                stat = path.stat()
-                if self._copied.get(path) == (stat.st_size, stat.st_mtime_ns):
-                    continue
-                destination = target / path.relative_to(source)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                tmp = destination.with_name(destination.name + ".tmp")
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, destination)
-                self._copied[path] = (stat.st_size, stat.st_mtime_ns)
+            for path in sorted(source.rglob("*")):
+                if _is_folder(path):
+                    # A folder with nothing in it can be part of the format: MLflow's file store finds a
+                    # run only if its artifacts/ folder exists.
+                    (target / path.relative_to(source)).mkdir(parents=True, exist_ok=True)
+                elif path.is_file():
+                    self._copy_if_changed(path, target / path.relative_to(source))
+
+    def _copy_if_changed(self, path: Path, destination: Path) -> None:
+        stat = path.stat()
+        if self._copied.get(path) == (stat.st_size, stat.st_mtime_ns):
+            return
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, destination)
+        self._copied[path] = (stat.st_size, stat.st_mtime_ns)
+
+    def restore(self) -> None:
+        """Copy back into each source what only its target holds: on a fresh machine's empty disk, a
+        tracker that continues its own files (MLflow's file store appends to them) finds them again."""
+        for source, target in self.mirrors:
+            for path in sorted(target.rglob("*")):
+                destination = source / path.relative_to(target)
+                if _is_folder(path):
+                    destination.mkdir(parents=True, exist_ok=True)
+                elif path.is_file() and not path.name.endswith(".tmp") and not destination.exists():
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, destination)
+                    stat = destination.stat()
+                    self._copied[destination] = (stat.st_size, stat.st_mtime_ns)  # the target has it already
 
     def commit(self) -> None:
         try:
@@ -74,6 +95,11 @@ class MirroringCommitter:
         except OSError as err:  # the logs are worth less than the checkpoint this commit carries
             log.warning("could not copy the tracker's files into the run dir: %s", err)
         self.inner.commit()
+
+
+def _is_folder(path: Path) -> bool:
+    """A real folder; a link to one (W&B's latest-run) is not followed, or its files would be copied twice."""
+    return path.is_dir() and not path.is_symlink()
 
 
 _default_committer: Committer | None = None
