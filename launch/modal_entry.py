@@ -55,7 +55,7 @@ image = (
     # Read again in the container, to check `modal.extras` as the laptop did.
     .add_local_file(modal_image.PYPROJECT, "/root/pyproject.toml")
 )
-secrets = [modal.Secret.from_name(SETTINGS.secret)] if SETTINGS.secret else []
+secrets = [modal.Secret.from_name(name) for name in SETTINGS.secrets]  # modal.secret, then modal.secrets
 common = dict(
     image=image,
     volumes={SETTINGS.mount: volume},

@@ -6,11 +6,12 @@ unknown keys against this schema, and `validate` gathers every semantic problem 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,10 +84,17 @@ class DataConfig:
     # null (the tokenizer's own) | the name of a template the tokenizer ships | a path to a Jinja file.
     chat_template: Optional[str] = None
     eval_path: Optional[str] = None  # held-out file; else `eval_fraction` of `path` is held out
+    # The split held out from `path` when it is a directory of splits (validation.jsonl, test.jsonl, ...) or a
+    # hub dataset. null: validation if the data has it, else test; neither: `eval_fraction` of the training
+    # records. A name given here must exist. Training reads `split` only; splits are never mixed.
+    eval_split: Optional[str] = None
     eval_fraction: float = 0.1
     max_eval_examples: int = 512
     min_examples: int = 100  # fewer usable training records than this is an error
     max_length: int = 1024  # tokens; longer records are truncated (and counted)
+    # A record longer than max_length: truncate (cut it; a record with no learned token left is dropped), drop
+    # it, or error (list them). Every truncated or dropped record is counted on the console with where it is.
+    on_too_long: str = "truncate"
     # Batch by token budget (padded tokens per micro-batch) instead of a fixed count.
     max_tokens_per_batch: Optional[int] = None
     # Length buckets are sorted within mega-batches of this many global batches.
@@ -96,6 +104,9 @@ class DataConfig:
     # padding them (the same records, another layout); attention never crosses records.
     packing: bool = False
     num_workers: int = 0
+    # Processes that tokenise; null: one per core (at most 8), and one below 4,000 records, where
+    # starting processes costs more than it saves.
+    num_proc: Optional[int] = None
     cache_dir: str = "~/.cache/noesis_accel/data"  # the tokenised data, memory-mapped while training
     # A copy of the tokenised data kept where the next machine finds it (a Modal Volume), so a
     # retry skips tokenising; training reads `cache_dir` only, so nothing here is held open.
@@ -143,11 +154,14 @@ class TrainConfig:
     device: str = "auto"  # auto (GPU when present) | cpu
     eval_every: float = 0.25  # fraction of total steps (< 1) or a step count; 0 = only before/after
     log_every: int = 1
-    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    # tensorboard | wandb | mlflow | none, or another tracker Accelerate ships (comet_ml, aim, clearml,
+    # dvclive, swanlab, trackio); its own settings are the `tracker.` keys.
+    tracker: str = "tensorboard"
     # Where the tracker writes while the run lasts (it holds its files open); copied into the run
     # dir's logs/ before every commit. null: the run dir's logs/ itself.
     tracker_dir: Optional[str] = None
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal; elsewhere progress is a plain line every `print_every` steps
+    print_every: Optional[int] = None  # steps between plain progress lines; null: about 20 lines a run
     # Asked of the trained model at the end (greedy), so a person sees what it learned.
     sample_prompt: Optional[str] = None
 
@@ -213,7 +227,10 @@ class ModalConfig:
     # The container's own disk: what is held open while training (the tokenised data, the tracker's
     # files) lives here, since a Volume cannot commit while a file on it is open.
     scratch_dir: str = "/tmp/noesis"
-    secret: Optional[str] = "huggingface-token"  # a Modal Secret providing HF_TOKEN (gated models)
+    secret: Optional[str] = "huggingface-token"  # a Modal Secret providing HF_TOKEN (gated models); null: none
+    # More Modal Secrets, after `secret`: e.g. [wandb], made with `modal secret create wandb WANDB_API_KEY=...`,
+    # or one holding MLFLOW_TRACKING_URI and its credentials.
+    secrets: list[str] = field(default_factory=list)
     # Checkpoint and commit this long before the attempt's timeout, so a timeout costs no steps.
     deadline_margin_s: int = 300
     gpu_hour_usd: Optional[float] = None  # price of one GPU-hour, for the cost line of `status`
@@ -221,6 +238,32 @@ class ModalConfig:
     torch_version: str = "2.13.0"  # the CUDA build from `torch_index_url` goes into the image
     torch_index_url: str = "https://download.pytorch.org/whl/cu128"
     extras: list[str] = field(default_factory=list)  # optional dependency groups of this project
+
+
+@dataclass
+class TrackerConfig:
+    """The experiment tracker's own settings; `train.tracker` chooses the tracker.
+
+    A restart logs into the same tracker run (its id is kept in the run dir's tracker.json) and sends
+    each step once. TensorBoard, W&B and MLflow use every key that applies to them; the other trackers
+    get `project` and `init_kwargs`, and a restart may open a new run in them.
+    """
+
+    # W&B project, MLflow experiment (Comet, Aim, ... project). TensorBoard has none: it writes to
+    # the run dir's logs/<run.name>/.
+    project: str = "noesis-accel"
+    entity: Optional[str] = None  # W&B entity (a user or team); null: the API key's default one
+    run_name: Optional[str] = None  # the tracker run's display name (W&B, MLflow); null: the run dir's name
+    tags: list[str] = field(default_factory=list)  # W&B tags; MLflow tags (with empty values)
+    # W&B mode: online | offline | disabled; null: $WANDB_MODE, else online. An offline run is uploaded
+    # later with `wandb sync <run dir>/logs/wandb/offline-run-*` (every attempt of the run, one W&B run).
+    mode: Optional[str] = None
+    # MLflow tracking URI (a server, a database); null: $MLFLOW_TRACKING_URI, else a file store in the
+    # tracker's directory, copied into the run dir (`mlflow ui --backend-store-uri <run dir>/logs/mlruns`).
+    uri: Optional[str] = None
+    # More keyword arguments for the tracker's start (wandb.init, MLflow's run, TensorBoard's
+    # SummaryWriter, ...), over those derived from the keys above.
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,6 +301,7 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     modal: ModalConfig = field(default_factory=ModalConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -353,21 +397,81 @@ def accumulation_steps(cfg: DictConfig, world: int | None = None) -> int:
 # Attention implementations that keep packed records apart from their positions alone (transformers
 # detects the restarts: a block-diagonal mask for eager/sdpa, the variable-length kernel for flash).
 PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+WANDB_MODES = ("online", "offline", "disabled")
 
 _CHOICES = {
     "data.format": ("auto", "messages", "chat", "sharegpt", "alpaca", "prompt_completion",
                     "conversational_prompt_completion", "text"),
     "data.train_on": ("assistant", "last_assistant", "all"),
+    "data.on_too_long": ("truncate", "drop", "error"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "optim.name": ("adamw8bit", "adamw"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.device": ("auto", "cpu"),
-    "train.tracker": ("tensorboard", "wandb", "none"),
+    # Accelerate's trackers (trackers.PACKAGES says what each needs installed), or none.
+    "train.tracker": ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                      "trackio", "none"),
     "distributed.type": ("single", "ddp", "zero2"),
     "peft.bias": ("none", "all", "lora_only"),
     "ckpt.on_world_size_change": ("refuse", "reset_optimizer"),
 }
+
+
+# Names people bring from Hugging Face's TrainingArguments and TRL, and where that setting lives here.
+_KNOWN_ELSEWHERE = {
+    "learning_rate": "optim.lr", "num_train_epochs": "train.epochs", "per_device_train_batch_size":
+    "train.micro_batch_size", "gradient_accumulation_steps": "train.global_batch_size (accumulation is derived)",
+    "max_seq_length": "data.max_length", "lora_r": "peft.r", "lora_alpha": "peft.alpha",
+    "lora_dropout": "peft.dropout", "save_steps": "ckpt.every", "logging_steps": "train.log_every",
+    "bf16": "train.mixed_precision", "report_to": "train.tracker",
+}
+
+
+def _declared_keys(schema: DictConfig, prefix: str = "") -> dict[str, bool]:
+    """Every key the schema declares, dotted, each with whether its value is free-form (a dict or Any)."""
+    declared: dict[str, bool] = {}
+    for key in schema.keys():
+        node = schema._get_node(key)
+        dotted = f"{prefix}{key}"
+        structured = isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node))
+        declared[dotted] = not structured
+        if structured:
+            declared.update(_declared_keys(node, f"{dotted}."))
+    return declared
+
+
+def undeclared_keys(cfg: DictConfig, schema_type: type | None = None) -> list[str]:
+    """Keys the schema does not declare, each with the nearest declared one.
+
+    Hydra accepts `+train.lerning_rate=1e-4` (the `+` its own error suggests for an unknown key)
+    even on a typed config; the run would then train without it and record it as if applied.
+    """
+    declared = _declared_keys(OmegaConf.structured(schema_type or Config))
+    free_form = tuple(f"{key}." for key, is_free in declared.items() if is_free)
+    problems = []
+    for key in flatten_keys(cfg):
+        if key in declared or key.startswith(free_form):
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {**{k.rsplit(".", 1)[-1]: k for k in declared}, **_KNOWN_ELSEWHERE}
+        near = difflib.get_close_matches(key, list(declared), n=1, cutoff=0.75) or \
+            [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+        hint = f"did you mean {near[0]}?" if near else "no key of that name exists (noesis-train --cfg job lists them)"
+        problems.append(f"{key}: not a key of the config schema; {hint}")
+    return problems
+
+
+def flatten_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of `cfg`, leaves and sections, without resolving values."""
+    keys = []
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        keys.append(dotted)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            keys += flatten_keys(node, f"{dotted}.")
+    return keys
 
 
 def validate(cfg: DictConfig) -> None:
@@ -377,7 +481,7 @@ def validate(cfg: DictConfig) -> None:
     except InterpolationResolutionError as err:
         cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
         raise ConfigError(f"{getattr(err, 'full_key', '') or 'config'}: {str(cause).splitlines()[0]}") from None
-    problems: list[str] = []
+    problems: list[str] = undeclared_keys(cfg)
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -399,7 +503,10 @@ def validate(cfg: DictConfig) -> None:
     check(train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
     check(train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     check(train.log_every > 0, "train.log_every", "must be > 0")
+    check(train.print_every is None or train.print_every > 0, "train.print_every", "must be > 0 or null")
     check(train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    check(cfg.tracker.mode in (None, *WANDB_MODES), "tracker.mode",
+          f"{cfg.tracker.mode!r} is not one of {', '.join(WANDB_MODES)} (or null: $WANDB_MODE)")
     check(optim.lr > 0, "optim.lr", "must be > 0")
     check(0 <= optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     check(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -417,6 +524,7 @@ def validate(cfg: DictConfig) -> None:
     check(bool(str(ckpt.resume)), "ckpt.resume", "must be auto, never or a checkpoint path")
     check(data.max_length >= 8, "data.max_length", "must be >= 8 tokens")
     check(data.min_examples >= 1, "data.min_examples", "must be >= 1")
+    check(data.num_proc is None or data.num_proc >= 1, "data.num_proc", "must be >= 1 or null (one per core)")
     check(0 <= data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     check(data.mega_batch_factor >= 1, "data.mega_batch_factor", "must be >= 1")
     check(data.max_tokens_per_batch is None or data.max_tokens_per_batch >= data.max_length,
@@ -542,12 +650,13 @@ def interval_steps(every: float, total_steps: int) -> int:
 RESTART_SAFE_PREFIXES = (
     "run.",
     "ckpt.",  # cadence, retention, resume choice, commits, lease: where and when, never what
-    "train.log_every", "train.tracker", "train.progress_bar", "train.eval_every",
-    "data.num_workers", "data.cache_dir", "data.persistent_cache_dir", "model.cache_dir", "env.", "modal.",
+    "train.log_every", "train.tracker", "train.progress_bar", "train.print_every", "train.eval_every",
+    "data.num_workers", "data.num_proc", "data.cache_dir", "data.persistent_cache_dir", "model.cache_dir", "env.", "modal.",
     # The process layout may change (8 -> 16 GPUs); the global batch, which is the math, may not.
     "distributed.",
     # Evaluation runs after training and never changes the weights.
     "eval.",
+    "tracker.",  # where the metrics are sent, never what is trained
 )
 
 
@@ -566,6 +675,7 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
 # Keys added after runs were started: at these defaults they are left out of the math keys, so a run
 # (and its checkpoints' fingerprint) from before they existed still resumes.
 ADDED_KEY_DEFAULTS: dict[str, Any] = {"data.packing": False, "model.liger": False, "model.compile": False,
+                                     "data.on_too_long": "truncate", "data.eval_split": None,
                                      "data.train_on": "assistant", "data.chat_template": None,
                                      "data.role_key": None, "data.content_key": None}
 

@@ -1,5 +1,9 @@
-"""Training data: read JSONL/JSON/Parquet/hub datasets, validate with file:line errors, format,
-tokenise with loss masks, truncate, split off a held-out set, and cache by fingerprint."""
+"""Training data: validate with file:line errors, format, tokenise with loss masks, truncate, split off
+a held-out set, count what was truncated or dropped and why, and cache by fingerprint.
+
+The files are read by data_sources.py (splits, streaming). Records go to an Arrow file, are tokenised
+by `data.num_proc` processes (`datasets.map`, one `tokenize_record` per record) into Arrow again, and
+every count comes from those columns: no Python list of every record or token is built."""
 
 from __future__ import annotations
 
@@ -9,19 +13,20 @@ import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from noesis_accel import formats, templates
+from noesis_accel import data_sources, formats, templates
+from noesis_accel.data_sources import is_hub_dataset  # noqa: F401  (callers import it from here)
 from noesis_accel.errors import DataError
 
 IGNORE_INDEX = -100  # labels with this value take no part in the loss
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-_CACHE_VERSION = "3"  # bump when tokenisation, masking or the stored columns change
+_CACHE_VERSION = "4"  # bump when tokenisation, masking or the stored columns change (4: location column)
 _MAX_LISTED_PROBLEMS = 10
 
 
@@ -32,111 +37,182 @@ class RawRecord:
 
 
 @dataclass
-class DataStats:
-    records: int = 0
-    train_records: int = 0
-    eval_records: int = 0
-    truncated: int = 0
-    dropped_truncated: int = 0
+class SourceStats:
+    """One source of records (the training split, or the held-out one) and what became of its records."""
+
+    name: str  # as the console says it: "train split", "test split, held out", "data.eval_path, held out"
+    source: str  # its files or hub split, in words
     format: str = ""
+    held_out: bool = False
+    records: int = 0  # read and valid
+    kept: int = 0
+    too_long: int = 0  # longer than data.max_length (cut, or dropped under data.on_too_long=drop)
+    dropped: dict[str, int] = field(default_factory=dict)  # reason (DROP_REASONS) -> records
+    where: dict[str, list[str]] = field(default_factory=dict)  # "truncated" or a reason -> the first locations
+    tokens: int = 0  # in the kept records
+    learned_tokens: int = 0  # of those, the ones in the loss
+    lengths: dict[str, int] = field(default_factory=dict)  # min/p50/p90/p99/max tokens, before truncation
+    ignored: list[str] = field(default_factory=list)  # files beside it whose names match no split
+
+
+@dataclass
+class DataStats:
+    records: int = 0  # valid records of the training split, before anything is dropped
+    train_records: int = 0  # what training reads
+    eval_records: int = 0
+    truncated: int = 0  # training-split records cut at data.max_length (kept, or dropped when nothing learned is left)
+    dropped_truncated: int = 0  # of those, dropped because no learned token survived the cut
+    format: str = ""
+    eval_source: str = ""  # where the held-out records came from, in words
+    max_length: int = 0
+    on_too_long: str = "truncate"
+    sources: list[SourceStats] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataStats:
+        """The stats as `asdict` wrote them (stats.json in the cache)."""
+        sources = [SourceStats(**source) for source in values.get("sources", [])]
+        return cls(**{**values, "sources": sources})
 
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset with input_ids, labels, length, label_count
+    train: Any  # datasets.Dataset with input_ids, labels, length, label_count (and location)
     eval: Any
     stats: DataStats
 
 
-# ---------------------------------------------------------------- reading
+# Why a record takes no part in training, as the console says it (max_length filled in).
+DROP_REASONS = {
+    "truncated_away": "truncation at data.max_length={max_length} left no learned token",
+    "too_long": "longer than data.max_length={max_length} (data.on_too_long=drop)",
+    "nothing_learned": "nothing in it is learned",
+}
 
 
-def _data_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in _FILE_SUFFIXES)
-        if not files:
-            raise DataError(f"data.path: directory {path} holds no .jsonl, .json or .parquet files")
-        return files
-    if path.suffix not in _FILE_SUFFIXES:
-        raise DataError(f"data.path: {path} is not a .jsonl, .json or .parquet file")
-    return [path]
+# ---------------------------------------------------------------- reading and validating (data_sources.py reads the files)
 
-
-def _read_text_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM is not part of line 1
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 (byte {err.start}: {err.reason}); save the file as UTF-8") from None
-
-
-def _read_jsonl(path: Path) -> Iterator[RawRecord]:
-    for number, line in enumerate(_read_text_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield RawRecord(f"{path}:{number}", json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno}); "
-                "each line must be one complete JSON object"
-            ) from None
-
-
-def _read_json(path: Path) -> Iterator[RawRecord]:
-    text = "\n".join(_read_text_lines(path))
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        # Many ".json" training files are really JSON Lines.
-        yield from _read_jsonl(path)
-        return
-    if isinstance(payload, dict) and isinstance(payload.get("data"), list):
-        payload = payload["data"]
-    if not isinstance(payload, list):
-        raise DataError(f"{path}: expected a JSON array of records (or JSON Lines), found {type(payload).__name__}")
-    for index, record in enumerate(payload):
-        yield RawRecord(f"{path}: record {index}", record)
-
-
-def _read_table(rows: Any, name: str) -> Iterator[RawRecord]:
-    for index, row in enumerate(rows):
-        yield RawRecord(f"{name}: row {index}", dict(row))
-
-
-def is_hub_dataset(path_spec: str) -> bool:
-    """A hub dataset's name rather than a path: nothing by that name here, and it does not look like a file."""
-    path = Path(os.path.expanduser(path_spec))
-    looks_local = path_spec.startswith((".", "/", "~")) or path.suffix in _FILE_SUFFIXES
-    return not path.exists() and not looks_local
+# Records validated at once (each worker's batches): a bad file's problems are listed together, and a
+# batch's parsed records are all a process holds.
+_VALIDATION_BATCH = 5_000
+_WRITE_BATCH = 1_000  # records written to the Arrow file at once
 
 
 def read_records(path_spec: str, split: str = "train") -> list[RawRecord]:
-    """Every record of a file, directory or hub dataset, each with the location a user can open."""
-    path = Path(os.path.expanduser(path_spec))
-    if path.exists():
-        records: list[RawRecord] = []
-        for file in _data_files(path):
-            if file.suffix == ".jsonl":
-                records.extend(_read_jsonl(file))
-            elif file.suffix == ".json":
-                records.extend(_read_json(file))
-            else:
-                import pyarrow.parquet as pq
+    """Every record of a file, a directory's split (all of it when no file names a split) or a hub split.
 
-                records.extend(_read_table(pq.read_table(file).to_pylist(), str(file)))
-        return records
-    if not is_hub_dataset(path_spec):
-        raise DataError(f"data.path: {path_spec} does not exist; point data.path at a .jsonl, .json or .parquet file")
+    Each record has the location a user can open. Holds them all: training streams them instead.
+    """
+    source = data_sources.source_for("data.path", path_spec, split)
+    return [RawRecord(where, fields) for where, fields in data_sources.rows(source, _MAX_LISTED_PROBLEMS)]
+
+
+def _write_raw(source: data_sources.Source, path: Path) -> int:
+    """Every record of the source to an Arrow file as (location, JSON text), unvalidated; returns how many.
+
+    A few records in memory at a time; the worker processes that validate and tokenise them read
+    the file memory-mapped.
+    """
+    import pyarrow as pa
+
+    schema = pa.schema([("location", pa.string()), ("record", pa.large_string())])
+    count, batch = 0, []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for entry in data_sources.texts(source):
+            batch.append(entry)
+            if len(batch) == _WRITE_BATCH:
+                writer.write_batch(pa.record_batch(list(map(list, zip(*batch))), schema=schema))
+                count, batch = count + len(batch), []
+        if batch:
+            writer.write_batch(pa.record_batch(list(map(list, zip(*batch))), schema=schema))
+            count += len(batch)
+    return count
+
+
+def _validate_raw(raw: Any, source: data_sources.Source, data_cfg: Any, processes: int, work: Path) -> str:
+    """Validate every record of a raw Arrow dataset in `processes` processes; the format, or one DataError.
+
+    Each batch is validated together with the source's first record, so the format is the first
+    record's, as `validate_records` decides it for a whole file. Every line of invalid JSON is
+    listed first; otherwise the first bad batch's problems, saying whether later records hold more.
+    """
+    if not len(raw):
+        raise DataError(f"{source.key}: no records in {source.describe()}; the file is empty")
+    outcomes = raw.map(
+        _check_batch, batched=True, batch_size=_VALIDATION_BATCH, num_proc=processes if processes > 1 else None,
+        remove_columns=raw.column_names, features=_check_features(), cache_file_name=str(work / "checked.arrow"),
+        fn_kwargs={"first": _first_record(raw), "declared": str(data_cfg.format), "data_cfg": _plain(data_cfg)},
+        load_from_cache_file=False, new_fingerprint=f"check-{work.name}-{len(raw)}",
+        desc=f"checking {source.split} ({processes} process{'es' if processes > 1 else ''})",
+    )[:]
+    if sum(outcomes["bad_json"]):
+        listed = [line for lines in outcomes["bad_json_first"] for line in lines][:_MAX_LISTED_PROBLEMS]
+        raise data_sources.invalid_json_error(sum(outcomes["bad_json"]), listed)
+    bad = [(problem, last) for problem, last in zip(outcomes["problem"], outcomes["last"]) if problem]
+    if len(bad) > 1:
+        raise DataError(f"{bad[0][0]}\n  ... and more in the records after {bad[0][1]} (listed above: the records "
+                        "up to it); fix these and run again")
+    if bad:
+        raise DataError(bad[0][0])
+    return outcomes["format"][0]
+
+
+def _first_record(raw: Any) -> RawRecord | None:
+    """The source's first record that is valid JSON (None when no line is)."""
+    for batch in raw.iter(batch_size=_WRITE_BATCH):
+        for where, text in zip(batch["location"], batch["record"]):
+            try:
+                return RawRecord(where, json.loads(text))
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def _check_batch(batch: dict[str, list], first: RawRecord | None, declared: str, data_cfg: Any) -> dict[str, list]:
+    """One batch validated (in a worker): its lines of invalid JSON and its problems, as one row."""
+    records, bad_json = [], []
+    for where, text in zip(batch["location"], batch["record"]):
+        try:
+            records.append(RawRecord(where, json.loads(text)))
+        except json.JSONDecodeError as err:
+            bad_json.append(data_sources.json_problem(where, err))
+    fmt = problem = ""
+    if records:
+        head = [first] if first is not None and first.location != records[0].location else []
+        try:
+            fmt = validate_records(head + records, declared, data_cfg=data_cfg)
+        except DataError as err:
+            problem = str(err)
+    return {"bad_json": [len(bad_json)], "bad_json_first": [bad_json[:_MAX_LISTED_PROBLEMS]], "problem": [problem],
+            "format": [fmt], "last": [batch["location"][-1]]}
+
+
+def _check_features() -> Any:
     import datasets
 
-    try:
-        rows = datasets.load_dataset(path_spec, split=split)
-    except Exception as err:  # the hub raises many types; all mean "cannot read this name"
-        raise DataError(
-            f"data.path: '{path_spec}' is neither a local file nor a loadable hub dataset "
-            f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
-    return list(_read_table(rows, f"{path_spec}[{split}]"))
+    return datasets.Features({
+        "bad_json": datasets.Value("int64"), "bad_json_first": datasets.Sequence(datasets.Value("string")),
+        "problem": datasets.Value("string"), "format": datasets.Value("string"), "last": datasets.Value("string"),
+    })
+
+
+def _plain(data_cfg: Any) -> SimpleNamespace:
+    """The `data` config as resolved plain values: workers need none of this process's resolvers, and
+    reading a key per record costs an attribute lookup, not OmegaConf's."""
+    from omegaconf import OmegaConf
+
+    return SimpleNamespace(**OmegaConf.to_container(data_cfg, resolve=True))
+
+
+def _raw_validated(source: data_sources.Source, data_cfg: Any, work: Path) -> tuple[Any, str, int]:
+    """The source written to `work`/raw.arrow and validated: (raw dataset, format, processes to use)."""
+    import datasets
+
+    count = _write_raw(source, work / "raw.arrow")
+    processes = worker_processes(data_cfg, count)
+    raw = datasets.Dataset.from_file(str(work / "raw.arrow"))
+    return raw, _validate_raw(raw, source, data_cfg, processes, work), processes
 
 
 # ---------------------------------------------------------------- validation
@@ -198,28 +274,54 @@ def validate_records(records: list[RawRecord], declared_format: str, data_cfg: A
 
 
 def check_data(data_cfg: Any) -> DataStats:
-    """Read and validate `data.path` (and `data.eval_path`) as training will, without a tokenizer.
+    """Read and validate the training split and the held-out records as training will, without a tokenizer.
 
-    The same file:line errors as training, in seconds and before any GPU is paid for. The held-out
-    split is counted before truncation, so too few records is certain here, not merely likely. Hub
-    datasets are left to training: reading one here could mean downloading all of it.
+    The same file:line errors as training, in seconds and before any GPU is paid for. Records are
+    counted before truncation, so too few records is certain here, not merely likely. Hub datasets
+    are left to training: reading one here could mean downloading all of it.
     """
-    stats = DataStats()
-    if data_cfg.eval_path and not is_hub_dataset(data_cfg.eval_path):
-        validate_records(read_records(data_cfg.eval_path, data_cfg.split), data_cfg.format)
-    if is_hub_dataset(data_cfg.path):
+    stats = DataStats(max_length=int(data_cfg.max_length), on_too_long=str(data_cfg.on_too_long))
+    source = None if data_sources.is_hub_dataset(str(data_cfg.path)) else data_sources.training_source(data_cfg)
+    if source is not None:
+        stats.format, stats.records = _count_valid(source, data_cfg)
+        stats.sources.append(SourceStats(_source_name(source, False), source.describe(), stats.format,
+                                         records=stats.records))
+    held_out = None
+    if not data_sources.is_hub_dataset(str(data_cfg.eval_path or data_cfg.path)):
+        held_out = data_sources.eval_source(data_cfg)
+    if held_out is not None:
+        stats.eval_records = min(_count_valid(held_out, data_cfg)[1], int(data_cfg.max_eval_examples))
+    if source is None:
         return stats
-    records = read_records(data_cfg.path, data_cfg.split)
-    stats.format, stats.records = validate_records(records, data_cfg.format), len(records)
-    if not data_cfg.eval_path and data_cfg.eval_fraction:
-        stats.eval_records = min(math.ceil(len(records) * data_cfg.eval_fraction), data_cfg.max_eval_examples)
-    stats.train_records = len(records) - stats.eval_records
+    from_training = held_out is None and not data_cfg.eval_path  # data.eval_fraction of the training split
+    if from_training:
+        stats.eval_records = _fraction_held_out(stats.records, data_cfg)
+    stats.train_records = stats.records - (stats.eval_records if from_training else 0)
     if stats.train_records < data_cfg.min_examples:
         raise DataError(
-            f"data.path: only {stats.train_records} training records ({stats.records} read, {stats.eval_records} "
-            f"held out); data.min_examples is {data_cfg.min_examples}. Add data or lower data.min_examples."
+            f"data.path: only {stats.train_records} training records ({stats.records} read from "
+            f"{source.describe()}, {stats.records - stats.train_records} held out); data.min_examples is "
+            f"{data_cfg.min_examples}. Add data or lower data.min_examples."
         )
     return stats
+
+
+def _count_valid(source: data_sources.Source, data_cfg: Any) -> tuple[str, int]:
+    """(format, records) of a source, every record read and validated (in a temporary directory)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="noesis-check-") as work:
+        raw, fmt, _ = _raw_validated(source, data_cfg, Path(work))
+        count = len(raw)
+        del raw  # memory-mapped from `work`
+    return fmt, count
+
+
+def _fraction_held_out(records: int, data_cfg: Any) -> int:
+    """How many of `records` training records `data.eval_fraction` holds out (at most data.max_eval_examples)."""
+    if not data_cfg.eval_fraction:
+        return 0
+    return min(math.ceil(records * data_cfg.eval_fraction), int(data_cfg.max_eval_examples))
 
 
 # ---------------------------------------------------------------- tokenisation and masking
@@ -323,74 +425,66 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def _source_fingerprint(path_spec: str) -> str:
-    path = Path(os.path.expanduser(path_spec))
-    digest = hashlib.sha256()
-    if path.exists():
-        for file in _data_files(path):
-            digest.update(str(file.resolve()).encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    else:
-        digest.update(path_spec.encode())  # hub datasets: the name (and split) identify them
-    return digest.hexdigest()[:16]
+def _cache_key(data_cfg: Any, tokenizer: Any, seed: int) -> str:
+    """Everything the prepared data depends on: the files' bytes, the settings, the tokenizer, the seed."""
+    def fingerprint(spec: str | None, resolve: Any) -> str:
+        if not spec:
+            return "-"
+        if data_sources.is_hub_dataset(str(spec)):
+            return str(spec)  # hub datasets: the name (and the split keys below) identify them
+        return data_sources.source_fingerprint(resolve())
 
-
-def _tokenize_all(tokenizer: Any, records: list[RawRecord], fmt: str, max_length: int) -> tuple[list[dict], int, int]:
-    rows, truncated, dropped = [], 0, 0
-    for record in records:
-        input_ids, labels, was_truncated = tokenize_record(tokenizer, record, fmt, max_length)
-        truncated += was_truncated
-        learned = label_count(labels)
-        if learned == 0:
-            dropped += 1  # truncation cut off every learned token: nothing left to train on
-            continue
-        rows.append({"input_ids": input_ids, "labels": labels, "length": len(input_ids), "label_count": learned})
-    return rows, truncated, dropped
+    parts = [
+        _CACHE_VERSION, fingerprint(data_cfg.path, lambda: data_sources.training_source(data_cfg)),
+        data_cfg.split, str(data_cfg.eval_split), data_cfg.format, formats.fingerprint(data_cfg),
+        str(data_cfg.max_length), str(data_cfg.on_too_long), str(data_cfg.eval_fraction),
+        str(data_cfg.max_eval_examples), str(seed),
+        fingerprint(data_cfg.eval_path or data_cfg.path, lambda: data_sources.eval_source(data_cfg)),
+        tokenizer_fingerprint(tokenizer),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
 def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
     """Read, validate, tokenise and split the data, or load the cached result of the same inputs."""
-    import datasets
-
-    key_parts = [
-        _CACHE_VERSION, _source_fingerprint(data_cfg.path), data_cfg.split, data_cfg.format,
-        str(data_cfg.max_length), str(data_cfg.eval_fraction), str(data_cfg.max_eval_examples), str(seed),
-        _source_fingerprint(data_cfg.eval_path) if data_cfg.eval_path else "-", tokenizer_fingerprint(tokenizer),
-    ]
-    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:20]
+    key = _cache_key(data_cfg, tokenizer, seed)
     cache = Path(os.path.expanduser(data_cfg.cache_dir)) / key
     persistent = Path(os.path.expanduser(data_cfg.persistent_cache_dir)) / key if data_cfg.persistent_cache_dir else None
     if persistent is not None and not (cache / "stats.json").is_file() and (persistent / "stats.json").is_file():
         _publish_copy(persistent, cache)  # an earlier machine tokenised it: copy, never map the shared one
-    if (cache / "stats.json").is_file():
-        stats = DataStats(**json.loads((cache / "stats.json").read_text()))
-        # An empty held-out set is not saved (datasets cannot reload a table without rows).
-        held_out = datasets.load_from_disk(str(cache / "eval")) if (cache / "eval").is_dir() else _empty_dataset()
-        prepared = PreparedData(datasets.load_from_disk(str(cache / "train")), held_out, stats)
-    else:
-        prepared = _prepare_uncached(data_cfg, tokenizer, seed)
+    if not (cache / "stats.json").is_file():
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        prepared.train.save_to_disk(str(tmp / "train"))
-        if len(prepared.eval):
-            prepared.eval.save_to_disk(str(tmp / "eval"))
-        (tmp / "stats.json").write_text(json.dumps(asdict(prepared.stats)))
         try:
+            _prepare_uncached(data_cfg, tokenizer, seed, tmp, key)
             os.replace(tmp, cache)
-        except OSError:  # another process published the same key first
+        except OSError:
+            if not (cache / "stats.json").is_file():
+                raise
+        finally:  # a bad record or another process publishing first leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
         if persistent is not None and not (persistent / "stats.json").is_file():
             _publish_copy(cache, persistent)
-    if prepared.stats.train_records < data_cfg.min_examples:
+    prepared = _load_prepared(cache)
+    stats = prepared.stats
+    if stats.train_records < data_cfg.min_examples:
+        dropped = sum(sum(source.dropped.values()) for source in stats.sources[:1])
         raise DataError(
-            f"data.path: only {prepared.stats.train_records} usable training records "
-            f"({prepared.stats.records} read, {prepared.stats.dropped_truncated} truncated away, "
-            f"{prepared.stats.eval_records} held out); data.min_examples is {data_cfg.min_examples}. "
+            f"data.path: only {stats.train_records} usable training records ({stats.records} read from "
+            f"{stats.sources[0].source if stats.sources else data_cfg.path}, {dropped} dropped, "
+            f"{stats.eval_records} held out); data.min_examples is {data_cfg.min_examples}. "
             "Add data or lower data.min_examples."
         )
     return prepared
+
+
+def _load_prepared(cache: Path) -> PreparedData:
+    import datasets
+
+    stats = DataStats.from_dict(json.loads((cache / "stats.json").read_text()))
+    # An empty held-out set is not saved (datasets cannot reload a table without rows).
+    held_out = datasets.load_from_disk(str(cache / "eval")) if (cache / "eval").is_dir() else _empty_dataset()
+    return PreparedData(datasets.load_from_disk(str(cache / "train")), held_out, stats)
 
 
 def _publish_copy(source: Path, target: Path) -> None:
@@ -404,56 +498,250 @@ def _publish_copy(source: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
-    records = read_records(data_cfg.path, data_cfg.split)
-    fmt = validate_records(records, data_cfg.format)
-    rows, truncated, dropped = _tokenize_all(tokenizer, records, fmt, data_cfg.max_length)
-    if not rows:
-        raise DataError(
-            f"data.path: every one of {len(records)} records was truncated away at data.max_length="
-            f"{data_cfg.max_length} (no assistant/completion token left); raise data.max_length"
-        )
-    if data_cfg.eval_path:
-        eval_records = read_records(data_cfg.eval_path, data_cfg.split)
-        eval_fmt = validate_records(eval_records, data_cfg.format)
-        eval_rows, _, _ = _tokenize_all(tokenizer, eval_records, eval_fmt, data_cfg.max_length)
-        train_rows = rows
+def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int, target: Path, key: str) -> None:
+    """Tokenise the training split and the held-out records into `target`: train/, eval/, stats.json.
+
+    Records go from the files to Arrow and through tokenising processes to Arrow again: no list
+    of every record or token is built. The intermediate files live in `target`/work until done.
+    """
+    work = target / "work"
+    source = data_sources.training_source(data_cfg)
+    train, fmt, train_stats, keep = _tokenized(source, False, data_cfg, tokenizer, work / "train", key)
+    held_out_source = data_sources.eval_source(data_cfg)
+    stats = DataStats(records=train_stats.records, truncated=train_stats.too_long - train_stats.dropped.get("too_long", 0),
+                      dropped_truncated=train_stats.dropped.get("truncated_away", 0), format=fmt,
+                      max_length=int(data_cfg.max_length), on_too_long=str(data_cfg.on_too_long),
+                      sources=[train_stats])
+    if held_out_source is None:
+        train_rows, eval_rows = _split_off(keep, seed, data_cfg)
+        held_out = train
+        fraction = f"{data_cfg.eval_fraction:g}" if data_cfg.eval_fraction else "0"
+        stats.eval_source = f"data.eval_fraction={fraction} of the {source.split} split, chosen by train.seed"
     else:
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)  # the held-out split is fixed by the seed
-        n_eval = min(math.ceil(len(rows) * data_cfg.eval_fraction), data_cfg.max_eval_examples) if data_cfg.eval_fraction else 0
-        held_out = set(order[:n_eval])
-        eval_rows = [rows[i] for i in sorted(held_out)]
-        train_rows = [row for i, row in enumerate(rows) if i not in held_out]
-    eval_rows = eval_rows[: data_cfg.max_eval_examples]
-    stats = DataStats(
-        records=len(records), train_records=len(train_rows), eval_records=len(eval_rows),
-        truncated=truncated, dropped_truncated=dropped, format=fmt,
+        held_out, _, eval_stats, eval_keep = _tokenized(held_out_source, True, data_cfg, tokenizer, work / "eval", key)
+        train_rows, eval_rows = keep, eval_keep[: int(data_cfg.max_eval_examples)]
+        stats.sources.append(eval_stats)
+        stats.eval_source = f"the {held_out_source.split} split ({held_out_source.describe()})" \
+            if held_out_source.key == "data.path" else f"data.eval_path ({held_out_source.describe()})"
+    stats.train_records, stats.eval_records = len(train_rows), len(eval_rows)
+    train.select(train_rows).select_columns(list(_features())).save_to_disk(str(target / "train"))
+    if len(eval_rows):
+        held_out.select(eval_rows).select_columns(list(_features())).save_to_disk(str(target / "eval"))
+    del train, held_out  # memory-mapped files under work/, removed next
+    shutil.rmtree(work, ignore_errors=True)
+    (target / "stats.json").write_text(json.dumps(asdict(stats)))
+
+
+def _split_off(keep: Any, seed: int, data_cfg: Any) -> tuple[Any, Any]:
+    """Row numbers of the training and held-out records: data.eval_fraction of the kept ones, fixed by the seed."""
+    import numpy as np
+
+    order = list(range(len(keep)))
+    random.Random(seed).shuffle(order)  # the held-out split is fixed by the seed
+    held = np.zeros(len(keep), dtype=bool)
+    held[order[: _fraction_held_out(len(keep), data_cfg)]] = True
+    return keep[~held], keep[held]
+
+
+# ---------------------------------------------------------------- tokenising a source, in parallel
+
+_PARALLEL_FROM_RECORDS = 4_000  # below this, starting processes costs more than they save
+_MAX_AUTO_PROCESSES = 8
+_NO_LIMIT = 1 << 62  # max_length for measuring a record's full length
+# Records per batch in a tokenising process: a batch's token lists are Python objects until written,
+# and a process keeps the memory of its largest batch.
+_MAP_BATCH = 100
+
+
+def worker_processes(data_cfg: Any, records: int) -> int:
+    """Processes that validate and tokenise: `data.num_proc`, or when null one per core (at most 8), and
+    one for a small dataset."""
+    if data_cfg.num_proc is not None:
+        return int(data_cfg.num_proc)
+    if records < _PARALLEL_FROM_RECORDS:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), _MAX_AUTO_PROCESSES))
+
+
+def _tokenized(source: data_sources.Source, held_out: bool, data_cfg: Any, tokenizer: Any, work: Path,
+               key: str) -> tuple[Any, str, SourceStats, Any]:
+    """A source tokenised: (dataset of every record, format, its stats, row numbers of the kept records).
+
+    The dataset has input_ids, labels, length, label_count, location and full_length (tokens before
+    truncation); records that cannot train are still in it, and left out of the row numbers.
+    """
+    raw, fmt, processes = _raw_validated(source, data_cfg, work)
+    tokenized = raw.map(
+        _tokenize_batch, batched=True, batch_size=_MAP_BATCH, writer_batch_size=_MAP_BATCH,
+        num_proc=processes if processes > 1 else None, remove_columns=["record"],
+        fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "max_length": int(data_cfg.max_length), "data_cfg": _plain(data_cfg)},
+        features=_features(with_full_length=True), cache_file_name=str(work / "tokenized.arrow"),
+        load_from_cache_file=False, new_fingerprint=f"{key}-{'eval' if held_out else 'train'}",
+        desc=f"tokenising {source.split} ({processes} process{'es' if processes > 1 else ''})",
     )
-    return PreparedData(_to_dataset(train_rows), _to_dataset(eval_rows), stats)
+    stats, keep = _count_outcomes(tokenized, SourceStats(_source_name(source, held_out), source.describe(), fmt,
+                                                         held_out, ignored=list(source.ignored)), source, data_cfg)
+    return tokenized, fmt, stats, keep
 
 
-def _features() -> Any:
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, fmt: str, max_length: int,
+                    data_cfg: Any) -> dict[str, list]:
+    """`tokenize_record` for each record of a batch (in a worker process), as columns."""
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label_count": [], "full_length": []}
+    for location, text in zip(batch["location"], batch["record"]):
+        record = RawRecord(location, json.loads(text))
+        input_ids, labels, truncated = tokenize_record(tokenizer, record, fmt, max_length, data_cfg=data_cfg)
+        full_length = len(input_ids)
+        if truncated:  # only records over max_length pay for their full length (the length report needs it)
+            full_length = len(tokenize_record(tokenizer, record, fmt, _NO_LIMIT, data_cfg=data_cfg)[0])
+        columns["input_ids"].append(input_ids)
+        columns["labels"].append(labels)
+        columns["length"].append(len(input_ids))
+        columns["label_count"].append(label_count(labels))
+        columns["full_length"].append(full_length)
+    return columns
+
+
+def _source_name(source: data_sources.Source, held_out: bool) -> str:
+    name = f"{source.split} split" if source.key == "data.path" else source.key
+    return f"{name}, held out" if held_out else name
+
+
+def _count_outcomes(tokenized: Any, stats: SourceStats, source: data_sources.Source,
+                    data_cfg: Any) -> tuple[SourceStats, Any]:
+    """`stats` filled in with what becomes of each record (kept, truncated, dropped and why), from the
+    columns alone; and the row numbers of the records kept."""
+    import numpy as np
+
+    max_length, policy = int(data_cfg.max_length), str(data_cfg.on_too_long)
+    column = lambda name: np.asarray(tokenized.data.column(name).to_numpy())  # noqa: E731
+    full_length, learned, length = column("full_length"), column("label_count"), column("length")
+    too_long = full_length > max_length
+    if policy == "error" and too_long.any():
+        raise _too_long_error(tokenized, np.flatnonzero(too_long), full_length, max_length)
+    dropped_long = too_long if policy == "drop" else np.zeros_like(too_long)
+    nothing = (learned == 0) & ~dropped_long
+    reasons = {"too_long": dropped_long, "truncated_away": nothing & too_long, "nothing_learned": nothing & ~too_long}
+    keep = ~(dropped_long | nothing)
+    stats.records, stats.kept, stats.too_long = len(keep), int(keep.sum()), int(too_long.sum())
+    stats.tokens, stats.learned_tokens = int(length[keep].sum()), int(learned[keep].sum())
+    stats.lengths = _length_summary(full_length)
+    for reason, mask in [("truncated", too_long & keep), *reasons.items()]:
+        if mask.any():
+            stats.where[reason] = _locations(tokenized, np.flatnonzero(mask)[:_LISTED_LOCATIONS])
+            if reason != "truncated":
+                stats.dropped[reason] = int(mask.sum())
+    if not keep.any():
+        raise _nothing_left_error(stats, source, max_length)
+    return stats, np.flatnonzero(keep)
+
+
+_LISTED_LOCATIONS = 3  # locations named per reason on the console
+
+
+def _locations(tokenized: Any, rows: Any) -> list[str]:
+    import pyarrow as pa
+
+    return tokenized.data.column("location").take(pa.array(rows, type=pa.int64())).to_pylist()
+
+
+def _length_summary(full_length: Any) -> dict[str, int]:
+    import numpy as np
+
+    if not len(full_length):
+        return {}
+    points = {"min": 0, "p50": 50, "p90": 90, "p99": 99, "max": 100}
+    return {name: int(np.percentile(full_length, q, method="nearest")) for name, q in points.items()}
+
+
+def _too_long_error(tokenized: Any, rows: Any, full_length: Any, max_length: int) -> DataError:
+    shown = rows[:_MAX_LISTED_PROBLEMS]
+    lines = [f"{where} ({int(full_length[row])} tokens)" for where, row in zip(_locations(tokenized, shown), shown)]
+    more = f"\n  ... and {len(rows) - len(shown)} more" if len(rows) > len(shown) else ""
+    return DataError(
+        f"{len(rows)} record{'s are' if len(rows) != 1 else ' is'} longer than data.max_length={max_length} "
+        f"(data.on_too_long=error):\n  " + "\n  ".join(lines) + more + "\nShorten them, raise data.max_length "
+        f"(the longest is {int(full_length.max())} tokens), or set data.on_too_long=truncate or drop"
+    )
+
+
+def _nothing_left_error(stats: SourceStats, source: data_sources.Source, max_length: int) -> DataError:
+    if stats.dropped.get("truncated_away") == stats.records:
+        return DataError(
+            f"{source.key}: every one of {stats.records} records was truncated away at data.max_length="
+            f"{max_length} (no learned token left) in {source.describe()}; raise data.max_length"
+        )
+    reasons = ", ".join(f"{n} {DROP_REASONS[r].format(max_length=max_length)}" for r, n in stats.dropped.items())
+    return DataError(f"{source.key}: none of the {stats.records} records of {source.describe()} can train ({reasons})")
+
+
+def describe(stats: DataStats) -> list[str]:
+    """The console's lines about the data: each source's counts, then every truncation and drop with where."""
+    lines: list[str] = []
+    ignored: set[str] = set()
+    for source in stats.sources:
+        lines.append(f"data: {source.name} ({source.source}, {source.format}): {_records(source.records)} read, "
+                     f"{_used_as(source, stats)}; {source.tokens:,} tokens, {source.learned_tokens:,} learned")
+        lines += _outcome_lines(source, stats.max_length, stats.on_too_long)
+        unsaid = [name for name in source.ignored if name not in ignored]
+        if unsaid:
+            ignored.update(unsaid)
+            lines.append(f"data: not read, their names match no split: {_listed(unsaid, len(unsaid))}")
+    return lines
+
+
+def _used_as(source: SourceStats, stats: DataStats) -> str:
+    """What the source's kept records became: train records, and held-out ones."""
+    if source.held_out:
+        capped = f" (data.max_eval_examples={source.kept and stats.eval_records})" if source.kept > stats.eval_records else ""
+        return f"{stats.eval_records:,} held out{capped}"
+    if stats.eval_records and not any(other.held_out for other in stats.sources):
+        return f"{stats.train_records:,} train + {stats.eval_records:,} held out ({stats.eval_source})"
+    return f"{stats.train_records:,} train"
+
+
+def _outcome_lines(source: SourceStats, max_length: int, on_too_long: str) -> list[str]:
+    """One line per outcome other than "kept whole": how many records, why, and the first ones' locations."""
+    lines = []
+    kept_truncated = source.too_long - source.dropped.get("truncated_away", 0) - source.dropped.get("too_long", 0)
+    if kept_truncated:
+        lines.append(f"data: {source.name}: {_records(kept_truncated)} truncated at data.max_length={max_length} and "
+                     f"kept (data.on_too_long={on_too_long}): {_listed(source.where['truncated'], kept_truncated)}")
+    for reason, count in source.dropped.items():
+        lines.append(f"data: {source.name}: {_records(count)} dropped, {DROP_REASONS[reason].format(max_length=max_length)}: "
+                     f"{_listed(source.where[reason], count)}")
+    return lines
+
+
+def _records(count: int) -> str:
+    return f"{count:,} record{'s' if count != 1 else ''}"
+
+
+def _listed(locations: list[str], total: int) -> str:
+    return ", ".join(locations) + (f" and {total - len(locations):,} more" if total > len(locations) else "")
+
+
+def _features(with_full_length: bool = False) -> Any:
     import datasets
 
-    return datasets.Features({
+    features = {
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "length": datasets.Value("int32"),
         "label_count": datasets.Value("int32"),
-    })
+        "location": datasets.Value("string"),  # where the record is, for any message about it
+    }
+    if with_full_length:
+        features["full_length"] = datasets.Value("int32")
+    return datasets.Features(features)
 
 
-def _to_dataset(rows: list[dict]) -> Any:
+def _empty_dataset() -> Any:
     import datasets
 
     features = _features()
     # Column-wise, so an empty held-out set still has its columns.
-    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
-
-
-def _empty_dataset() -> Any:
-    return _to_dataset([])
+    return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
 
 
 # ---------------------------------------------------------------- batching

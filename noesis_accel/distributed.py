@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from noesis_accel.config import accumulation_steps, world_size
+from noesis_accel.config import accumulation_steps
 from noesis_accel.errors import ConfigError
 
 

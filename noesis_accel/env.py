@@ -42,3 +42,9 @@ def quiet_libraries() -> None:
     """Defaults that keep logs readable and avoid fork warnings; explicit user settings win."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import torch
+
+    # Without a GPU DeepSpeed warns "Setting accelerator to CPU ..." on every run; saying so up
+    # front (its own variable, checked the way it checks) is the same choice, without the warning.
+    if "DS_ACCELERATOR" not in os.environ and torch.cuda.device_count() == 0:
+        os.environ["DS_ACCELERATOR"] = "cpu"

@@ -29,6 +29,40 @@ class ResumeError(UserError):
     """A restart cannot continue the run it found (config changed, checkpoint unusable, ...)."""
 
 
+def one_line(err: BaseException) -> str:
+    """Hydra's and OmegaConf's several-line messages (and their cause), as one line."""
+    parts: list[str] = []
+    for source in (err, err.__cause__):
+        if source is None:
+            continue
+        for line in str(source).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break  # Hydra's provider list says nothing a user can act on
+            if line and not line.startswith(("full_key:", "object_type", "reference_type")) and line not in parts:
+                parts.append(line)
+    return " ".join(parts) or err.__class__.__name__
+
+
+def safe_for_pipes(fn: Callable[..., T]) -> Callable[..., T]:
+    """A command whose reader went away (`noesis-status | head`) ends quietly, as a C program would.
+
+    Python raises BrokenPipeError on the next write and again when it flushes stdout at exit; the
+    rest of the output is for nobody, so stdout is pointed at /dev/null and the exit code is that
+    of a process ended by SIGPIPE (141).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
+
+    return wrapper
+
+
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn a `UserError` raised by `fn` into a one-paragraph message on stderr and a non-zero exit."""
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, ContextManager
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.config import CONF_DIR
-from noesis_accel.errors import ConfigError, UserError, exit_on_user_error
+from noesis_accel.errors import ConfigError, UserError, exit_on_user_error, one_line, safe_for_pipes
 from noesis_accel.judges import as_verdict, load_judge
 from noesis_accel.prompts import PromptRecord, read_prompts
 from noesis_accel.rundir import RunDir
@@ -55,25 +55,10 @@ def compose_eval(run_dir: str | Path, overrides: list[str] | None = None) -> Dic
             cfg = compose(config_name="eval", overrides=[f"run_dir={rundir.path}", *(overrides or [])])
         OmegaConf.to_container(cfg, resolve=True)  # every ${...} resolves now, not halfway through
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"noesis-eval: {_one_line(err)} (keys: conf/eval.yaml)") from None
+        raise ConfigError(f"noesis-eval: {one_line(err)} (keys: conf/eval.yaml)") from None
     finally:
         GlobalHydra.instance().clear()
     return cfg
-
-
-def _one_line(err: BaseException) -> str:
-    """Hydra's and OmegaConf's several-line messages (and their cause), as one line."""
-    parts: list[str] = []
-    for source in (err, err.__cause__):
-        if source is None:
-            continue
-        for line in str(source).splitlines():
-            line = line.strip()
-            if line.startswith("Config search path"):
-                break  # Hydra's provider list says nothing a user can act on
-            if line and not line.startswith(("full_key:", "object_type", "reference_type")) and line not in parts:
-                parts.append(line)
-    return " ".join(parts) or err.__class__.__name__
 
 
 def check_eval_config(eval_cfg: DictConfig) -> None:
@@ -338,6 +323,7 @@ def _md(text: Any) -> str:
     return _clip(text, 200).replace("|", "\\|")
 
 
+@safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """`noesis-eval RUN_DIR [--checkpoint PATH] [overrides]`."""

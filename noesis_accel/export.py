@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from noesis_accel.errors import UserError, exit_on_user_error
+from noesis_accel.errors import UserError, exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir import RunDir
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
@@ -196,6 +196,7 @@ def push(folder: Path, repo: str, token: str | None, log: Any = print) -> str:
 # ---------------------------------------------------------------- entry
 
 
+@safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """`noesis-export RUN_DIR [--checkpoint PATH] [--out DIR] [--push-to-hub REPO] [--max-shard-size SIZE]`."""

@@ -35,6 +35,9 @@ IMAGE_PACKAGES = ("noesis_accel", "hydra_plugins")
 NOT_SHIPPED = ["**/__pycache__", "**/*.pyc", "**/.*"]
 # Extras a config key asks for: Liger's Triton kernels come with the `gpu` extra.
 EXTRAS_FOR_KEYS = {"model.liger": "gpu"}
+# Extras a `train.tracker` asks for; TensorBoard is a dependency of the project itself.
+EXTRAS_FOR_TRACKERS = {"wandb": "wandb", "mlflow": "mlflow"}
+TRACKERS_IN_IMAGE = ("tensorboard", "none", *EXTRAS_FOR_TRACKERS)
 
 
 def carried_by_image(path: Path) -> bool:
@@ -72,14 +75,23 @@ def image_requirements(extras: Sequence[str], pyproject: Path = PYPROJECT) -> li
 
 
 def config_extras(cfg: DictConfig) -> tuple[str, ...]:
-    """`modal.extras`, plus the groups that config keys need (`model.liger=true` -> `gpu`)."""
+    """`modal.extras`, plus the groups that config keys need (`model.liger=true` -> `gpu`,
+    `train.tracker=wandb` -> `wandb`)."""
     from omegaconf import OmegaConf
 
     extras = list(cfg.modal.extras)
-    for key, extra in EXTRAS_FOR_KEYS.items():
-        if OmegaConf.select(cfg, key) and extra not in extras:
-            extras.append(extra)
+    wanted = [extra for key, extra in EXTRAS_FOR_KEYS.items() if OmegaConf.select(cfg, key)]
+    wanted += [EXTRAS_FOR_TRACKERS[cfg.train.tracker]] if cfg.train.tracker in EXTRAS_FOR_TRACKERS else []
+    extras += [extra for extra in wanted if extra not in extras]
     return tuple(extras)
+
+
+def tracker_problem(cfg: DictConfig) -> str | None:
+    """Why the image would lack `train.tracker`'s package (one no extra of this project installs), or None."""
+    if cfg.train.tracker in TRACKERS_IN_IMAGE:
+        return None
+    return (f"train.tracker={cfg.train.tracker}: the Modal image installs no package for it; on Modal use "
+            f"{', '.join(t for t in TRACKERS_IN_IMAGE if t != 'none')} or none")
 
 
 def extras_problem(cfg: DictConfig, pyproject: Path = PYPROJECT) -> str | None:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from noesis_accel.config import compose, modal_layout, order_overrides, validate
 from noesis_accel.errors import ConfigError, UserError, redact
-from noesis_accel.modal_image import config_extras, extras_problem
+from noesis_accel.modal_image import config_extras, extras_problem, tracker_problem
 from noesis_accel.rundir import runs_root
 from noesis_accel.signals import FORWARDED_SIGNALS
 
@@ -106,7 +106,7 @@ class ModalSettings:
     volume: str
     mount: str
     scratch_dir: str
-    secret: str | None
+    secrets: tuple[str, ...]  # Modal Secret names: `modal.secret`, then `modal.secrets`
     deadline_margin_s: int
     python_version: str
     torch_version: str
@@ -133,11 +133,17 @@ class ModalSettings:
             cpu=float(modal.cpu), memory_mib=int(modal.memory_gib) * 1024, timeout_s=int(modal.timeout_s),
             retries=int(modal.retries), volume=str(modal.volume), mount=str(modal.mount),
             scratch_dir=str(modal.scratch_dir),
-            secret=modal.secret or None, deadline_margin_s=int(modal.deadline_margin_s),
+            secrets=secret_names(cfg), deadline_margin_s=int(modal.deadline_margin_s),
             python_version=str(modal.python_version), torch_version=str(modal.torch_version),
             torch_index_url=str(modal.torch_index_url), extras=config_extras(cfg),
             gpu_hour_usd=modal.gpu_hour_usd, overrides=tuple(overrides),
         )
+
+
+def secret_names(cfg: DictConfig) -> tuple[str, ...]:
+    """`modal.secret` (the Hugging Face token's, unless null) and `modal.secrets`, each once, in that order."""
+    names = ([cfg.modal.secret] if cfg.modal.secret else []) + [str(name) for name in cfg.modal.secrets]
+    return tuple(dict.fromkeys(names))
 
 
 def compose_for_modal(overrides: Sequence[str]) -> DictConfig:
@@ -149,8 +155,9 @@ def compose_for_modal(overrides: Sequence[str]) -> DictConfig:
 
 
 def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
-    """What only matters on Modal: a layout the strategy can run, runs kept on the Volume, known extras."""
-    problems = [problem] if (problem := extras_problem(cfg)) else []
+    """What only matters on Modal: a layout the strategy can run, runs kept on the Volume, known extras, a
+    tracker the image installs."""
+    problems = [problem for problem in (extras_problem(cfg), tracker_problem(cfg)) if problem]
     if cfg.modal.gpu:
         _, per_container, containers = modal_layout(cfg.modal.gpu)
         if per_container * containers > 1 and cfg.distributed.type == "single":

@@ -21,11 +21,11 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from noesis_accel.config import CONF_DIR
 from noesis_accel.errors import DataError, UserError, redact
 from noesis_accel.modal_image import carried_by_image
 from noesis_accel.modal_job import ModalSettings, compose_for_modal
 from noesis_accel.rundir import RunDir
+from noesis_accel.sweeps import override_words, sweep_jobs
 
 ENTRY = "launch/modal_entry.py"
 
@@ -47,36 +47,12 @@ def is_sweep(args: Sequence[str]) -> bool:
     return "-m" in args or "--multirun" in args
 
 
-def _override_words(args: Sequence[str]) -> list[str]:
-    return [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
-
-
-def sweep_jobs(args: Sequence[str]) -> list[list[str]]:
-    """The overrides of each job of `-m ARGS`, split as Hydra's basic sweeper splits them.
-
-    `hydra.*` words configure the sweep itself (its launcher, its batches), not a job's config.
-    """
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    words = [w for w in _override_words(args) if not w.lstrip("+~").startswith("hydra")]
-    if not words:
-        return [[]]
-    # The loader lets `optim=glob(*)` list the group's options, as in Hydra's own sweep.
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(words)
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [list(job) for batch in batches for job in batch]
-
-
 def job_configs(args: Sequence[str]) -> list[tuple[list[str], DictConfig]]:
     """(overrides, config) of every job a command starts: one for a run, one per job of a sweep.
 
     Each is composed and checked here, so a bad value in any job fails before a container starts.
     """
-    jobs = sweep_jobs(args) if is_sweep(args) else [_override_words(args)]
+    jobs = sweep_jobs(args) if is_sweep(args) else [override_words(args)]
     return [(job, compose_for_modal(job)) for job in jobs]
 
 
@@ -217,7 +193,9 @@ def _submit_run(args: list[str], cfg: DictConfig, functions: AppFunctions, setti
 def _submit_sweep(args: list[str], jobs: Sequence[tuple[list[str], DictConfig]], functions: AppFunctions,
                   settings: ModalSettings) -> None:
     from noesis_accel.sweeps import JobOutcome, summary
+    from noesis_accel.train import refuse_shared_run_dirs
 
+    refuse_shared_run_dirs(jobs)  # before any container starts: two jobs must not share a run dir
     print(f"modal: a sweep of {len(jobs)} jobs, each on {_where(settings)}, run by a coordinator inside Modal", flush=True)
     result = _result_of(_started(functions.sweep, args, settings, functions.app_id))
     outcomes = [JobOutcome(**outcome) for outcome in result["jobs"]]

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from noesis_accel.errors import exit_on_user_error
+from noesis_accel.errors import exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir import RunDir
 from noesis_accel.status import history_of, redone_words, resumed_after
 
@@ -253,6 +253,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return report
 
 
+@safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """`noesis-report RUN_DIR [--out DIR]`."""

@@ -6,10 +6,11 @@
       events.jsonl       one line per attempt starting, start, checkpoint and stop: the run's history
       metrics.jsonl      per-step loss, lr, tokens/s, grad norm; held-out loss
       lease.json         the one process allowed to write here, with its heartbeat
+      tracker.json       the tracker run this run logs to (W&B or MLflow run id) and the newest step sent
       checkpoints/step-000123/   accelerate save_state output + manifest.json (written last)
       adapter/ or model/ final LoRA adapter (or full weights) + tokenizer
       eval/ export/ report/      written by noesis-eval, noesis-export and noesis-report
-      logs/              tracker logs (TensorBoard) and Hydra's own logs
+      logs/              the tracker's files (TensorBoard events, W&B's wandb/, MLflow's mlruns/)
 
 The trainer, `noesis-status`, `noesis-eval`, `noesis-export` and `noesis-report` all find files
 through `RunDir`, so the layout is written down once.
@@ -90,6 +91,10 @@ class RunDir:
     @property
     def lease_file(self) -> Path:
         return self.path / "lease.json"
+
+    @property
+    def tracker_file(self) -> Path:
+        return self.path / "tracker.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from noesis_accel.errors import redact
+from noesis_accel.errors import redact, safe_for_pipes
 from noesis_accel.rundir import RunDir
 
 STATUS_FILE = "status.json"  # RunDir.status_file
@@ -329,6 +329,7 @@ def verify_checkpoints(rundir: RunDir) -> list[tuple[Path, str | None]]:
     return [(path, checkpoint_problem(path)) for _, path in rundir.step_dirs()]
 
 
+@safe_for_pipes
 def main(argv: list[str] | None = None) -> int:
     """`noesis-status RUN_DIR [--verify] [--price USD]`: print a run's status and history."""
     parser = argparse.ArgumentParser(prog="noesis-status", description="Print a run's state, progress and history.")

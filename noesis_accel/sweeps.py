@@ -212,6 +212,36 @@ def summary(outcomes: Sequence[JobOutcome]) -> str:
     return f"{len(outcomes)} jobs: {len(outcomes) - failed} completed, {failed} failed"
 
 
+# ---------------------------------------------------------------- the jobs of a command line
+
+
+def override_words(args: Sequence[str]) -> list[str]:
+    """The override words of a command line (not its flags such as `-m` or `--cfg job`)."""
+    return [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+
+
+def sweep_jobs(args: Sequence[str]) -> list[list[str]]:
+    """The overrides of each job of `-m ARGS`, split as Hydra's basic sweeper splits them.
+
+    `hydra.*` words configure the sweep itself (its launcher, its batches), not a job's config.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from noesis_accel.config import CONF_DIR
+
+    words = [w for w in override_words(args) if not w.lstrip("+~").startswith("hydra")]
+    if not words:
+        return [[]]
+    # The loader lets `optim=glob(*)` list the group's options, as in Hydra's own sweep.
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(words)
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [list(job) for batch in batches for job in batch]
+
+
 # ---------------------------------------------------------------- the receiving side
 
 

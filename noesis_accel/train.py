@@ -14,19 +14,23 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from noesis_accel import config as _config  # registers the schema and resolvers  # noqa: F401
 from noesis_accel.config import RESTART_SAFE_PREFIXES, order_overrides, validate
-from noesis_accel.errors import UserError, redact
+from noesis_accel.errors import UserError, one_line, redact, safe_for_pipes
 from noesis_accel.launcher import TrainingProcessFailed, launch, needs_launch
-from noesis_accel.rundir import runs_root
+from noesis_accel.rundir import RunDir, runs_root
 from noesis_accel.signals import ForcedStop, RunInterrupted
+from noesis_accel.sweeps import override_words, sweep_jobs
+from noesis_accel.trackers import require_installed
 from noesis_accel.trainer import RunResult, Trainer
 from noesis_accel.volumes import Committer, commit_or_report, default_committer
 
@@ -44,6 +48,7 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     """
     quiet_known_noise()
     validate(cfg)
+    require_installed(cfg)  # the tracker's package, before any process starts
     committer = committer or default_committer()
     try:
         if needs_launch(cfg):
@@ -85,26 +90,29 @@ class JobStopped(CompactHydraException):
 _stops: list[JobStopped] = []  # what the jobs of this process raised, for main()'s exit code
 
 
-def _name_sweep_job(cfg: DictConfig) -> None:
+def sweep_job_run_name(name: str, job_overrides: Sequence[str]) -> str:
     """In a multirun sweep each job needs its own stable run dir, or the jobs would resume each other.
 
     Unless the sweep sets run.name itself, the job's overrides name it: stable across restarts of
     the same sweep (unlike the job number), and readable. Keys a restart may change (where files
     go, checkpoint cadence, process layout) are left out, so changing them still resumes.
     """
-    hydra_cfg = HydraConfig.get()
-    task = list(hydra_cfg.overrides.task)
-    if hydra_cfg.mode != RunMode.MULTIRUN or any(o.startswith("run.name=") for o in task):
-        return
+    if any(o.lstrip("+").startswith("run.name=") for o in job_overrides):
+        return name
     parts = []
-    for override in sorted(task):
+    for override in sorted(job_overrides):
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith(RESTART_SAFE_PREFIXES) or key.startswith(("hydra.", "modal.")):
             continue
         # Only characters that need no quoting in an override or a path.
         parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", override.lstrip("+~")).strip("-"))
-    if parts:
-        cfg.run.name = f"{cfg.run.name}__{'_'.join(parts)}"
+    return f"{name}__{'_'.join(parts)}" if parts else name
+
+
+def _name_sweep_job(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.run.name = sweep_job_run_name(str(cfg.run.name), list(hydra_cfg.overrides.task))
 
 
 def task(cfg: DictConfig) -> float | None:
@@ -135,6 +143,9 @@ hydra_task = hydra.main(version_base=None, config_path=str(_config.CONF_DIR), co
 
 def quiet_known_noise() -> None:
     """Silence warnings that say nothing actionable to a user of this tool."""
+    from noesis_accel import env
+
+    env.quiet_libraries()
     # bitsandbytes looks for an optional CPU 4-bit kernel package we never use.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Accelerate narrates every file of every save_state; our own line per checkpoint says enough.
@@ -149,26 +160,61 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
 
 
-def refuse_unwritable_run_root(args: list[str]) -> None:
-    """Before Hydra writes anything: a run root we cannot write is one line, not a traceback.
+def preflight(args: list[str]) -> None:
+    """Before Hydra starts (and writes anything), each a one-line error with exit code 2:
 
-    Composes the config once more (a fraction of a second) to learn `run.root`; sweeps over the
-    root, or overrides that do not compose, are left to Hydra's own checks.
+    - the config of every job composes (a typo'd group option is Hydra's several-line error, exit 1,
+      which a supervisor would take for a crash and retry forever);
+    - no two jobs of a sweep share a run dir (the second would resume or skip the first's run);
+    - the run root is writable.
     """
-    overrides = [a for a in args if not a.startswith("-") and "," not in a.split("=", 1)[-1]]
-    try:
-        cfg = _config.compose(overrides)
-        root = runs_root(cfg)
-    except Exception:
-        return
+    jobs = sweep_jobs(args) if ("-m" in args or "--multirun" in args) else [
+        [w for w in override_words(args) if not w.lstrip("+~").startswith("hydra")]]
+    configs = []
+    for job in jobs:
+        try:
+            configs.append((job, _config.compose(job)))
+        except UserError as err:
+            _exit_with_line(str(err))
+        except (HydraException, OmegaConfBaseException) as err:
+            _exit_with_line(f"{one_line(err)} (config groups and keys: conf/, or noesis-train --help)")
+    if len(jobs) > 1:
+        refuse_shared_run_dirs(configs)
+    for _, cfg in configs:
+        refuse_unwritable_run_root(cfg)
+
+
+def refuse_shared_run_dirs(configs: Sequence[tuple[Sequence[str], DictConfig]]) -> None:
+    """Two jobs of one sweep with one run dir: the second would resume the first's run, or skip it as done."""
+    by_dir: dict[Path, list[str]] = {}
+    for job, cfg in configs:
+        cfg = cfg.copy()
+        cfg.run.name = sweep_job_run_name(str(cfg.run.name), job)
+        by_dir.setdefault(RunDir.of(cfg).path, []).append(" ".join(job))
+    shared = {path: jobs for path, jobs in by_dir.items() if len(jobs) > 1}
+    if shared:
+        path, jobs = next(iter(shared.items()))
+        _exit_with_line(
+            f"run.name: {len(jobs)} jobs of this sweep would share the run dir {path} ({'; '.join(jobs[:3])}), "
+            "so each would resume or skip the others' run; leave run.name unset (each job is named by its "
+            "overrides), sweep run.name too, or vary a key that changes the math")
+
+
+def _exit_with_line(message: str) -> None:
+    print(f"error: {redact(message)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def refuse_unwritable_run_root(cfg: DictConfig) -> None:
+    """A run root we cannot write is one line, not a traceback."""
+    root = runs_root(cfg)
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not os.access(existing, os.W_OK):
         why = "read-only file system" if _read_only_mount(existing) else "permission denied"
-        print(f"error: run.root: {root} is not writable ({why} at {existing}); point run.root at a writable "
-              "directory", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit_with_line(f"run.root: {root} is not writable ({why} at {existing}); point run.root at a "
+                        "writable directory")
 
 
 def _read_only_mount(path: Path) -> bool:
@@ -178,10 +224,11 @@ def _read_only_mount(path: Path) -> bool:
         return False
 
 
+@safe_for_pipes
 def main() -> None:
     quiet_known_noise()
     sys.argv[1:] = order_overrides(sys.argv[1:])  # `+debug=` wins wherever it stands
-    refuse_unwritable_run_root(sys.argv[1:])
+    preflight(sys.argv[1:])
     try:
         hydra_task()
     except SystemExit as exit_:

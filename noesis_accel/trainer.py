@@ -26,7 +26,7 @@ from noesis_accel.checkpoint import (
 )
 from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
 from noesis_accel.distributed import build_accelerator
-from noesis_accel.errors import ConfigError, DataError, ResumeError, UserError, redact, redact_tree
+from noesis_accel.errors import ConfigError, DataError, ResumeError, UserError, redact_tree
 from noesis_accel.metrics import MetricsLogger, truncate_metrics_after
 from noesis_accel.rundir import RunDir, this_host
 from noesis_accel.sampling import LengthBucketBatchSampler
@@ -49,6 +49,7 @@ from noesis_accel.status import (
     record_stop,
     write_status,
 )
+from noesis_accel.trackers import TrackerRun, forget_tracker_run, require_installed, start_tracker
 from noesis_accel.volumes import Committer, LocalCommitter, MirroringCommitter
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class Trainer:
     eval_interval: int
     resumed_from: Checkpoint | None
     metrics: MetricsLogger
-    # Main process only, set by _record_starting()
+    # Main process only, set by _record_starting() and _start_tracker()
+    tracker_run: TrackerRun | None  # the tracker run this start logs to (None: train.tracker=none)
     attempt: int  # this attempt's number (1 for the first start of the run)
     last_attempt: PreviousAttempt | None  # how far the attempt before this one got, as committed
     _last_progress_commit: float = 0.0  # time.monotonic() of the newest progress commit
@@ -129,6 +131,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, committer: Committer | None = None,
                  watcher: PreemptionWatcher | None = None) -> None:
         validate(cfg)
+        require_installed(cfg)  # Accelerate would drop a missing tracker without a word
         # With eval.after_training, a prompt file or judge that cannot load fails now, not after training.
         if OmegaConf.select(cfg, "eval.after_training", default=False):
             from noesis_accel.evaluate import check_ready
@@ -148,6 +151,7 @@ class Trainer:
         self.deadline = attempt_deadline()
         self.lease = None
         self.accelerator = None
+        self.tracker_run = None
         self.step_losses = []
         self._owns_run_dir = False  # set once this start is allowed to write the run dir
 
@@ -167,6 +171,7 @@ class Trainer:
         self._check_run_dir_config()
         if accelerator.is_main_process:  # before loading: an attempt killed while it loads still counts
             self._record_starting()
+        self._start_tracker()
         from accelerate.utils import set_seed
 
         set_seed(int(cfg.train.seed))
@@ -208,10 +213,9 @@ class Trainer:
         )
         self.eval_interval = interval_steps(float(cfg.train.eval_every), self.total_steps)
         self._resume()
-        if cfg.train.tracker != "none":
-            accelerator.init_trackers(cfg.run.name, config=_tracker_config(cfg))
         self.metrics = MetricsLogger(
-            accelerator, self.run_dir, self.total_steps, self.progress.step, bool(cfg.train.progress_bar)
+            accelerator, self.run_dir, self.total_steps, self.progress.step, bool(cfg.train.progress_bar),
+            cfg.train.print_every, tracker_run=self.tracker_run,
         )
         self._announce(model)
         return True
@@ -248,13 +252,36 @@ class Trainer:
             )
 
     def _already_completed(self) -> bool:
+        """A completed run asked again: nothing to do, unless the math changed, which is refused by name."""
         status = self._main_decides(read_status(self.run_dir) if self.accelerator.is_main_process else None)
         if status and status.get("state") == "completed" and self.cfg.ckpt.resume == "auto":
+            if self.rundir.config_file.is_file():
+                changed = self._changed_math(what="a completed run")
+                if changed is not None:
+                    raise changed
             if self.accelerator.is_main_process:
                 print(f"run {self.run_dir} already completed at step {status.get('step')}; nothing to do "
                       "(choose a new run.name to train again)", flush=True)
             return True
         return False
+
+    def _current_config(self) -> dict[str, Any]:
+        # Secrets (a token pasted into a path) never reach the file; both sides compare redacted.
+        return redact_tree(OmegaConf.to_container(self.cfg, resolve=True))
+
+    def _changed_math(self, what: str) -> ResumeError | None:
+        """The refusal to continue the run in the run dir with other math (None: the same math)."""
+        saved, current = self.rundir.saved_config(), self._current_config()
+        differing = differing_math_keys(saved, current)
+        if not differing:
+            return None
+        old, new = flatten(saved), flatten(current)
+        lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differing]
+        return ResumeError(
+            f"{self.rundir.path} holds {what} started with a different config; this command must not change "
+            "the math. Differing keys:\n  " + "\n  ".join(lines)
+            + "\nRestore these values, or choose a new run.name for a new run."
+        )
 
     def _check_run_dir_config(self) -> None:
         """A restart must train the same math: compare against the config of the run it continues.
@@ -265,8 +292,7 @@ class Trainer:
         spoils the run it found.
         """
         rundir = self.rundir
-        # Secrets (a token pasted into a path) never reach the file; both sides compare redacted.
-        current = redact_tree(OmegaConf.to_container(self.cfg, resolve=True))
+        current = self._current_config()
         if self.cfg.ckpt.resume == "never":
             refuse_fresh_start_over(rundir.checkpoints)
         replace_reason = None
@@ -278,23 +304,53 @@ class Trainer:
                 replace_reason = f"it holds no complete checkpoint, so this start's config replaces the one " \
                                  f"it was started with (differing: {', '.join(differing)})"
             elif differing:
-                old, new = flatten(rundir.saved_config()), flatten(current)
-                lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differing]
-                raise ResumeError(
-                    f"{rundir.path} holds a run started with a different config; a restart must not change "
-                    "the math. Differing keys:\n  " + "\n  ".join(lines)
-                    + "\nRestore these values, or choose a new run.name for a new run."
-                )
+                raise self._changed_math(what="a run")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             rundir.path.mkdir(parents=True, exist_ok=True)
             if replace_reason is not None:
+                forget_tracker_run(rundir)  # other math: its steps are not the old tracker run's
                 if replace_reason != "new":
                     print(f"run {rundir.path}: {replace_reason}", flush=True)
                 tmp = rundir.config_file.with_suffix(".yaml.tmp")
                 tmp.write_text(yaml.safe_dump(current, sort_keys=False))
                 os.replace(tmp, rundir.config_file)
         self._owns_run_dir = True
+
+    def _start_tracker(self) -> None:
+        """Start the tracker before anything loads (one that cannot start fails in seconds, not after the
+        model), continuing the run's tracker run. Main process only; its refusal stops every rank."""
+        problem = None
+        if self.accelerator.is_main_process:
+            try:
+                self.committer.restore()  # on a fresh machine: the tracker's earlier files, where it writes
+                self.tracker_run = start_tracker(self.accelerator, self.cfg, self.rundir, self.tracker_logs)
+            except UserError as err:
+                problem = err
+        problem = self._main_decides(problem)
+        if problem is not None:
+            raise problem
+
+    def _close_tracker(self) -> None:
+        """Finish the tracker (it writes its last lines and closes its files) and copy its files into the
+        run dir, on every exit path: the final commit then carries all it logged, after a stop too.
+
+        Main process only (the only one holding a tracker). A failure here costs log lines, never the
+        run's outcome, so it is a warning.
+        """
+        accelerator = self.accelerator
+        if accelerator is None or not accelerator.is_main_process or not self._owns_run_dir:
+            return  # a start refused before it owned the run dir neither started a tracker nor may write there
+        trackers, accelerator.trackers = list(accelerator.trackers), []
+        for tracker in trackers:
+            try:
+                tracker.finish()
+            except Exception as err:  # any tracker's error
+                log.warning("the %s tracker did not close cleanly: %s", tracker.name, err)
+        try:
+            self.committer.sync()
+        except OSError as err:
+            log.warning("could not copy the tracker's files into the run dir: %s", err)
 
     def _total_steps(self) -> int:
         if self.cfg.train.max_steps:
@@ -411,6 +467,8 @@ class Trainer:
             + (f"packed rows (padded would be {100 * self.sampler.padding_fraction(0):.1f}% padding)"
                if self.cfg.data.packing else f"padding {100 * self.sampler.padding_fraction(0):.1f}%")
         )
+        for line in data_mod.describe(stats):  # every split's counts, and each record truncated or dropped
+            self.metrics.write(line)
         for note in data_mod.template_notes(self.tokenizer, self.cfg.data, stats.format):
             self.metrics.write(note)
         if self.accelerator.is_main_process:
@@ -517,7 +575,7 @@ class Trainer:
             if self.accelerator.device.type == "cuda":  # the allocator's own counter: no device sync
                 values["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             self.metrics.log(progress.step, values)
-            self.metrics.progress(progress.step, {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"})
+            self.metrics.progress(progress.step, loss, lr, tokens_per_s)
         if (self.eval_interval and len(self.data.eval) and progress.step % self.eval_interval == 0
                 and progress.step < self.total_steps):  # no held-out set, no held-out loss (not a NaN)
             eval_loss = self.evaluate()
@@ -603,9 +661,8 @@ class Trainer:
         self.metrics.close()
         evaluate_now = accelerator.is_main_process and bool(OmegaConf.select(self.cfg, "eval.after_training", default=False))
         accelerator.wait_for_everyone()
+        self._close_tracker()
         accelerator.end_training()  # also tears down the process group: nothing collective after it
-        if accelerator.is_main_process:
-            self.committer.sync()  # the tracker's last lines, now that it closed its files
         if evaluate_now:  # after end_training, so the other processes are not held at a barrier meanwhile
             from noesis_accel.evaluate import evaluate_after_training
 
@@ -643,6 +700,7 @@ class Trainer:
             self._record_exit("failed", f"{err.__class__.__name__}: {err}")
             raise
         finally:
+            self._close_tracker()  # before the caller's final commit, which then carries its files
             # Also after a stop or a failure: the next run in this process (a sweep job, a test)
             # must not have its signals routed to this finished trainer.
             self.watcher.uninstall()
@@ -668,8 +726,3 @@ def _reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-
-def _tracker_config(cfg: DictConfig) -> dict[str, Any]:
-    """Tracker hyperparameters must be scalars: lists and None become strings."""
-    return {k: v if isinstance(v, (int, float, bool)) else redact(str(v)) for k, v in flatten(cfg).items()}

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -66,6 +65,16 @@ def test_settings_follow_the_config(monkeypatch) -> None:
     assert info.timeout == 7200 and info.max_retries == 3
     assert [m.name for m in info.volumes.values()] == ["other"]
     assert not any("huggingface" in secret for secret in info.secrets)
+
+
+def test_more_secrets_follow_the_hugging_face_one_each_once(monkeypatch) -> None:
+    """`modal.secrets` adds Secrets (a tracker's API key) after `modal.secret`; naming that one again is harmless."""
+    app = load_app(["+experiment=noesis", "modal.secrets=[wandb,huggingface-token]"], monkeypatch)
+    named = [secret for secret in app.train.info().secrets if "Secret.from_name" in secret]
+    assert named == ["modal.Secret.from_name('huggingface-token')", "modal.Secret.from_name('wandb')"]
+    assert app.SETTINGS.secrets == ("huggingface-token", "wandb")
+    app = load_app(["+experiment=noesis", "modal.secret=null", "modal.secrets=[mlflow]"], monkeypatch)
+    assert [s for s in app.export.info().secrets if "Secret.from_name" in s] == ["modal.Secret.from_name('mlflow')"]
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -104,6 +104,19 @@ def test_the_image_installs_the_project_without_modal_and_the_extras_the_config_
     assert "liger" not in plain
     liger = project_install(["+experiment=noesis", "model.liger=true"])
     assert "'liger-kernel>=0.8.5'" in liger and "modal" not in liger
+    assert "wandb" not in plain and "mlflow" not in plain
+    assert "'wandb>=0.19'" in project_install(["+experiment=noesis", "train.tracker=wandb"])  # the tracker chosen
+    assert "'mlflow-skinny>=2.10'" in project_install(["+experiment=noesis", "train.tracker=mlflow"])
+
+
+def test_a_tracker_the_image_cannot_install_is_refused_before_any_gpu_starts(monkeypatch, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        load_app(["+experiment=noesis", "train.tracker=aim"], monkeypatch)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "train.tracker=aim: the Modal image installs no package for it; on Modal use tensorboard, wandb, " \
+           "mlflow or none" in err
+    assert "Traceback" not in err
 
 
 def test_a_misspelled_extra_is_refused_in_one_line_naming_the_known_ones(monkeypatch, capsys) -> None:
@@ -111,7 +124,8 @@ def test_a_misspelled_extra_is_refused_in_one_line_naming_the_known_ones(monkeyp
         load_app(["+experiment=noesis", "modal.extras=[gpus]"], monkeypatch)
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: gpu, test" in err
+    assert "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: gpu, mlflow, " \
+           "test, wandb" in err
     assert "Traceback" not in err
 
 

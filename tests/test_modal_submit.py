@@ -12,7 +12,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 
 from noesis_accel import sweeps
-from noesis_accel.modal_submit import sweep_jobs
+from noesis_accel.sweeps import sweep_jobs
 from noesis_accel.sweeps import CallBook, JobRequest, run_all
 
 from conftest import SAMPLE, chat_records, write_jsonl
@@ -84,7 +84,8 @@ def test_a_user_error_from_the_container_keeps_its_exit_code(monkeypatch) -> Non
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.min_examples=100000", "data.path: only 162 training records (180 read, 18 held out); data.min_examples is 100000"),
+    ("data.min_examples=100000", f"data.path: only 162 training records (180 read from {SAMPLE}, 18 held out); "
+                                 "data.min_examples is 100000"),
     (f"data.path={SAMPLE.parent / 'missing.jsonl'}", "missing.jsonl does not exist"),
 ])
 def test_bad_data_in_the_image_fails_here_before_any_call(override: str, message: str, monkeypatch, capsys) -> None:
