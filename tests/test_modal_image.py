@@ -124,8 +124,8 @@ def test_a_misspelled_extra_is_refused_in_one_line_naming_the_known_ones(monkeyp
         load_app(["+experiment=noesis", "modal.extras=[gpus]"], monkeypatch)
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: gpu, mlflow, " \
-           "test, wandb" in err
+    assert "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: bench, gpu, " \
+           "mlflow, test, wandb" in err
     assert "Traceback" not in err
 
 
