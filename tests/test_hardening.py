@@ -123,5 +123,5 @@ def test_a_user_error_in_a_two_process_run_is_one_line_once(tmp_path) -> None:
     assert result.returncode == 2
     lines = [l for l in result.stderr.splitlines() if l.strip() and not l.startswith("[")]  # [time][logger] lines aside
     assert lines == [f"error: data.path: {tmp_path / 'missing.jsonl'} does not exist; point data.path at a "
-                     ".jsonl, .json or .parquet file"]
+                     ".jsonl, .json or .parquet file or a directory of them"]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
