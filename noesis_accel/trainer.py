@@ -9,7 +9,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -228,17 +228,25 @@ class Trainer:
 
         return broadcast_object_list([value], from_process=0)[0]
 
-    def _take_lease(self) -> None:
-        """One writer per run dir: taken before anything in it is written (unless the launcher holds it)."""
+    def _on_main_process(self, action: Callable[[], None]) -> None:
+        """`action` on the main process only; a user error it raises stops every rank (rank 0 decides)."""
         problem = None
         if self.accelerator.is_main_process:
             try:
-                self.lease = take_run_lease(self.rundir, self.cfg.ckpt)
+                action()
             except UserError as err:
                 problem = err
         problem = self._main_decides(problem)
         if problem is not None:
             raise problem
+
+    def _take_lease(self) -> None:
+        """One writer per run dir: taken before anything in it is written (unless the launcher holds it)."""
+
+        def take() -> None:
+            self.lease = take_run_lease(self.rundir, self.cfg.ckpt)
+
+        self._on_main_process(take)
 
     def _check_same_config_on_every_machine(self) -> None:
         """On a cluster every machine composes the config itself: all must train the same math."""
@@ -320,16 +328,12 @@ class Trainer:
     def _start_tracker(self) -> None:
         """Start the tracker before anything loads (one that cannot start fails in seconds, not after the
         model), continuing the run's tracker run. Main process only; its refusal stops every rank."""
-        problem = None
-        if self.accelerator.is_main_process:
-            try:
-                self.committer.restore()  # on a fresh machine: the tracker's earlier files, where it writes
-                self.tracker_run = start_tracker(self.accelerator, self.cfg, self.rundir, self.tracker_logs)
-            except UserError as err:
-                problem = err
-        problem = self._main_decides(problem)
-        if problem is not None:
-            raise problem
+
+        def start() -> None:
+            self.committer.restore()  # on a fresh machine: the tracker's earlier files, where it writes
+            self.tracker_run = start_tracker(self.accelerator, self.cfg, self.rundir, self.tracker_logs)
+
+        self._on_main_process(start)
 
     def _close_tracker(self) -> None:
         """Finish the tracker (it writes its last lines and closes its files) and copy its files into the

@@ -154,8 +154,8 @@ def commit_with_retry(
     """Commit, retrying with exponential backoff; returns the attempts used. Raises after the last.
 
     `budget_s` bounds the time spent waiting between attempts: a commit during a preemption must
-    be done within the grace before the SIGKILL (Modal's is 30 s). Every failure is logged: a
-    checkpoint that never reaches the volume must never go unnoticed.
+    be done within the grace before the SIGKILL (Modal's is 30 s). Each retried failure is logged;
+    the last one is raised for the caller to report (`commit_or_report`), once.
     """
     waited = 0.0
     for attempt in range(1, retries + 2):
@@ -165,7 +165,6 @@ def commit_with_retry(
         except Exception as err:  # any backend error; retried, then re-raised
             delay = backoff_s * 2 ** (attempt - 1)
             if attempt > retries or (budget_s is not None and waited + delay > budget_s):
-                log.error("commit failed %d time(s), giving up: %s", attempt, err)
                 raise
             log.warning("commit attempt %d failed (%s); retrying in %.1fs", attempt, err, delay)
             sleep(delay)
@@ -180,7 +179,7 @@ def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str) -> bool:
         commit_with_retry(committer, int(ckpt_cfg.commit_retries), float(ckpt_cfg.commit_backoff_s),
                           budget_s=float(ckpt_cfg.commit_budget_s))
         return True
-    except Exception as err:
+    except Exception as err:  # a checkpoint that never reaches the volume must never go unnoticed
         print(f"warning: {what} is saved but not committed ({err.__class__.__name__}: {err}); "
               "the next commit will carry it", file=sys.stderr, flush=True)
         return False
