@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from noesis_accel.config import compose  # noqa: E402
-from noesis_accel.trainer import Trainer  # noqa: E402
+from noesis_accel.training.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def restart_latency(overrides: list[str], checkpoint: Path, root: Path) -> float
     step = int(checkpoint.name.split("-")[1])
     run_dir = root / "restart"
     metrics = run_dir / "metrics.jsonl"
-    command = [sys.executable, "-m", "noesis_accel.train", *overrides, f"run.root={root}", "run.name=restart",
+    command = [sys.executable, "-m", "noesis_accel.processes.train", *overrides, f"run.root={root}", "run.name=restart",
                f"ckpt.resume={checkpoint}"]
     started = time.time()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -14,7 +14,7 @@ TRL's assistant masks need `{% generation %}` markers, which SmolLM2's template 
 training template for; TRL is given `GENERATION_TEMPLATE`, SmolLM2's template with the markers
 around what we learn of an assistant turn (its content, `<|im_end|>` and the newline).
 
-Ours is `noesis_accel.data.prepare` (+experiment=tiny: the same tokenizer) on the same JSONL file,
+Ours is `noesis_accel.training.data.prepare` (+experiment=tiny: the same tokenizer) on the same JSONL file,
 no held-out split, the same max_length and process count, and its result saved as training loads it.
 
 Each tool runs in its own subprocess, so its memory is its own: the peak of the summed proportional
@@ -110,7 +110,7 @@ def write_records(path: Path, records: int, seed: int) -> Path:
 
 def _tokenizer() -> Any:
     from noesis_accel.config import compose
-    from noesis_accel.modeling import load_tokenizer
+    from noesis_accel.training.modeling import load_tokenizer
 
     return load_tokenizer(compose(["+experiment=tiny"]).model)
 
@@ -125,7 +125,7 @@ def _sample(ids_and_labels: Any, check: int) -> dict[str, Any]:
 
 
 def prepare_ours(data: Path, work: Path, max_length: int, num_proc: int, check: int) -> tuple[float, int, dict]:
-    from noesis_accel import data as data_mod
+    from noesis_accel.training import data as data_mod
     from noesis_accel.config import compose
 
     tokenizer = _tokenizer()

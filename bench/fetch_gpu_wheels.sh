@@ -22,7 +22,7 @@ done
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl antlr4-python3-runtime==4.9.3 deepspeed==0.19.8
 "$PY" - <<'PY'
 from noesis_accel.config import compose
-from noesis_accel.modeling import load_tokenizer
+from noesis_accel.training.modeling import load_tokenizer
 
 load_tokenizer(compose(["model=smollm2_135m"]).model).save_pretrained(".gpu/smollm2_tokenizer")
 PY

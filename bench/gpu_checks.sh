@@ -68,7 +68,7 @@ part bench8b 300 python3 bench/llama8b.py --tokenizer "$TOKENIZER" --json "$OUT/
 
 # 2. ~1.5 min: process start, 8B model on the GPU, 20 steps with checkpoints at 10 and 20, held-out loss 3 times.
 part recipe 160 bash -c "python3 bench/llama8b.py --write-data /tmp/recipe_data.jsonl --records 400 && \
-  python3 -m noesis_accel.train +experiment=noesis +debug=gpu model=llama3_8b_arch model.name_or_path='$TOKENIZER' \
+  python3 -m noesis_accel.processes.train +experiment=noesis +debug=gpu model=llama3_8b_arch model.name_or_path='$TOKENIZER' \
   model.gguf_file=null data.path=/tmp/recipe_data.jsonl run.root=/tmp/recipe train.progress_bar=false"
 [ -d /tmp/recipe/noesis ] && python3 bench/recipe_report.py /tmp/recipe/noesis --json "$OUT/recipe.json" 2>&1 | tee -a "$LOG"
 
@@ -86,7 +86,7 @@ part throughput 90 python3 bench/throughput.py --repeats 1 --steps 60 --warmup 1
   --json "$OUT/throughput.json" $MODEL train.mixed_precision=bf16 model.dtype=bfloat16
 
 # 6. ~40 s.
-part qlora 60 python3 -m noesis_accel.train +experiment=tiny $MODEL train.device=auto model.load_in_4bit=true \
+part qlora 60 python3 -m noesis_accel.processes.train +experiment=tiny $MODEL train.device=auto model.load_in_4bit=true \
   model.dtype=bfloat16 train.mixed_precision=bf16 model.gradient_checkpointing=true optim=adamw8bit \
   train.max_steps=10 train.eval_every=0.5 run.root=/tmp/qlora
 [ -f /tmp/qlora/tiny/metrics.jsonl ] && python3 -c "import json; m=[json.loads(l) for l in open('/tmp/qlora/tiny/metrics.jsonl')]; \

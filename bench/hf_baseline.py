@@ -11,9 +11,9 @@ import torch
 from omegaconf import DictConfig
 from transformers import TrainerCallback, TrainingArguments
 
-from noesis_accel import data as data_mod
-from noesis_accel import modeling
-from noesis_accel.trainer import _reset_accelerate_state
+from noesis_accel.training import data as data_mod
+from noesis_accel.training import modeling
+from noesis_accel.training.trainer import _reset_accelerate_state
 
 
 class CountingCollator:

@@ -47,12 +47,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from noesis_accel import data as data_mod  # noqa: E402
-from noesis_accel import env, losses, modeling  # noqa: E402
+from noesis_accel.training import data as data_mod  # noqa: E402
+from noesis_accel.core import env  # noqa: E402
+from noesis_accel.training import losses, modeling
 from noesis_accel.config import compose  # noqa: E402
-from noesis_accel.metrics import read_metrics  # noqa: E402
-from noesis_accel.packing import PackingCollator  # noqa: E402
-from noesis_accel.trainer import Trainer, _reset_accelerate_state  # noqa: E402
+from noesis_accel.training.metrics import read_metrics  # noqa: E402
+from noesis_accel.training.packing import PackingCollator  # noqa: E402
+from noesis_accel.training.trainer import Trainer, _reset_accelerate_state  # noqa: E402
 
 from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline  # noqa: E402
 

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from noesis_accel.rundir import RunDir  # noqa: E402
+from noesis_accel.rundir.layout import RunDir  # noqa: E402
 
 MAX_CHECKPOINT_MB, MAX_SAVE_S = 300, 5.0
 

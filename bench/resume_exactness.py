@@ -29,7 +29,7 @@ def _train(overrides: list[str], root: Path, fault: str | None = None) -> subpro
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if fault:
         env["NOESIS_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "noesis_accel.train", *overrides, f"run.root={root}", "run.name=r"],
+    return subprocess.run([sys.executable, "-m", "noesis_accel.processes.train", *overrides, f"run.root={root}", "run.name=r"],
                           capture_output=True, text=True, cwd=REPO, env=env)
 
 

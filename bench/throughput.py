@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from noesis_accel.config import compose  # noqa: E402
-from noesis_accel.metrics import read_metrics  # noqa: E402
-from noesis_accel.trainer import Trainer  # noqa: E402
+from noesis_accel.training.metrics import read_metrics  # noqa: E402
+from noesis_accel.training.trainer import Trainer  # noqa: E402
 
 from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline  # noqa: E402
 

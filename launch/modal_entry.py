@@ -32,7 +32,7 @@ import modal
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))  # `modal run` imports this file by path; the package sits beside it
 
-from noesis_accel import modal_image, modal_job, modal_submit  # noqa: E402
+from noesis_accel.cloud import modal_image, modal_job, modal_submit  # noqa: E402
 from noesis_accel.config import CONF_DIR  # noqa: E402
 
 SETTINGS = modal_job.settings_at_import()

@@ -28,9 +28,9 @@ def tiny_cfg(tiny_overrides: list[str]):
 
 
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m noesis_accel.train ARGS` in a subprocess, as a user would run it."""
+    """`python -m noesis_accel.processes.train ARGS` in a subprocess, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "noesis_accel.train", *args],
+        [sys.executable, "-m", "noesis_accel.processes.train", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file
 
-from noesis_accel.rundir import RunDir
+from noesis_accel.rundir.layout import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,9 +64,9 @@ def logged_step(run_dir: Path) -> int:
 
 
 def start_cli(args: list[str], env: dict | None = None, **popen: object) -> subprocess.Popen:
-    """`python -m noesis_accel.train ARGS` in the background, in its own process group."""
+    """`python -m noesis_accel.processes.train ARGS` in the background, in its own process group."""
     return subprocess.Popen(
-        [sys.executable, "-m", "noesis_accel.train", *args], cwd=REPO, text=True,
+        [sys.executable, "-m", "noesis_accel.processes.train", *args], cwd=REPO, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **popen,
     )

@@ -45,7 +45,7 @@ from modal._serialization import deserialize, serialize  # noqa: E402
 from modal.client import _Client  # noqa: E402
 from modal_proto import api_pb2  # noqa: E402
 
-from noesis_accel.modal_job import ModalSettings, compose_for_modal, run_job_in_container  # noqa: E402
+from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal, run_job_in_container  # noqa: E402
 
 EXIT_CODES = {"SUCCESS": 0, "NONE": 3, "TERMINATED": 4, "FAILURE": 5}
 REFUSED_RELOAD = 6

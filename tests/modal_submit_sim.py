@@ -18,7 +18,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from noesis_accel import modal_job, modal_submit  # noqa: E402
+from noesis_accel.cloud import modal_job, modal_submit  # noqa: E402
 
 
 class SimulatedCall:

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from noesis_accel import evaluate, judges, plots
+from noesis_accel.after import evaluate, judges, plots
 from noesis_accel.config import compose, fingerprint
-from noesis_accel.errors import ConfigError, DataError, UserError
-from noesis_accel.export import export_run
-from noesis_accel.prompts import read_prompts
-from noesis_accel.report import write_report
-from noesis_accel.rundir import RunDir
-from noesis_accel.runmodel import load_run_model, run_config, weights_source
-from noesis_accel.train import run
+from noesis_accel.core.errors import ConfigError, DataError, UserError
+from noesis_accel.after.export import export_run
+from noesis_accel.after.prompts import read_prompts
+from noesis_accel.after.report import write_report
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.after.runmodel import load_run_model, run_config, weights_source
+from noesis_accel.processes.train import run
 
 from conftest import REPO, run_cli, write_jsonl
 
@@ -100,7 +100,7 @@ def test_eval_heldout_loss_is_the_trainers_number(tiny_run, prompt_file, capsys)
     assert [r["prompt"] for r in rows] == [p["prompt"] for p in PROMPTS]
     assert all({"answer", "score", "reason"} <= r["base"].keys() and {"answer", "score"} <= r["tuned"].keys() for r in rows)
     assert rows[2]["tuned"]["score"] is None  # no expected answer: the text judges do not score it
-    assert tuned["scored"] == 2 and summary["judge"] == "noesis_accel.judges.contains"
+    assert tuned["scored"] == 2 and summary["judge"] == "noesis_accel.after.judges.contains"
     assert "| held-out loss |" in (run_dir / "eval" / "summary.md").read_text()
 
 
@@ -273,25 +273,25 @@ def run_without_adapter(tiny_run, tmp_path_factory) -> Path:
 
 
 def test_export_of_a_run_without_adapter_is_one_line(run_without_adapter) -> None:
-    line = _one_line_error(_module(["noesis_accel.export", str(run_without_adapter)]))
+    line = _one_line_error(_module(["noesis_accel.after.export", str(run_without_adapter)]))
     assert str(run_without_adapter) in line and "no final adapter" in line and "--checkpoint" in line
 
 
 def test_eval_with_a_broken_prompt_line_names_file_and_line(tiny_run, tmp_path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [PROMPTS[0], '{"prompt": "Who are you?", "expected": "Noesis"'])
-    line = _one_line_error(_module(["noesis_accel.evaluate", str(tiny_run[0]), f"eval.prompts={bad}"]))
+    line = _one_line_error(_module(["noesis_accel.after.evaluate", str(tiny_run[0]), f"eval.prompts={bad}"]))
     assert f"{bad}:2: invalid JSON" in line
 
 
 def test_eval_with_a_judge_that_does_not_import_names_key_and_target(tiny_run, prompt_file) -> None:
-    line = _one_line_error(_module(["noesis_accel.evaluate", str(tiny_run[0]), f"eval.prompts={prompt_file}",
+    line = _one_line_error(_module(["noesis_accel.after.evaluate", str(tiny_run[0]), f"eval.prompts={prompt_file}",
                                     "eval.judge._target_=tribunal_missing.judges.Tribunal"]))
     assert "eval.judge._target_" in line and "tribunal_missing.judges.Tribunal" in line
 
 
 def test_push_to_hub_without_a_token_is_one_line_before_any_merge(tiny_run, tmp_path) -> None:
     no_token = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
-    line = _one_line_error(_module(["noesis_accel.export", str(tiny_run[0]), "--push-to-hub", "lyceum/noesis-tiny"],
+    line = _one_line_error(_module(["noesis_accel.after.export", str(tiny_run[0]), "--push-to-hub", "lyceum/noesis-tiny"],
                                    env=no_token))
     assert "--push-to-hub lyceum/noesis-tiny: no Hugging Face token" in line
     assert not (tiny_run[0] / "export").exists()
@@ -309,7 +309,7 @@ def _main_error(main, args: list[str], capsys) -> str:
 
 
 def test_more_user_mistakes_are_one_line(tiny_run, run_without_adapter, tmp_path, capsys, monkeypatch) -> None:
-    from noesis_accel import export, report
+    from noesis_accel.after import export, report
 
     run_dir = str(tiny_run[0])
     assert "no final adapter" in _main_error(evaluate.main, [str(run_without_adapter)], capsys)
@@ -400,28 +400,28 @@ def test_parse_score_reads_what_judge_models_write(reply: str, score) -> None:
 
 def test_model_judge_prompts_a_chat_model_and_parses_its_score(tiny_run, monkeypatch, tmp_path) -> None:
     out = export_run(tiny_run[0], out=tmp_path / "judge-model", log=lambda _: None)
-    judge, name = judges.load_judge({"_target_": "noesis_accel.judges.ModelJudge", "name_or_path": str(out),
+    judge, name = judges.load_judge({"_target_": "noesis_accel.after.judges.ModelJudge", "name_or_path": str(out),
                                      "max_new_tokens": 3, "device": "cpu"})
-    assert name == "noesis_accel.judges.ModelJudge"
+    assert name == "noesis_accel.after.judges.ModelJudge"
     assert "Expected answer: Noesis" in judge.question("What is your name?", "I am Noesis", "Noesis")
     score, reason = judge("What is your name?", "I am Noesis", "Noesis", {})  # a random 2-layer model: no score
     assert score is None and reason.startswith("no score in the judge's reply")
     seen = []
-    monkeypatch.setattr("noesis_accel.generate.reply", lambda model, tok, text, n: seen.append(text) or "Score: 4 - ok")
+    monkeypatch.setattr("noesis_accel.training.generate.reply", lambda model, tok, text, n: seen.append(text) or "Score: 4 - ok")
     assert judge("What is your name?", "I am Noesis", "Noesis", {}) == (0.75, "Score: 4 - ok")
     assert "Assistant's answer: I am Noesis" in seen[0]
 
 
 def test_load_judge_refuses_what_is_not_a_judge() -> None:
-    with pytest.raises(ConfigError, match="eval.judge._target_: cannot import 'noesis_accel.judges.nope'"):
-        judges.load_judge({"_target_": "noesis_accel.judges.nope"})
+    with pytest.raises(ConfigError, match="eval.judge._target_: cannot import 'noesis_accel.after.judges.nope'"):
+        judges.load_judge({"_target_": "noesis_accel.after.judges.nope"})
     with pytest.raises(ConfigError, match="must accept"):
         judges.load_judge({"_target_": "os.getcwd"})
     with pytest.raises(ConfigError, match="needs a _target_"):
         judges.load_judge({"case_sensitive": True})
     with pytest.raises(ConfigError, match="returned str"):
         judges.as_verdict("good", "x")
-    judge, _ = judges.load_judge({"_target_": "noesis_accel.judges.contains", "case_sensitive": True})
+    judge, _ = judges.load_judge({"_target_": "noesis_accel.after.judges.contains", "case_sensitive": True})
     assert judge("q", "noesis", "Noesis", {})[0] == 0.0
 
 
@@ -449,19 +449,19 @@ def test_demo_prompt_file_asks_name_maker_and_facts() -> None:
 
 def test_eval_keys_do_not_change_the_math(tmp_path) -> None:
     plain = compose(["+experiment=tiny"])
-    assert plain.eval.after_training is False and plain.eval.judge._target_ == "noesis_accel.judges.contains"
+    assert plain.eval.after_training is False and plain.eval.judge._target_ == "noesis_accel.after.judges.contains"
     changed = compose(["+experiment=tiny", "eval.after_training=true", "judge=exact", "eval.max_new_tokens=9"])
-    assert changed.eval.judge._target_ == "noesis_accel.judges.exact"
+    assert changed.eval.judge._target_ == "noesis_accel.after.judges.exact"
     assert fingerprint(plain) == fingerprint(changed)  # a restart may turn evaluation on
 
 
 def test_after_training_with_a_missing_judge_fails_before_training(tmp_path) -> None:
-    from noesis_accel.trainer import Trainer
+    from noesis_accel.processes.train import run
 
     cfg = compose(["+experiment=tiny", f"run.root={tmp_path}", "eval.after_training=true",
                    "eval.judge._target_=tribunal_missing.judge"])
     with pytest.raises(ConfigError, match="eval.judge._target_"):
-        Trainer(cfg)
+        run(cfg)
     assert not (tmp_path / "tiny").exists()
 
 
@@ -480,7 +480,7 @@ def demo_run(tmp_path_factory) -> Path:
 def test_demo_export_gives_the_same_greedy_answers_as_base_plus_adapter(demo_run) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from noesis_accel.generate import load_finetuned, reply
+    from noesis_accel.training.generate import load_finetuned, reply
 
     out = export_run(demo_run)
     merged = AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers, no peft

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from noesis_accel.checkpoint import MANIFEST, checkpoint_problem
+from noesis_accel.rundir.checkpoint import MANIFEST, checkpoint_problem
 from noesis_accel.config import compose
-from noesis_accel.status import main as status_main
-from noesis_accel.status import read_status
-from noesis_accel.train import run
+from noesis_accel.rundir.status import main as status_main
+from noesis_accel.rundir.status import read_status
+from noesis_accel.processes.train import run
 
 from conftest import run_cli, uninterrupted_run
 from helpers import (
@@ -224,7 +224,7 @@ def test_a_commit_that_never_succeeds_is_reported_and_keeps_every_checkpoint(tmp
 
 
 def test_a_commit_retries_within_its_time_budget() -> None:
-    from noesis_accel.volumes import commit_with_retry
+    from noesis_accel.rundir.volumes import commit_with_retry
 
     class Failing:
         def commit(self) -> None:

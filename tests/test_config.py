@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from noesis_accel.config import CONF_DIR, accumulation_steps, compose, differing_math_keys, validate
-from noesis_accel.errors import ConfigError
+from noesis_accel.core.errors import ConfigError
 
 from conftest import run_cli
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from noesis_accel import data
+from noesis_accel.training import data
 from noesis_accel.config import compose
-from noesis_accel.errors import DataError
-from noesis_accel.modeling import load_tokenizer
+from noesis_accel.core.errors import DataError
+from noesis_accel.training.modeling import load_tokenizer
 
 from conftest import chat_records, run_cli, write_jsonl
 

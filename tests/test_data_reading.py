@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from noesis_accel import data
+from noesis_accel.training import data
 from noesis_accel.config import compose
-from noesis_accel.errors import DataError
-from noesis_accel.modeling import load_tokenizer
+from noesis_accel.core.errors import DataError
+from noesis_accel.training.modeling import load_tokenizer
 
 from conftest import chat_records, run_cli, write_jsonl
 
@@ -93,7 +93,7 @@ def test_an_unknown_eval_split_names_the_splits_there(tokenizer, tmp_path: Path)
 
 
 def test_hub_datasets_hold_out_their_eval_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    from noesis_accel import data_sources
+    from noesis_accel.training import data_sources
 
     monkeypatch.setattr(data_sources, "_first_hub_split", lambda name, candidates: "validation")
     cfg = compose(["model=tiny", "data.path=someone/chats"]).data
@@ -106,7 +106,7 @@ def test_hub_datasets_hold_out_their_eval_split(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_split_of_follows_the_datasets_convention() -> None:
-    from noesis_accel.data_sources import split_of
+    from noesis_accel.training.data_sources import split_of
 
     names = ("train", "validation", "test")
     assert [split_of(n, names) for n in ("train.jsonl", "train-00000-of-00002.parquet", "validation.jsonl",
@@ -205,7 +205,7 @@ def test_on_too_long_error_lists_the_records(tokenizer, tmp_path: Path) -> None:
 
 def test_on_too_long_is_validated() -> None:
     from noesis_accel.config import validate
-    from noesis_accel.errors import ConfigError
+    from noesis_accel.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.on_too_long: 'cut' is not one of truncate, drop, error"):
         validate(compose(["+experiment=tiny", "data.on_too_long=cut"]))

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from noesis_accel import data, formats
+from noesis_accel.training import data, formats
 from noesis_accel.config import _CHOICES, compose, differing_math_keys
-from noesis_accel.errors import DataError
-from noesis_accel.modeling import load_tokenizer
-from noesis_accel.train import run
+from noesis_accel.core.errors import DataError
+from noesis_accel.training.modeling import load_tokenizer
+from noesis_accel.processes.train import run
 
 from conftest import write_jsonl
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from noesis_accel import datacli
+from noesis_accel.training import datacli
 
 from conftest import REPO, chat_records, write_jsonl
 
@@ -74,7 +74,7 @@ def test_bad_options_and_overrides_are_one_line(tmp_path: Path, capsys: pytest.C
 def test_the_command_in_its_own_process(tmp_path: Path) -> None:
     """Through a pipe (no terminal): markers, not colour; a missing file is one line and exit 2, no traceback."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "noesis_accel.datacli"]
+    command = [sys.executable, "-m", "noesis_accel.training.datacli"]
     good = subprocess.run(command + _args(tmp_path, write_jsonl(tmp_path / "d.jsonl", chat_records(5)), "--examples=1"),
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert good.returncode == 0, good.stderr[-2000:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from noesis_accel import env
+from noesis_accel.core import env
 
 
 @pytest.mark.parametrize("version,variable", [("2.9.1", "PYTORCH_CUDA_ALLOC_CONF"), ("2.10.0", "PYTORCH_ALLOC_CONF"),

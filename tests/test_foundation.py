@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from noesis_accel.checkpoint import checkpoint_problem
+from noesis_accel.rundir.checkpoint import checkpoint_problem
 from noesis_accel.config import compose
-from noesis_accel.metrics import read_metrics
-from noesis_accel.optim import CosineWithWarmup
-from noesis_accel.rundir import RunDir
-from noesis_accel.status import read_status
-from noesis_accel.train import run
+from noesis_accel.training.metrics import read_metrics
+from noesis_accel.training.optim import CosineWithWarmup
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.status import read_status
+from noesis_accel.processes.train import run
 
 from conftest import run_cli
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from noesis_accel.config import compose
-from noesis_accel.data import PaddingCollator
-from noesis_accel.modeling import build_model
-from noesis_accel.packing import PackingCollator
+from noesis_accel.training.data import PaddingCollator
+from noesis_accel.training.modeling import build_model
+from noesis_accel.training.packing import PackingCollator
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from noesis_accel.checkpoint import checkpoint_problem
-from noesis_accel.rundir import RunDir
+from noesis_accel.rundir.checkpoint import checkpoint_problem
+from noesis_accel.rundir.layout import RunDir
 
 from conftest import run_cli, uninterrupted_run
 from helpers import (

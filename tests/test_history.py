@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from noesis_accel.plots import marks
-from noesis_accel.report import markdown, run_facts
-from noesis_accel.rundir import RunDir
-from noesis_accel.status import (
+from noesis_accel.after.plots import marks
+from noesis_accel.after.report import markdown, run_facts
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.status import (
     KILLED,
     attempt_starts,
     format_status,
@@ -233,11 +233,11 @@ class _ProgressCommitsFail:
 
 def test_a_failed_progress_commit_is_a_warning_and_training_goes_on(tmp_path, caplog) -> None:
     from noesis_accel.config import compose
-    from noesis_accel.train import run
+    from noesis_accel.processes.train import run
 
     cfg = compose(["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", f"run.root={tmp_path}"])
     committer = _ProgressCommitsFail(tmp_path / "tiny")
-    with caplog.at_level("WARNING", logger="noesis_accel.trainer"):
+    with caplog.at_level("WARNING", logger="noesis_accel.training.trainer"):
         assert run(cfg, committer).state == "completed"
     assert committer.failed == 2  # at `starting` and at `start`, before any checkpoint
     assert sum("could not commit the run's progress files" in r.getMessage() for r in caplog.records) == 2

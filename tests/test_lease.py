@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from noesis_accel.lease import LeaseHeld, RunLease
-from noesis_accel.rundir import RunDir
+from noesis_accel.rundir.lease import LeaseHeld, RunLease
+from noesis_accel.rundir.layout import RunDir
 
 
 def _foreign_lease(rundir: RunDir, heartbeat_age: float, group: str | None = None) -> None:

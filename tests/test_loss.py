@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from noesis_accel.metrics import read_metrics
+from noesis_accel.training.metrics import read_metrics
 
 from conftest import run_cli, write_jsonl
 
@@ -94,7 +94,7 @@ TINY_HELDOUT_BEFORE, TINY_HELDOUT_AFTER = 10.8008977, 10.6125765
 
 
 def test_tiny_experiment_losses_are_pinned(tiny_cfg) -> None:
-    from noesis_accel.train import run
+    from noesis_accel.processes.train import run
 
     result = run(tiny_cfg)
     assert result.losses[: len(TINY_FIRST_LOSSES)] == pytest.approx(TINY_FIRST_LOSSES, abs=2e-5)

@@ -125,7 +125,7 @@ def test_status_gets_the_price_in_either_spelling(modal_cli, price, tmp_path, mo
     """`modal run launch/modal_entry.py::status noesis --price=3.95`: Modal passes the words on; the
     function's body (run in-process against a fake Volume) hands the price to noesis-status."""
     received: list[list[str]] = []
-    monkeypatch.setattr("noesis_accel.status.main", lambda argv: received.append(argv) or 0)
+    monkeypatch.setattr("noesis_accel.rundir.status.main", lambda argv: received.append(argv) or 0)
 
     def status_body(*args: str) -> None:
         entry = sys.modules["modal_entry"]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from noesis_accel.config import compose, validate
-from noesis_accel.errors import ConfigError
+from noesis_accel.core.errors import ConfigError
 
 from conftest import run_cli
 from helpers import REPO, FakeVolume

@@ -19,8 +19,8 @@ from modal._utils.async_utils import synchronizer
 from modal.mount import _Mount, _select_files
 
 from noesis_accel.config import CONF_DIR, compose
-from noesis_accel.modal_image import PYPROJECT
-from noesis_accel.rundir import RunDir
+from noesis_accel.cloud.modal_image import PYPROJECT
+from noesis_accel.rundir.layout import RunDir
 
 from helpers import FakeVolume
 from modal_fakes import RecordingFunction

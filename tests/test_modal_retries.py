@@ -20,9 +20,9 @@ from modal._functions import _Invocation, _RetryContext
 from modal.retries import RetryManager
 from modal_proto import api_pb2
 
-from noesis_accel.launcher import TrainingProcessFailed
-from noesis_accel.modal_job import end_as_modal_expects
-from noesis_accel.signals import FORWARDED_SIGNALS, ForcedStop, InterruptedBySignal, StoppedAtDeadline
+from noesis_accel.processes.launcher import TrainingProcessFailed
+from noesis_accel.cloud.modal_job import end_as_modal_expects
+from noesis_accel.core.signals import FORWARDED_SIGNALS, ForcedStop, InterruptedBySignal, StoppedAtDeadline
 
 from modal_sim import run_in_modal_runtime
 

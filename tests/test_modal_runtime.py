@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from noesis_accel.rundir import RunDir
-from noesis_accel.status import main as status_main
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.status import main as status_main
 
 from conftest import uninterrupted_run
 from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, wait_until
@@ -196,7 +196,7 @@ def test_weights_loaded_on_the_cpu_hold_no_mapping_of_their_file(tmp_path) -> No
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from noesis_accel.modeling import load_base_model
+    from noesis_accel.training.modeling import load_base_model
 
     saved = tmp_path / "model"
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from noesis_accel.checkpoint import checkpoint_problem
-from noesis_accel.rundir import RunDir
+from noesis_accel.rundir.checkpoint import checkpoint_problem
+from noesis_accel.rundir.layout import RunDir
 
 from conftest import uninterrupted_run
 from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
@@ -133,7 +133,7 @@ def _cluster(tmp_path: Path, port: int, env: dict | None = None) -> list[subproc
 def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_path, tmp_path_factory) -> None:
     """Each container sees the other's files only after their commit and its own remount: the manifest,
     written last by rank 0, lists both containers' files; a restart checks every one of them."""
-    from noesis_accel.distributed import free_port
+    from noesis_accel.training.distributed import free_port
 
     reference = uninterrupted_run(tmp_path_factory.mktemp("cluster_reference"),
                                   TINY + ["distributed=ddp", "distributed.num_processes=2"])

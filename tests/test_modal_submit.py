@@ -11,9 +11,9 @@ from types import ModuleType
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 
-from noesis_accel import sweeps
-from noesis_accel.sweeps import sweep_jobs
-from noesis_accel.sweeps import CallBook, JobRequest, run_all
+from noesis_accel.config import sweeps
+from noesis_accel.config.sweeps import sweep_jobs
+from noesis_accel.config.sweeps import CallBook, JobRequest, run_all
 
 from conftest import SAMPLE, chat_records, write_jsonl
 from modal_fakes import FakeCall, RecordingFunction, completed_run

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from noesis_accel.config import compose, validate
-from noesis_accel.errors import ConfigError, ResumeError
-from noesis_accel.status import write_status
+from noesis_accel.core.errors import ConfigError, ResumeError
+from noesis_accel.rundir.status import write_status
 
 from conftest import run_cli
 from helpers import REPO
@@ -36,7 +36,7 @@ def test_free_form_sections_still_take_any_key() -> None:
 
 
 def test_an_undeclared_key_writes_nothing(tmp_path) -> None:
-    from noesis_accel.train import run
+    from noesis_accel.processes.train import run
 
     with pytest.raises(ConfigError, match="train.lerning_rate"):
         run(compose(TINY + ["+train.lerning_rate=1e-4", f"run.root={tmp_path}"]))
@@ -52,7 +52,7 @@ def test_a_typo_in_a_config_group_is_one_line_and_exit_2(tmp_path) -> None:
 
 
 def test_a_completed_run_asked_again_with_other_math_is_refused_by_key(tmp_path) -> None:
-    from noesis_accel.train import run
+    from noesis_accel.processes.train import run
 
     assert run(compose(TINY + [f"run.root={tmp_path}"])).state == "completed"
     with pytest.raises(ResumeError) as refused:
@@ -94,7 +94,7 @@ def test_a_status_read_through_head_ends_quietly(tmp_path) -> None:
         (tmp_path / "events.jsonl").open("a").write(
             f'{{"event": "start", "time": {1700000000 + number}, "attempt": {number + 1}, "step": 0}}\n')
     pipeline = subprocess.run(
-        f"{sys.executable} -m noesis_accel.status {tmp_path} | head -1",
+        f"{sys.executable} -m noesis_accel.rundir.status {tmp_path} | head -1",
         shell=True, executable="/bin/bash", cwd=REPO, capture_output=True, text=True, timeout=120)
     assert pipeline.stdout.startswith("state:")
     assert "Traceback" not in pipeline.stderr and "BrokenPipeError" not in pipeline.stderr
@@ -103,7 +103,7 @@ def test_a_status_read_through_head_ends_quietly(tmp_path) -> None:
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        gone = subprocess.run([sys.executable, "-m", "noesis_accel.status", str(tmp_path)], stdout=writer,
+        gone = subprocess.run([sys.executable, "-m", "noesis_accel.rundir.status", str(tmp_path)], stdout=writer,
                               stderr=subprocess.PIPE, cwd=REPO, text=True, timeout=120)
     finally:
         os.close(writer)

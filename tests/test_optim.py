@@ -7,7 +7,7 @@ import math
 import torch
 from omegaconf import OmegaConf
 
-from noesis_accel import optim
+from noesis_accel.training import optim
 from noesis_accel.config import compose
 
 

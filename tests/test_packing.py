@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from noesis_accel.config import compose
-from noesis_accel.data import IGNORE_INDEX, PaddingCollator, label_count
-from noesis_accel.metrics import read_metrics
-from noesis_accel.modeling import build_model
-from noesis_accel.packing import PackingCollator, build_collator, records_and_tokens
-from noesis_accel.train import run
+from noesis_accel.training.data import IGNORE_INDEX, PaddingCollator, label_count
+from noesis_accel.training.metrics import read_metrics
+from noesis_accel.training.modeling import build_model
+from noesis_accel.training.packing import PackingCollator, build_collator, records_and_tokens
+from noesis_accel.processes.train import run
 
 from conftest import run_cli, write_jsonl
 from helpers import assert_same_adapter

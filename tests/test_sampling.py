@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from noesis_accel.sampling import LengthBucketBatchSampler
+from noesis_accel.training.sampling import LengthBucketBatchSampler
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(10, 500) for _ in range(1000)]

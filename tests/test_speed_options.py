@@ -10,10 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from noesis_accel import modeling
+from noesis_accel.training import modeling
 from noesis_accel.config import compose, differing_math_keys, fingerprint, validate
-from noesis_accel.errors import ConfigError
-from noesis_accel.train import run
+from noesis_accel.core.errors import ConfigError
+from noesis_accel.processes.train import run
 
 
 def test_liger_on_the_cpu_is_refused_in_one_line() -> None:

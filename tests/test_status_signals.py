@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from noesis_accel.status import main as status_main
-from noesis_accel.status import read_status, write_status
+from noesis_accel.rundir.status import main as status_main
+from noesis_accel.rundir.status import read_status, write_status
 
 
 def test_noesis_status_prints_the_run_state(tmp_path, capsys) -> None:
@@ -32,7 +32,7 @@ def test_noesis_status_on_a_non_run_dir_is_a_clear_error(tmp_path, capsys) -> No
 def test_first_signal_asks_second_signal_stops_at_once() -> None:
     """In the process that trains (a single-process run, a Modal function's thread) the forced stop is
     an exception: the final commit and Modal's own output and exit-time commit still happen."""
-    from noesis_accel.signals import ForcedStop, PreemptionWatcher
+    from noesis_accel.core.signals import ForcedStop, PreemptionWatcher
 
     recorded: list[int] = []
     watcher = PreemptionWatcher(on_forced_exit=recorded.append).install()
@@ -54,7 +54,7 @@ def test_a_launched_process_ignores_direct_signals_and_counts_each_launcher_requ
     each signal once: taken directly as well, one preemption would count twice and force the exit."""
     script = textwrap.dedent("""
         import os, signal, time
-        from noesis_accel.signals import PreemptionWatcher
+        from noesis_accel.core.signals import PreemptionWatcher
         watcher = PreemptionWatcher(from_launcher=True).install()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             os.kill(os.getpid(), signum)

@@ -11,8 +11,8 @@ import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
 from noesis_accel.config import _CHOICES, compose
-from noesis_accel.rundir import RunDir
-from noesis_accel.trackers import PACKAGES, TrackerRun, _init_kwargs, mlflow_tracking_uri
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.training.trackers import PACKAGES, TrackerRun, _init_kwargs, mlflow_tracking_uri
 
 from conftest import run_cli
 from helpers import step_losses

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from noesis_accel.metrics import read_metrics
-from noesis_accel.rundir import RunDir
-from noesis_accel.status import read_status
-from noesis_accel.train import run
+from noesis_accel.training.metrics import read_metrics
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.status import read_status
+from noesis_accel.processes.train import run
 
 from conftest import run_cli
 from helpers import step_losses

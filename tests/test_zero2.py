@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from noesis_accel.status import read_status
+from noesis_accel.rundir.status import read_status
 
 from conftest import run_cli
 from helpers import assert_same_adapter, mark_interrupted, resumed_step, step_losses

@@ -1,1 +1,1 @@
-"""Hydra launcher `hydra/launcher=modal`: each multirun job in its own Modal call (see noesis_accel.sweeps)."""
+"""Hydra launcher `hydra/launcher=modal`: each multirun job in its own Modal call (see noesis_accel.config.sweeps)."""

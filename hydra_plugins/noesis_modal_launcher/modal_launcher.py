@@ -31,8 +31,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel import sweeps
-from noesis_accel.modal_job import OVERRIDES_ENV
+from noesis_accel.config import sweeps
+from noesis_accel.cloud.modal_job import OVERRIDES_ENV
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[2]

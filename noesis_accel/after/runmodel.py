@@ -1,0 +1,163 @@
+"""A run's trained model rebuilt from its run directory alone: the base model of its config.yaml plus
+the final adapter, or the LoRA weights of any complete checkpoint. Used by export and eval."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from noesis_accel.training import modeling
+from noesis_accel.core.errors import UserError
+from noesis_accel.rundir.layout import RunDir
+
+
+# Where Accelerate's save_state puts the trainable weights: our trainable-only hook writes safetensors;
+# DeepSpeed writes its engine's module state (frozen parameters excluded) under its `pytorch_model` tag.
+CHECKPOINT_WEIGHTS = "model.safetensors"
+DEEPSPEED_WEIGHTS = "pytorch_model/mp_rank_00_model_states.pt"
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where the trained weights come from: the final adapter/model dir, or one checkpoint dir."""
+
+    path: Path
+    label: str  # "adapter", "model" or "step-000123"
+    is_checkpoint: bool
+    step: int | None = None
+    weights_file: Path | None = None  # a checkpoint's file holding the trained parameters
+
+
+@dataclass
+class LoadedRun:
+    cfg: DictConfig  # the run's config (model/data possibly overridden for evaluation)
+    model: torch.nn.Module  # a PeftModel for LoRA runs, the full model otherwise
+    tokenizer: Any
+    source: WeightsSource
+
+
+def run_config(rundir: RunDir) -> DictConfig:
+    """The config the run was trained with (config.yaml), as an OmegaConf object."""
+    return OmegaConf.create(rundir.require().saved_config())
+
+
+def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) -> WeightsSource:
+    """The final weights, or the checkpoint `checkpoint` names (a path, or a step-NNNNNN name in the run).
+
+    Raises a one-line UserError for a run without final weights, or a checkpoint that is incomplete
+    or holds no trained parameters.
+    """
+    from noesis_accel.rundir.checkpoint import checkpoint_problem, read_manifest
+
+    if checkpoint is None:
+        final = rundir.final_weights()
+        return WeightsSource(final, final.name, is_checkpoint=False)
+    path = Path(os.path.expanduser(str(checkpoint)))
+    if not path.is_dir() and (rundir.checkpoints / str(checkpoint)).is_dir():
+        path = rundir.checkpoints / str(checkpoint)
+    if not path.is_dir():
+        known = ", ".join(p.name for _, p in rundir.step_dirs()) or "none"
+        raise UserError(f"--checkpoint {checkpoint}: no such directory; checkpoints of {rundir.path}: {known}")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is incomplete ({problem}); choose a complete one from {path.parent}")
+    manifest = read_manifest(path)
+    deepspeed = (path / "pytorch_model").is_dir() or "DEEPSPEED" in str(manifest.get("distributed_type", ""))
+    weights = path / (DEEPSPEED_WEIGHTS if deepspeed else CHECKPOINT_WEIGHTS)
+    if not weights.is_file():
+        raise UserError(f"checkpoint {path} has no {weights.relative_to(path)} (the trained weights); "
+                        "it cannot be loaded; choose another checkpoint")
+    return WeightsSource(path, path.name, is_checkpoint=True, step=int(manifest.get("step", 0)) or None,
+                         weights_file=weights)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cuda: bool) -> torch.nn.Module:
+    """The base model; one built from `model.architecture` is drawn after `set_seed(train.seed)`, as the trainer drew it."""
+    if model_cfg.architecture:
+        from accelerate.utils import set_seed
+
+        set_seed(int(cfg.train.seed))
+    return modeling.load_base_model(model_cfg, vocab_size, device_is_cuda=on_cuda)
+
+
+def load_base(cfg: DictConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The run's base model alone, in eval mode: the "before" of a run that trained every weight."""
+    target = torch.device(device)
+    model = _seeded_base(cfg, cfg.model, len(modeling.load_tokenizer(cfg.model)), target.type == "cuda")
+    if not cfg.model.load_in_4bit:
+        model.to(target)
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
+def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", for_merge: bool = False) -> LoadedRun:
+    """The base model of `cfg` with the run's trained weights applied, in eval mode on `device`.
+
+    `for_merge` loads a 4-bit (QLoRA) base in its unquantised dtype, since merged weights are saved
+    in the base dtype. A base built from `model.architecture` (random weights, the tests' tiny model)
+    is rebuilt after seeding with `train.seed`, as the trainer built it.
+    """
+    target = resolve_device(device)
+    model_cfg = cfg.model
+    if for_merge and model_cfg.load_in_4bit:
+        model_cfg = OmegaConf.merge(model_cfg, {"load_in_4bit": False})
+    tokenizer = modeling.load_tokenizer(model_cfg)
+    peft_enabled = bool(cfg.peft.enabled)
+    if not peft_enabled and not source.is_checkpoint:  # a full fine-tune's final model/ is complete in itself
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=getattr(torch, str(model_cfg.dtype)))
+    else:
+        model = _seeded_base(cfg, model_cfg, len(tokenizer), target.type == "cuda")
+        if peft_enabled and source.is_checkpoint:
+            model = modeling.apply_lora(model, model_cfg, cfg.peft)
+            _load_trainable(model, source.weights_file)
+        elif peft_enabled:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(source.path))
+        else:
+            _load_trainable(model, source.weights_file)
+    if not model_cfg.load_in_4bit:  # a k-bit model already sits on its GPU
+        model.to(target)
+    model.eval()
+    model.config.use_cache = True
+    return LoadedRun(cfg, model, tokenizer, source)
+
+
+def _load_trainable(model: torch.nn.Module, file: Path) -> None:
+    """Copy a checkpoint's trainable parameters (saved under the unwrapped model's names) into `model`.
+
+    A DeepSpeed file may also hold frozen tensors (a tied lm_head); they equal the base and are skipped.
+    """
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        saved = load_file(str(file))
+    else:  # tensors and plain Python values only: no pickled code runs
+        saved = dict(torch.load(str(file), map_location="cpu", weights_only=True)["module"])
+    params = dict(model.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    unexpected = sorted(set(saved) - set(model.state_dict()))
+    missing = sorted(trainable - set(saved))
+    saved = {name: tensor for name, tensor in saved.items() if name in trainable}
+    if unexpected or missing:
+        raise UserError(
+            f"{file} does not match the run's model (unexpected: {unexpected[:2]}, missing: {missing[:2]}); "
+            "was config.yaml edited after the run, or the checkpoint copied from another run?"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))

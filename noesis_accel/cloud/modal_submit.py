@@ -1,0 +1,252 @@
+"""Starting work on Modal: what the laptop does before and after the GPU calls, and the sweep coordinator.
+
+`modal run launch/modal_entry.py [overrides]` ends in `submit`. The config of every job is composed
+and checked, and the data read and validated (here, or in a CPU container when it lies on the
+Volume) before any GPU is started. The training call is then started with `.spawn()`, so Modal's
+server, not this laptop, drives its retries: under `modal run --detach` a run goes on retrying
+after the laptop disconnects (a `.remote()` call's retries are driven by the client). A sweep (`-m`)
+starts one call of the app's coordinator, which runs the whole sweep inside Modal
+(`coordinate_sweep`): one training call per job, every job's outcome gathered, failed ones included.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig
+
+from noesis_accel.core.errors import DataError, UserError, redact
+from noesis_accel.cloud.modal_image import carried_by_image
+from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.config.sweeps import override_words, sweep_jobs
+
+ENTRY = "launch/modal_entry.py"
+
+
+@dataclass(frozen=True)
+class AppFunctions:
+    """The running app's functions that `submit` starts, handed over by the entry explicitly."""
+
+    train: Any  # one run, or one sweep job (the clustered function when the GPUs span containers)
+    sweep: Any  # the coordinator: a whole sweep inside Modal
+    check_data: Any  # reads and validates data on the Volume, in a CPU container
+    app_id: str | None = None  # names the app in the stop and logs commands
+
+
+# ---------------------------------------------------------------- the jobs and their configs
+
+
+def is_sweep(args: Sequence[str]) -> bool:
+    return "-m" in args or "--multirun" in args
+
+
+def job_configs(args: Sequence[str]) -> list[tuple[list[str], DictConfig]]:
+    """(overrides, config) of every job a command starts: one for a run, one per job of a sweep.
+
+    Each is composed and checked here, so a bad value in any job fails before a container starts.
+    """
+    jobs = sweep_jobs(args) if is_sweep(args) else [override_words(args)]
+    return [(job, compose_for_modal(job)) for job in jobs]
+
+
+# ---------------------------------------------------------------- the data, before any GPU
+
+
+def on_volume(path: str, settings: ModalSettings) -> bool:
+    mount = Path(settings.mount)
+    return Path(path).is_absolute() and mount in (Path(path), *Path(path).parents)
+
+
+def _data_paths(cfg: DictConfig) -> dict[str, str]:
+    """`data.path` and `data.eval_path` (when set), resolved here."""
+    return {f"data.{key}": str(cfg.data[key]) for key in ("path", "eval_path") if cfg.data[key]}
+
+
+def _refuse_laptop_only(key: str, path: str, settings: ModalSettings) -> None:
+    """A file only this machine has: every container would fail to find it, after its GPUs started."""
+    from noesis_accel.training.data import is_hub_dataset
+
+    local = Path(path).expanduser()
+    if on_volume(path, settings) or is_hub_dataset(path) or not local.exists() or carried_by_image(local):
+        return
+    name = local.name
+    raise DataError(f"{key}: {path} is on this machine only; Modal's containers cannot read it. Put it on the "
+                    f"Volume (modal volume put {settings.volume} {shlex.quote(path)} /data/{name}) and set "
+                    f"{key}={settings.mount}/data/{name}")
+
+
+def check_data_before_gpu(jobs: Sequence[tuple[list[str], DictConfig]], settings: ModalSettings,
+                          volume_check: Any) -> None:
+    """Every job's data read and validated before a GPU starts; raises DataError with the file:line.
+
+    Data in the image or on this machine is checked here. Data on the Volume is checked by the
+    app's CPU function (`volume_check`), which composes the job's config where the data is. Hub
+    datasets are left to training (reading one here could mean downloading all of it).
+    """
+    from omegaconf import OmegaConf
+
+    from noesis_accel.training.data import check_data
+
+    seen: set[str] = set()
+    for overrides, cfg in jobs:
+        data_key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
+        if data_key in seen:  # a sweep over the learning rate reads the same file once
+            continue
+        seen.add(data_key)
+        paths = _data_paths(cfg)
+        for key, path in paths.items():
+            _refuse_laptop_only(key, path, settings)
+        if any(on_volume(path, settings) for path in paths.values()):
+            print(f"modal: checking {', '.join(paths.values())} on the Volume (in a CPU container)", flush=True)
+            found = volume_check.remote(list(overrides))
+            if found.get("error"):
+                raise DataError(found["error"])
+            continue
+        check_data(cfg.data)
+
+
+def check_data_in_container(overrides: Sequence[str]) -> dict[str, Any]:
+    """The CPU function's body: the job's config composed here, its data read and validated.
+
+    A problem is returned as its line (raising would cost the function's retries and a traceback).
+    """
+    from noesis_accel.training.data import check_data
+
+    try:
+        stats = check_data(compose_for_modal(list(overrides)).data)
+    except UserError as err:
+        return {"error": redact(str(err))}
+    return {"error": None, "records": stats.records, "format": stats.format}
+
+
+# ---------------------------------------------------------------- starting the calls
+
+
+def _where(settings: ModalSettings) -> str:
+    return f"{settings.containers} x {settings.gpu}" if settings.gpu else "a CPU container"
+
+
+def describe_submission(settings: ModalSettings, cfg: DictConfig) -> str:
+    """One line before a run starts: what runs where, and the command that watches it."""
+    return (f"modal: {cfg.run.name} on {_where(settings)} (timeout {settings.timeout_s // 3600} h per attempt, "
+            f"{settings.retries} retries); watch it with: modal run {ENTRY}::status "
+            f"{shlex.quote(RunDir.of(cfg).path.name)}")
+
+
+def call_lines(call_id: str, settings: ModalSettings, app_id: str | None) -> str:
+    """Where a started call can be followed and stopped from any machine, whatever happens to this one."""
+    app = app_id or settings.app_name
+    return (f"modal: started call {call_id}; its retries are Modal's, so under `modal run --detach` it goes on if "
+            f"this laptop disconnects\n"
+            f"  logs: modal app logs {app} --function-call {call_id} --follow\n"
+            f"  stop: modal app stop {app}   (or in Python: modal.FunctionCall.from_id({call_id!r}).cancel())")
+
+
+def _started(function: Any, argument: Any, settings: ModalSettings, app_id: str | None) -> Any:
+    call = function.spawn(argument)
+    print(call_lines(call.object_id, settings, app_id), flush=True)
+    return call
+
+
+def _result_of(call: Any) -> Any:
+    """The call's result; a call that failed after all its retries is one line and its exit code."""
+    try:
+        return call.get()
+    except Exception as err:  # the container's own exception, re-raised here by Modal
+        line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"error: call {call.object_id} failed after its retries: {type(err).__name__}: {redact(line)}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(int(getattr(err, "exit_code", 1) or 1)) from None
+
+
+def submit(args: Sequence[str], functions: AppFunctions, settings: ModalSettings) -> None:
+    """The local entrypoint: check every job and its data, then start the run (or the sweep) and await it."""
+    args = list(args)
+    try:
+        jobs = job_configs(args)
+        check_data_before_gpu(jobs, settings, functions.check_data)
+    except UserError as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
+    if is_sweep(args):
+        _submit_sweep(args, jobs, functions, settings)
+    else:
+        _submit_run(args, jobs[0][1], functions, settings)
+
+
+def _submit_run(args: list[str], cfg: DictConfig, functions: AppFunctions, settings: ModalSettings) -> None:
+    print(describe_submission(settings, cfg), flush=True)
+    result = _result_of(_started(functions.train, args, settings, functions.app_id))
+    if result.get("state") == "failed":
+        raise SystemExit(int(result.get("exit_code", 2)))  # the container printed its one line
+    print(f"modal: {result['state']} at step {result['step']}/{result['total_steps']} in {result['run_dir']} "
+          f"(held-out loss {result.get('eval_loss_before')} -> {result.get('eval_loss_after')})", flush=True)
+
+
+def _submit_sweep(args: list[str], jobs: Sequence[tuple[list[str], DictConfig]], functions: AppFunctions,
+                  settings: ModalSettings) -> None:
+    from noesis_accel.config.sweeps import JobOutcome, summary
+    from noesis_accel.processes.train import refuse_shared_run_dirs
+
+    refuse_shared_run_dirs(jobs)  # before any container starts: two jobs must not share a run dir
+    print(f"modal: a sweep of {len(jobs)} jobs, each on {_where(settings)}, run by a coordinator inside Modal", flush=True)
+    result = _result_of(_started(functions.sweep, args, settings, functions.app_id))
+    outcomes = [JobOutcome(**outcome) for outcome in result["jobs"]]
+    for outcome in outcomes:
+        print(f"modal: {outcome.line()}", flush=True)
+    failed = [outcome for outcome in outcomes if outcome.state != "completed"]
+    if outcomes:
+        print(f"modal: sweep: {summary(outcomes)}", flush=True)
+    else:
+        print(f"modal: the sweep ended before any job ran (exit code {result.get('exit_code')}); its log has why",
+              file=sys.stderr, flush=True)
+        raise SystemExit(int(result.get("exit_code") or 1))
+    if failed:
+        raise SystemExit(failed[0].exit_code or 1)
+
+
+# ---------------------------------------------------------------- the coordinator, inside Modal
+
+
+def calls_file(settings: ModalSettings) -> str | None:
+    """Where this coordinator call records its jobs' calls: on the Volume, under the call's id (which
+    its restarts keep); None outside a Modal container."""
+    import modal
+
+    call_id = modal.current_function_call_id()
+    return f"{settings.mount}/sweeps/{call_id}/calls.json" if call_id else None
+
+
+def coordinate_sweep(args: Sequence[str], function_reference: str, calls_file: str | None = None) -> dict[str, Any]:
+    """The coordinator's body: `noesis-train -m ARGS` through Hydra (any sweeper), inside Modal.
+
+    Each job is spawned on the training function that `function_reference` (`module:callable`)
+    gives. Every job runs to its end; the result holds every job's outcome, failed ones included,
+    and the exit code of Hydra's run. `calls_file` (on the Volume) records each job's call, so a
+    restarted coordinator attaches to the calls its first attempt started instead of starting them again.
+    """
+    from noesis_accel.processes.train import main
+
+    with tempfile.TemporaryDirectory(prefix="noesis-sweep-") as scratch:
+        outcomes = Path(scratch) / "outcomes.json"
+        argv = ["noesis-train", *args, "hydra/launcher=modal", f"hydra.launcher.function={function_reference}",
+                f"hydra.launcher.outcomes={outcomes}", f"hydra.sweep.dir={scratch}/multirun"]
+        if calls_file:
+            argv.append(f"hydra.launcher.calls={calls_file}")
+        saved, sys.argv = sys.argv, argv
+        code: int = 0
+        try:
+            main()
+        except SystemExit as ended:  # Hydra ends a sweep with a failed job this way, after every job ran
+            code = ended.code if isinstance(ended.code, int) else 1
+        finally:
+            sys.argv = saved
+        jobs = json.loads(outcomes.read_text()) if outcomes.is_file() else []
+    return {"jobs": jobs, "exit_code": code}

@@ -1,0 +1,69 @@
+"""Process environment that must be set before CUDA starts: the allocator variable and quiet libraries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from packaging.version import Version
+
+# torch >= 2.10 reads PYTORCH_ALLOC_CONF; older releases read PYTORCH_CUDA_ALLOC_CONF.
+# Setting the wrong one is silently ignored, and setting both makes 2.9 warn.
+_NEW_ALLOC_VAR = "PYTORCH_ALLOC_CONF"
+_OLD_ALLOC_VAR = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def alloc_conf_variable(torch_version: str) -> str:
+    """The allocator variable the given torch release reads."""
+    release = Version(Version(torch_version).base_version)
+    return _NEW_ALLOC_VAR if release >= Version("2.10") else _OLD_ALLOC_VAR
+
+
+def apply_alloc_conf(alloc_conf: str | None, torch_version: str | None = None) -> str | None:
+    """Set `alloc_conf` through the one variable the installed torch reads; returns that variable.
+
+    Must run before the first CUDA allocation: the caching allocator reads it once. A value the
+    user already exported wins, so an operator can always override the config from the shell.
+    """
+    if not alloc_conf:
+        return None
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    variable = alloc_conf_variable(torch_version)
+    other = _OLD_ALLOC_VAR if variable == _NEW_ALLOC_VAR else _NEW_ALLOC_VAR
+    value = os.environ.get(variable) or os.environ.get(other) or alloc_conf
+    os.environ[variable] = value
+    os.environ.pop(other, None)  # never both
+    return variable
+
+
+def quiet_libraries() -> None:
+    """Defaults that keep logs readable and avoid fork warnings; explicit user settings win."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import torch
+
+    # Without a GPU DeepSpeed warns "Setting accelerator to CPU ..." on every run; saying so up
+    # front (its own variable, checked the way it checks) is the same choice, without the warning.
+    if "DS_ACCELERATOR" not in os.environ and torch.cuda.device_count() == 0:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def quiet_known_noise() -> None:
+    """Silence warnings that say nothing actionable to a user of this tool."""
+    quiet_libraries()
+    # bitsandbytes looks for an optional CPU 4-bit kernel package we never use.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Accelerate narrates every file of every save_state; our own line per checkpoint says enough.
+    for name in ("accelerate.checkpointing", "accelerate.accelerator", "accelerate.state"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import datasets  # imported here, so that importing env stays cheap for the commands that never train
+    import transformers
+
+    datasets.disable_progress_bars()  # "Saving the dataset" bars for a few-ms cache write
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; the train bar stays
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)

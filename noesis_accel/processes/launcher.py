@@ -1,0 +1,305 @@
+"""Starting this machine's training processes and supervising them until they stop.
+
+`noesis-train distributed=ddp distributed.num_processes=2` (and the Modal function) call
+`launch(cfg, committer)`, which plays torchrun's part with what a run that must not lose work needs:
+
+- every worker trains the parent's exact resolved config (a file), not a re-composition;
+- the parent holds the run dir's lease and the storage: worker rank 0 asks it, over a pipe, to
+  commit each checkpoint, and it commits once more on every exit path;
+- SIGTERM, SIGINT and SIGUSR1 reach each worker exactly once, as a request on its lifeline pipe:
+  workers ignore those signals themselves, so a terminal's Ctrl-C or a container runtime that
+  signals every process is not counted twice; nobody SIGKILLs them while they checkpoint;
+- the workers die with the parent, whatever kills it (a parent-death signal and EOF on the lifeline);
+- if one worker fails, the others are stopped, and the caller gets one outcome: the run's result,
+  or one exception carrying one line (the workers print nothing of their own about it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from noesis_accel.config import world_size
+from noesis_accel.training.distributed import free_port, launched_world_size
+from noesis_accel.core.errors import UserError
+from noesis_accel.rundir.lease import HELD_BY_PARENT_ENV, LeaseHeld, RunLease, take_run_lease
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.core.signals import FORWARDED_SIGNALS, RunInterrupted, interruption_from_outcome
+from noesis_accel.rundir.status import record_stop
+from noesis_accel.rundir.volumes import Committer
+
+log = logging.getLogger(__name__)
+
+# How long the other workers may take to stop on their own after one failed, before SIGKILL:
+# they are usually blocked in a collective with the dead one and never return from it.
+FAILURE_GRACE_S = 10.0
+POLL_S = 0.2
+
+
+class TrainingProcessFailed(Exception):
+    """A training process died or failed without a user error: one line, exit code 1, restart resumes.
+
+    `signum`: the stop signal the launcher had received, when the processes died after one (a
+    second request forced them out before their checkpoint): the run was stopped, not broken.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class WorkerUserError(UserError):
+    """A user error raised in a training process, carried to the parent with its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def needs_launch(cfg: DictConfig) -> bool:
+    return world_size(cfg) > 1 and launched_world_size() is None
+
+
+@dataclass
+class _Worker:
+    local_rank: int
+    rank: int
+    process: subprocess.Popen
+    outcome_file: Path
+    lifeline: int  # our end of its lifeline: stop requests go down it, and our exit closes it
+
+    def request_stop(self, signum: int) -> None:
+        try:
+            os.write(self.lifeline, f"{signum}\n".encode())
+        except OSError:  # it has exited already: nothing to stop
+            pass
+
+    def outcome(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.outcome_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+
+class Launcher:
+    """One machine's workers for one run: start, forward signals, serve commits, stop, report."""
+
+    def __init__(self, cfg: DictConfig, committer: Committer) -> None:
+        self.cfg = cfg
+        self.committer = committer
+        self.rundir = RunDir.of(cfg)
+        dist = cfg.distributed
+        self.nproc, self.node_rank = int(dist.num_processes), int(dist.machine_rank)
+        self.world = world_size(cfg)
+        self.workers: list[_Worker] = []
+        self.signals_received: list[int] = []
+        self.lease: RunLease | None = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="noesis-launch-"))
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> dict[str, Any]:
+        """Start the workers, supervise them to the end, and return rank 0's result (or raise)."""
+        try:
+            self._take_lease()
+            self._start_workers()
+            self._supervise()
+            return self._result()
+        finally:
+            self._restore_signal_handlers()
+            self._stop_all(signal.SIGKILL)  # only reached with workers alive if we failed ourselves
+            if self.lease is not None:
+                self.lease.release()
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            # The final commit of what reached the run dir is the caller's (train.run, on every exit path).
+
+    def _take_lease(self) -> None:
+        # Only the first machine owns the run dir; on a cluster the others write only their shards.
+        if self.node_rank == 0:
+            self.lease = take_run_lease(self.rundir, self.cfg.ckpt)
+
+    def _start_workers(self) -> None:
+        config_file = self._workdir / "config.yaml"
+        OmegaConf.save(OmegaConf.to_container(self.cfg, resolve=True), config_file)
+        dist = self.cfg.distributed
+        single_machine = int(dist.num_machines) == 1
+        address = "127.0.0.1" if single_machine else str(dist.main_process_ip)
+        port = free_port() if single_machine else int(dist.main_process_port)
+        request_read, request_write = os.pipe()
+        response_read, self._response_write = os.pipe()
+        self._request_read = request_read
+        base_env = {
+            **os.environ,
+            "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.nproc), "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": address, "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "NOESIS_CONFIG": str(config_file), "NOESIS_LAUNCHER_PID": str(os.getpid()), HELD_BY_PARENT_ENV: "1",
+        }
+        self._install_signal_handlers()  # before the first worker exists: no signal may be missed
+        for local_rank in range(self.nproc):
+            rank = self.node_rank * self.nproc + local_rank
+            outcome_file = self._workdir / f"rank-{rank}.json"
+            lifeline_read, lifeline_write = os.pipe()
+            env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(local_rank),
+                   "NOESIS_OUTCOME": str(outcome_file), "NOESIS_LIFELINE_FD": str(lifeline_read)}
+            fds = [lifeline_read]
+            if local_rank == 0:  # this machine's first worker commits through us
+                env["NOESIS_COMMIT_FDS"] = f"{request_write},{response_read}"
+                fds += [request_write, response_read]
+            process = subprocess.Popen([sys.executable, "-m", "noesis_accel.processes.worker"], env=env, pass_fds=fds,
+                                       start_new_session=True)
+            os.close(lifeline_read)  # only this worker reads it: our exit (or close) is its EOF
+            self.workers.append(_Worker(local_rank, rank, process, outcome_file, lifeline_write))
+        # Only the workers hold these ends now: their exit closes the channel (EOF for us).
+        for fd in (request_write, response_read):
+            os.close(fd)
+
+    def _supervise(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._request_read, selectors.EVENT_READ)
+        requests = os.fdopen(self._request_read, "rb", buffering=0)
+        first_failure: float | None = None
+        try:
+            while any(w.process.poll() is None for w in self.workers):
+                for _key, _ in selector.select(timeout=POLL_S):
+                    line = requests.readline()
+                    if not line:
+                        selector.unregister(self._request_read)
+                        continue
+                    self._serve(line.decode().strip())
+                if self.lease is not None and self.lease.lost:
+                    self._stop_all(signal.SIGKILL)  # another process owns the run dir now: write nothing more
+                failed = [w for w in self.workers if w.process.poll() not in (None, 0)]
+                if failed and first_failure is None:
+                    first_failure = time.monotonic()
+                if first_failure is not None and time.monotonic() - first_failure > FAILURE_GRACE_S:
+                    self._stop_all(signal.SIGKILL)
+        finally:
+            selector.close()
+            requests.close()
+            os.close(self._response_write)
+            for worker in self.workers:
+                os.close(worker.lifeline)
+
+    def _serve(self, request: str) -> None:
+        if request != "commit":
+            reply = f"error unknown request {request!r}"
+        else:
+            try:
+                self.committer.commit()
+                reply = "ok"
+            except Exception as err:  # reported to the worker, which retries with backoff and logs it
+                reply = f"error {err.__class__.__name__}: {err}".replace("\n", " ")
+        os.write(self._response_write, (reply + "\n").encode())
+
+    # ------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread; the caller forwards then
+        for signum in FORWARDED_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, self._forward)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        self.signals_received.append(signum)
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.request_stop(signum)
+
+    def _stop_all(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signum)
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+
+    # ------------------------------------------------------------ the one outcome
+
+    def _result(self) -> dict[str, Any]:
+        if all(w.process.returncode == 0 for w in self.workers):
+            # Rank 0 reports the run's result; another machine's workers report nothing of it.
+            return self.workers[0].outcome().get("result") or {}
+        failure = self._failure()
+        self._record_failure(failure)
+        raise failure
+
+    def _failure(self) -> Exception:
+        """The one exception that says why this machine's workers stopped."""
+        if self.lease is not None and self.lease.lost:
+            return LeaseHeld(f"{self.lease.lost}; this start stopped its training processes and wrote nothing more")
+        outcomes = {w.rank: w.outcome() for w in self.workers}
+        user_errors = [(w.rank, outcomes[w.rank]) for w in self.workers if outcomes[w.rank].get("kind") == "user_error"]
+        if user_errors:
+            _, outcome = min(user_errors, key=lambda item: item[0])
+            return WorkerUserError(outcome["message"], int(outcome.get("exit_code", 2)))
+        interrupted = [o for o in outcomes.values() if o.get("kind") == "interrupted"]
+        if len(interrupted) == len(outcomes):
+            return interruption_from_outcome(interrupted[0])
+        errors = [(o.get("time", 0.0), rank, o) for rank, o in outcomes.items() if o.get("kind") == "error"]
+        if errors:
+            # The first rank to fail is the cause; the others failed in a collective with it.
+            _, _, cause = min(errors)
+            sys.stderr.write(cause.get("traceback", ""))
+            sys.stderr.flush()
+        failed = [w for w in self.workers if w.process.returncode != 0]
+        first = min(failed, key=lambda w: (outcomes[w.rank].get("kind") != "error",
+                                           outcomes[w.rank].get("time", 0.0), w.rank))
+        code = first.process.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if self.signals_received:
+            stopped = signal.Signals(self.signals_received[0]).name
+            return TrainingProcessFailed(
+                f"stopped by {stopped}, but training process rank {first.rank} {how} before its checkpoint "
+                "was complete; restart the same command to resume from the newest complete checkpoint",
+                signum=self.signals_received[0])
+        detail = outcomes[first.rank].get("message")
+        return TrainingProcessFailed(
+            f"training process rank {first.rank} {how}" + (f" ({detail})" if detail else "")
+            + "; restart the same command to resume from the newest complete checkpoint")
+
+    def _record_failure(self, failure: Exception) -> None:
+        """We hold the lease, so partial checkpoints are ours to remove; and the stop must be visible.
+
+        Rank 0 records its own stop in status.json, but when it was killed first (or stopped by us
+        after another rank failed) status.json would still say `running`.
+        """
+        if self.node_rank != 0:
+            return
+        for partial in self.rundir.partial_checkpoints():
+            shutil.rmtree(partial, ignore_errors=True)
+        status = self.rundir.status()
+        if status is not None and status.get("state") == "running":
+            state = "interrupted" if isinstance(failure, RunInterrupted) else "failed"
+            record_stop(self.rundir, state, int(status.get("step", 0)), str(failure))
+
+
+def launch(cfg: DictConfig, committer: Committer) -> dict[str, Any]:
+    """Run `cfg` in `distributed.num_processes` processes on this machine; rank 0's result or raise."""
+    return Launcher(cfg, committer).run()
+

@@ -1,0 +1,240 @@
+"""The `noesis-train` entry: compose the config with Hydra, then `run(cfg)`.
+
+`run(cfg, committer)` is the one entry that the CLI, Hydra multirun sweeps (any launcher) and the
+Modal functions all call. The Hydra task function returns the final held-out loss (so a sweeper
+can optimise it) and raises on failure (so a launcher or sweeper survives it); only `main()`, the
+console script, turns an outcome into an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from noesis_accel import config as _config  # registers the schema and resolvers  # noqa: F401
+from noesis_accel.config import RESTART_SAFE_PREFIXES, order_overrides, validate
+from noesis_accel.core import env
+from noesis_accel.core.errors import UserError, one_line, redact, safe_for_pipes
+from noesis_accel.processes.launcher import TrainingProcessFailed, launch, needs_launch
+from noesis_accel.rundir.layout import RunDir, runs_root
+from noesis_accel.core.signals import ForcedStop, RunInterrupted
+from noesis_accel.config.sweeps import override_words, sweep_jobs
+from noesis_accel.training.trackers import require_installed
+from noesis_accel.training.trainer import AfterTraining, RunResult, Trainer
+from noesis_accel.rundir.volumes import Committer, commit_or_report, default_committer
+
+log = logging.getLogger(__name__)
+
+# What stops a run in a way a person can act on: printed as one line, mapped to an exit code.
+STOPS = (UserError, RunInterrupted, ForcedStop, TrainingProcessFailed)
+
+
+def after_training_for(cfg: DictConfig) -> AfterTraining | None:
+    """With `eval.after_training`, the evaluation the trainer runs on its model in memory, else None.
+
+    Checked as it is built: a prompt file or judge that cannot load fails now, not after training.
+    """
+    if not OmegaConf.select(cfg, "eval.after_training", default=False):
+        return None
+    from noesis_accel.after.evaluate import check_ready, evaluate_after_training
+
+    check_ready(cfg)
+    return evaluate_after_training
+
+
+def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
+    """Train `cfg` to completion, resuming if its run dir holds checkpoints.
+
+    With `distributed.num_processes > 1` and no launcher around us, this starts the processes and
+    supervises them; either way it returns the run's result or raises one of `STOPS`.
+    """
+    env.quiet_known_noise()
+    validate(cfg)
+    require_installed(cfg)  # the tracker's package, before any process starts
+    after_training_for(cfg)  # a judge or prompt file that cannot load fails before any process starts
+    committer = committer or default_committer()
+    try:
+        if needs_launch(cfg):
+            return RunResult.from_dict(launch(cfg, committer))
+        return Trainer(cfg, committer, after_training=after_training_for(cfg)).run()
+    finally:
+        # What reached the run dir (status.json included) is made durable on every exit path; a
+        # failure is reported, never raised over the error that ended the run.
+        commit_or_report(committer, cfg.ckpt, "the run dir's final state")
+
+
+def stop_line(stop: BaseException) -> str:
+    """The one line a person reads when a run stops early."""
+    kind = "interrupted" if isinstance(stop, (RunInterrupted, ForcedStop)) else "error"
+    return redact(f"{kind}: {stop}")
+
+
+class JobStopped(CompactHydraException):
+    """A Hydra job that stopped: Hydra prints its message alone (no traceback) when it ends the app.
+
+    `retryable`: the job stopped after a checkpoint or crashed (not a user error), so running it
+    again resumes it; a Modal sweep job raises it to get Modal's retry. `signum`: the stop signal,
+    when a signal stopped it (a Modal sweep job then ends the way Modal expects for that signal).
+    """
+
+    def __init__(self, line: str, exit_code: int = 1, retryable: bool = False, signum: int | None = None) -> None:
+        super().__init__(line)
+        self.exit_code, self.retryable, self.signum = exit_code, retryable, signum
+
+    @classmethod
+    def of(cls, stop: BaseException) -> "JobStopped":
+        return cls(stop_line(stop), int(getattr(stop, "exit_code", 1)), not isinstance(stop, UserError),
+                   getattr(stop, "signum", None))
+
+    def __reduce__(self) -> tuple:  # sweep jobs send it back pickled
+        return (JobStopped, (str(self), self.exit_code, self.retryable, self.signum))
+
+
+_stops: list[JobStopped] = []  # what the jobs of this process raised, for main()'s exit code
+
+
+def sweep_job_run_name(name: str, job_overrides: Sequence[str]) -> str:
+    """In a multirun sweep each job needs its own stable run dir, or the jobs would resume each other.
+
+    Unless the sweep sets run.name itself, the job's overrides name it: stable across restarts of
+    the same sweep (unlike the job number), and readable. Keys a restart may change (where files
+    go, checkpoint cadence, process layout) are left out, so changing them still resumes.
+    """
+    if any(o.lstrip("+").startswith("run.name=") for o in job_overrides):
+        return name
+    parts = []
+    for override in sorted(job_overrides):
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(RESTART_SAFE_PREFIXES) or key.startswith(("hydra.", "modal.")):
+            continue
+        # Only characters that need no quoting in an override or a path.
+        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", override.lstrip("+~")).strip("-"))
+    return f"{name}__{'_'.join(parts)}" if parts else name
+
+
+def _name_sweep_job(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.run.name = sweep_job_run_name(str(cfg.run.name), list(hydra_cfg.overrides.task))
+
+
+def task(cfg: DictConfig) -> float | None:
+    """The Hydra task: train; return the final held-out loss (the last training loss if none is held out).
+
+    In a sweep a stop raises `JobStopped`, so the launcher and sweeper record that job as failed and
+    go on. In a single run the stop is remembered and `main()` prints its one line and exit code
+    (raising would make Hydra add its own lines around ours).
+    """
+    _name_sweep_job(cfg)
+    try:
+        result = run(cfg)
+    except STOPS as stop:
+        stopped = JobStopped.of(stop)
+        _stops.append(stopped)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        print(f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)}): "
+              f"{stop_line(stop)}", file=sys.stderr, flush=True)
+        raise stopped from None
+    if result.eval_loss_after is not None:
+        return result.eval_loss_after
+    return result.losses[-1] if result.losses else None
+
+
+hydra_task = hydra.main(version_base=None, config_path=str(_config.CONF_DIR), config_name="config")(task)
+
+
+def preflight(args: list[str]) -> None:
+    """Before Hydra starts (and writes anything), each a one-line error with exit code 2:
+
+    - the config of every job composes (a typo'd group option is Hydra's several-line error, exit 1,
+      which a supervisor would take for a crash and retry forever);
+    - no two jobs of a sweep share a run dir (the second would resume or skip the first's run);
+    - the run root is writable.
+    """
+    jobs = sweep_jobs(args) if ("-m" in args or "--multirun" in args) else [
+        [w for w in override_words(args) if not w.lstrip("+~").startswith("hydra")]]
+    configs = []
+    for job in jobs:
+        try:
+            configs.append((job, _config.compose(job)))
+        except UserError as err:
+            _exit_with_line(str(err))
+        except (HydraException, OmegaConfBaseException) as err:
+            _exit_with_line(f"{one_line(err)} (config groups and keys: conf/, or noesis-train --help)")
+    if len(jobs) > 1:
+        refuse_shared_run_dirs(configs)
+    for _, cfg in configs:
+        refuse_unwritable_run_root(cfg)
+
+
+def refuse_shared_run_dirs(configs: Sequence[tuple[Sequence[str], DictConfig]]) -> None:
+    """Two jobs of one sweep with one run dir: the second would resume the first's run, or skip it as done."""
+    by_dir: dict[Path, list[str]] = {}
+    for job, cfg in configs:
+        cfg = cfg.copy()
+        cfg.run.name = sweep_job_run_name(str(cfg.run.name), job)
+        by_dir.setdefault(RunDir.of(cfg).path, []).append(" ".join(job))
+    shared = {path: jobs for path, jobs in by_dir.items() if len(jobs) > 1}
+    if shared:
+        path, jobs = next(iter(shared.items()))
+        _exit_with_line(
+            f"run.name: {len(jobs)} jobs of this sweep would share the run dir {path} ({'; '.join(jobs[:3])}), "
+            "so each would resume or skip the others' run; leave run.name unset (each job is named by its "
+            "overrides), sweep run.name too, or vary a key that changes the math")
+
+
+def _exit_with_line(message: str) -> None:
+    print(f"error: {redact(message)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def refuse_unwritable_run_root(cfg: DictConfig) -> None:
+    """A run root we cannot write is one line, not a traceback."""
+    root = runs_root(cfg)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        why = "read-only file system" if _read_only_mount(existing) else "permission denied"
+        _exit_with_line(f"run.root: {root} is not writable ({why} at {existing}); point run.root at a "
+                        "writable directory")
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+@safe_for_pipes
+def main() -> None:
+    env.quiet_known_noise()
+    sys.argv[1:] = order_overrides(sys.argv[1:])  # `+debug=` wins wherever it stands
+    preflight(sys.argv[1:])
+    try:
+        hydra_task()
+    except SystemExit as exit_:
+        # A sweep with failed jobs ends in Hydra with exit code 1; keep the documented codes.
+        if exit_.code == 1 and _stops:
+            sys.exit(_stops[0].exit_code)
+        raise
+    if _stops:  # a single run that stopped: its one line, and the code a supervisor acts on
+        print(str(_stops[0]), file=sys.stderr, flush=True)
+        sys.exit(_stops[0].exit_code)
+
+
+if __name__ == "__main__":
+    main()
