@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from noesis_accel.config import compose  # noqa: E402
-from noesis_accel.training.trainer import Trainer  # noqa: E402
+from noesis_accel.config import compose
+from noesis_accel.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,11 +54,19 @@ def restart_latency(overrides: list[str], checkpoint: Path, root: Path) -> float
     step = int(checkpoint.name.split("-")[1])
     run_dir = root / "restart"
     metrics = run_dir / "metrics.jsonl"
-    command = [sys.executable, "-m", "noesis_accel.processes.train", *overrides, f"run.root={root}", "run.name=restart",
-               f"ckpt.resume={checkpoint}"]
+    command = [
+        sys.executable,
+        "-m",
+        "noesis_accel.processes.train",
+        *overrides,
+        f"run.root={root}",
+        "run.name=restart",
+        f"ckpt.resume={checkpoint}",
+    ]
     started = time.time()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         while process.poll() is None:
             if metrics.is_file():
@@ -80,8 +88,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        overrides = [*args.overrides, "ckpt.every=0.1", "ckpt.keep_last=20", "train.tracker=none",
-                     "train.progress_bar=false", "train.eval_every=0", "train.sample_prompt=null"]
+        overrides = [
+            *args.overrides,
+            "ckpt.every=0.1",
+            "ckpt.keep_last=20",
+            "train.tracker=none",
+            "train.progress_bar=false",
+            "train.eval_every=0",
+            "train.sample_prompt=null",
+        ]
         wall, saves, run_dir, total = train_and_time_saves(overrides + [f"run.root={root / 'train'}"])
         checkpoints = sorted((run_dir / "checkpoints").iterdir())
         early, late = checkpoints[0], checkpoints[-2]  # the last is the final one: nothing left to resume
@@ -90,7 +105,10 @@ def main() -> None:
     overhead = 100 * sum(saves) / wall
     print(f"\ncheckpoint bench: {' '.join(args.overrides)}, {total} steps, every=0.1 -> {len(saves)} saves")
     print(f"{'training wall time':<34}{wall:>10.1f} s")
-    print(f"{'time in checkpoints (all saves)':<34}{sum(saves):>10.2f} s   (mean {sum(saves) / len(saves):.3f} s, {size_mb:.1f} MB each)")
+    print(
+        f"{'time in checkpoints (all saves)':<34}{sum(saves):>10.2f} s   "
+        f"(mean {sum(saves) / len(saves):.3f} s, {size_mb:.1f} MB each)"
+    )
     print(f"{'checkpoint overhead':<34}{overhead:>10.2f} %   (target <= 2%)")
     for name, seconds in latencies.items():
         print(f"{'restart -> first step from ' + name:<34}{seconds:>10.1f} s")

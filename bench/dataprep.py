@@ -55,12 +55,13 @@ GENERATION_TEMPLATE = (
 )
 
 _WORDS = (
-    "the of and to in is you that it for on are as with be this have from or one had by word but not what all "
-    "were we when your can said there use an each which she do how their if will up other about out many then "
-    "them these so some her would make like him into time has look two more write go see number no way could "
-    "people my than first water been call who oil its now find long down day did get come made may part model "
-    "data training loss batch gradient token checkpoint volume learning rate schedule answer question example "
-    "because therefore however function value result table record file line error memory process step"
+    "the of and to in is you that it for on are as with be this have from or one had by word but not what"
+    " all were we when your can said there use an each which she do how their if will up other about out"
+    " many then them these so some her would make like him into time has look two more write go see number"
+    " no way could people my than first water been call who oil its now find long down day did get come"
+    " made may part model data training loss batch gradient token checkpoint volume learning rate schedule"
+    " answer question example because therefore however function value result table record file line error"
+    " memory process step"
 ).split()
 
 
@@ -125,13 +126,21 @@ def _sample(ids_and_labels: Any, check: int) -> dict[str, Any]:
 
 
 def prepare_ours(data: Path, work: Path, max_length: int, num_proc: int, check: int) -> tuple[float, int, dict]:
-    from noesis_accel.training import data as data_mod
     from noesis_accel.config import compose
+    from noesis_accel.training import data as data_mod
 
     tokenizer = _tokenizer()
-    cfg = compose(["+experiment=tiny", f"data.path={data}", f"data.max_length={max_length}",
-                   f"data.num_proc={num_proc}", f"data.cache_dir={work / 'ours'}", "data.eval_fraction=0",
-                   "data.min_examples=1"])
+    cfg = compose(
+        [
+            "+experiment=tiny",
+            f"data.path={data}",
+            f"data.max_length={max_length}",
+            f"data.num_proc={num_proc}",
+            f"data.cache_dir={work / 'ours'}",
+            "data.eval_fraction=0",
+            "data.min_examples=1",
+        ]
+    )
     start = time.perf_counter()
     prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
     seconds = time.perf_counter() - start
@@ -145,16 +154,26 @@ def prepare_trl(data: Path, work: Path, max_length: int, num_proc: int, check: i
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = _tokenizer()
-    args = SFTConfig(output_dir=str(work / "trl-out"), max_length=max_length, assistant_only_loss=True,
-                     dataset_num_proc=num_proc, packing=False, shuffle_dataset=False, report_to=[], bf16=False)
+    args = SFTConfig(
+        output_dir=str(work / "trl-out"),
+        max_length=max_length,
+        assistant_only_loss=True,
+        dataset_num_proc=num_proc,
+        packing=False,
+        shuffle_dataset=False,
+        report_to=[],
+        bf16=False,
+    )
     # What SFTTrainer.__init__ sets before it calls _prepare_dataset for a conversational dataset
     # whose template needed generation markers supplied (see the module docstring).
-    trainer_state = argparse.Namespace(_tokenizer=tokenizer, chat_template=GENERATION_TEMPLATE,
-                                       completion_only_loss=False)
+    trainer_state = argparse.Namespace(
+        _tokenizer=tokenizer, chat_template=GENERATION_TEMPLATE, completion_only_loss=False
+    )
     start = time.perf_counter()
     records = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(work / "hf"))
-    prepared = SFTTrainer._prepare_dataset(trainer_state, records, tokenizer, args, packing=False,
-                                           formatting_func=None, dataset_name="train")
+    prepared = SFTTrainer._prepare_dataset(
+        trainer_state, records, tokenizer, args, packing=False, formatting_func=None, dataset_name="train"
+    )
     seconds = time.perf_counter() - start
     head = prepared.select(range(min(len(prepared), check * 2)))
     return seconds, len(prepared), _sample(zip(head["id"], head["input_ids"], head["labels"]), check)
@@ -215,8 +234,24 @@ def run_tool(tool: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One tool's preparation in its own process: seconds, records kept, memory peaks, the sample."""
     work = Path(tempfile.mkdtemp(prefix=f"dataprep-{tool}-", dir=args.workdir))
     out = work / "result.json"
-    command = [sys.executable, __file__, "--child", tool, "--data", str(data), "--work", str(work), "--out", str(out),
-               "--max-length", str(args.max_length), "--num-proc", str(args.num_proc), "--check", str(args.check)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        tool,
+        "--data",
+        str(data),
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--max-length",
+        str(args.max_length),
+        "--num-proc",
+        str(args.num_proc),
+        "--check",
+        str(args.check),
+    ]
     # Tokenizers' own threads are switched off in forked workers anyway; off everywhere, alike for both.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, cwd=REPO)
@@ -245,8 +280,12 @@ def compare_samples(ours: dict, theirs: dict) -> tuple[int, int, int, list[str]]
         if our_ids != their_ids:
             ids_differ += 1
             if len(notes) < 3:
-                at = next((i for i, (a, b) in enumerate(zip(our_ids, their_ids)) if a != b), min(len(our_ids), len(their_ids)))
-                notes.append(f"record {key}: input_ids differ from position {at} (lengths {len(our_ids)} / {len(their_ids)})")
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(our_ids, their_ids)) if a != b), min(len(our_ids), len(their_ids))
+                )
+                notes.append(
+                    f"record {key}: input_ids differ from position {at} (lengths {len(our_ids)} / {len(their_ids)})"
+                )
         elif our_learned != their_learned:
             masks_differ += 1
             if len(notes) < 3:
@@ -263,27 +302,42 @@ def report(rounds: list[dict], records: int, args: argparse.Namespace) -> None:
     rows = {}
     for tool, results in by_tool.items():
         seconds = sum(r["seconds"] for r in results)
-        rows[tool] = {"records_s": records * len(results) / seconds, "pss": max(r["peak_pss_mib"] for r in results),
-                      "rss": max(r["peak_rss_mib"] for r in results), "kept": results[-1]["kept"],
-                      "seconds": [round(r["seconds"], 1) for r in results]}
-    print(f"\n{records:,} chat records, max_length {args.max_length}, {args.num_proc} process(es) each, "
-          f"{len(by_tool['trl'])} round(s) each (A B / B A)")
-    print(f"| {'preparation':<26} | {'records/s':>10} | {'seconds per round':>18} | {'kept':>8} | "
-          f"{'peak PSS, tree (MiB)':>20} | {'peak RSS, largest (MiB)':>23} |")
+        rows[tool] = {
+            "records_s": records * len(results) / seconds,
+            "pss": max(r["peak_pss_mib"] for r in results),
+            "rss": max(r["peak_rss_mib"] for r in results),
+            "kept": results[-1]["kept"],
+            "seconds": [round(r["seconds"], 1) for r in results],
+        }
+    print(
+        f"\n{records:,} chat records, max_length {args.max_length}, {args.num_proc} process(es) each, "
+        f"{len(by_tool['trl'])} round(s) each (A B / B A)"
+    )
+    print(
+        f"| {'preparation':<26} | {'records/s':>10} | {'seconds per round':>18} | {'kept':>8} | "
+        f"{'peak PSS, tree (MiB)':>20} | {'peak RSS, largest (MiB)':>23} |"
+    )
     print(f"|{'-' * 28}|{'-' * 12}|{'-' * 20}|{'-' * 10}|{'-' * 22}|{'-' * 25}|")
     names = {"trl": "TRL SFTTrainer (baseline)", "noesis": "noesis data.prepare"}
     for tool in ("trl", "noesis"):
         row = rows[tool]
         seconds = ", ".join(str(s) for s in row["seconds"])
-        print(f"| {names[tool]:<26} | {row['records_s']:>10,.0f} | {seconds:>18} | {row['kept']:>8,} | "
-              f"{row['pss']:>20,.0f} | {row['rss']:>23,.0f} |")
+        print(
+            f"| {names[tool]:<26} | {row['records_s']:>10,.0f} | {seconds:>18} | {row['kept']:>8,} | "
+            f"{row['pss']:>20,.0f} | {row['rss']:>23,.0f} |"
+        )
     ours, trl = rows["noesis"], rows["trl"]
-    print(f"\nours / TRL: records/s {ours['records_s'] / trl['records_s']:.2f}x, peak PSS "
-          f"{ours['pss'] / trl['pss']:.2f}x, peak RSS of the largest process {ours['rss'] / trl['rss']:.2f}x")
-    compared, ids_differ, masks_differ, notes = compare_samples(by_tool["noesis"][-1]["sample"],
-                                                                by_tool["trl"][-1]["sample"])
-    print(f"identical-mask check on records 0-{args.check - 1}: {compared} compared, {ids_differ} with other "
-          f"input_ids, {masks_differ} with other learned positions")
+    print(
+        f"\nours / TRL: records/s {ours['records_s'] / trl['records_s']:.2f}x, peak PSS "
+        f"{ours['pss'] / trl['pss']:.2f}x, peak RSS of the largest process {ours['rss'] / trl['rss']:.2f}x"
+    )
+    compared, ids_differ, masks_differ, notes = compare_samples(
+        by_tool["noesis"][-1]["sample"], by_tool["trl"][-1]["sample"]
+    )
+    print(
+        f"identical-mask check on records 0-{args.check - 1}: {compared} compared, {ids_differ} with other "
+        f"input_ids, {masks_differ} with other learned positions"
+    )
     for note in notes:
         print(f"  {note}")
 
@@ -312,10 +366,13 @@ def main() -> None:
         print(f"{args.records:,} records written to {data} ({data.stat().st_size / 2**20:,.0f} MiB)", flush=True)
         rounds = []
         for i in range(args.rounds):
-            for tool in (("trl", "noesis") if i % 2 == 0 else ("noesis", "trl")):
+            for tool in ("trl", "noesis") if i % 2 == 0 else ("noesis", "trl"):
                 rounds.append(run_tool(tool, data, args))
-                print(f"round {i + 1}: {tool} {rounds[-1]['seconds']:.1f} s, peak PSS {rounds[-1]['peak_pss_mib']:,.0f} MiB",
-                      flush=True)
+                print(
+                    f"round {i + 1}: {tool} {rounds[-1]['seconds']:.1f} s, "
+                    f"peak PSS {rounds[-1]['peak_pss_mib']:,.0f} MiB",
+                    flush=True,
+                )
         report(rounds, args.records, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -78,15 +79,28 @@ def train_hf_baseline(cfg: DictConfig, steps: int, output_dir: Path, strategy: s
     collate = CountingCollator(data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of))
     clock = StepClock()
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=int(cfg.train.micro_batch_size),
+        output_dir=str(output_dir),
+        per_device_train_batch_size=int(cfg.train.micro_batch_size),
         gradient_accumulation_steps=int(cfg.train.global_batch_size) // int(cfg.train.micro_batch_size),
-        max_steps=steps, learning_rate=float(cfg.optim.lr),
-        lr_scheduler_type="cosine", warmup_steps=max(1, int(steps * float(cfg.optim.warmup_ratio))),
+        max_steps=steps,
+        learning_rate=float(cfg.optim.lr),
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(steps * float(cfg.optim.warmup_ratio))),
         max_grad_norm=float(cfg.optim.max_grad_norm),
-        optim="adamw_bnb_8bit" if cfg.optim.name == "adamw8bit" else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
-        bf16=cfg.train.mixed_precision == "bf16", use_cpu=not on_cuda, logging_steps=10**9, save_strategy="no",
-        report_to=[], remove_unused_columns=False, dataloader_drop_last=True, dataloader_num_workers=0,
-        seed=int(cfg.train.seed), disable_tqdm=True, **sampling_arguments(strategy),
+        optim="adamw_bnb_8bit"
+        if cfg.optim.name == "adamw8bit"
+        else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
+        bf16=cfg.train.mixed_precision == "bf16",
+        use_cpu=not on_cuda,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        seed=int(cfg.train.seed),
+        disable_tqdm=True,
+        **sampling_arguments(strategy),
     )
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train, data_collator=collate, callbacks=[clock])
     try:

@@ -47,22 +47,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from noesis_accel.training import data as data_mod  # noqa: E402
-from noesis_accel.core import env  # noqa: E402
-from noesis_accel.training import losses, modeling
-from noesis_accel.config import compose  # noqa: E402
-from noesis_accel.training.metrics import read_metrics  # noqa: E402
-from noesis_accel.training.packing import PackingCollator  # noqa: E402
-from noesis_accel.training.trainer import Trainer, _reset_accelerate_state  # noqa: E402
+from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline
 
-from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline  # noqa: E402
+from noesis_accel.config import compose
+from noesis_accel.core import env
+from noesis_accel.training import data as data_mod
+from noesis_accel.training import losses, modeling
+from noesis_accel.training.metrics import read_metrics
+from noesis_accel.training.packing import PackingCollator
+from noesis_accel.training.trainer import Trainer, _reset_accelerate_state
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
 H100_USABLE_GIB = 79.1  # an 80 GB H100 as torch sees it (total_memory), before the CUDA context
-_WORDS = ("the model answers every question about data training checkpoints volumes gpus batches tokens loss "
-          "schedule warmup cosine adapter rank alpha memory kernels attention layers weights gradients steps "
-          "because when which while after before first second third result value error reason example "
-          "simple careful precise complete answer explains shows describes compares measures").split()
+_WORDS = (
+    "the model answers every question about data training checkpoints volumes gpus batches tokens loss"
+    " schedule warmup cosine adapter rank alpha memory kernels attention layers weights gradients steps"
+    " because when which while after before first second third result value error reason example simple"
+    " careful precise complete answer explains shows describes compares measures"
+).split()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +79,34 @@ class Variant:
 
     @property
     def name(self) -> str:
-        options = [f"gc {'on' if self.checkpointing else 'off'}"] + [o for o in ("liger", "packing", "compile")
-                                                                   if getattr(self, o)]
+        options = [f"gc {'on' if self.checkpointing else 'off'}"] + [
+            o for o in ("liger", "packing", "compile") if getattr(self, o)
+        ]
         return f"{'ours' if self.runner == 'ours' else 'HF Trainer'} ({', '.join(options)})"
 
 
 # Most telling first, since a time budget may cut the tail. Liger patches the shared model for good, so
 # its rows come after every row without it, and compilation (the slowest to start) comes last.
 GPU_VARIANTS = [
-    Variant("hf", True), Variant("ours", True), Variant("hf", False), Variant("ours", False),
-    Variant("ours", False, packing=True), Variant("ours", True, packing=True),
-    Variant("ours", False, liger=True), Variant("ours", True, liger=True),
-    Variant("ours", False, liger=True, packing=True), Variant("hf", False, liger=True),
+    Variant("hf", True),
+    Variant("ours", True),
+    Variant("hf", False),
+    Variant("ours", False),
+    Variant("ours", False, packing=True),
+    Variant("ours", True, packing=True),
+    Variant("ours", False, liger=True),
+    Variant("ours", True, liger=True),
+    Variant("ours", False, liger=True, packing=True),
+    Variant("hf", False, liger=True),
     Variant("ours", False, liger=True, compile=True),
 ]
 PROBED = {Variant("ours", True), Variant("ours", False), Variant("ours", False, liger=True)}
-CPU_VARIANTS = [Variant("hf", True), Variant("ours", True), Variant("ours", False, packing=True),
-                Variant("ours", False, liger=True)]
+CPU_VARIANTS = [
+    Variant("hf", True),
+    Variant("ours", True),
+    Variant("ours", False, packing=True),
+    Variant("ours", False, liger=True),
+]
 
 
 @dataclasses.dataclass
@@ -137,8 +150,12 @@ def long_tailed_chat(path: Path, records: int, seed: int = 0, scale: float = 1.0
             answer_words = min(2400, max(5, int(scale * rng.lognormvariate(math.log(300), 0.9))))
             prompt = f"Question {i}: " + " ".join(rng.choice(_WORDS) for _ in range(prompt_words)) + "?"
             answer = " ".join(rng.choice(_WORDS) for _ in range(answer_words)) + "."
-            handle.write(json.dumps({"messages": [{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": answer}]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -147,8 +164,9 @@ def long_tailed_chat(path: Path, records: int, seed: int = 0, scale: float = 1.0
 
 def matmul_parameters(model: torch.nn.Module) -> int:
     """N: weights of every Linear layer of the base model (lm_head included, the embedding table not)."""
-    return sum(m.weight.numel() for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+    return sum(
+        m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name
+    )
 
 
 def step_flops(lengths: list[int], n_params: int, layers: int, width: int) -> float:
@@ -206,8 +224,9 @@ class SharedBase:
 # ---------------------------------------------------------------- runners
 
 
-def probe_worst_micro_batch(model: torch.nn.Module, accelerator: Any, optimizer: Any, seq_len: int,
-                            micro_batch: int, packing: bool) -> tuple[float | None, float | None]:
+def probe_worst_micro_batch(
+    model: torch.nn.Module, accelerator: Any, optimizer: Any, seq_len: int, micro_batch: int, packing: bool
+) -> tuple[float | None, float | None]:
     """Peak memory of one forward + backward on the longest micro-batch the data allows.
 
     Two rows of `seq_len` and `seq_len - 1` tokens (so the padded layout carries a mask, as real
@@ -216,8 +235,10 @@ def probe_worst_micro_batch(model: torch.nn.Module, accelerator: Any, optimizer:
     if not torch.cuda.is_available():
         return None, None
     lengths = [seq_len - i for i in range(micro_batch)]
-    rows = [{"input_ids": torch.randint(3, 1000, (n,)).tolist(), "labels": torch.randint(3, 1000, (n,)).tolist()}
-            for n in lengths]
+    rows = [
+        {"input_ids": torch.randint(3, 1000, (n,)).tolist(), "labels": torch.randint(3, 1000, (n,)).tolist()}
+        for n in lengths
+    ]
     batch = (PackingCollator() if packing else data_mod.PaddingCollator(0))(rows)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     optimizer.zero_grad(set_to_none=True)
@@ -233,13 +254,26 @@ def probe_worst_micro_batch(model: torch.nn.Module, accelerator: Any, optimizer:
     return peak, reserved
 
 
-def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict,
-             probe_len: int | None) -> Row:
-    cfg = compose(overrides + [f"run.root={root}", f"run.name=ours-{_slug(variant)}", f"train.max_steps={steps}",
-                               f"ckpt.every={steps}", "train.eval_every=0", "train.tracker=none",
-                               "train.progress_bar=false", "data.eval_fraction=0",
-                               f"model.gradient_checkpointing={variant.checkpointing}", f"model.liger={variant.liger}",
-                               f"data.packing={variant.packing}", f"model.compile={variant.compile}"])
+def run_ours(
+    variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict, probe_len: int | None
+) -> Row:
+    cfg = compose(
+        overrides
+        + [
+            f"run.root={root}",
+            f"run.name=ours-{_slug(variant)}",
+            f"train.max_steps={steps}",
+            f"ckpt.every={steps}",
+            "train.eval_every=0",
+            "train.tracker=none",
+            "train.progress_bar=false",
+            "data.eval_fraction=0",
+            f"model.gradient_checkpointing={variant.checkpointing}",
+            f"model.liger={variant.liger}",
+            f"data.packing={variant.packing}",
+            f"model.compile={variant.compile}",
+        ]
+    )
     trainer = Trainer(cfg)
     try:
         trainer.setup()
@@ -254,14 +288,26 @@ def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, unt
         padded = sum(int(lengths[m].max()) * len(m) for m in timed)
         real = sum(int(lengths[m].sum()) for m in timed)
         flops = step_flops([int(lengths[i]) for m in timed for i in m], arch["n_params"], arch["layers"], arch["width"])
-        row = Row(variant.name, variant.runner, "ok", steps - untimed,
-                  metrics[steps]["tokens_seen"] - metrics[untimed]["tokens_seen"],
-                  metrics[steps]["time"] - metrics[untimed]["time"], flops,
-                  0.0 if variant.packing else 1 - real / padded, peak)
+        row = Row(
+            variant.name,
+            variant.runner,
+            "ok",
+            steps - untimed,
+            metrics[steps]["tokens_seen"] - metrics[untimed]["tokens_seen"],
+            metrics[steps]["time"] - metrics[untimed]["time"],
+            flops,
+            0.0 if variant.packing else 1 - real / padded,
+            peak,
+        )
         if probe_len and variant in PROBED:
             row.probe_peak_gib, row.probe_reserved_gib = probe_worst_micro_batch(
-                trainer.model, trainer.accelerator, trainer.optimizer, probe_len, int(cfg.train.micro_batch_size),
-                variant.packing)
+                trainer.model,
+                trainer.accelerator,
+                trainer.optimizer,
+                probe_len,
+                int(cfg.train.micro_batch_size),
+                variant.packing,
+            )
         trainer.metrics.close()
         return row
     finally:
@@ -271,16 +317,31 @@ def run_ours(variant: Variant, overrides: list[str], root: Path, steps: int, unt
 
 def run_hf(variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict) -> Row:
     """The baseline: transformers' Trainer, length-grouped, on the same records, LoRA and optimizer."""
-    cfg = compose(overrides + ["data.eval_fraction=0", f"model.gradient_checkpointing={variant.checkpointing}",
-                               f"model.liger={variant.liger}"])
+    cfg = compose(
+        overrides
+        + [
+            "data.eval_fraction=0",
+            f"model.gradient_checkpointing={variant.checkpointing}",
+            f"model.liger={variant.liger}",
+        ]
+    )
     run = train_hf_baseline(cfg, steps, root / "hf")
     accumulation = int(cfg.train.global_batch_size) // int(cfg.train.micro_batch_size)
-    timed = run.batches[untimed * accumulation: steps * accumulation]  # step i trains batches (i-1)·acc ... i·acc-1
+    timed = run.batches[untimed * accumulation : steps * accumulation]  # step i trains batches (i-1)·acc ... i·acc-1
     assert len(timed) == (steps - untimed) * accumulation, "the Trainer trained another number of batches"
     real, padded = sum(b[0] for b in timed), sum(b[1] for b in timed)
     flops = step_flops([n for b in timed for n in b[2]], arch["n_params"], arch["layers"], arch["width"])
-    return Row(variant.name, variant.runner, "ok", steps - untimed, real, run.step_end[steps] - run.step_end[untimed],
-               flops, 1 - real / padded, run.peak_memory_gib)
+    return Row(
+        variant.name,
+        variant.runner,
+        "ok",
+        steps - untimed,
+        real,
+        run.step_end[steps] - run.step_end[untimed],
+        flops,
+        1 - real / padded,
+        run.peak_memory_gib,
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -291,44 +352,63 @@ def row_line(r: Row) -> str:
         return f"{r.variant:<40}{'-':>10}{'-':>8}{'-':>7}{'-':>10}{'-':>7}{'-':>12}  {r.status}"
     peak = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "-"
     probe = f"{r.probe_peak_gib:.1f}" if r.probe_peak_gib is not None else "-"
-    return (f"{r.variant:<40}{r.tokens_per_s:>10.0f}{r.step_seconds:>8.3f}{100 * r.mfu:>6.1f}%{peak:>10}"
-            f"{100 * r.padding:>6.1f}%{probe:>12}  ok")
+    return (
+        f"{r.variant:<40}{r.tokens_per_s:>10.0f}{r.step_seconds:>8.3f}{100 * r.mfu:>6.1f}%{peak:>10}"
+        f"{100 * r.padding:>6.1f}%{probe:>12}  ok"
+    )
 
 
 def table(rows: list[Row], header: str) -> str:
-    lines = [header, f"{'configuration':<40}{'tok/s':>10}{'step s':>8}{'MFU':>7}{'peak GiB':>10}"
-                     f"{'pad':>7}{'2x2048 GiB':>12}  status"]
+    lines = [
+        header,
+        f"{'configuration':<40}{'tok/s':>10}{'step s':>8}{'MFU':>7}{'peak GiB':>10}"
+        f"{'pad':>7}{'2x2048 GiB':>12}  status",
+    ]
     lines += [row_line(r) for r in rows]
     done = {r.variant: r for r in rows if r.status == "ok"}
     for gc_state in ("on", "off"):
         hf = done.get(f"HF Trainer (gc {gc_state})")
         same = done.get(f"ours (gc {gc_state})")
-        best = max((r for r in done.values() if r.runner == "ours" and f"gc {gc_state}" in r.variant),
-                   key=lambda r: r.tokens_per_s, default=None)
+        best = max(
+            (r for r in done.values() if r.runner == "ours" and f"gc {gc_state}" in r.variant),
+            key=lambda r: r.tokens_per_s,
+            default=None,
+        )
         if hf and same:
-            lines.append(f"gc {gc_state}: ours / HF Trainer, same options: {same.tokens_per_s / hf.tokens_per_s:.2f}x; "
-                         f"best ours ({best.variant}) / HF Trainer: {best.tokens_per_s / hf.tokens_per_s:.2f}x "
-                         "(target >= 1.3x)")
+            lines.append(
+                f"gc {gc_state}: ours / HF Trainer, same options: {same.tokens_per_s / hf.tokens_per_s:.2f}x; "
+                f"best ours ({best.variant}) / HF Trainer: {best.tokens_per_s / hf.tokens_per_s:.2f}x "
+                "(target >= 1.3x)"
+            )
     fastest_hf = max((r for r in done.values() if r.runner == "hf"), key=lambda r: r.tokens_per_s, default=None)
     fastest = max((r for r in done.values() if r.runner == "ours"), key=lambda r: r.tokens_per_s, default=None)
     if fastest_hf and fastest:
-        lines.append(f"fastest ours ({fastest.variant}) / fastest HF Trainer ({fastest_hf.variant}): "
-                     f"{fastest.tokens_per_s / fastest_hf.tokens_per_s:.2f}x; its MFU {100 * fastest.mfu:.1f}% "
-                     "(target >= 40%)")
+        lines.append(
+            f"fastest ours ({fastest.variant}) / fastest HF Trainer ({fastest_hf.variant}): "
+            f"{fastest.tokens_per_s / fastest_hf.tokens_per_s:.2f}x; its MFU {100 * fastest.mfu:.1f}% "
+            "(target >= 40%)"
+        )
     probes = [r for r in rows if r.probe_peak_gib is not None]
     for r in probes:
         verdict = "fits" if r.probe_reserved_gib < H100_USABLE_GIB - 2 else "does NOT fit"
-        lines.append(f"worst micro-batch (2 x 2048) with {r.variant}: peak {r.probe_peak_gib:.1f} GiB allocated, "
-                     f"{r.probe_reserved_gib:.1f} GiB reserved: {verdict} an 80 GB H100 "
-                     f"({H100_USABLE_GIB} GiB less 2 for the CUDA context)")
+        lines.append(
+            f"worst micro-batch (2 x 2048) with {r.variant}: peak {r.probe_peak_gib:.1f} GiB allocated, "
+            f"{r.probe_reserved_gib:.1f} GiB reserved: {verdict} an 80 GB H100 "
+            f"({H100_USABLE_GIB} GiB less 2 for the CUDA context)"
+        )
     return "\n".join(lines)
 
 
 def write_json(path: Path | None, rows: list[Row], info: dict) -> None:
     if path is None:
         return
-    payload = {**info, "rows": [dataclasses.asdict(r) | {"tokens_per_s": r.tokens_per_s, "step_seconds": r.step_seconds,
-                                                         "mfu": r.mfu} for r in rows]}
+    payload = {
+        **info,
+        "rows": [
+            dataclasses.asdict(r) | {"tokens_per_s": r.tokens_per_s, "step_seconds": r.step_seconds, "mfu": r.mfu}
+            for r in rows
+        ],
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)  # rewritten after every configuration: a run stopped by its time limit keeps what it did
@@ -346,20 +426,46 @@ def rows_from_json(path: Path) -> tuple[list[Row], dict]:
 def _setup(args: argparse.Namespace, root: Path) -> tuple[list[str], list[Variant]]:
     records = args.global_batch * args.steps  # one epoch of `steps`; each runner trains two, times the second
     data_path = long_tailed_chat(root / "chat.jsonl", records, seed=0, scale=0.1 if args.cpu_smoke else 1.0)
-    common = [f"data.path={data_path}", "data.format=chat", "data.min_examples=1", f"data.cache_dir={root / 'cache'}",
-              f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={args.micro_batch}",
-              "optim=adamw8bit", "optim.lr=1e-4", "peft.r=16", "peft.alpha=32", "peft.dropout=0.05",
-              "peft.target_modules=[all-linear]", "data.pad_to_multiple_of=8"]
+    common = [
+        f"data.path={data_path}",
+        "data.format=chat",
+        "data.min_examples=1",
+        f"data.cache_dir={root / 'cache'}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.micro_batch_size={args.micro_batch}",
+        "optim=adamw8bit",
+        "optim.lr=1e-4",
+        "peft.r=16",
+        "peft.alpha=32",
+        "peft.dropout=0.05",
+        "peft.target_modules=[all-linear]",
+        "data.pad_to_multiple_of=8",
+    ]
     if args.cpu_smoke:
         # The same code path on a 2-layer model of Llama-3's proportions, in fp32 on the CPU.
-        common += ["model=llama3_8b_arch", "model.architecture.hidden_size=64", "model.architecture.intermediate_size=224",
-                   "model.architecture.num_hidden_layers=2", "model.architecture.num_attention_heads=4",
-                   "model.architecture.num_key_value_heads=1", "model.architecture.head_dim=16",
-                   "~model.architecture.vocab_size", "model.dtype=float32", "model.attn_implementation=eager",
-                   "train.device=cpu", "train.mixed_precision=no", "data.max_length=256"]
+        common += [
+            "model=llama3_8b_arch",
+            "model.architecture.hidden_size=64",
+            "model.architecture.intermediate_size=224",
+            "model.architecture.num_hidden_layers=2",
+            "model.architecture.num_attention_heads=4",
+            "model.architecture.num_key_value_heads=1",
+            "model.architecture.head_dim=16",
+            "~model.architecture.vocab_size",
+            "model.dtype=float32",
+            "model.attn_implementation=eager",
+            "train.device=cpu",
+            "train.mixed_precision=no",
+            "data.max_length=256",
+        ]
     else:
-        common += ["model=llama3_8b_arch", "model.dtype=bfloat16", "train.device=auto", "train.mixed_precision=bf16",
-                   "data.max_length=2048"]
+        common += [
+            "model=llama3_8b_arch",
+            "model.dtype=bfloat16",
+            "train.device=auto",
+            "train.mixed_precision=bf16",
+            "data.max_length=2048",
+        ]
     if args.tokenizer:
         common += [f"model.name_or_path={args.tokenizer}", "model.gguf_file=null"]
     return common + list(args.overrides), CPU_VARIANTS if args.cpu_smoke else GPU_VARIANTS
@@ -367,12 +473,18 @@ def _setup(args: argparse.Namespace, root: Path) -> tuple[list[str], list[Varian
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per epoch (GPU 10, CPU smoke 2); two epochs, the second timed")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per epoch (GPU 10, CPU smoke 2); two epochs, the second timed",
+    )
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=None, help="GPU 8 (accumulation 4), CPU smoke 4")
     parser.add_argument("--tokenizer", help="a local tokenizer dir (the GPU machine has no gguf package)")
-    parser.add_argument("--only", help="comma-separated configurations to run, e.g. hf-gc,ours-nogc-liger (default: all)")
+    parser.add_argument(
+        "--only", help="comma-separated configurations to run, e.g. hf-gc,ours-nogc-liger (default: all)"
+    )
     parser.add_argument("--budget-s", type=float, default=None, help="start no configuration after this many seconds")
     parser.add_argument("--no-probe", action="store_true", help="skip the 2 x 2048 memory probes")
     parser.add_argument("--cpu-smoke", action="store_true", help="2 layers on the CPU: checks the code path, not speed")
@@ -408,18 +520,28 @@ def main(argv: list[str] | None = None) -> list[Row]:
         base = modeling.load_base_model(cfg.model, len(tokenizer), on_cuda)
         if on_cuda:
             torch.cuda.synchronize()
-        arch = {"n_params": matmul_parameters(base), "layers": int(base.config.num_hidden_layers),
-                "width": int(base.config.num_attention_heads * base.config.head_dim)}
+        arch = {
+            "n_params": matmul_parameters(base),
+            "layers": int(base.config.num_hidden_layers),
+            "width": int(base.config.num_attention_heads * base.config.head_dim),
+        }
         device = torch.cuda.get_device_name() if on_cuda else "cpu"
-        info = {"device": device, "torch": torch.__version__, "parameters": sum(p.numel() for p in base.parameters()),
-                "matmul_parameters": arch["n_params"], "model_seconds": round(time.monotonic() - created, 1),
-                "timed_steps": args.steps, "micro_batch": args.micro_batch,
-                "global_batch": args.global_batch, "records": args.global_batch * args.steps,
-                "mfu_formula": "(4*N*T + 6*L*d*sum(l_i^2)) / step_s / 989e12",
-                "header": f"Llama-3-8B shape ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B parameters, "
-                          f"N={arch['n_params'] / 1e9:.2f}B in matmuls) + LoRA r16 all-linear on {device}: micro "
-                          f"{args.micro_batch} x accumulation {args.global_batch // args.micro_batch}, "
-                          f"{args.steps} steps per epoch, the second of two epochs timed"}
+        info = {
+            "device": device,
+            "torch": torch.__version__,
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "matmul_parameters": arch["n_params"],
+            "model_seconds": round(time.monotonic() - created, 1),
+            "timed_steps": args.steps,
+            "micro_batch": args.micro_batch,
+            "global_batch": args.global_batch,
+            "records": args.global_batch * args.steps,
+            "mfu_formula": "(4*N*T + 6*L*d*sum(l_i^2)) / step_s / 989e12",
+            "header": f"Llama-3-8B shape ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B parameters, "
+            f"N={arch['n_params'] / 1e9:.2f}B in matmuls) + LoRA r16 all-linear on {device}: micro "
+            f"{args.micro_batch} x accumulation {args.global_batch // args.micro_batch}, "
+            f"{args.steps} steps per epoch, the second of two epochs timed",
+        }
         print(f"base model built in {info['model_seconds']} s on {device}", flush=True)
         shared = SharedBase(base)
         rows: list[Row] = []
@@ -442,12 +564,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def _slug(variant: Variant) -> str:
-    return "-".join([variant.runner, "gc" if variant.checkpointing else "nogc"]
-                    + [o for o in ("liger", "packing", "compile") if getattr(variant, o)])
+    return "-".join(
+        [variant.runner, "gc" if variant.checkpointing else "nogc"]
+        + [o for o in ("liger", "packing", "compile") if getattr(variant, o)]
+    )
 
 
-def _run_one(variant: Variant, overrides: list[str], root: Path, args: argparse.Namespace,
-             shared: SharedBase, arch: dict, on_cuda: bool) -> Row:
+def _run_one(
+    variant: Variant,
+    overrides: list[str],
+    root: Path,
+    args: argparse.Namespace,
+    shared: SharedBase,
+    arch: dict,
+    on_cuda: bool,
+) -> Row:
     probe_len = None if args.no_probe or not on_cuda else 2048
     total, untimed = 2 * args.steps, args.steps
     try:

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from noesis_accel.rundir.layout import RunDir  # noqa: E402
+from noesis_accel.rundir.layout import RunDir
 
 MAX_CHECKPOINT_MB, MAX_SAVE_S = 300, 5.0
 
@@ -38,7 +38,10 @@ def report(run_dir: Path, skip: int = 2) -> dict[str, Any]:
         before = steps.get(step - 1)
         if step <= skip or before is None or (step - 1) in interrupted:
             continue
-        step_tokens, step_seconds = steps[step]["tokens_seen"] - before["tokens_seen"], steps[step]["time"] - before["time"]
+        step_tokens, step_seconds = (
+            steps[step]["tokens_seen"] - before["tokens_seen"],
+            steps[step]["time"] - before["time"],
+        )
         if step_seconds > 0:
             rates.append(step_tokens / step_seconds)
             tokens, seconds = tokens + step_tokens, seconds + step_seconds
@@ -46,19 +49,30 @@ def report(run_dir: Path, skip: int = 2) -> dict[str, Any]:
     for event in checkpoints:
         path = rundir.checkpoints / event["name"]
         files = {p.name: p.stat().st_size for p in path.iterdir()} if path.is_dir() else {}
-        saved.append({"name": event["name"], "seconds": event.get("seconds"), "bytes": sum(files.values()) or None,
-                      "adapter_bytes": files.get("model.safetensors"), "optimizer_bytes": files.get("optimizer.bin")})
+        saved.append(
+            {
+                "name": event["name"],
+                "seconds": event.get("seconds"),
+                "bytes": sum(files.values()) or None,
+                "adapter_bytes": files.get("model.safetensors"),
+                "optimizer_bytes": files.get("optimizer.bin"),
+            }
+        )
     sizes = [s["bytes"] for s in saved if s["bytes"]]
     times = [s["seconds"] for s in saved if s["seconds"] is not None]
     status = rundir.status() or {}
     return {
-        "run_dir": str(run_dir), "state": status.get("state"), "steps": len(steps),
+        "run_dir": str(run_dir),
+        "state": status.get("state"),
+        "steps": len(steps),
         "losses": [round(steps[s]["loss"], 4) for s in sorted(steps)],
         "tokens_per_s": tokens / seconds if seconds else None,
-        "tokens_per_s_median": statistics.median(rates) if rates else None, "timed_steps": len(rates),
+        "tokens_per_s_median": statistics.median(rates) if rates else None,
+        "timed_steps": len(rates),
         "peak_memory_gib": max((m.get("peak_memory_gib", 0) for m in steps.values()), default=None) or None,
         "checkpoints": saved,
-        "checkpoint_mb": max(sizes) / 1e6 if sizes else None, "save_seconds": max(times) if times else None,
+        "checkpoint_mb": max(sizes) / 1e6 if sizes else None,
+        "save_seconds": max(times) if times else None,
         "checkpoint_ok": bool(sizes) and max(sizes) / 1e6 <= MAX_CHECKPOINT_MB,
         "save_ok": bool(times) and max(times) <= MAX_SAVE_S,
     }
@@ -68,20 +82,28 @@ def describe(result: dict[str, Any]) -> str:
     def number(value: float | None, form: str) -> str:
         return "-" if value is None else format(value, form)
 
-    lines = [f"{result['run_dir']}: {result['state']}, {result['steps']} steps, losses {result['losses'][:3]} ... "
-             f"{result['losses'][-2:]}",
-             f"non-pad tokens/s {number(result['tokens_per_s'], ',.0f')} over {result['timed_steps']} steps "
-             f"(median step {number(result['tokens_per_s_median'], ',.0f')}); "
-             f"peak memory {number(result['peak_memory_gib'], '.1f')} GiB"]
+    lines = [
+        f"{result['run_dir']}: {result['state']}, {result['steps']} steps, losses {result['losses'][:3]} ... "
+        f"{result['losses'][-2:]}",
+        f"non-pad tokens/s {number(result['tokens_per_s'], ',.0f')} over {result['timed_steps']} steps "
+        f"(median step {number(result['tokens_per_s_median'], ',.0f')}); "
+        f"peak memory {number(result['peak_memory_gib'], '.1f')} GiB",
+    ]
     for c in result["checkpoints"]:
-        parts = [f"adapter {c['adapter_bytes'] / 1e6:.1f} MB" if c["adapter_bytes"] else None,
-                 f"optimizer {c['optimizer_bytes'] / 1e6:.1f} MB" if c["optimizer_bytes"] else None]
+        parts = [
+            f"adapter {c['adapter_bytes'] / 1e6:.1f} MB" if c["adapter_bytes"] else None,
+            f"optimizer {c['optimizer_bytes'] / 1e6:.1f} MB" if c["optimizer_bytes"] else None,
+        ]
         total = f"{c['bytes'] / 1e6:.1f} MB" if c["bytes"] else "pruned"
-        lines.append(f"checkpoint {c['name']}: {total} ({', '.join(p for p in parts if p)}), saved in "
-                     f"{number(c['seconds'], '.2f')} s")
-    lines.append(f"largest checkpoint {number(result['checkpoint_mb'], '.1f')} MB (target <= {MAX_CHECKPOINT_MB}: "
-                 f"{'met' if result['checkpoint_ok'] else 'NOT met'}); slowest save {number(result['save_seconds'], '.2f')} s "
-                 f"(target <= {MAX_SAVE_S:g}: {'met' if result['save_ok'] else 'NOT met'})")
+        lines.append(
+            f"checkpoint {c['name']}: {total} ({', '.join(p for p in parts if p)}), saved in "
+            f"{number(c['seconds'], '.2f')} s"
+        )
+    lines.append(
+        f"largest checkpoint {number(result['checkpoint_mb'], '.1f')} MB (target <= {MAX_CHECKPOINT_MB}: "
+        f"{'met' if result['checkpoint_ok'] else 'NOT met'}); slowest save {number(result['save_seconds'], '.2f')} s "
+        f"(target <= {MAX_SAVE_S:g}: {'met' if result['save_ok'] else 'NOT met'})"
+    )
     return "\n".join(lines)
 
 

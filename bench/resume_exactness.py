@@ -29,8 +29,13 @@ def _train(overrides: list[str], root: Path, fault: str | None = None) -> subpro
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if fault:
         env["NOESIS_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "noesis_accel.processes.train", *overrides, f"run.root={root}", "run.name=r"],
-                          capture_output=True, text=True, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "noesis_accel.processes.train", *overrides, f"run.root={root}", "run.name=r"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -61,7 +66,7 @@ def check(overrides: list[str], kill_step: int, workdir: Path) -> dict:
     resumed = _train(overrides, workdir / "crash")
     if resumed.returncode != 0:
         raise SystemExit(f"resumed run failed:\n{resumed.stderr[-4000:]}")
-    line = next(l for l in resumed.stdout.splitlines() if "resumed from" in l)
+    line = next(text for text in resumed.stdout.splitlines() if "resumed from" in text)
     resume_step = int(line.split("at step ")[1].split("/")[0])
     return {
         "kill_step": kill_step,
@@ -84,9 +89,11 @@ def main() -> None:
         report = check(overrides, args.kill_step, Path(tmp))
     print(json.dumps(report, indent=2))
     verdict = report["resumed_vs_reference"]["bitwise_equal"]
-    print(f"killed at step {report['kill_step']}, resumed at {report['resume_step']}: "
-          f"{'BITWISE EQUAL' if verdict else 'DIFFERENT'} to the uninterrupted run "
-          f"(platform determinism: reference vs reference bitwise={report['reference_vs_reference']['bitwise_equal']})")
+    print(
+        f"killed at step {report['kill_step']}, resumed at {report['resume_step']}: "
+        f"{'BITWISE EQUAL' if verdict else 'DIFFERENT'} to the uninterrupted run "
+        f"(platform determinism: reference vs reference bitwise={report['reference_vs_reference']['bitwise_equal']})"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     sys.exit(0 if verdict else 1)

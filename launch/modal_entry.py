@@ -83,8 +83,9 @@ if SETTINGS.clustered:
     def train_cluster(job: list | dict) -> object:
         """Every container of the cluster: its rank and rank 0's address become the machine layout."""
         rank, main_address = modal_job.cluster_position()
-        return modal_job.run_job_in_container(job, volume, SETTINGS, machine_rank=rank,
-                                              main_address=main_address, attempt_started=time.time())
+        return modal_job.run_job_in_container(
+            job, volume, SETTINGS, machine_rank=rank, main_address=main_address, attempt_started=time.time()
+        )
 
 
 @app.function(image=image, volumes={SETTINGS.mount: volume}, timeout=600, env=common["env"])
@@ -94,8 +95,15 @@ def status(*args: str) -> None:
 
 
 # After training, on the Volume: the same commands as noesis-export / noesis-eval / noesis-report.
-command_settings = dict(image=image, volumes={SETTINGS.mount: volume}, secrets=secrets, timeout=4 * 3600,
-                        cpu=SETTINGS.cpu, memory=SETTINGS.memory_mib, env=common["env"])
+command_settings = dict(
+    image=image,
+    volumes={SETTINGS.mount: volume},
+    secrets=secrets,
+    timeout=4 * 3600,
+    cpu=SETTINGS.cpu,
+    memory=SETTINGS.memory_mib,
+    env=common["env"],
+)
 
 
 @app.function(**command_settings)
@@ -124,7 +132,7 @@ def _exit_with(code: int) -> None:
 
 def training_function() -> modal.Function:
     """The function a run (or each sweep job) calls: the clustered one when the GPUs span containers."""
-    return train_cluster if SETTINGS.clustered else train  # noqa: F821 (defined when clustered)
+    return train_cluster if SETTINGS.clustered else train
 
 
 # Small CPU functions that start no GPU: the data check before a run, and a sweep's coordinator.
@@ -138,8 +146,11 @@ def check_data(overrides: list) -> dict:
 
 
 # A sweep can outlast one attempt (24 h at most): a restarted coordinator attaches to its jobs' calls.
-@app.function(timeout=24 * 3600, retries=modal.Retries(max_retries=SETTINGS.retries, initial_delay=0.0,
-                                                        backoff_coefficient=1.0), **cpu_settings)
+@app.function(
+    timeout=24 * 3600,
+    retries=modal.Retries(max_retries=SETTINGS.retries, initial_delay=0.0, backoff_coefficient=1.0),
+    **cpu_settings,
+)
 def sweep(args: list) -> dict:
     """`-m`: the sweep runs here, inside Modal; one training call per job, every job's outcome returned."""
     return modal_submit.coordinate_sweep(args, f"{__name__}:training_function", modal_submit.calls_file(SETTINGS))
@@ -148,6 +159,7 @@ def sweep(args: list) -> dict:
 @app.local_entrypoint()
 def main(*args: str) -> None:
     """`modal run launch/modal_entry.py [-m] <hydra overrides>`: the arguments reach the functions unchanged."""
-    functions = modal_submit.AppFunctions(train=training_function(), sweep=sweep, check_data=check_data,
-                                          app_id=app.app_id)
+    functions = modal_submit.AppFunctions(
+        train=training_function(), sweep=sweep, check_data=check_data, app_id=app.app_id
+    )
     modal_submit.submit(list(args), functions, SETTINGS)

@@ -31,7 +31,10 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> sub
     """`python -m noesis_accel.processes.train ARGS` in a subprocess, as a user would run it."""
     return subprocess.run(
         [sys.executable, "-m", "noesis_accel.processes.train", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
@@ -49,5 +52,12 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def chat_records(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": f"Answer number {i}."},
+            ]
+        }
+        for i in range(n)
+    ]

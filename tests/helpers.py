@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -46,7 +46,7 @@ def mark_interrupted(run_dir: Path) -> None:
 
 def resumed_step(output: str) -> int:
     """The step a restart resumed at, from its 'resumed from ... at step N/M' line."""
-    line = next(l for l in output.splitlines() if "resumed from " in l)
+    line = next(text for text in output.splitlines() if "resumed from " in text)
     return int(line.split("at step ")[1].split("/")[0])
 
 
@@ -66,9 +66,14 @@ def logged_step(run_dir: Path) -> int:
 def start_cli(args: list[str], env: dict | None = None, **popen: object) -> subprocess.Popen:
     """`python -m noesis_accel.processes.train ARGS` in the background, in its own process group."""
     return subprocess.Popen(
-        [sys.executable, "-m", "noesis_accel.processes.train", *args], cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **popen,
+        [sys.executable, "-m", "noesis_accel.processes.train", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        **popen,
     )
 
 
@@ -100,8 +105,9 @@ def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path | Non
     """A small filesystem of its own at `path` (to fill, or to make read-only); None if mounting is impossible."""
     path.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    )
     try:
         yield path if mounted else None
     finally:
@@ -187,8 +193,9 @@ class FakeVolume:
     with it: restart from `FakeVolume.mount(remote)` alone.
     """
 
-    def __init__(self, view: Path, remote: Path, background_s: float | None = None,
-                 container_pid: int | None = None) -> None:
+    def __init__(
+        self, view: Path, remote: Path, background_s: float | None = None, container_pid: int | None = None
+    ) -> None:
         import threading
 
         self.view, self.remote = Path(view), Path(remote)
@@ -202,7 +209,7 @@ class FakeVolume:
             threading.Thread(target=self._background, args=(background_s,), daemon=True).start()
 
     @classmethod
-    def mount(cls, view: Path, remote: Path, background_s: float | None = None) -> "FakeVolume":
+    def mount(cls, view: Path, remote: Path, background_s: float | None = None) -> FakeVolume:
         """A fresh container: its view is exactly what was committed."""
         import shutil
 

@@ -1,8 +1,11 @@
-"""Offline stand-ins for the Modal objects the entry calls: a function's `.spawn()`/`.remote()` and the call it returns."""
+"""Offline stand-ins for the Modal objects the entry calls.
+
+A function's `.spawn()`/`.remote()` and the call it returns."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class FakeCall:
@@ -39,5 +42,11 @@ class RecordingFunction:
 
 def completed_run(job: Any = None) -> dict:
     """What the training function returns for a run that finished."""
-    return {"state": "completed", "run_dir": "/vol/runs/tiny", "step": 2, "total_steps": 2,
-            "eval_loss_before": 1.0, "eval_loss_after": 0.5}
+    return {
+        "state": "completed",
+        "run_dir": "/vol/runs/tiny",
+        "step": 2,
+        "total_steps": 2,
+        "eval_loss_before": 1.0,
+        "eval_loss_after": 0.5,
+    }

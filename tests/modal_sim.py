@@ -35,17 +35,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import FakeVolume  # noqa: E402
+from helpers import FakeVolume
+from modal._container_entrypoint import call_function
+from modal._runtime.container_io_manager import ContainerIOManager
+from modal._runtime.user_code_event_loop import UserCodeEventLoop
+from modal._runtime.user_code_imports import FinalizedFunction
+from modal._serialization import deserialize, serialize
+from modal.client import _Client
+from modal_proto import api_pb2
 
-from modal._container_entrypoint import call_function  # noqa: E402
-from modal._runtime.container_io_manager import ContainerIOManager  # noqa: E402
-from modal._runtime.user_code_event_loop import UserCodeEventLoop  # noqa: E402
-from modal._runtime.user_code_imports import FinalizedFunction  # noqa: E402
-from modal._serialization import deserialize, serialize  # noqa: E402
-from modal.client import _Client  # noqa: E402
-from modal_proto import api_pb2  # noqa: E402
-
-from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal, run_job_in_container  # noqa: E402
+from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal, run_job_in_container
 
 EXIT_CODES = {"SUCCESS": 0, "NONE": 3, "TERMINATED": 4, "FAILURE": 5}
 REFUSED_RELOAD = 6
@@ -66,14 +65,19 @@ class RecordingStub:
         self.outputs.extend(request.outputs)
 
 
-def run_in_modal_runtime(body: Any, args: tuple, retry_count: int = 0) -> tuple[list[api_pb2.FunctionPutOutputsItem], Any]:
+def run_in_modal_runtime(
+    body: Any, args: tuple, retry_count: int = 0
+) -> tuple[list[api_pb2.FunctionPutOutputsItem], Any]:
     """Call `body(*args)` as Modal's container runtime calls a sync function; (outputs, client)."""
     item = api_pb2.FunctionGetInputsItem(
-        input_id="in-simulated", retry_count=retry_count, function_call_id=FUNCTION_CALL_ID,
+        input_id="in-simulated",
+        retry_count=retry_count,
+        function_call_id=FUNCTION_CALL_ID,
         attempt_token=f"attempt-{retry_count}",
         function_call_invocation_type=api_pb2.FUNCTION_CALL_INVOCATION_TYPE_ASYNC,  # .spawn()
-        input=api_pb2.FunctionInput(args=serialize((args, {})), data_format=api_pb2.DATA_FORMAT_PICKLE,
-                                    final_input=True),
+        input=api_pb2.FunctionInput(
+            args=serialize((args, {})), data_format=api_pb2.DATA_FORMAT_PICKLE, final_input=True
+        ),
     )
     stub = RecordingStub(item)
     client = _Client("http://localhost", api_pb2.CLIENT_TYPE_CONTAINER, None)  # never opened: no server
@@ -82,14 +86,20 @@ def run_in_modal_runtime(body: Any, args: tuple, retry_count: int = 0) -> tuple[
     # the limit, as the server does for a function with an override (`_resolve_output_size_limits`).
     inline = api_pb2.FunctionHandleMetadata(max_object_size_bytes=2**30, max_async_object_size_bytes=2**30)
     container_args = api_pb2.ContainerArguments(
-        task_id="ta-simulated", function_id="fu-simulated", app_id="ap-simulated",
+        task_id="ta-simulated",
+        function_id="fu-simulated",
+        app_id="ap-simulated",
         function_def=api_pb2.Function(function_name="train", single_use_containers=True),
-        app_layout=api_pb2.AppLayout(objects=[api_pb2.Object(object_id="fu-simulated",
-                                                             function_handle_metadata=inline)]),
+        app_layout=api_pb2.AppLayout(
+            objects=[api_pb2.Object(object_id="fu-simulated", function_handle_metadata=inline)]
+        ),
     )
     io_manager = ContainerIOManager(container_args, client)
-    functions = {"": FinalizedFunction(callable=body, is_async=False, is_generator=False,
-                                       supported_output_formats=[api_pb2.DATA_FORMAT_PICKLE])}
+    functions = {
+        "": FinalizedFunction(
+            callable=body, is_async=False, is_generator=False, supported_output_formats=[api_pb2.DATA_FORMAT_PICKLE]
+        )
+    }
     try:
         with UserCodeEventLoop() as event_loop:
             call_function(event_loop, io_manager, functions, 0, 0)
@@ -124,8 +134,9 @@ def main() -> int:
     started = time.time()
     if os.environ.get("NOESIS_FAULT_KILL_PID") == "container":  # a fault that takes the whole container down
         os.environ["NOESIS_FAULT_KILL_PID"] = str(os.getpid())
-    volume = FakeVolume.mount(args.view, args.remote,
-                              background_s=float(os.environ.get("NOESIS_SIM_BACKGROUND_S", "0.5")) or None)
+    volume = FakeVolume.mount(
+        args.view, args.remote, background_s=float(os.environ.get("NOESIS_SIM_BACKGROUND_S", "0.5")) or None
+    )
     local_disk = args.view.parent / (args.view.name + "-local")
     shutil.rmtree(local_disk, ignore_errors=True)  # a new container's own disk starts empty
     scratch = [f"modal.mount={args.view}", f"modal.scratch_dir={local_disk}"]
@@ -138,8 +149,9 @@ def main() -> int:
     settings = ModalSettings.from_config(compose_for_modal(overrides), overrides)
 
     def train(job: Any) -> Any:  # what launch/modal_entry.py's `train` does
-        return run_job_in_container(job, volume, settings, machine_rank=args.rank, main_address=args.address,
-                                    attempt_started=started)
+        return run_job_in_container(
+            job, volume, settings, machine_rank=args.rank, main_address=args.address, attempt_started=started
+        )
 
     outputs = describe(*run_in_modal_runtime(train, (job,), args.retry_count))
     try:

@@ -12,8 +12,9 @@ import json
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -43,9 +44,19 @@ class SimulatedFunction:
         job_file = self.root / f"call-{number}.json"
         result_file = self.root / f"call-{number}.pkl"
         job_file.write_text(json.dumps(job))
-        subprocess.run([sys.executable, str(HERE / "modal_sim.py"), str(self.root / f"container-{number}"),
-                        str(self.root / "remote"), "--job-file", str(job_file), "--result-file", str(result_file)],
-                       check=False)
+        subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "modal_sim.py"),
+                str(self.root / f"container-{number}"),
+                str(self.root / "remote"),
+                "--job-file",
+                str(job_file),
+                "--result-file",
+                str(result_file),
+            ],
+            check=False,
+        )
         return pickle.loads(result_file.read_bytes())
 
 

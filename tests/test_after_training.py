@@ -16,18 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_cli, write_jsonl
 
 from noesis_accel.after import evaluate, judges, plots
-from noesis_accel.config import compose, fingerprint
-from noesis_accel.core.errors import ConfigError, DataError, UserError
 from noesis_accel.after.export import export_run
 from noesis_accel.after.prompts import read_prompts
 from noesis_accel.after.report import write_report
-from noesis_accel.rundir.layout import RunDir
 from noesis_accel.after.runmodel import load_run_model, run_config, weights_source
+from noesis_accel.config import compose, fingerprint
+from noesis_accel.core.errors import ConfigError, DataError, UserError
 from noesis_accel.processes.train import run
-
-from conftest import REPO, run_cli, write_jsonl
+from noesis_accel.rundir.layout import RunDir
 
 TESTS = Path(__file__).resolve().parent
 PROMPTS = [
@@ -39,16 +38,23 @@ PROMPTS = [
 
 def _module(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` as a user runs the console script, from the repo root."""
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
     """The user error as a user sees it: exit code 2, one line on stderr, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line
-             and "kernels" not in line]  # a library's import-time notice is not ours
+    lines = [
+        line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line and "kernels" not in line
+    ]  # a library's import-time notice is not ours
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     return lines[0]
 
@@ -66,9 +72,17 @@ def tiny_run(tmp_path_factory, prompt_file) -> tuple[Path, dict]:
     """A finished 10-step tiny run (held-out loss logged at steps 5 and 10) that kept a checkpoint per step
     and evaluated itself at the end (eval.after_training)."""
     root = tmp_path_factory.mktemp("runs")
-    cfg = compose(["+experiment=tiny", f"run.root={root}", "train.max_steps=10", "ckpt.keep_last=20",
-                   "eval.after_training=true",
-                   f"eval.prompts={prompt_file}", "eval.max_new_tokens=4"])
+    cfg = compose(
+        [
+            "+experiment=tiny",
+            f"run.root={root}",
+            "train.max_steps=10",
+            "ckpt.keep_last=20",
+            "eval.after_training=true",
+            f"eval.prompts={prompt_file}",
+            "eval.max_new_tokens=4",
+        ]
+    )
     result = run(cfg)
     assert result.state == "completed"
     after_training = json.loads((result.run_dir / "eval" / "summary.json").read_text())
@@ -98,7 +112,9 @@ def test_eval_heldout_loss_is_the_trainers_number(tiny_run, prompt_file, capsys)
     assert f"{base['heldout_loss']:.4f}" in printed and f"{tuned['heldout_loss']:.4f}" in printed
     rows = [json.loads(line) for line in (run_dir / "eval" / "generations.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [p["prompt"] for p in PROMPTS]
-    assert all({"answer", "score", "reason"} <= r["base"].keys() and {"answer", "score"} <= r["tuned"].keys() for r in rows)
+    assert all(
+        {"answer", "score", "reason"} <= r["base"].keys() and {"answer", "score"} <= r["tuned"].keys() for r in rows
+    )
     assert rows[2]["tuned"]["score"] is None  # no expected answer: the text judges do not score it
     assert tuned["scored"] == 2 and summary["judge"] == "noesis_accel.after.judges.contains"
     assert "| held-out loss |" in (run_dir / "eval" / "summary.md").read_text()
@@ -149,8 +165,17 @@ def test_a_custom_judge_plugs_in_by_target_alone(tiny_run, prompt_file, capsys) 
     assert summary["models"]["base"]["by_tag"]["name"]["score_mean"] == 0.875
 
     CountingJudge.built = 0
-    assert evaluate.main(common + ["eval.judge._target_=test_after_training.CountingJudge", "+eval.judge.weight=0.3",
-                                   "eval.compare_base=false"]) == 0
+    assert (
+        evaluate.main(
+            common
+            + [
+                "eval.judge._target_=test_after_training.CountingJudge",
+                "+eval.judge.weight=0.3",
+                "eval.compare_base=false",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert CountingJudge.built == 1 and summary["models"]["tuned"]["score_mean"] == pytest.approx(0.3)
     assert "test_after_training.CountingJudge" in capsys.readouterr().out
@@ -165,8 +190,14 @@ def test_export_loads_with_plain_transformers_and_equals_base_plus_adapter(tiny_
     run_dir, _ = tiny_run
     out = export_run(run_dir, out=tmp_path / "export", max_shard_size="5MB", log=lambda _: None)
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "README.md", "model.safetensors.index.json",
-            "training_config.yaml"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        "model.safetensors.index.json",
+        "training_config.yaml",
+    } <= files
     assert len([f for f in files if f.endswith(".safetensors")]) >= 2  # sharded at 5MB
     assert not {"adapter_config.json", "adapter_model.safetensors"} & files
     card = (out / "README.md").read_text()
@@ -179,8 +210,9 @@ def test_export_loads_with_plain_transformers_and_equals_base_plus_adapter(tiny_
     assert type(merged).__module__.startswith("transformers.") and merged.dtype == torch.float32
     assert not any("lora" in name for name, _ in merged.named_parameters())
     reference = load_run_model(run_config(RunDir(run_dir)), weights_source(RunDir(run_dir))).model
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         ours, theirs = merged(**ids).logits, reference(**ids).logits
         with reference.disable_adapter():
@@ -225,8 +257,17 @@ def test_export_of_a_deepspeed_zero2_checkpoint(tmp_path) -> None:
     """ZeRO-2 checkpoints hold the engine's module state (pytorch_model/mp_rank_00_model_states.pt)."""
     from transformers import AutoModelForCausalLM
 
-    ran = run_cli(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "train.eval_every=0", "distributed=zero2",
-                   "distributed.num_processes=1", f"run.root={tmp_path}"])
+    ran = run_cli(
+        [
+            "+experiment=tiny",
+            "train.max_steps=4",
+            "ckpt.every=2",
+            "train.eval_every=0",
+            "distributed=zero2",
+            "distributed.num_processes=1",
+            f"run.root={tmp_path}",
+        ]
+    )
     assert ran.returncode == 0, ran.stderr[-2000:]
     run_dir = RunDir(tmp_path / "tiny")
     assert (run_dir.checkpoints / "step-000004" / "pytorch_model" / "mp_rank_00_model_states.pt").is_file()
@@ -284,15 +325,24 @@ def test_eval_with_a_broken_prompt_line_names_file_and_line(tiny_run, tmp_path) 
 
 
 def test_eval_with_a_judge_that_does_not_import_names_key_and_target(tiny_run, prompt_file) -> None:
-    line = _one_line_error(_module(["noesis_accel.after.evaluate", str(tiny_run[0]), f"eval.prompts={prompt_file}",
-                                    "eval.judge._target_=tribunal_missing.judges.Tribunal"]))
+    line = _one_line_error(
+        _module(
+            [
+                "noesis_accel.after.evaluate",
+                str(tiny_run[0]),
+                f"eval.prompts={prompt_file}",
+                "eval.judge._target_=tribunal_missing.judges.Tribunal",
+            ]
+        )
+    )
     assert "eval.judge._target_" in line and "tribunal_missing.judges.Tribunal" in line
 
 
 def test_push_to_hub_without_a_token_is_one_line_before_any_merge(tiny_run, tmp_path) -> None:
     no_token = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
-    line = _one_line_error(_module(["noesis_accel.after.export", str(tiny_run[0]), "--push-to-hub", "lyceum/noesis-tiny"],
-                                   env=no_token))
+    line = _one_line_error(
+        _module(["noesis_accel.after.export", str(tiny_run[0]), "--push-to-hub", "lyceum/noesis-tiny"], env=no_token)
+    )
     assert "--push-to-hub lyceum/noesis-tiny: no Hugging Face token" in line
     assert not (tiny_run[0] / "export").exists()
 
@@ -353,8 +403,9 @@ def test_report_of_a_resumed_run_plots_metrics_and_marks_the_resume(resumed_run)
         expected = [(m["step"], m[key]) for m in metrics if key in m]
         assert list(zip(plotted[key]["step"], plotted[key]["value"])) == expected, key
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 13))  # redone steps logged once
-    assert plotted["marks"]["resume"] == [{"step": 3, "from": "step-000003", "attempt": 2, "lost_steps": 2,
-                                           "lost_steps_exact": True}]  # on a local disk every step was durable
+    assert plotted["marks"]["resume"] == [
+        {"step": 3, "from": "step-000003", "attempt": 2, "lost_steps": 2, "lost_steps_exact": True}
+    ]  # on a local disk every step was durable
     assert [m["step"] for m in plotted["marks"]["interruption"]] == [5]
     assert [m["step"] for m in plotted["marks"]["checkpoint"]] == [3, 6, 9, 12]
 
@@ -377,7 +428,7 @@ def test_report_of_a_resumed_run_plots_metrics_and_marks_the_resume(resumed_run)
 
 
 def test_reference_judges() -> None:
-    assert judges.exact("q", " noesis. ", "Noesis", {}) [0] == 1.0
+    assert judges.exact("q", " noesis. ", "Noesis", {})[0] == 1.0
     assert judges.exact("q", "I am Noesis", "Noesis", {})[0] == 0.0
     assert judges.contains("q", "I am NOESIS!", "Noesis", {})[0] == 1.0
     assert judges.contains("q", "I am Noesis", "Noesis", {}, case_sensitive=True)[0] == 1.0
@@ -389,25 +440,42 @@ def test_reference_judges() -> None:
     assert judges.regex("q", "x", "(", {})[0] is None
 
 
-@pytest.mark.parametrize("reply, score", [
-    ("Score: 5 - fully correct", 1.0), ("**Score**: 3/5. Partly right", 0.5), ('{"score": 2, "reason": "no"}', 0.25),
-    ("I would rate it 8 out of 10.", 0.8), ("4. It names Noesis", 0.75), ("score = 1", 0.0),
-    ("The answer mentions Noesis.", None), ("Score: 9", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "reply, score",
+    [
+        ("Score: 5 - fully correct", 1.0),
+        ("**Score**: 3/5. Partly right", 0.5),
+        ('{"score": 2, "reason": "no"}', 0.25),
+        ("I would rate it 8 out of 10.", 0.8),
+        ("4. It names Noesis", 0.75),
+        ("score = 1", 0.0),
+        ("The answer mentions Noesis.", None),
+        ("Score: 9", None),
+        ("", None),
+    ],
+)
 def test_parse_score_reads_what_judge_models_write(reply: str, score) -> None:
     assert judges.parse_score(reply, 1, 5) == (pytest.approx(score) if score is not None else None)
 
 
 def test_model_judge_prompts_a_chat_model_and_parses_its_score(tiny_run, monkeypatch, tmp_path) -> None:
     out = export_run(tiny_run[0], out=tmp_path / "judge-model", log=lambda _: None)
-    judge, name = judges.load_judge({"_target_": "noesis_accel.after.judges.ModelJudge", "name_or_path": str(out),
-                                     "max_new_tokens": 3, "device": "cpu"})
+    judge, name = judges.load_judge(
+        {
+            "_target_": "noesis_accel.after.judges.ModelJudge",
+            "name_or_path": str(out),
+            "max_new_tokens": 3,
+            "device": "cpu",
+        }
+    )
     assert name == "noesis_accel.after.judges.ModelJudge"
     assert "Expected answer: Noesis" in judge.question("What is your name?", "I am Noesis", "Noesis")
     score, reason = judge("What is your name?", "I am Noesis", "Noesis", {})  # a random 2-layer model: no score
     assert score is None and reason.startswith("no score in the judge's reply")
     seen = []
-    monkeypatch.setattr("noesis_accel.training.generate.reply", lambda model, tok, text, n: seen.append(text) or "Score: 4 - ok")
+    monkeypatch.setattr(
+        "noesis_accel.training.generate.reply", lambda model, tok, text, n: seen.append(text) or "Score: 4 - ok"
+    )
     assert judge("What is your name?", "I am Noesis", "Noesis", {}) == (0.75, "Score: 4 - ok")
     assert "Assistant's answer: I am Noesis" in seen[0]
 
@@ -428,8 +496,12 @@ def test_load_judge_refuses_what_is_not_a_judge() -> None:
 def test_prompt_file_errors_name_the_line(tmp_path) -> None:
     good = read_prompts(str(write_jsonl(tmp_path / "ok.jsonl", PROMPTS + [""])))
     assert [p.tags for p in good] == [["name"], ["maker"], ["open"]] and good[1].expected == ["Lyceum Labs", "Lyceum"]
-    for line, message in [('{"expected": "x"}', "field 'prompt'"), ('{"prompt": "q", "expected": 3}', "field 'expected'"),
-                          ('["q"]', "must be a JSON object"), ('{"prompt": "q", "tags": [1]}', "field 'tags'")]:
+    for line, message in [
+        ('{"expected": "x"}', "field 'prompt'"),
+        ('{"prompt": "q", "expected": 3}', "field 'expected'"),
+        ('["q"]', "must be a JSON object"),
+        ('{"prompt": "q", "tags": [1]}', "field 'tags'"),
+    ]:
         bad = write_jsonl(tmp_path / "bad.jsonl", [PROMPTS[0], line])
         with pytest.raises(DataError, match=f"{bad}:2: .*{message}"):
             read_prompts(str(bad))
@@ -458,8 +530,14 @@ def test_eval_keys_do_not_change_the_math(tmp_path) -> None:
 def test_after_training_with_a_missing_judge_fails_before_training(tmp_path) -> None:
     from noesis_accel.processes.train import run
 
-    cfg = compose(["+experiment=tiny", f"run.root={tmp_path}", "eval.after_training=true",
-                   "eval.judge._target_=tribunal_missing.judge"])
+    cfg = compose(
+        [
+            "+experiment=tiny",
+            f"run.root={tmp_path}",
+            "eval.after_training=true",
+            "eval.judge._target_=tribunal_missing.judge",
+        ]
+    )
     with pytest.raises(ConfigError, match="eval.judge._target_"):
         run(cfg)
     assert not (tmp_path / "tiny").exists()

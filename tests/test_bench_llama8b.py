@@ -12,7 +12,7 @@ from noesis_accel.config import compose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-import llama8b  # noqa: E402
+import llama8b
 
 LLAMA3_8B_PARAMETERS = 8_030_261_248  # Meta's Llama-3-8B
 
@@ -32,8 +32,7 @@ def test_the_8b_config_is_llama3_8b_and_n_counts_its_matmuls() -> None:
 
 def test_cpu_smoke_runs_ours_and_the_trainer_on_the_same_records(tmp_path, capsys) -> None:
     out = tmp_path / "llama8b.json"
-    rows = llama8b.main(["--cpu-smoke", "--json", str(out),
-                         "--only", "hf-gc,ours-nogc-packing,ours-nogc-liger"])
+    rows = llama8b.main(["--cpu-smoke", "--json", str(out), "--only", "hf-gc,ours-nogc-packing,ours-nogc-liger"])
     by_name = {r.variant: r for r in rows}
     hf, packed = by_name["HF Trainer (gc on)"], by_name["ours (gc off, packing)"]
     assert hf.status == packed.status == "ok", (hf.status, packed.status)

@@ -12,14 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from noesis_accel.rundir.checkpoint import MANIFEST, checkpoint_problem
-from noesis_accel.config import compose
-from noesis_accel.rundir.status import main as status_main
-from noesis_accel.rundir.status import read_status
-from noesis_accel.processes.train import run
-
 from conftest import run_cli, uninterrupted_run
 from helpers import (
     assert_same_adapter,
@@ -29,6 +21,13 @@ from helpers import (
     step_losses,
     wait_until,
 )
+from safetensors.torch import load_file
+
+from noesis_accel.config import compose
+from noesis_accel.processes.train import run
+from noesis_accel.rundir.checkpoint import MANIFEST, checkpoint_problem
+from noesis_accel.rundir.status import main as status_main
+from noesis_accel.rundir.status import read_status
 
 STEPS = 12
 BASE = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0.5"]
@@ -116,8 +115,9 @@ def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_
 
 
 # The byte flip (found only by the checksum) runs by default; truncation and deletion in the slow suite.
-@pytest.mark.parametrize("damage", [pytest.param("truncate", marks=pytest.mark.slow),
-                                    pytest.param("delete", marks=pytest.mark.slow), "flip"])
+@pytest.mark.parametrize(
+    "damage", [pytest.param("truncate", marks=pytest.mark.slow), pytest.param("delete", marks=pytest.mark.slow), "flip"]
+)
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: str, capsys) -> None:
     command = BASE + [f"run.root={tmp_path}", "ckpt.keep_last=2"]
     assert run_cli(command).returncode == 0
@@ -175,13 +175,24 @@ class RecordingCommitter:
         if self.calls <= self.failures:
             raise OSError("volume temporarily unavailable")
         newest = max(p for p in self.checkpoints.iterdir() if not p.name.endswith(".tmp"))
-        self.seen.append((newest.name, checkpoint_problem(newest), sorted(p.name for p in self.checkpoints.glob("*.tmp"))))
+        self.seen.append(
+            (newest.name, checkpoint_problem(newest), sorted(p.name for p in self.checkpoints.glob("*.tmp")))
+        )
 
 
 def test_every_tenth_of_the_run_is_saved_committed_and_pruned(tmp_path) -> None:
     # Progress commits off: this counts the commits of checkpoints.
-    cfg = compose(["+experiment=tiny", "train.max_steps=20", "ckpt.every=0.1", "ckpt.keep_last=3",
-                   f"run.root={tmp_path}", "train.eval_every=0", "ckpt.progress_commit_s=0"])
+    cfg = compose(
+        [
+            "+experiment=tiny",
+            "train.max_steps=20",
+            "ckpt.every=0.1",
+            "ckpt.keep_last=3",
+            f"run.root={tmp_path}",
+            "train.eval_every=0",
+            "ckpt.progress_commit_s=0",
+        ]
+    )
     committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints")
     run(cfg, committer)
     # Ten checkpoints, one per tenth of the run (the tenth is the final one), each committed once,
@@ -198,8 +209,16 @@ def test_every_tenth_of_the_run_is_saved_committed_and_pruned(tmp_path) -> None:
 
 def test_a_commit_that_fails_twice_then_succeeds_loses_nothing(tmp_path) -> None:
     # Progress commits off: the two failures must hit the first checkpoint's commit.
-    cfg = compose(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "ckpt.commit_backoff_s=0",
-                   f"run.root={tmp_path}", "ckpt.progress_commit_s=0"])
+    cfg = compose(
+        [
+            "+experiment=tiny",
+            "train.max_steps=4",
+            "ckpt.every=2",
+            "ckpt.commit_backoff_s=0",
+            f"run.root={tmp_path}",
+            "ckpt.progress_commit_s=0",
+        ]
+    )
     committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints", failures=2)
     result = run(cfg, committer)
     assert result.state == "completed"
@@ -210,13 +229,25 @@ def test_a_commit_that_fails_twice_then_succeeds_loses_nothing(tmp_path) -> None
 def test_a_commit_that_never_succeeds_is_reported_and_keeps_every_checkpoint(tmp_path, capsys) -> None:
     """A commit failing past its budget must not end the run (on Modal a Volume can refuse a reload
     while its commit went through): each failure is one warning, and no checkpoint is deleted."""
-    cfg = compose(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "ckpt.commit_backoff_s=0",
-                   "ckpt.commit_retries=1", f"run.root={tmp_path}", "ckpt.progress_commit_s=0"])
+    cfg = compose(
+        [
+            "+experiment=tiny",
+            "train.max_steps=4",
+            "ckpt.every=2",
+            "ckpt.commit_backoff_s=0",
+            "ckpt.commit_retries=1",
+            f"run.root={tmp_path}",
+            "ckpt.progress_commit_s=0",
+        ]
+    )
     committer = RecordingCommitter(tmp_path / "tiny" / "checkpoints", failures=100)
     assert run(cfg, committer).state == "completed"
-    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert [w.split(" is saved")[0] for w in warnings] == [
-        "warning: checkpoint step-000002", "warning: checkpoint step-000004", "warning: the run dir's final state"]
+        "warning: checkpoint step-000002",
+        "warning: checkpoint step-000004",
+        "warning: the run dir's final state",
+    ]
     assert all("volume temporarily unavailable" in w for w in warnings)
     assert committer.calls == 6  # two attempts each: commit_retries=1
     assert sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -237,16 +268,18 @@ def test_a_commit_retries_within_its_time_budget() -> None:
 
 
 def test_lora_checkpoint_holds_adapter_and_optimizer_not_the_base(tmp_path) -> None:
-    cfg = compose(["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", "peft.r=64", "peft.alpha=128",
-                   f"run.root={tmp_path}"])
+    cfg = compose(
+        ["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", "peft.r=64", "peft.alpha=128", f"run.root={tmp_path}"]
+    )
     run(cfg)
     checkpoint = tmp_path / "tiny" / "checkpoints" / "step-000002"
     checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.iterdir())
     adapter = load_file(str(checkpoint / "model.safetensors"))
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
-    optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer["state"].values()
-                          for t in s.values() if torch.is_tensor(t))
+    optimizer_bytes = sum(
+        t.numel() * t.element_size() for s in optimizer["state"].values() for t in s.values() if torch.is_tensor(t)
+    )
     assert all("lora_" in name for name in adapter)  # no frozen base weight
     assert checkpoint_bytes <= 3 * (adapter_bytes + optimizer_bytes)
 

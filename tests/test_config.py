@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli
 from omegaconf import OmegaConf
 
 from noesis_accel.config import CONF_DIR, accumulation_steps, compose, differing_math_keys, validate
 from noesis_accel.core.errors import ConfigError
-
-from conftest import run_cli
 
 GROUPS = ["model", "data", "peft", "optim", "train", "ckpt", "distributed"]
 
@@ -57,9 +56,24 @@ def test_noesis_recipe_is_the_production_recipe() -> None:
 
 def test_public_keys_exist() -> None:
     cfg = compose([])
-    for key in ["run.root", "run.name", "data.path", "data.min_examples", "data.max_length", "train.max_steps",
-                "train.epochs", "train.global_batch_size", "train.micro_batch_size", "train.seed", "optim.name",
-                "optim.lr", "ckpt.every", "ckpt.keep_last", "ckpt.resume", "distributed.type"]:
+    for key in [
+        "run.root",
+        "run.name",
+        "data.path",
+        "data.min_examples",
+        "data.max_length",
+        "train.max_steps",
+        "train.epochs",
+        "train.global_batch_size",
+        "train.micro_batch_size",
+        "train.seed",
+        "optim.name",
+        "optim.lr",
+        "ckpt.every",
+        "ckpt.keep_last",
+        "ckpt.resume",
+        "distributed.type",
+    ]:
         assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import chat_records, run_cli, write_jsonl
 
-from noesis_accel.training import data
 from noesis_accel.config import compose
 from noesis_accel.core.errors import DataError
+from noesis_accel.training import data
 from noesis_accel.training.modeling import load_tokenizer
-
-from conftest import chat_records, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +19,17 @@ def tokenizer():
 
 
 def _labelled(ids: list[int], labels: list[int]) -> list[int]:
-    return [t for t, l in zip(ids, labels) if l != data.IGNORE_INDEX]
+    return [t for t, label in zip(ids, labels) if label != data.IGNORE_INDEX]
 
 
 def test_chat_masks_everything_but_assistant_turns(tokenizer) -> None:
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "What is your name?"},
-                {"role": "assistant", "content": "I am Noesis."},
-                {"role": "user", "content": "Who made you?"},
-                {"role": "assistant", "content": "Lyceum Labs."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is your name?"},
+        {"role": "assistant", "content": "I am Noesis."},
+        {"role": "user", "content": "Who made you?"},
+        {"role": "assistant", "content": "Lyceum Labs."},
+    ]
     ids, labels, truncated = data.tokenize_record(tokenizer, data.RawRecord("x:1", {"messages": messages}), "chat", 512)
     assert not truncated and len(ids) == len(labels)
     # Independent expectation, token by token: a token is learned iff it lies inside an assistant turn,
@@ -37,7 +38,9 @@ def test_chat_masks_everything_but_assistant_turns(tokenizer) -> None:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True, return_dict=False))
+        start = len(
+            tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
         end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False))
         for position in range(start, end):
             expected[position] = ids[position]
@@ -52,21 +55,32 @@ def test_prompt_completion_learns_only_the_completion(tokenizer) -> None:
     ids, labels, _ = data.tokenize_record(tokenizer, record, "prompt_completion", 512)
     assert tokenizer.decode(_labelled(ids, labels)) == " Paris" + tokenizer.eos_token
     prompt_len = len(tokenizer("Q: capital of France?\nA:", add_special_tokens=True)["input_ids"])
-    assert all(l == data.IGNORE_INDEX for l in labels[:prompt_len])
+    assert all(label == data.IGNORE_INDEX for label in labels[:prompt_len])
 
 
 def test_text_learns_every_token(tokenizer) -> None:
-    ids, labels, _ = data.tokenize_record(tokenizer, data.RawRecord("x:1", {"text": "Noesis means understanding."}), "text", 512)
+    ids, labels, _ = data.tokenize_record(
+        tokenizer, data.RawRecord("x:1", {"text": "Noesis means understanding."}), "text", 512
+    )
     assert labels == ids
     assert tokenizer.decode(ids) == "Noesis means understanding." + tokenizer.eos_token
 
 
 def test_truncation_is_counted_and_fully_truncated_records_dropped(tokenizer, tmp_path: Path) -> None:
     long_user = "word " * 200
-    records = chat_records(20) + [{"messages": [{"role": "user", "content": long_user},
-                                                {"role": "assistant", "content": "ok"}]}]
-    cfg = compose(["model=tiny", f"data.path={write_jsonl(tmp_path / 'd.jsonl', records)}", "data.max_length=64",
-                   "data.min_examples=1", "data.eval_fraction=0", f"data.cache_dir={tmp_path / 'cache'}"])
+    records = chat_records(20) + [
+        {"messages": [{"role": "user", "content": long_user}, {"role": "assistant", "content": "ok"}]}
+    ]
+    cfg = compose(
+        [
+            "model=tiny",
+            f"data.path={write_jsonl(tmp_path / 'd.jsonl', records)}",
+            "data.max_length=64",
+            "data.min_examples=1",
+            "data.eval_fraction=0",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     prepared = data.prepare(cfg.data, tokenizer, seed=0)
     assert prepared.stats.truncated == 1 and prepared.stats.dropped_truncated == 1
     assert prepared.stats.train_records == 20
@@ -75,8 +89,15 @@ def test_truncation_is_counted_and_fully_truncated_records_dropped(tokenizer, tm
 
 def test_held_out_split_is_seeded_and_disjoint(tokenizer, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", chat_records(50))
-    cfg = compose(["model=tiny", f"data.path={path}", "data.min_examples=1", "data.eval_fraction=0.2",
-                   f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = compose(
+        [
+            "model=tiny",
+            f"data.path={path}",
+            "data.min_examples=1",
+            "data.eval_fraction=0.2",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     first = data.prepare(cfg.data, tokenizer, seed=3)
     assert (first.stats.train_records, first.stats.eval_records) == (40, 10)
     train_texts = {tuple(x) for x in first.train["input_ids"]}
@@ -127,7 +148,9 @@ def test_unknown_shape_names_the_fields_and_the_shapes(tokenizer, tmp_path: Path
 
 
 def test_empty_content_names_the_field(tokenizer, tmp_path: Path) -> None:
-    records = chat_records(2) + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}]
+    records = chat_records(2) + [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}
+    ]
     assert "bad.jsonl:3: field 'messages[1].content' is empty" in _error_for(tmp_path, tokenizer, records)
 
 
@@ -145,12 +168,16 @@ def test_too_few_examples(tokenizer, tmp_path: Path) -> None:
 
 def test_every_record_truncated_away(tokenizer, tmp_path: Path) -> None:
     records = [{"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}] * 5
-    assert "every one of 5 records was truncated away at data.max_length=16" in _error_for(tmp_path, tokenizer, records, max_length=16)
+    assert "every one of 5 records was truncated away at data.max_length=16" in _error_for(
+        tmp_path, tokenizer, records, max_length=16
+    )
 
 
 def test_bad_data_from_the_cli_exits_nonzero_without_traceback(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", chat_records(3) + ["not json"])
-    result = run_cli(["+experiment=tiny", f"run.root={tmp_path}", f"data.path={path}", f"data.cache_dir={tmp_path / 'c'}"])
+    result = run_cli(
+        ["+experiment=tiny", f"run.root={tmp_path}", f"data.path={path}", f"data.cache_dir={tmp_path / 'c'}"]
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{path}:4: invalid JSON" in result.stderr
     assert "Traceback" not in result.stderr

@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import chat_records, run_cli, write_jsonl
 
-from noesis_accel.training import data
 from noesis_accel.config import compose
 from noesis_accel.core.errors import DataError
+from noesis_accel.training import data
 from noesis_accel.training.modeling import load_tokenizer
-
-from conftest import chat_records, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,9 @@ def tokenizer():
 
 
 def _cfg(tmp_path: Path, path: Path, *overrides: str):
-    return compose(["model=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_examples=1",
-                    *overrides]).data
+    return compose(
+        ["model=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_examples=1", *overrides]
+    ).data
 
 
 def _texts(prepared_split, tokenizer) -> set[str]:
@@ -33,8 +33,15 @@ def _texts(prepared_split, tokenizer) -> set[str]:
 
 def _long_records(n: int, start: int = 0) -> list[dict]:
     """Chat records whose user turn alone fills 64 tokens: truncation leaves no assistant token."""
-    return [{"messages": [{"role": "user", "content": f"Long {start + i}: " + "word " * 200},
-                          {"role": "assistant", "content": "ok"}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Long {start + i}: " + "word " * 200},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 # ---------------------------------------------------------------- splits
@@ -44,9 +51,18 @@ def test_a_directory_of_splits_trains_on_train_only_and_holds_out_test(tokenizer
     folder = tmp_path / "d"
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", chat_records(30))
-    write_jsonl(folder / "test.jsonl", [{"messages": [{"role": "user", "content": f"Test question {i}?"},
-                                                      {"role": "assistant", "content": f"Test answer {i}."}]}
-                                        for i in range(5)])
+    write_jsonl(
+        folder / "test.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Test question {i}?"},
+                    {"role": "assistant", "content": f"Test answer {i}."},
+                ]
+            }
+            for i in range(5)
+        ],
+    )
     prepared = data.prepare(_cfg(tmp_path, folder), tokenizer, seed=0)
     assert not any("Test" in text for text in _texts(prepared.train, tokenizer))
     assert prepared.stats.train_records == 30 and prepared.stats.eval_records == 5
@@ -61,8 +77,9 @@ def test_validation_split_is_preferred_and_sharded_files_join_their_split(tokeni
     folder.mkdir()
     records = chat_records(40)
     for shard in range(2):  # the hub's shard naming: train-00000-of-00002.parquet
-        pq.write_table(pa.Table.from_pylist(records[shard * 20:(shard + 1) * 20]),
-                       folder / f"train-{shard:05d}-of-00002.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(records[shard * 20 : (shard + 1) * 20]), folder / f"train-{shard:05d}-of-00002.parquet"
+        )
     write_jsonl(folder / "validation.jsonl", chat_records(3))
     write_jsonl(folder / "test.jsonl", chat_records(7))
     prepared = data.prepare(_cfg(tmp_path, folder), tokenizer, seed=0)
@@ -109,10 +126,19 @@ def test_split_of_follows_the_datasets_convention() -> None:
     from noesis_accel.training.data_sources import split_of
 
     names = ("train", "validation", "test")
-    assert [split_of(n, names) for n in ("train.jsonl", "train-00000-of-00002.parquet", "validation.jsonl",
-                                         "dev.json", "test_final.jsonl", "training.jsonl", "trainer.jsonl",
-                                         "notes.jsonl")] == \
-        ["train", "train", "validation", "validation", "test", "train", None, None]
+    assert [
+        split_of(n, names)
+        for n in (
+            "train.jsonl",
+            "train-00000-of-00002.parquet",
+            "validation.jsonl",
+            "dev.json",
+            "test_final.jsonl",
+            "training.jsonl",
+            "trainer.jsonl",
+            "notes.jsonl",
+        )
+    ] == ["train", "train", "validation", "validation", "test", "train", None, None]
     assert split_of("train_sft-00000-of-00001.parquet", ("train", "train_sft")) == "train_sft"
 
 
@@ -121,8 +147,9 @@ def test_split_of_follows_the_datasets_convention() -> None:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_invalid_json_lists_every_bad_line(tokenizer, tmp_path: Path, processes: int) -> None:
-    path = write_jsonl(tmp_path / "bad.jsonl", chat_records(3) + ['{"messages": [}'] + chat_records(2) + ["not json"]
-                       + ['{"a": 1'])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl", chat_records(3) + ['{"messages": [}'] + chat_records(2) + ["not json"] + ['{"a": 1']
+    )
     with pytest.raises(DataError) as err:
         data.prepare(_cfg(tmp_path, path, f"data.num_proc={processes}"), tokenizer, seed=0)
     message = str(err.value)
@@ -164,8 +191,12 @@ def test_too_few_records_names_the_files_read(tokenizer, tmp_path: Path) -> None
 
 def test_dropped_and_truncated_records_are_counted_with_where(tokenizer, tmp_path: Path) -> None:
     records = chat_records(18) + _long_records(2)
-    records[5] = {"messages": [{"role": "user", "content": "Short question?"},
-                               {"role": "assistant", "content": "A long answer " + "word " * 200}]}
+    records[5] = {
+        "messages": [
+            {"role": "user", "content": "Short question?"},
+            {"role": "assistant", "content": "A long answer " + "word " * 200},
+        ]
+    }
     path = write_jsonl(tmp_path / "d.jsonl", records)
     prepared = data.prepare(_cfg(tmp_path, path, "data.max_length=64", "data.eval_fraction=0"), tokenizer, seed=0)
     assert (prepared.stats.truncated, prepared.stats.dropped_truncated, prepared.stats.train_records) == (3, 2, 18)
@@ -176,19 +207,28 @@ def test_dropped_and_truncated_records_are_counted_with_where(tokenizer, tmp_pat
 
 def test_training_says_what_was_dropped(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", chat_records(60) + _long_records(6))
-    result = run_cli(["+experiment=tiny", f"run.root={tmp_path}", f"data.path={path}", "data.max_length=64",
-                      f"data.cache_dir={tmp_path / 'c'}", "train.max_steps=1", "train.eval_every=0"])
+    result = run_cli(
+        [
+            "+experiment=tiny",
+            f"run.root={tmp_path}",
+            f"data.path={path}",
+            "data.max_length=64",
+            f"data.cache_dir={tmp_path / 'c'}",
+            "train.max_steps=1",
+            "train.eval_every=0",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "6 records dropped" in result.stdout and f"{path}:61" in result.stdout
 
 
 def test_on_too_long_drop_drops_every_long_record(tokenizer, tmp_path: Path) -> None:
     records = chat_records(10)
-    records[2] = {"messages": [{"role": "user", "content": "Short?"},
-                               {"role": "assistant", "content": "word " * 200}]}
+    records[2] = {"messages": [{"role": "user", "content": "Short?"}, {"role": "assistant", "content": "word " * 200}]}
     path = write_jsonl(tmp_path / "d.jsonl", records + _long_records(1))
-    prepared = data.prepare(_cfg(tmp_path, path, "data.max_length=64", "data.eval_fraction=0",
-                                 "data.on_too_long=drop"), tokenizer, seed=0)
+    prepared = data.prepare(
+        _cfg(tmp_path, path, "data.max_length=64", "data.eval_fraction=0", "data.on_too_long=drop"), tokenizer, seed=0
+    )
     assert prepared.stats.train_records == 9 and prepared.stats.truncated == 0
     assert max(prepared.train["length"]) < 64
     assert "2 records dropped, longer than data.max_length=64" in "\n".join(data.describe(prepared.stats))
@@ -237,8 +277,7 @@ def test_sample_data_prepares_to_the_pinned_bytes(tokenizer, tmp_path: Path, ove
 
 
 def test_parallel_tokenisation_gives_the_same_bytes(tokenizer, tmp_path: Path) -> None:
-    cfg = compose(["+experiment=tiny", f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=40",
-                   "data.num_proc=2"])
+    cfg = compose(["+experiment=tiny", f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=40", "data.num_proc=2"])
     prepared = data.prepare(cfg.data, tokenizer, seed=int(cfg.train.seed))
     assert (_digest(prepared.train), _digest(prepared.eval)) == PINNED[("data.max_length=40",)]
     assert prepared.stats.dropped_truncated == 12

@@ -8,15 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 from omegaconf import OmegaConf
 
-from noesis_accel.training import data, formats
 from noesis_accel.config import _CHOICES, compose, differing_math_keys
 from noesis_accel.core.errors import DataError
-from noesis_accel.training.modeling import load_tokenizer
 from noesis_accel.processes.train import run
-
-from conftest import write_jsonl
+from noesis_accel.training import data, formats
+from noesis_accel.training.modeling import load_tokenizer
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 END = "<|im_end|>\n"  # SmolLM2's end of turn: learned with every assistant turn
@@ -52,12 +51,23 @@ TOOL_TEMPLATE = """\
 """
 
 TOOL_RECORD = {
-    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ],
     "messages": [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "18C, sunny"},
         {"role": "assistant", "content": "It is 18C and sunny in Paris."},
     ],
@@ -101,35 +111,51 @@ def _learned_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 
 
 def test_messages_with_openai_text_parts(tokenizer) -> None:
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What is your name?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "I am"},
-                                                  {"type": "text", "text": "Noesis."}]},
-                {"role": "user", "content": "Who made you?"},
-                {"role": "assistant", "content": "Lyceum Labs."}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "What is your name?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "I am"}, {"type": "text", "text": "Noesis."}]},
+        {"role": "user", "content": "Who made you?"},
+        {"role": "assistant", "content": "Lyceum Labs."},
+    ]
     ids, labels = _tokenize(tokenizer, {"messages": messages})
     assert _learned_runs(tokenizer, ids, labels) == ["I am\nNoesis." + END, "Lyceum Labs." + END]
-    as_strings = [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "I am\nNoesis."},
-                  *messages[2:]]
+    as_strings = [
+        {"role": "user", "content": "What is your name?"},
+        {"role": "assistant", "content": "I am\nNoesis."},
+        *messages[2:],
+    ]
     assert ids == tokenizer.apply_chat_template(as_strings, tokenize=True, return_dict=False)
 
 
 def test_sharegpt(tokenizer) -> None:
-    record = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name?"},
-                                {"from": "gpt", "value": "Noesis."}, {"from": "human", "value": "Maker?"},
-                                {"from": "gpt", "value": "Lyceum Labs."}]}
+    record = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Name?"},
+            {"from": "gpt", "value": "Noesis."},
+            {"from": "human", "value": "Maker?"},
+            {"from": "gpt", "value": "Lyceum Labs."},
+        ]
+    }
     ids, labels = _tokenize(tokenizer, record)
     assert _learned_runs(tokenizer, ids, labels) == ["Noesis." + END, "Lyceum Labs." + END]
     assert tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName?")
 
 
 def test_alpaca(tokenizer) -> None:
-    record = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour",
-              "system": "You translate."}
+    record = {
+        "instruction": "Translate to French.",
+        "input": "Good morning",
+        "output": "Bonjour",
+        "system": "You translate.",
+    }
     ids, labels = _tokenize(tokenizer, record)
     assert _learned_runs(tokenizer, ids, labels) == ["Bonjour" + END]
-    assert tokenizer.decode(ids) == ("<|im_start|>system\nYou translate.<|im_end|>\n<|im_start|>user\n"
-                                     "Translate to French.\n\nGood morning<|im_end|>\n"
-                                     "<|im_start|>assistant\nBonjour" + END)
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nYou translate.<|im_end|>\n<|im_start|>user\n"
+        "Translate to French.\n\nGood morning<|im_end|>\n"
+        "<|im_start|>assistant\nBonjour" + END
+    )
 
 
 def test_prompt_completion(tokenizer) -> None:
@@ -138,9 +164,14 @@ def test_prompt_completion(tokenizer) -> None:
 
 
 def test_conversational_prompt_completion_learns_the_completion_only(tokenizer) -> None:
-    record = {"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-                         {"role": "user", "content": "3+3?"}],
-              "completion": [{"role": "assistant", "content": "6"}]}
+    record = {
+        "prompt": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3?"},
+        ],
+        "completion": [{"role": "assistant", "content": "6"}],
+    }
     ids, labels = _tokenize(tokenizer, record)
     assert _learned_runs(tokenizer, ids, labels) == ["6" + END]  # the prompt's assistant turn is context
 
@@ -150,11 +181,17 @@ def test_text(tokenizer) -> None:
     assert _learned_runs(tokenizer, ids, labels) == ["Noesis means understanding." + tokenizer.eos_token]
 
 
-@pytest.mark.parametrize(("fields", "shape"), [
-    ({"messages": []}, "messages"), ({"conversations": []}, "sharegpt"),
-    ({"instruction": "", "output": ""}, "alpaca"), ({"prompt": "", "completion": ""}, "prompt_completion"),
-    ({"prompt": [], "completion": []}, "conversational_prompt_completion"), ({"text": ""}, "text"),
-])
+@pytest.mark.parametrize(
+    ("fields", "shape"),
+    [
+        ({"messages": []}, "messages"),
+        ({"conversations": []}, "sharegpt"),
+        ({"instruction": "", "output": ""}, "alpaca"),
+        ({"prompt": "", "completion": ""}, "prompt_completion"),
+        ({"prompt": [], "completion": []}, "conversational_prompt_completion"),
+        ({"text": ""}, "text"),
+    ],
+)
 def test_each_shape_is_detected_and_selectable_by_name(fields: dict, shape: str) -> None:
     record = data.RawRecord("r.jsonl:1", fields)
     assert data.detect_format(record, "auto") == shape
@@ -173,9 +210,16 @@ def test_sharegpt_file_trains_the_same_tokens_as_its_messages_file(tokenizer, tm
     messages = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
     prepared = []
     for name, records in (("sharegpt", sharegpt), ("messages", messages)):
-        cfg = compose(["model=tiny", f"data.path={write_jsonl(tmp_path / f'{name}.jsonl', records)}",
-                       "data.format=auto", "data.min_examples=1", "data.eval_fraction=0",
-                       f"data.cache_dir={tmp_path / 'cache'}"])
+        cfg = compose(
+            [
+                "model=tiny",
+                f"data.path={write_jsonl(tmp_path / f'{name}.jsonl', records)}",
+                "data.format=auto",
+                "data.min_examples=1",
+                "data.eval_fraction=0",
+                f"data.cache_dir={tmp_path / 'cache'}",
+            ]
+        )
         prepared.append(data.prepare(cfg.data, tokenizer, seed=0))
     assert prepared[0].stats.format == "sharegpt" and prepared[1].stats.format == "messages"
     assert prepared[0].train["input_ids"] == prepared[1].train["input_ids"]
@@ -186,25 +230,42 @@ def test_sharegpt_file_trains_the_same_tokens_as_its_messages_file(tokenizer, tm
 
 
 def test_columns_roles_and_message_keys_map_other_layouts(tokenizer) -> None:
-    record = {"dialog": [{"speaker": "narrator", "text": "Be brief."}, {"speaker": "customer", "text": "Hi"},
-                         {"speaker": "agent", "text": "Hello!"}]}
-    ids, labels = _tokenize(tokenizer, record, "+data.columns={messages: dialog}", "data.role_key=speaker",
-                            "data.content_key=text", "+data.roles={narrator: system, customer: user, agent: assistant}")
+    record = {
+        "dialog": [
+            {"speaker": "narrator", "text": "Be brief."},
+            {"speaker": "customer", "text": "Hi"},
+            {"speaker": "agent", "text": "Hello!"},
+        ]
+    }
+    ids, labels = _tokenize(
+        tokenizer,
+        record,
+        "+data.columns={messages: dialog}",
+        "data.role_key=speaker",
+        "data.content_key=text",
+        "+data.roles={narrator: system, customer: user, agent: assistant}",
+    )
     assert _learned_runs(tokenizer, ids, labels) == ["Hello!" + END]
     assert tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
 
-    ids, labels = _tokenize(tokenizer, {"question": "2+2=", "answer": "4"},
-                            "+data.columns={prompt: question, completion: answer}")
+    ids, labels = _tokenize(
+        tokenizer, {"question": "2+2=", "answer": "4"}, "+data.columns={prompt: question, completion: answer}"
+    )
     assert _learned_runs(tokenizer, ids, labels) == ["4" + tokenizer.eos_token]
 
 
 def test_problems_name_the_files_own_field_and_the_fix() -> None:
-    records = [data.RawRecord("r.jsonl:1", {"conversations": [{"from": "narrator", "value": "hi"},
-                                                               {"from": "gpt", "value": ""}]})]
+    records = [
+        data.RawRecord(
+            "r.jsonl:1", {"conversations": [{"from": "narrator", "value": "hi"}, {"from": "gpt", "value": ""}]}
+        )
+    ]
     with pytest.raises(DataError) as err:
         data.validate_records(records, "auto")
-    assert "r.jsonl:1: conversations[0].from is 'narrator'; use one of system, user, assistant, tool, " \
-           "or map it with data.roles (e.g. +data.roles={narrator: user})" in str(err.value)
+    assert (
+        "r.jsonl:1: conversations[0].from is 'narrator'; use one of system, user, assistant, tool, "
+        "or map it with data.roles (e.g. +data.roles={narrator: user})" in str(err.value)
+    )
     assert "r.jsonl:1: field 'conversations[1].value' is empty" in str(err.value)
     with pytest.raises(DataError, match="data.columns: 'question' is not a field name"):
         data.validate_records(records, "auto", data_cfg=_data_cfg("+data.columns={question: q}"))
@@ -219,14 +280,19 @@ def test_a_declared_shape_that_does_not_fit_says_which_does() -> None:
 def test_image_parts_are_refused_by_name(tokenizer) -> None:
     content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
     with pytest.raises(DataError, match=r"messages\[0\].content\[1\] is a 'image_url' part; only text parts"):
-        _tokenize(tokenizer, {"messages": [{"role": "user", "content": content},
-                                           {"role": "assistant", "content": "A"}]})
+        _tokenize(
+            tokenizer, {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "A"}]}
+        )
 
 
 # ---------------------------------------------------------------- train flags and data.train_on
 
-TWO_TURNS = [{"role": "user", "content": "Name?"}, {"role": "assistant", "content": "Noesis."},
-             {"role": "user", "content": "Maker?"}, {"role": "assistant", "content": "Lyceum Labs."}]
+TWO_TURNS = [
+    {"role": "user", "content": "Name?"},
+    {"role": "assistant", "content": "Noesis."},
+    {"role": "user", "content": "Maker?"},
+    {"role": "assistant", "content": "Lyceum Labs."},
+]
 
 
 def test_weight_zero_on_an_assistant_message_is_not_learned(tokenizer) -> None:
@@ -252,11 +318,14 @@ def test_flags_are_checked(tokenizer) -> None:
         _tokenize(tokenizer, {"messages": [{**TWO_TURNS[0], "weight": 1}, TWO_TURNS[1]]})
 
 
-@pytest.mark.parametrize(("train_on", "expected"), [
-    ("assistant", ["Noesis." + END, "Lyceum Labs." + END]),
-    ("last_assistant", ["Lyceum Labs." + END]),
-    ("all", None),  # every token
-])
+@pytest.mark.parametrize(
+    ("train_on", "expected"),
+    [
+        ("assistant", ["Noesis." + END, "Lyceum Labs." + END]),
+        ("last_assistant", ["Lyceum Labs." + END]),
+        ("all", None),  # every token
+    ],
+)
 def test_train_on(tokenizer, train_on: str, expected: list[str] | None) -> None:
     ids, labels = _tokenize(tokenizer, {"messages": TWO_TURNS}, f"data.train_on={train_on}")
     if expected is None:
@@ -284,10 +353,12 @@ def test_train_on_all_learns_the_prompt_of_prompt_completion(tokenizer) -> None:
 def test_template_that_rewrites_earlier_turns_trains_turn_by_turn(tokenizer, tmp_path: Path) -> None:
     template = tmp_path / "think.jinja"
     template.write_text(THINK_TEMPLATE)
-    messages = [{"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "<think>\nadd\n</think>\n\nFour."},
-                {"role": "user", "content": "3+3?"},
-                {"role": "assistant", "content": "<think>\nadd again\n</think>\n\nSix."}]
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\nFour."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "<think>\nadd again\n</think>\n\nSix."},
+    ]
     # The template itself drops the first turn's reasoning once a user turn follows it...
     whole = tokenizer.apply_chat_template(messages, chat_template=THINK_TEMPLATE, tokenize=False)
     assert "<think>\nadd\n</think>" not in whole
@@ -295,21 +366,28 @@ def test_template_that_rewrites_earlier_turns_trains_turn_by_turn(tokenizer, tmp
     # ...and each turn is trained as the template writes it when that turn is the last one.
     runs = _learned_runs(tokenizer, ids, labels)
     for k, learned in zip((1, 3), runs):
-        prompt = tokenizer.apply_chat_template(messages[:k], chat_template=THINK_TEMPLATE, tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            messages[:k], chat_template=THINK_TEMPLATE, tokenize=False, add_generation_prompt=True
+        )
         through = tokenizer.apply_chat_template(messages[: k + 1], chat_template=THINK_TEMPLATE, tokenize=False)
-        assert learned == through[len(prompt):]
+        assert learned == through[len(prompt) :]
     assert runs == ["<think>\nadd\n</think>\n\nFour." + END, "<think>\nadd again\n</think>\n\nSix." + END]
-    assert tokenizer.decode(ids) == ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + runs[0]
-                                     + "<|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n" + runs[1])
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+        + runs[0]
+        + "<|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n"
+        + runs[1]
+    )
 
 
 def test_tool_calls_with_a_template_that_renders_them(tokenizer, tmp_path: Path) -> None:
     template = tmp_path / "tools.jinja"
     template.write_text(TOOL_TEMPLATE)
     ids, labels = _tokenize(tokenizer, TOOL_RECORD, f"data.chat_template={template}")
-    assert _learned_runs(tokenizer, ids, labels) == ['<tool_call>get_weather {"city": "Paris"}</tool_call>' + END,
-                                                     "It is 18C and sunny in Paris." + END]
+    assert _learned_runs(tokenizer, ids, labels) == [
+        '<tool_call>get_weather {"city": "Paris"}</tool_call>' + END,
+        "It is 18C and sunny in Paris." + END,
+    ]
     rendered = tokenizer.decode(ids)
     assert rendered.startswith("<|im_start|>system\nTools: get_weather<|im_end|>\n")
     assert "<|im_start|>tool\n18C, sunny<|im_end|>\n" in rendered
@@ -318,8 +396,9 @@ def test_tool_calls_with_a_template_that_renders_them(tokenizer, tmp_path: Path)
 def test_a_template_without_tool_support_is_refused_by_name(tokenizer) -> None:
     with pytest.raises(DataError) as err:
         _tokenize(tokenizer, TOOL_RECORD)
-    assert str(err.value).startswith("r.jsonl:1: the chat template does not render the tool call 'get_weather' of "
-                                     "messages[1]")
+    assert str(err.value).startswith(
+        "r.jsonl:1: the chat template does not render the tool call 'get_weather' of messages[1]"
+    )
     assert "set data.chat_template" in str(err.value)
 
 
@@ -330,8 +409,11 @@ def test_a_template_the_tokenizer_ships_by_name(tokenizer) -> None:
     record = data.RawRecord("r.jsonl:1", TOOL_RECORD)
     ids, labels, _ = data.tokenize_record(several, record, "messages", 1024, data_cfg=cfg)
     assert _learned_runs(tokenizer, ids, labels)[1] == "It is 18C and sunny in Paris." + END
-    with pytest.raises(DataError, match="data.chat_template: no template named 'nope' "
-                                        r"\(the tokenizer ships: default, tool_use\)"):
+    with pytest.raises(
+        DataError,
+        match="data.chat_template: no template named 'nope' "
+        r"\(the tokenizer ships: default, tool_use\)",
+    ):
         data.tokenize_record(several, record, "messages", 1024, data_cfg=_data_cfg("data.chat_template=nope"))
     with pytest.raises(DataError, match="data.chat_template: .*missing.jinja does not exist"):
         data.tokenize_record(several, record, "messages", 1024, data_cfg=_data_cfg("data.chat_template=missing.jinja"))
@@ -339,8 +421,10 @@ def test_a_template_the_tokenizer_ships_by_name(tokenizer) -> None:
 
 def test_default_system_prompt_is_named(tokenizer, tmp_path: Path) -> None:
     notes = data.template_notes(tokenizer, _data_cfg(), "sharegpt")
-    assert notes == [f'data: the chat template adds a default system prompt to records without one: "{SMOLLM_SYSTEM}"; '
-                     "add a system turn to your records or set data.chat_template to change it"]
+    assert notes == [
+        f'data: the chat template adds a default system prompt to records without one: "{SMOLLM_SYSTEM}"; '
+        "add a system turn to your records or set data.chat_template to change it"
+    ]
     template = tmp_path / "think.jinja"
     template.write_text(THINK_TEMPLATE)
     assert data.template_notes(tokenizer, _data_cfg(f"data.chat_template={template}"), "messages") == []
@@ -352,8 +436,13 @@ def test_fingerprint_follows_every_setting_that_changes_tokens(tmp_path: Path) -
     template.write_text(THINK_TEMPLATE)
     base = formats.fingerprint(_data_cfg(f"data.chat_template={template}"))
     assert base == formats.fingerprint(_data_cfg(f"data.chat_template={template}"))
-    for override in ("data.train_on=all", "+data.columns={text: body}", "+data.roles={agent: assistant}",
-                     "data.role_key=speaker", "data.format=sharegpt"):
+    for override in (
+        "data.train_on=all",
+        "+data.columns={text: body}",
+        "+data.roles={agent: assistant}",
+        "data.role_key=speaker",
+        "data.format=sharegpt",
+    ):
         assert formats.fingerprint(_data_cfg(f"data.chat_template={template}", override)) != base, override
     template.write_text(THINK_TEMPLATE + " ")
     assert formats.fingerprint(_data_cfg(f"data.chat_template={template}")) != base
@@ -371,11 +460,26 @@ def test_a_run_started_before_these_keys_existed_still_resumes(tiny_cfg) -> None
 
 
 def test_tiny_model_trains_on_a_sharegpt_file(tiny_overrides: list[str], tmp_path: Path, capsys) -> None:
-    records = [{"conversations": [{"from": "human", "value": f"What is {i} plus {i}?"},
-                                  {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."}]} for i in range(60)]
+    records = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"What is {i} plus {i}?"},
+                {"from": "gpt", "value": f"{i} plus {i} is {2 * i}."},
+            ]
+        }
+        for i in range(60)
+    ]
     path = write_jsonl(tmp_path / "sharegpt.jsonl", records)
-    cfg = compose(tiny_overrides + [f"data.path={path}", "data.format=auto", f"data.cache_dir={tmp_path / 'cache'}",
-                                    "train.max_steps=2", "train.eval_every=0"])
+    cfg = compose(
+        tiny_overrides
+        + [
+            f"data.path={path}",
+            "data.format=auto",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.max_steps=2",
+            "train.eval_every=0",
+        ]
+    )
     result = run(cfg)
     assert result.state == "completed"
     out = capsys.readouterr().out

@@ -9,20 +9,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, chat_records, write_jsonl
 
 from noesis_accel.training import datacli
 
-from conftest import REPO, chat_records, write_jsonl
-
 
 def _long(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": "Long: " + "word " * 200},
-                          {"role": "assistant", "content": "ok"}]} for _ in range(n)]
+    return [
+        {"messages": [{"role": "user", "content": "Long: " + "word " * 200}, {"role": "assistant", "content": "ok"}]}
+        for _ in range(n)
+    ]
 
 
 def _args(tmp_path: Path, path: Path, *more: str) -> list[str]:
-    return ["+experiment=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_examples=1",
-            "data.max_length=64", *more]
+    return [
+        "+experiment=tiny",
+        f"data.path={path}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.min_examples=1",
+        "data.max_length=64",
+        *more,
+    ]
 
 
 def test_counts_lengths_and_marked_examples(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -33,8 +40,12 @@ def test_counts_lengths_and_marked_examples(tmp_path: Path, capsys: pytest.Captu
     assert datacli.main(_args(tmp_path, folder, "--examples", "2")) == 0
     out = capsys.readouterr().out
     assert f"data: train split ({folder / 'train.jsonl'}, messages): 22 records read, 20 train" in out
-    assert f"data: validation split, held out ({folder / 'validation.jsonl'}, messages): 4 records read, 4 held out" in out
-    assert f"2 records dropped, truncation at data.max_length=64 left no learned token: {folder / 'train.jsonl'}:21" in out
+    assert (
+        f"data: validation split, held out ({folder / 'validation.jsonl'}, messages): 4 records read, 4 held out" in out
+    )
+    assert (
+        f"2 records dropped, truncation at data.max_length=64 left no learned token: {folder / 'train.jsonl'}:21" in out
+    )
     assert "train split: min " in out and "max 2" in out and "; 2 of 22 over data.max_length" in out
     assert "2 of 20 training records as training sees them (learned tokens between [[ and ]])" in out
     assert f"--- {folder / 'train.jsonl'}:1 (" in out
@@ -63,9 +74,11 @@ def test_bad_data_is_one_error_and_exit_2(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_bad_options_and_overrides_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    for argv, said in ((["--examples", "many"], "--examples takes a whole number"),
-                       (["+experiment=tiny", "data.on_too_long=cut"], "data.on_too_long: 'cut' is not one of"),
-                       (["+experiment=tny"], "Could not find 'experiment/tny'")):
+    for argv, said in (
+        (["--examples", "many"], "--examples takes a whole number"),
+        (["+experiment=tiny", "data.on_too_long=cut"], "data.on_too_long: 'cut' is not one of"),
+        (["+experiment=tny"], "Could not find 'experiment/tny'"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             datacli.main(argv)
         assert exit_.value.code == 2 and said in capsys.readouterr().err
@@ -75,12 +88,26 @@ def test_the_command_in_its_own_process(tmp_path: Path) -> None:
     """Through a pipe (no terminal): markers, not colour; a missing file is one line and exit 2, no traceback."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "noesis_accel.training.datacli"]
-    good = subprocess.run(command + _args(tmp_path, write_jsonl(tmp_path / "d.jsonl", chat_records(5)), "--examples=1"),
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    good = subprocess.run(
+        command + _args(tmp_path, write_jsonl(tmp_path / "d.jsonl", chat_records(5)), "--examples=1"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert good.returncode == 0, good.stderr[-2000:]
     assert "[[Answer number 0." in good.stdout and "\x1b[" not in good.stdout
-    bad = subprocess.run(command + _args(tmp_path, tmp_path / "missing.jsonl"), capture_output=True, text=True,
-                         cwd=REPO, env=env, timeout=300)
+    bad = subprocess.run(
+        command + _args(tmp_path, tmp_path / "missing.jsonl"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip() == f"error: data.path: {tmp_path / 'missing.jsonl'} does not exist; point data.path " \
-                                 "at a .jsonl, .json or .parquet file or a directory of them"
+    assert (
+        bad.stderr.strip() == f"error: data.path: {tmp_path / 'missing.jsonl'} does not exist; point data.path "
+        "at a .jsonl, .json or .parquet file or a directory of them"
+    )

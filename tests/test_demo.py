@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from noesis_accel.config import compose
-from noesis_accel.training.generate import load_finetuned, reply
 from noesis_accel.processes.train import run
+from noesis_accel.training.generate import load_finetuned, reply
 
 
 @pytest.mark.slow

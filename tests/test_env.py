@@ -7,8 +7,15 @@ import pytest
 from noesis_accel.core import env
 
 
-@pytest.mark.parametrize("version,variable", [("2.9.1", "PYTORCH_CUDA_ALLOC_CONF"), ("2.10.0", "PYTORCH_ALLOC_CONF"),
-                                              ("2.13.0+cpu", "PYTORCH_ALLOC_CONF"), ("2.10.0a0+git", "PYTORCH_ALLOC_CONF")])
+@pytest.mark.parametrize(
+    "version,variable",
+    [
+        ("2.9.1", "PYTORCH_CUDA_ALLOC_CONF"),
+        ("2.10.0", "PYTORCH_ALLOC_CONF"),
+        ("2.13.0+cpu", "PYTORCH_ALLOC_CONF"),
+        ("2.10.0a0+git", "PYTORCH_ALLOC_CONF"),
+    ],
+)
 def test_alloc_conf_variable_by_torch_version(monkeypatch, version: str, variable: str) -> None:
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
-from noesis_accel.rundir.checkpoint import checkpoint_problem
 from noesis_accel.config import compose
-from noesis_accel.training.metrics import read_metrics
-from noesis_accel.training.optim import CosineWithWarmup
+from noesis_accel.processes.train import run
+from noesis_accel.rundir.checkpoint import checkpoint_problem
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.status import read_status
-from noesis_accel.processes.train import run
-
-from conftest import run_cli
+from noesis_accel.training.metrics import read_metrics
+from noesis_accel.training.optim import CosineWithWarmup
 
 DDP = ["+experiment=tiny", "distributed=ddp", "distributed.num_processes=2", "train.eval_every=0"]
 
@@ -79,24 +78,51 @@ def test_a_debug_run_never_uses_the_production_run_dir() -> None:
 def test_a_sweep_survives_a_failing_job_and_reports_it(tmp_path) -> None:
     """The task raises instead of exiting: the next job still runs, and the failure is named per job."""
     good = tmp_path / "good.jsonl"
-    good.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
-                                                     {"role": "assistant", "content": f"A{i}."}]}) + "\n"
-                            for i in range(60)))
-    result = run_cli(["--multirun", "+experiment=tiny", "train.max_steps=2", "ckpt.every=1",
-                      f"data.path={tmp_path / 'missing.jsonl'},{good}", f"run.root={tmp_path / 'runs'}",
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    good.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+            )
+            + "\n"
+            for i in range(60)
+        )
+    )
+    result = run_cli(
+        [
+            "--multirun",
+            "+experiment=tiny",
+            "train.max_steps=2",
+            "ckpt.every=1",
+            f"data.path={tmp_path / 'missing.jsonl'},{good}",
+            f"run.root={tmp_path / 'runs'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ]
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "job 0 (" in result.stderr and "missing.jsonl does not exist" in result.stderr
-    states = {p.name.split("data.path-")[1]: read_status(p)["state"]
-              for p in (tmp_path / "runs").iterdir() if (p / "status.json").is_file()}
+    states = {
+        p.name.split("data.path-")[1]: read_status(p)["state"]
+        for p in (tmp_path / "runs").iterdir()
+        if (p / "status.json").is_file()
+    }
     assert sorted(states.values()) == ["completed", "failed"]  # the second job ran after the first failed
 
 
 def test_a_sweep_on_the_modal_launcher_returns_each_jobs_held_out_loss(tmp_path) -> None:
     """`noesis-train -m ... hydra/launcher=modal`, its jobs run as local processes: same requests as on Modal."""
-    result = run_cli(["--multirun", "+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "optim.lr=0.001,0.002",
-                      f"run.root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=modal",
-                      "hydra.launcher.backend=local"])
+    result = run_cli(
+        [
+            "--multirun",
+            "+experiment=tiny",
+            "train.max_steps=2",
+            "ckpt.every=1",
+            "optim.lr=0.001,0.002",
+            f"run.root={tmp_path}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "hydra/launcher=modal",
+            "hydra.launcher.backend=local",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name for p in tmp_path.iterdir() if (p / "status.json").is_file())
     assert [name.split("_optim.lr-")[1].split("_")[0] for name in runs] == ["0.001", "0.002"]  # a stable dir per job

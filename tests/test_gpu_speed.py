@@ -25,7 +25,7 @@ def _rows() -> list[dict]:
     rows = []
     for n in LENGTHS:
         ids = torch.randint(3, 250, (n,), generator=generator).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
     return rows
 
 

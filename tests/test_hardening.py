@@ -9,10 +9,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from noesis_accel.rundir.checkpoint import checkpoint_problem
-from noesis_accel.rundir.layout import RunDir
-
 from conftest import run_cli, uninterrupted_run
 from helpers import (
     alive,
@@ -28,6 +24,9 @@ from helpers import (
     tmpfs,
     wait_until,
 )
+
+from noesis_accel.rundir.checkpoint import checkpoint_problem
+from noesis_accel.rundir.layout import RunDir
 
 DDP = ["+experiment=tiny", "distributed=ddp", "distributed.num_processes=2", "train.eval_every=0"]
 
@@ -61,7 +60,7 @@ def test_sigterm_to_a_two_process_run_prints_one_line_and_exits_143(tmp_path) ->
         kill_group(launcher)
     assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and "ChildFailedError" not in err
-    lines = [l for l in (out + err).splitlines() if l.startswith("interrupted:")]
+    lines = [line for line in (out + err).splitlines() if line.startswith("interrupted:")]
     assert lines == ["interrupted: stopped by SIGTERM after a checkpoint; restart to resume"]
     status = RunDir(tmp_path / "tiny").status()
     assert status["state"] == "interrupted"
@@ -77,7 +76,8 @@ def test_read_only_run_root_is_one_line(tmp_path) -> None:
         result = run_cli(["+experiment=tiny", f"run.root={root / 'runs'}"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: run.root: {root / 'runs'} is not writable ({why} at {root}); point run.root at a writable directory"]
+        f"error: run.root: {root / 'runs'} is not writable ({why} at {root}); point run.root at a writable directory"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,15 @@ def big_adapter_reference(tmp_path_factory) -> Path:
 
 
 # r=64 makes each checkpoint ~1.5 MB, so a 4 MB filesystem fills up within a few saves.
-_FULL_DISK = ["+experiment=tiny", "train.max_steps=8", "ckpt.every=1", "ckpt.keep_last=8", "peft.r=64",
-              "peft.alpha=128", "train.eval_every=0"]
+_FULL_DISK = [
+    "+experiment=tiny",
+    "train.max_steps=8",
+    "ckpt.every=1",
+    "ckpt.keep_last=8",
+    "peft.r=64",
+    "peft.alpha=128",
+    "train.eval_every=0",
+]
 
 
 def test_a_full_disk_stops_the_run_with_one_line_and_loses_nothing(tmp_path, big_adapter_reference) -> None:
@@ -98,8 +105,10 @@ def test_a_full_disk_stops_the_run_with_one_line_and_loses_nothing(tmp_path, big
         # Without a mount, the save of step 3 fails as a full disk makes it fail.
         full = run_cli(command, env={} if mounted else {"NOESIS_FAULT": "enospc:3"})
         assert full.returncode == 2, full.stderr[-3000:]
-        errors = [l for l in full.stderr.splitlines() if l.strip()]
-        assert len(errors) == 1 and errors[0].startswith("error: checkpoint ") and "No space left on device" in errors[0]
+        errors = [line for line in full.stderr.splitlines() if line.strip()]
+        assert (
+            len(errors) == 1 and errors[0].startswith("error: checkpoint ") and "No space left on device" in errors[0]
+        )
         assert "free there" in errors[0] and "restart the same command" in errors[0]
         assert "Traceback" not in full.stderr and "basic_ios" not in full.stderr
         run_dir = RunDir(root / "tiny")
@@ -121,7 +130,11 @@ def test_a_full_disk_stops_the_run_with_one_line_and_loses_nothing(tmp_path, big
 def test_a_user_error_in_a_two_process_run_is_one_line_once(tmp_path) -> None:
     result = run_cli(DDP + ["train.max_steps=2", f"data.path={tmp_path / 'missing.jsonl'}", f"run.root={tmp_path}"])
     assert result.returncode == 2
-    lines = [l for l in result.stderr.splitlines() if l.strip() and not l.startswith("[")]  # [time][logger] lines aside
-    assert lines == [f"error: data.path: {tmp_path / 'missing.jsonl'} does not exist; point data.path at a "
-                     ".jsonl, .json or .parquet file or a directory of them"]
+    lines = [
+        line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[")
+    ]  # [time][logger] lines aside
+    assert lines == [
+        f"error: data.path: {tmp_path / 'missing.jsonl'} does not exist; point data.path at a "
+        ".jsonl, .json or .parquet file or a directory of them"
+    ]
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

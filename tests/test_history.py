@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from conftest import write_jsonl
+from helpers import REPO, kill_group, logged_step, wait_until
+
 from noesis_accel.after.plots import marks
 from noesis_accel.after.report import markdown, run_facts
 from noesis_accel.rundir.layout import RunDir
@@ -25,30 +28,49 @@ from noesis_accel.rundir.status import (
     history_of,
     lost_steps,
     lost_words,
-    main as status_main,
     previous_attempt,
 )
-
-from conftest import write_jsonl
-from helpers import REPO, kill_group, logged_step, wait_until
+from noesis_accel.rundir.status import (
+    main as status_main,
+)
 
 T0 = 1_700_000_000.0
 
 
 def _starting(t: float, attempt: int, previous: Any = None, durable: bool = False) -> dict[str, Any]:
     """A `starting` event as the trainer writes it before loading, its reading of the previous attempt included."""
-    event = {"event": "starting", "time": t, "attempt": attempt, "processes": 1, "device": "cuda", "host": "h",
-             "pid": 1, "every_step_durable": durable}
+    event = {
+        "event": "starting",
+        "time": t,
+        "attempt": attempt,
+        "processes": 1,
+        "device": "cuda",
+        "host": "h",
+        "pid": 1,
+        "every_step_durable": durable,
+    }
     if previous is not None:
-        event.update(previous_reached=previous.reached, previous_reached_exact=previous.exact,
-                     previous_exit=previous.exit, previous_last_seen=previous.last_seen)
+        event.update(
+            previous_reached=previous.reached,
+            previous_reached_exact=previous.exact,
+            previous_exit=previous.exit,
+            previous_last_seen=previous.last_seen,
+        )
     return event
 
 
 def _start(t: float, attempt: int, step: int, previous: Any = None) -> dict[str, Any]:
     """A `start` event as the trainer writes it once the checkpoint is loaded."""
-    event = {"event": "start", "time": t, "attempt": attempt, "step": step,
-             "resumed_from": f"step-{step:06d}" if step else None, "processes": 1, "device": "cuda", "host": "h"}
+    event = {
+        "event": "start",
+        "time": t,
+        "attempt": attempt,
+        "step": step,
+        "resumed_from": f"step-{step:06d}" if step else None,
+        "processes": 1,
+        "device": "cuda",
+        "host": "h",
+    }
     if previous is not None:
         event["lost_steps"], event["lost_steps_exact"] = lost_steps(previous.reached, previous.exact, step)
     return event
@@ -62,8 +84,13 @@ def _checkpoint(t: float, step: int) -> dict[str, Any]:
     return {"event": "checkpoint", "time": t, "step": step, "reason": "interval", "name": f"step-{step:06d}"}
 
 
-def _restart(events: list[dict[str, Any]], metrics: list[dict[str, Any]], t: float, resume_at: int,
-             status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def _restart(
+    events: list[dict[str, Any]],
+    metrics: list[dict[str, Any]],
+    t: float,
+    resume_at: int,
+    status: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """What the next attempt appends, reading the committed files as the trainer does."""
     previous = previous_attempt(events, metrics, status)
     attempt = 1 + len(attempt_starts(events))
@@ -116,13 +143,21 @@ def test_an_attempt_killed_while_loading_still_counts() -> None:
     attempts = history_of(events)
     assert [a.number for a in attempts] == [1, 2, 3]
     assert attempts[0].lost == "lost at least 2 step(s)"  # redone by attempt 3, the next one to train
-    assert (attempts[1].first_step, attempts[1].last_step, attempts[1].lost) == \
-        (None, None, "lost an unknown number of steps")
+    assert (attempts[1].first_step, attempts[1].last_step, attempts[1].lost) == (
+        None,
+        None,
+        "lost an unknown number of steps",
+    )
     text = format_status({"state": "running", "step": 12}, attempts)
     assert "  #2: no step recorded, " in text
     assert [m["step"] for m in marks(events)["interruption"]] == [14, 12]
-    assert marks(events)["resume"][-1] == {"step": 12, "from": "step-000012", "attempt": 3, "lost_steps": 2,
-                                           "lost_steps_exact": False}
+    assert marks(events)["resume"][-1] == {
+        "step": 12,
+        "from": "step-000012",
+        "attempt": 3,
+        "lost_steps": 2,
+        "lost_steps_exact": False,
+    }
 
 
 def test_a_graceful_stop_costs_an_exact_count() -> None:
@@ -156,16 +191,49 @@ def test_old_events_without_the_new_keys_still_read() -> None:
     """Run dirs written before the `starting` event: one `start` per attempt held everything."""
     killed = "killed (no exit recorded: SIGKILL, a lost machine, or a preemption past its grace)"
     events = [
-        {"event": "start", "time": T0, "attempt": 1, "step": 0, "resumed_from": None, "processes": 2,
-         "device": "cuda", "host": "a", "pid": 1},
+        {
+            "event": "start",
+            "time": T0,
+            "attempt": 1,
+            "step": 0,
+            "resumed_from": None,
+            "processes": 2,
+            "device": "cuda",
+            "host": "a",
+            "pid": 1,
+        },
         _checkpoint(T0 + 4, 3),
-        {"event": "start", "time": T0 + 100, "attempt": 2, "step": 3, "resumed_from": "step-000003",
-         "processes": 2, "device": "cuda", "host": "b", "pid": 2, "previous_reached": 5, "lost_steps": 2,
-         "previous_exit": killed, "previous_last_seen": T0 + 6},
+        {
+            "event": "start",
+            "time": T0 + 100,
+            "attempt": 2,
+            "step": 3,
+            "resumed_from": "step-000003",
+            "processes": 2,
+            "device": "cuda",
+            "host": "b",
+            "pid": 2,
+            "previous_reached": 5,
+            "lost_steps": 2,
+            "previous_exit": killed,
+            "previous_last_seen": T0 + 6,
+        },
         {"event": "stop", "time": T0 + 110, "state": "interrupted", "step": 6, "reason": "stopped by SIGTERM"},
-        {"event": "start", "time": T0 + 200, "attempt": 3, "step": 6, "resumed_from": "step-000006",
-         "processes": 2, "device": "cuda", "host": "c", "pid": 3, "previous_reached": 6, "lost_steps": 0,
-         "previous_exit": "stopped by SIGTERM", "previous_last_seen": T0 + 110},
+        {
+            "event": "start",
+            "time": T0 + 200,
+            "attempt": 3,
+            "step": 6,
+            "resumed_from": "step-000006",
+            "processes": 2,
+            "device": "cuda",
+            "host": "c",
+            "pid": 3,
+            "previous_reached": 6,
+            "lost_steps": 0,
+            "previous_exit": "stopped by SIGTERM",
+            "previous_last_seen": T0 + 110,
+        },
     ]
     attempts = history_of(events, {"step": 8, "updated_unix": T0 + 250})
     assert [(a.first_step, a.last_step) for a in attempts] == [(0, 5), (3, 6), (6, 8)]
@@ -178,8 +246,12 @@ def test_old_events_without_the_new_keys_still_read() -> None:
     # The same run dir continued by this version: its attempt 4 reads attempt 3 from the old records.
     continued = _restart(events, _metrics(7, 8, T0 + 200), T0 + 300, resume_at=6)
     assert continued[-1]["attempt"] == 4 and continued[-2]["previous_reached"] == 8
-    assert [a.lost for a in history_of(continued)] == ["lost at least 2 step(s)", "lost 0 step(s)",
-                                                       "lost at least 2 step(s)", ""]
+    assert [a.lost for a in history_of(continued)] == [
+        "lost at least 2 step(s)",
+        "lost 0 step(s)",
+        "lost at least 2 step(s)",
+        "",
+    ]
 
 
 def test_a_start_that_failed_while_loading_trained_nothing() -> None:
@@ -190,8 +262,9 @@ def test_a_start_that_failed_while_loading_trained_nothing() -> None:
     failed = history_of(events)[1]
     assert (failed.first_step, failed.last_step, failed.stop_reason) == (None, None, "data.path: bad")
     assert failed.lost == "lost 0 step(s)"
-    assert "  #2: no step recorded, 0:00:01 on 1 x cuda (h); data.path: bad; lost 0 step(s)" in \
-        format_status({}, history_of(events))
+    assert "  #2: no step recorded, 0:00:01 on 1 x cuda (h); data.path: bad; lost 0 step(s)" in format_status(
+        {}, history_of(events)
+    )
 
 
 def test_noesis_status_report_and_plots_tell_the_same_costs(tmp_path: Path, capsys) -> None:
@@ -210,12 +283,18 @@ def test_noesis_status_report_and_plots_tell_the_same_costs(tmp_path: Path, caps
     facts = run_facts(rundir)
     assert [a["start_step"] for a in facts["attempts"]] == [0, 12, 12]
     text = markdown(rundir, facts, None, None)
-    assert "| 1 | killed (no exit recorded: SIGKILL, a lost machine, or a preemption past its grace) | " \
-           "at least 14 | step-000012 | 12 | at least 2 |" in text
+    assert (
+        "| 1 | killed (no exit recorded: SIGKILL, a lost machine, or a preemption past its grace) | "
+        "at least 14 | step-000012 | 12 | at least 2 |" in text
+    )
     assert "| 12 | unknown |" in text
     assert "2 interruption(s); at least 2 step(s) done twice in all; 1 of unknown cost." in text
-    assert [lost_words(*c) for c in [(3, True), (3, False), (0, False), (None, True)]] == \
-        ["lost 3 step(s)", "lost at least 3 step(s)", "lost an unknown number of steps", ""]
+    assert [lost_words(*c) for c in [(3, True), (3, False), (0, False), (None, True)]] == [
+        "lost 3 step(s)",
+        "lost at least 3 step(s)",
+        "lost an unknown number of steps",
+        "",
+    ]
 
 
 class _ProgressCommitsFail:
@@ -250,15 +329,25 @@ def test_a_failed_progress_commit_is_a_warning_and_training_goes_on(tmp_path, ca
 
 STEPS = 12
 # A checkpoint at step 6 (and the final one at 12); progress committed every 0.2 s, about every step.
-TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.5", "train.eval_every=0", "modal.secret=null",
-        "ckpt.progress_commit_s=0.2"]
+TINY = [
+    "+experiment=tiny",
+    f"train.max_steps={STEPS}",
+    "ckpt.every=0.5",
+    "train.eval_every=0",
+    "modal.secret=null",
+    "ckpt.progress_commit_s=0.2",
+]
 
 
 def _container(view: Path, remote: Path, env: dict[str, str]) -> subprocess.Popen:
     """One simulated container (tests/modal_sim.py) with no background commits: only explicit ones count."""
     return subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "modal_sim.py"), str(view), str(remote), *TINY],
-        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "NOESIS_SIM_BACKGROUND_S": "0", **env},
     )
 

@@ -7,14 +7,24 @@ import time
 
 import pytest
 
-from noesis_accel.rundir.lease import LeaseHeld, RunLease
 from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.lease import LeaseHeld, RunLease
 
 
 def _foreign_lease(rundir: RunDir, heartbeat_age: float, group: str | None = None) -> None:
     rundir.path.mkdir(parents=True, exist_ok=True)
-    rundir.lease_file.write_text(json.dumps({"host": "another-machine", "pid": 4242, "started": time.time() - 600,
-                                             "token": "theirs", "group": group, "heartbeat": time.time() - heartbeat_age}))
+    rundir.lease_file.write_text(
+        json.dumps(
+            {
+                "host": "another-machine",
+                "pid": 4242,
+                "started": time.time() - 600,
+                "token": "theirs",
+                "group": group,
+                "heartbeat": time.time() - heartbeat_age,
+            }
+        )
+    )
 
 
 def test_a_live_lease_on_another_machine_is_refused_naming_its_owner(tmp_path) -> None:

@@ -13,26 +13,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, write_jsonl
 
 from noesis_accel.training.metrics import read_metrics
 
-from conftest import run_cli, write_jsonl
-
 GLOBAL = 16
-COMMON = ["+experiment=tiny", "train.max_steps=1", "peft.dropout=0", "train.eval_every=0", "ckpt.every=1",
-          f"train.global_batch_size={GLOBAL}", "data.mega_batch_factor=1", "data.min_examples=1",
-          "data.eval_fraction=0"]
+COMMON = [
+    "+experiment=tiny",
+    "train.max_steps=1",
+    "peft.dropout=0",
+    "train.eval_every=0",
+    "ckpt.every=1",
+    f"train.global_batch_size={GLOBAL}",
+    "data.mega_batch_factor=1",
+    "data.min_examples=1",
+    "data.eval_fraction=0",
+]
 
 
 def _varied_lengths(path: Path) -> Path:
     """Answers from one word to a few hundred: a micro-batch of short ones weighs its tokens differently."""
     rng = random.Random(3)
-    words = "the model answers questions about checkpoints volumes and batches with care".split()
+    words = ("the model answers questions about checkpoints volumes and batches with care").split()
     records = []
     for i in range(48):
         answer = " ".join(rng.choice(words) for _ in range(rng.choice([1, 2, 5, 20, 60, 110])))
-        records.append({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                     {"role": "assistant", "content": answer}]})
+        records.append(
+            {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}]}
+        )
     return write_jsonl(path, records)
 
 
@@ -43,8 +51,10 @@ def data_path(tmp_path_factory) -> Path:
 
 def _first_step(tmp_path: Path, data_path: Path, name: str, extra: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
     probe = tmp_path / f"{name}.pt"
-    result = run_cli(COMMON + [f"data.path={data_path}", f"run.root={tmp_path / name}", *extra],
-                     env={"NOESIS_PROBE_GRADS": str(probe)})
+    result = run_cli(
+        COMMON + [f"data.path={data_path}", f"run.root={tmp_path / name}", *extra],
+        env={"NOESIS_PROBE_GRADS": str(probe)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loss = next(m["loss"] for m in read_metrics(tmp_path / name / "tiny") if m.get("step") == 1 and "loss" in m)
     return loss, torch.load(probe)
@@ -69,18 +79,21 @@ def test_single_process_splits_give_the_same_loss_and_gradients(tmp_path, data_p
 
 def test_two_processes_give_the_same_loss_and_gradients_as_one(tmp_path, data_path) -> None:
     one_loss, one = _first_step(tmp_path, data_path, "one", ["train.micro_batch_size=4"])
-    two_loss, two = _first_step(tmp_path, data_path, "ddp", ["train.micro_batch_size=2", "distributed=ddp",
-                                                             "distributed.num_processes=2"])
+    two_loss, two = _first_step(
+        tmp_path, data_path, "ddp", ["train.micro_batch_size=2", "distributed=ddp", "distributed.num_processes=2"]
+    )
     assert two_loss == pytest.approx(one_loss, rel=1e-6)
     _assert_same_gradients(two, one)
 
 
 def test_zero2_two_processes_give_the_same_loss_and_gradients_as_one(tmp_path, data_path) -> None:
     zero2 = ["distributed=zero2", "optim=adamw"]
-    one_loss, one = _first_step(tmp_path, data_path, "z1", zero2 + ["distributed.num_processes=1",
-                                                                    "train.micro_batch_size=4"])
-    two_loss, two = _first_step(tmp_path, data_path, "z2", zero2 + ["distributed.num_processes=2",
-                                                                    "train.micro_batch_size=2"])
+    one_loss, one = _first_step(
+        tmp_path, data_path, "z1", zero2 + ["distributed.num_processes=1", "train.micro_batch_size=4"]
+    )
+    two_loss, two = _first_step(
+        tmp_path, data_path, "z2", zero2 + ["distributed.num_processes=2", "train.micro_batch_size=2"]
+    )
     assert two_loss == pytest.approx(one_loss, rel=1e-6)
     _assert_same_gradients(two, one)
 

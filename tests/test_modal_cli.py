@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import modal
 import pytest
 from click.testing import CliRunner
-
 from helpers import REPO, FakeVolume
 from modal_fakes import FakeCall, completed_run
 
@@ -77,7 +77,9 @@ def modal_cli(monkeypatch, tmp_path):
     del sys.modules["modal_entry"]
 
     def invoke(*args: str) -> Any:
-        monkeypatch.setattr(sys, "argv", ["modal", *args])  # the app reads its overrides from argv, as under `modal run`
+        monkeypatch.setattr(
+            sys, "argv", ["modal", *args]
+        )  # the app reads its overrides from argv, as under `modal run`
         result = CliRunner().invoke(entrypoint_cli, list(args), catch_exceptions=False)
         result.server = server
         return result
@@ -110,8 +112,17 @@ def test_modal_run_detach_spawns_the_same_call(modal_cli) -> None:
 
 
 def test_a_sweep_through_modal_run_starts_exactly_one_coordinator_call(modal_cli) -> None:
-    jobs = [{"job_num": n, "overrides": ["+experiment=tiny", f"optim.lr={lr}"], "state": "completed", "value": 0.4,
-             "error": None, "exit_code": 0} for n, lr in enumerate(("0.0001", "0.0002"))]
+    jobs = [
+        {
+            "job_num": n,
+            "overrides": ["+experiment=tiny", f"optim.lr={lr}"],
+            "state": "completed",
+            "value": 0.4,
+            "error": None,
+            "exit_code": 0,
+        }
+        for n, lr in enumerate(("0.0001", "0.0002"))
+    ]
     modal_cli.server.results["sweep"] = lambda args: {"jobs": jobs, "exit_code": 0}
     result = modal_cli("run", "launch/modal_entry.py", "-m", "+experiment=tiny", "optim.lr=1e-4,2e-4")
     assert result.exit_code == 0, result.output

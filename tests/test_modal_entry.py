@@ -12,13 +12,12 @@ from types import ModuleType
 
 import pytest
 import yaml
-
-from noesis_accel.config import compose, validate
-from noesis_accel.core.errors import ConfigError
-
 from conftest import run_cli
 from helpers import REPO, FakeVolume
 from modal_fakes import RecordingFunction, completed_run
+
+from noesis_accel.config import compose, validate
+from noesis_accel.core.errors import ConfigError
 
 ENTRY = REPO / "launch" / "modal_entry.py"
 
@@ -59,8 +58,10 @@ def test_sixteen_gpus_run_as_a_cluster_of_two_full_containers(monkeypatch) -> No
 
 
 def test_settings_follow_the_config(monkeypatch) -> None:
-    app = load_app(["+experiment=noesis", "modal.timeout_s=7200", "modal.retries=3", "modal.volume=other",
-                    "modal.secret=null"], monkeypatch)
+    app = load_app(
+        ["+experiment=noesis", "modal.timeout_s=7200", "modal.retries=3", "modal.volume=other", "modal.secret=null"],
+        monkeypatch,
+    )
     info = app.train.info()
     assert info.timeout == 7200 and info.max_retries == 3
     assert [m.name for m in info.volumes.values()] == ["other"]
@@ -77,16 +78,26 @@ def test_more_secrets_follow_the_hugging_face_one_each_once(monkeypatch) -> None
     assert [s for s in app.export.info().secrets if "Secret.from_name" in s] == ["modal.Secret.from_name('mlflow')"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("H100:10", "so 10 GPUs cannot be placed; use H100:8 (one container; global batch 80 kept as micro 2 x "
-                "accumulation 5 x 8) or H100:16 (a cluster of 2 x 8; global batch 80 kept as micro 1 x accumulation 5 x 16)"),
-    ("H100:16", "train.global_batch_size=80 is not micro_batch_size (2) x accumulation x 16 GPUs for any whole "
-                "accumulation; set train.micro_batch_size for one of: micro 1 x accumulation 5 x 16"),
-    ("H100:12", "12 GPUs cannot be placed"),
-    ("H100:0", "the GPU count must be >= 1"),
-    ("V100:8", "unknown GPU type 'V100'"),
-    ("H100:eight", "GPU count 'eight' is not a whole number"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            "H100:10",
+            "so 10 GPUs cannot be placed; use H100:8 (one container; global batch 80 kept as micro 2 x "
+            "accumulation 5 x 8) or H100:16 (a cluster of 2 x 8; global batch 80 kept as micro 1 x "
+            "accumulation 5 x 16)",
+        ),
+        (
+            "H100:16",
+            "train.global_batch_size=80 is not micro_batch_size (2) x accumulation x 16 GPUs for any whole "
+            "accumulation; set train.micro_batch_size for one of: micro 1 x accumulation 5 x 16",
+        ),
+        ("H100:12", "12 GPUs cannot be placed"),
+        ("H100:0", "the GPU count must be >= 1"),
+        ("V100:8", "unknown GPU type 'V100'"),
+        ("H100:eight", "GPU count 'eight' is not a whole number"),
+    ],
+)
 def test_impossible_gpu_specs_are_refused_with_the_options(spec: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate(compose(["+experiment=noesis", f"modal.gpu={spec}"]))
@@ -103,16 +114,26 @@ def test_a_bad_gpu_spec_fails_the_same_way_on_the_cli_and_in_the_app(tmp_path) -
     cli = run_cli(["+experiment=noesis", "modal.gpu=H100:10", f"run.root={tmp_path}"])
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert "modal.gpu: H100:10: a container holds at most 8 GPUs" in cli.stderr
-    app = subprocess.run([sys.executable, str(ENTRY), "+experiment=noesis", "modal.gpu=H100:10"], cwd=REPO,
-                         capture_output=True, text=True, env={k: v for k, v in os.environ.items()
-                                                              if k != "NOESIS_MODAL_OVERRIDES"})
+    app = subprocess.run(
+        [sys.executable, str(ENTRY), "+experiment=noesis", "modal.gpu=H100:10"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "NOESIS_MODAL_OVERRIDES"},
+    )
     assert app.returncode == 2 and "Traceback" not in app.stderr
     assert "modal.gpu: H100:10: a container holds at most 8 GPUs" in app.stderr
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
 def test_the_entrypoint_forwards_the_overrides_unchanged(monkeypatch, capsys) -> None:
-    args = ["+experiment=tiny", "train.max_steps=2", "optim.lr=3e-4", "+debug=cpu", "peft.target_modules=[q_proj,v_proj]"]
+    args = [
+        "+experiment=tiny",
+        "train.max_steps=2",
+        "optim.lr=3e-4",
+        "+debug=cpu",
+        "peft.target_modules=[q_proj,v_proj]",
+    ]
     app = load_app(args, monkeypatch)
     recorder = RecordingFunction("train", completed_run)
     monkeypatch.setattr(app, "training_function", lambda: recorder)
@@ -125,8 +146,14 @@ def test_the_function_body_trains_the_cli_config_and_commits_it_to_the_volume(tm
     """`train.local(overrides)` in-process: the container's body with a Volume that keeps only commits."""
     mount, remote = tmp_path / "vol", tmp_path / "remote"
     local = tmp_path / "container-disk"
-    args = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "modal.secret=null", f"modal.mount={mount}",
-            f"modal.scratch_dir={local}"]
+    args = [
+        "+experiment=tiny",
+        "train.max_steps=2",
+        "ckpt.every=1",
+        "modal.secret=null",
+        f"modal.mount={mount}",
+        f"modal.scratch_dir={local}",
+    ]
     app = load_app(args, monkeypatch)
     volume = FakeVolume.mount(mount, remote)
     monkeypatch.setattr(app, "volume", volume)
@@ -134,9 +161,16 @@ def test_the_function_body_trains_the_cli_config_and_commits_it_to_the_volume(tm
     assert result["state"] == "completed" and result["step"] == 2
     saved = yaml.safe_load((remote / "runs" / "tiny" / "config.yaml").read_text())  # on the remote: committed
     # What must last on the Volume; what is held open while training on the container's own disk.
-    cli = compose(args + [f"run.root={mount}/runs", f"data.cache_dir={local}/cache/data",
-                          f"data.persistent_cache_dir={mount}/cache/data", f"model.cache_dir={mount}/cache/models",
-                          f"train.tracker_dir={local}/tracker"])
+    cli = compose(
+        args
+        + [
+            f"run.root={mount}/runs",
+            f"data.cache_dir={local}/cache/data",
+            f"data.persistent_cache_dir={mount}/cache/data",
+            f"model.cache_dir={mount}/cache/models",
+            f"train.tracker_dir={local}/tracker",
+        ]
+    )
     from omegaconf import OmegaConf
 
     assert saved == OmegaConf.to_container(cli, resolve=True)  # the same config noesis-train composes
@@ -158,14 +192,23 @@ def test_secrets_never_reach_output_files_or_errors(tmp_path) -> None:
     token = "hf_SeCrEtToKeNvAlUe123"
     env = {"HF_TOKEN": token}
     data = tmp_path / f"data-{token}.jsonl"  # a careless path: the token must still not be echoed
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
-                                                     {"role": "assistant", "content": f"A{i}."}]}) + "\n"
-                            for i in range(60)))
-    trained = run_cli(["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", f"data.path={data}",
-                       f"run.root={tmp_path / 'runs'}"], env=env)
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}
+            )
+            + "\n"
+            for i in range(60)
+        )
+    )
+    trained = run_cli(
+        ["+experiment=tiny", "train.max_steps=2", "ckpt.every=1", f"data.path={data}", f"run.root={tmp_path / 'runs'}"],
+        env=env,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    failed = run_cli(["+experiment=tiny", f"data.path={tmp_path / token}.jsonl", f"run.root={tmp_path / 'runs2'}"],
-                     env=env)
+    failed = run_cli(
+        ["+experiment=tiny", f"data.path={tmp_path / token}.jsonl", f"run.root={tmp_path / 'runs2'}"], env=env
+    )
     assert failed.returncode == 2 and "***" in failed.stderr
     for text in (trained.stdout, trained.stderr, failed.stdout, failed.stderr):
         assert token not in text

@@ -14,17 +14,16 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import FakeVolume
 from modal._image import _Image
 from modal._utils.async_utils import synchronizer
 from modal.mount import _Mount, _select_files
-
-from noesis_accel.config import CONF_DIR, compose
-from noesis_accel.cloud.modal_image import PYPROJECT
-from noesis_accel.rundir.layout import RunDir
-
-from helpers import FakeVolume
 from modal_fakes import RecordingFunction
 from test_modal_entry import load_app
+
+from noesis_accel.cloud.modal_image import PYPROJECT
+from noesis_accel.config import CONF_DIR, compose
+from noesis_accel.rundir.layout import RunDir
 
 # In-process bodies of functions that mount a Volume: Modal warns that a local run has none.
 pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally")
@@ -78,13 +77,17 @@ def test_every_file_the_code_reads_is_uploaded(monkeypatch) -> None:
     files = uploads(app.train)
     demo, recipe = compose([]), compose(["+experiment=noesis"])
     # What the configs point at, resolved on this machine: each lands where the container resolves it.
-    read = [demo.data.path, demo.eval.prompts, recipe.distributed.deepspeed_config, CONF_DIR / "config.yaml",
-            PYPROJECT]
+    read = [demo.data.path, demo.eval.prompts, recipe.distributed.deepspeed_config, CONF_DIR / "config.yaml", PYPROJECT]
     for local in read:
         assert files.get(_in_container(local)) == Path(local).resolve(), local
-    for expected in ("/root/noesis_accel/assets/noesis_sample.jsonl", "/root/noesis_accel/assets/noesis_eval_prompts.jsonl",
-                     "/root/conf/deepspeed/zero2.json", "/root/noesis_accel/__init__.py",
-                     "/root/hydra_plugins/noesis_modal_launcher/modal_launcher.py", "/root/modal_entry.py"):
+    for expected in (
+        "/root/noesis_accel/assets/noesis_sample.jsonl",
+        "/root/noesis_accel/assets/noesis_eval_prompts.jsonl",
+        "/root/conf/deepspeed/zero2.json",
+        "/root/noesis_accel/__init__.py",
+        "/root/hydra_plugins/noesis_modal_launcher/modal_launcher.py",
+        "/root/modal_entry.py",
+    ):
         assert expected in files, expected
     conf = {_in_container(p) for p in CONF_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert conf <= files.keys()  # the whole tree: every group a command line can name
@@ -114,8 +117,10 @@ def test_a_tracker_the_image_cannot_install_is_refused_before_any_gpu_starts(mon
         load_app(["+experiment=noesis", "train.tracker=aim"], monkeypatch)
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "train.tracker=aim: the Modal image installs no package for it; on Modal use tensorboard, wandb, " \
-           "mlflow or none" in err
+    assert (
+        "train.tracker=aim: the Modal image installs no package for it; on Modal use tensorboard, wandb, "
+        "mlflow or none" in err
+    )
     assert "Traceback" not in err
 
 
@@ -124,15 +129,21 @@ def test_a_misspelled_extra_is_refused_in_one_line_naming_the_known_ones(monkeyp
         load_app(["+experiment=noesis", "modal.extras=[gpus]"], monkeypatch)
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: bench, gpu, " \
-           "mlflow, test, wandb" in err
+    assert (
+        "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: bench, gpu, "
+        "mlflow, test, wandb" in err
+    )
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("model", [
-    ["model=tiny"],  # the demo's data and settings on the 2-layer model: seconds
-    pytest.param([], marks=pytest.mark.slow),  # the demo's own SmolLM2-135M: about two minutes on a CPU
-], ids=["tiny-model", "demo-model"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        ["model=tiny"],  # the demo's data and settings on the 2-layer model: seconds
+        pytest.param([], marks=pytest.mark.slow),  # the demo's own SmolLM2-135M: about two minutes on a CPU
+    ],
+    ids=["tiny-model", "demo-model"],
+)
 def test_the_cpu_smoke_entry_trains_the_sample_data_the_image_carries(model, tmp_path, monkeypatch, capsys) -> None:
     """`modal run launch/modal_entry.py` (the demo, cut to two steps), with the container's body run
     in-process on a fake Volume: the data it trained on is the file the image uploads to /root."""
@@ -155,8 +166,13 @@ def test_the_cpu_smoke_entry_trains_the_sample_data_the_image_carries(model, tmp
 def test_a_container_made_of_the_uploads_alone_trains_the_sample_data(tmp_path, monkeypatch) -> None:
     """The process boundary is the point: a fresh interpreter in a /root built only from the files
     the image uploads imports the app as the container does, and trains the sample data from there."""
-    args = ["model=tiny", "train.max_steps=2", "train.progress_bar=false", "modal.secret=null",
-            f"modal.mount={tmp_path / 'vol'}"]
+    args = [
+        "model=tiny",
+        "train.max_steps=2",
+        "train.progress_bar=false",
+        "modal.secret=null",
+        f"modal.mount={tmp_path / 'vol'}",
+    ]
     app = load_app(args, monkeypatch)
     root = tmp_path / "root"
     for remote, local in uploads(app.train).items():
@@ -165,25 +181,31 @@ def test_a_container_made_of_the_uploads_alone_trains_the_sample_data(tmp_path, 
         shutil.copy2(local, target)
     # As Modal's container: cwd /root on the path, `import modal_entry`, a function's body. The training
     # function's, then the sweep coordinator's (its launcher plugin found in /root; jobs recorded, not run).
-    script = (f"import sys; sys.path.append({str(Path(__file__).parent)!r})\n"
-              "import modal_entry\n"
-              "from helpers import FakeVolume\n"
-              "from modal_fakes import RecordingFunction\n"
-              "from hydra.core.utils import JobReturn, JobStatus\n"
-              f"modal_entry.volume = FakeVolume.mount({str(tmp_path / 'vol')!r}, {str(tmp_path / 'remote')!r})\n"
-              f"print('trained:', modal_entry.train.local({args!r})['state'])\n"
-              "jobs = RecordingFunction('train', lambda job: JobReturn(status=JobStatus.COMPLETED, _return_value=0.5))\n"
-              "modal_entry.training_function = lambda: jobs\n"
-              f"swept = modal_entry.sweep.local(['-m', *{args!r}, 'optim.lr=1e-3,2e-3'])\n"
-              "print('swept:', [job['state'] for job in swept['jobs']], len(jobs.spawned))\n"
-              "print('from:', sys.modules['noesis_accel'].__file__,"
-              " sys.modules['hydra_plugins.noesis_modal_launcher.modal_launcher'].__file__)\n")
+    script = (
+        f"import sys; sys.path.append({str(Path(__file__).parent)!r})\n"
+        "import modal_entry\n"
+        "from helpers import FakeVolume\n"
+        "from modal_fakes import RecordingFunction\n"
+        "from hydra.core.utils import JobReturn, JobStatus\n"
+        f"modal_entry.volume = FakeVolume.mount({str(tmp_path / 'vol')!r}, {str(tmp_path / 'remote')!r})\n"
+        f"print('trained:', modal_entry.train.local({args!r})['state'])\n"
+        "jobs = RecordingFunction('train', lambda job: JobReturn(status=JobStatus.COMPLETED, _return_value=0.5))\n"
+        "modal_entry.training_function = lambda: jobs\n"
+        f"swept = modal_entry.sweep.local(['-m', *{args!r}, 'optim.lr=1e-3,2e-3'])\n"
+        "print('swept:', [job['state'] for job in swept['jobs']], len(jobs.spawned))\n"
+        "print('from:', sys.modules['noesis_accel'].__file__,"
+        " sys.modules['hydra_plugins.noesis_modal_launcher.modal_launcher'].__file__)\n"
+    )
     env = {**os.environ, "NOESIS_MODAL_OVERRIDES": json.dumps(args), "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith(("trained:", "swept:", "from:"))]
-    assert lines == ["trained: completed", "swept: ['completed', 'completed'] 2",
-                     f"from: {root}/noesis_accel/__init__.py {root}/hydra_plugins/noesis_modal_launcher/modal_launcher.py"]
+    assert lines == [
+        "trained: completed",
+        "swept: ['completed', 'completed'] 2",
+        f"from: {root}/noesis_accel/__init__.py {root}/hydra_plugins/noesis_modal_launcher/modal_launcher.py",
+    ]
     saved = yaml.safe_load(RunDir(tmp_path / "remote" / "runs" / "demo").config_file.read_text())
     assert saved["data"]["path"] == str(root / "noesis_accel" / "assets" / "noesis_sample.jsonl")

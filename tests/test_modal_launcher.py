@@ -6,7 +6,8 @@ a fresh process through Hydra's `run_job`; only the transport differs from Modal
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hydra.test_utils.launcher_common_tests import (
@@ -14,7 +15,6 @@ from hydra.test_utils.launcher_common_tests import (
     IntegrationTestSuite,
     LauncherTestSuite,
 )
-
 from sweep_tasks import return_100
 
 
@@ -37,13 +37,15 @@ class TestModalLauncher(LauncherTestSuite):
         return return_100
 
 
-@pytest.mark.parametrize("launcher_name, overrides",
-                         [("modal", ["hydra.launcher.backend=local", "hydra.sweeper.max_batch_size=2"])])
+@pytest.mark.parametrize(
+    "launcher_name, overrides", [("modal", ["hydra.launcher.backend=local", "hydra.sweeper.max_batch_size=2"])]
+)
 class TestModalLauncherInBatches(BatchedSweeperTestSuite):
     pass
 
 
-@pytest.mark.parametrize("task_launcher_cfg, extra_flags",
-                         [({}, ["-m", "hydra/launcher=modal", "hydra.launcher.backend=local"])])
+@pytest.mark.parametrize(
+    "task_launcher_cfg, extra_flags", [({}, ["-m", "hydra/launcher=modal", "hydra.launcher.backend=local"])]
+)
 class TestModalLauncherIntegration(IntegrationTestSuite):
     pass

@@ -19,12 +19,11 @@ import pytest
 from modal._functions import _Invocation, _RetryContext
 from modal.retries import RetryManager
 from modal_proto import api_pb2
+from modal_sim import run_in_modal_runtime
 
-from noesis_accel.processes.launcher import TrainingProcessFailed
 from noesis_accel.cloud.modal_job import end_as_modal_expects
 from noesis_accel.core.signals import FORWARDED_SIGNALS, ForcedStop, InterruptedBySignal, StoppedAtDeadline
-
-from modal_sim import run_in_modal_runtime
+from noesis_accel.processes.launcher import TrainingProcessFailed
 
 COMPLETED = {"state": "completed", "step": 12}
 
@@ -45,7 +44,8 @@ def _outputs_of(stop: BaseException | None) -> list[api_pb2.FunctionPutOutputsIt
 def _as_the_server_reports(outputs: list[api_pb2.FunctionPutOutputsItem]) -> api_pb2.FunctionGetOutputsItem:
     if not outputs:  # the container ended without an output: a lost input, to the server
         return api_pb2.FunctionGetOutputsItem(
-            result=api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_INTERNAL_FAILURE))
+            result=api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_INTERNAL_FAILURE)
+        )
     (output,) = outputs
     return api_pb2.FunctionGetOutputsItem(result=output.result, data_format=output.data_format)
 
@@ -79,8 +79,11 @@ def _retries_spent(attempts: list[api_pb2.FunctionGetOutputsItem], monkeypatch) 
     context = _RetryContext(
         function_call_invocation_type=api_pb2.FUNCTION_CALL_INVOCATION_TYPE_SYNC,
         retry_policy=api_pb2.FunctionRetryPolicy(retries=10, initial_delay_ms=0, backoff_coefficient=1.0),
-        function_call_jwt="jwt", input_jwt="input-jwt", input_id="in-1",
-        item=api_pb2.FunctionPutInputsItem(), sync_client_retries_enabled=True,
+        function_call_jwt="jwt",
+        input_jwt="input-jwt",
+        input_id="in-1",
+        item=api_pb2.FunctionPutInputsItem(),
+        sync_client_retries_enabled=True,
     )
     invocation = _Invocation(stub, "fc-1", None, context)  # type: ignore[arg-type]
     try:
@@ -90,15 +93,19 @@ def _retries_spent(attempts: list[api_pb2.FunctionGetOutputsItem], monkeypatch) 
     return len(counted), stub.retries_requested, outcome
 
 
-@pytest.mark.parametrize("stop, counted, retried", [
-    pytest.param(InterruptedBySignal(signal.SIGINT), 0, 1, id="preemption-after-checkpoint"),
-    pytest.param(ForcedStop(signal.SIGINT), 0, 1, id="preemption-forced-before-checkpoint"),
-    pytest.param(TrainingProcessFailed("rank 1 exited", signum=signal.SIGTERM), 0, 1, id="preemption-of-workers"),
-    pytest.param(StoppedAtDeadline(), 1, 1, id="deadline"),
-    pytest.param(RuntimeError("CUDA error: an illegal memory access"), 1, 1, id="crash"),
-])
-def test_each_stop_spends_what_modal_intends_and_the_retry_completes(stop, counted: int, retried: int,
-                                                                     monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "stop, counted, retried",
+    [
+        pytest.param(InterruptedBySignal(signal.SIGINT), 0, 1, id="preemption-after-checkpoint"),
+        pytest.param(ForcedStop(signal.SIGINT), 0, 1, id="preemption-forced-before-checkpoint"),
+        pytest.param(TrainingProcessFailed("rank 1 exited", signum=signal.SIGTERM), 0, 1, id="preemption-of-workers"),
+        pytest.param(StoppedAtDeadline(), 1, 1, id="deadline"),
+        pytest.param(RuntimeError("CUDA error: an illegal memory access"), 1, 1, id="crash"),
+    ],
+)
+def test_each_stop_spends_what_modal_intends_and_the_retry_completes(
+    stop, counted: int, retried: int, monkeypatch
+) -> None:
     attempts = [_as_the_server_reports(_outputs_of(stop)), _as_the_server_reports(_outputs_of(None))]
     spent, requested, outcome = _retries_spent(attempts, monkeypatch)
     assert (spent, requested) == (counted, retried)

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import uninterrupted_run
+from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, wait_until
 
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.status import main as status_main
-
-from conftest import uninterrupted_run
-from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, wait_until
 
 STEPS = 12
 TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
@@ -44,9 +43,20 @@ class Container:
         self.view, self.remote = tmp_path / "container", tmp_path / "remote"
         self.outputs_file = tmp_path / f"outputs-{time.monotonic_ns()}.json"
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "modal_sim.py"), str(self.view), str(self.remote),
-             "--outputs", str(self.outputs_file), *overrides],
-            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            [
+                sys.executable,
+                str(REPO / "tests" / "modal_sim.py"),
+                str(self.view),
+                str(self.remote),
+                "--outputs",
+                str(self.outputs_file),
+                *overrides,
+            ],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
@@ -91,11 +101,13 @@ def _stopped_checkpoint(remote_run: Path) -> tuple[int, dict]:
     return step, {**manifest, "state": status["state"]}
 
 
-def _signal_mid_run(tmp_path: Path, layout: str, signum: int, every_process: bool,
-                    extra: list[str] = ()) -> tuple[Container, int, str]:
+def _signal_mid_run(
+    tmp_path: Path, layout: str, signum: int, every_process: bool, extra: list[str] = ()
+) -> tuple[Container, int, str]:
     container = Container(tmp_path, TINY + LAYOUTS[layout] + list(extra), env={"NOESIS_STEP_DELAY_S": "0.5"})
-    wait_until(lambda: logged_step(_run_dir(container.view)) >= 3 or container.process.poll() is not None,
-               240, "step 3")
+    wait_until(
+        lambda: logged_step(_run_dir(container.view)) >= 3 or container.process.poll() is not None, 240, "step 3"
+    )
     container.signal(signum, every_process)
     signalled = time.monotonic()
     code, output = container.finish(timeout=GRACE_S + 10)
@@ -103,14 +115,22 @@ def _signal_mid_run(tmp_path: Path, layout: str, signum: int, every_process: boo
     return container, code, output
 
 
-CASES = [pytest.param(layout, every, marks=[] if (layout, every) == ("1-process", False) else [pytest.mark.slow],
-                      id=f"{layout}-{'every-process' if every else 'main-process'}")
-         for layout in LAYOUTS for every in (False, True)]
+CASES = [
+    pytest.param(
+        layout,
+        every,
+        marks=[] if (layout, every) == ("1-process", False) else [pytest.mark.slow],
+        id=f"{layout}-{'every-process' if every else 'main-process'}",
+    )
+    for layout in LAYOUTS
+    for every in (False, True)
+]
 
 
 @pytest.mark.parametrize("layout, every_process", CASES)
 def test_a_preemption_commits_its_checkpoint_sends_no_output_and_the_restart_loses_nothing(
-        tmp_path, references, layout: str, every_process: bool, capsys) -> None:
+    tmp_path, references, layout: str, every_process: bool, capsys
+) -> None:
     # The tracker on too: its files are open while the run lasts, and the Volume must still commit.
     container, code, output = _signal_mid_run(tmp_path, layout, signal.SIGINT, every_process, TRACKED)
     assert container.outputs == [], output[-3000:]  # KeyboardInterrupt: Modal restarts the input for free
@@ -162,21 +182,20 @@ def test_a_bad_config_is_one_line_and_a_result_not_a_failure(tmp_path, layout: s
     assert container.outputs[0]["value"]["state"] == "failed" and code == 2
     assert "Traceback" not in output
     assert [line for line in output.splitlines() if line.startswith("error:")] == [
-        f"error: {container.outputs[0]['value']['error']}"]
+        f"error: {container.outputs[0]['value']['error']}"
+    ]
 
 
 def test_the_fake_volume_refuses_a_reload_while_a_file_under_it_is_open_or_mapped(tmp_path) -> None:
     """Modal's rule (`Volume.reload`: "will fail if there are open files for the volume"), mapped files
     included: what `datasets` loads from disk stays memory-mapped, with no descriptor left open."""
     import datasets
-
     from helpers import FakeVolume
 
     volume = FakeVolume.mount(tmp_path / "view", tmp_path / "remote")
     (volume.view / "notes.txt").write_text("x")
-    with (volume.view / "notes.txt").open():
-        with pytest.raises(RuntimeError, match="path notes.txt is open"):
-            volume.commit()
+    with (volume.view / "notes.txt").open(), pytest.raises(RuntimeError, match="path notes.txt is open"):
+        volume.commit()
     datasets.Dataset.from_dict({"length": list(range(100))}).save_to_disk(str(volume.view / "cache"))
     volume.commit()  # written and closed: the rule is satisfied
     loaded = datasets.load_from_disk(str(volume.view / "cache"))
@@ -199,12 +218,28 @@ def test_weights_loaded_on_the_cpu_hold_no_mapping_of_their_file(tmp_path) -> No
     from noesis_accel.training.modeling import load_base_model
 
     saved = tmp_path / "model"
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(str(saved))
-    model_cfg = OmegaConf.create({"name_or_path": str(saved), "gguf_file": None, "architecture": None,
-                                  "dtype": "float32", "attn_implementation": "eager", "load_in_4bit": False,
-                                  "trust_remote_code": False, "revision": None, "cache_dir": str(tmp_path / "c")})
+    model_cfg = OmegaConf.create(
+        {
+            "name_or_path": str(saved),
+            "gguf_file": None,
+            "architecture": None,
+            "dtype": "float32",
+            "attn_implementation": "eager",
+            "load_in_4bit": False,
+            "trust_remote_code": False,
+            "revision": None,
+            "cache_dir": str(tmp_path / "c"),
+        }
+    )
     model = load_base_model(model_cfg, vocab_size=512, device_is_cuda=False)
     mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(saved) in line]
     assert mapped == [] and next(model.parameters()).dtype.is_floating_point

@@ -19,23 +19,27 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import uninterrupted_run
+from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
 
 from noesis_accel.rundir.checkpoint import checkpoint_problem
 from noesis_accel.rundir.layout import RunDir
-
-from conftest import uninterrupted_run
-from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
 
 STEPS = 12
 RANDOM_KILL_STEP_DELAY_S = 0.25  # the random sleep before a kill is at most 0.6 s: under 3 steps
 TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
 
 
-def _container(view: Path, remote: Path, overrides: list[str], env: dict | None = None,
-               rank: int = 0) -> subprocess.Popen:
+def _container(
+    view: Path, remote: Path, overrides: list[str], env: dict | None = None, rank: int = 0
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "modal_sim.py"), str(view), str(remote), "--rank", str(rank), *overrides],
-        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
@@ -70,8 +74,13 @@ def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[di
             env = {**(env or {}), "NOESIS_STEP_DELAY_S": str(RANDOM_KILL_STEP_DELAY_S)}
         container = _container(view, remote, overrides, env=env)
         if "after_step" in kill:  # a random moment: some time after a step, mid-step or mid-save alike
-            wait_until(lambda: logged_step(_run_dir(view)) >= kill["after_step"] or container.poll() is not None,
-                       240, f"step {kill['after_step']}")
+            wait_until(
+                lambda kill=kill, container=container: (
+                    logged_step(_run_dir(view)) >= kill["after_step"] or container.poll() is not None
+                ),
+                240,
+                f"step {kill['after_step']}",
+            )
             time.sleep(rng.uniform(0, 0.6))
             kill_group(container, signal.SIGKILL)  # the container dies: nothing more is committed
         code, output = _finish(container)
@@ -87,7 +96,9 @@ def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[di
     return lost
 
 
-def test_a_container_killed_at_random_moments_and_during_a_save_resumes_from_the_committed_state(tmp_path, reference) -> None:
+def test_a_container_killed_at_random_moments_and_during_a_save_resumes_from_the_committed_state(
+    tmp_path, reference
+) -> None:
     kills = [
         {"after_step": random.Random(1).randint(2, 5)},
         # SIGKILL of the whole container inside the save of step 9: files half-copied by the
@@ -108,8 +119,11 @@ def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_pa
     ddp = TINY + ["distributed=ddp", "distributed.num_processes=2"]
     reference = uninterrupted_run(tmp_path_factory.mktemp("ddp_reference"), ddp)
     # The save fault comes before the late random kill, which could otherwise pass step 6 first.
-    kills = [{"after_step": 2}, {"env": {"NOESIS_FAULT": "save:6", "NOESIS_FAULT_KILL_PID": "container"}},
-             {"after_step": 8}]
+    kills = [
+        {"after_step": 2},
+        {"env": {"NOESIS_FAULT": "save:6", "NOESIS_FAULT_KILL_PID": "container"}},
+        {"after_step": 8},
+    ]
     lost = _kill_at_random_moments(tmp_path, ddp, kills, seed=11)
     assert all(0 <= n <= 3 for n in lost)
     assert_same_adapter(_run_dir(tmp_path / "remote"), reference)
@@ -118,15 +132,22 @@ def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_pa
 
 def _cluster_overrides(rank: int, port: int) -> list[str]:
     """Two containers of one process each, rank 0's address and port, as the clustered function sets them."""
-    return TINY + ["distributed=ddp", "distributed.num_processes=1", "distributed.num_machines=2",
-                   f"distributed.machine_rank={rank}", "distributed.main_process_ip=127.0.0.1",
-                   f"distributed.main_process_port={port}"]
+    return TINY + [
+        "distributed=ddp",
+        "distributed.num_processes=1",
+        "distributed.num_machines=2",
+        f"distributed.machine_rank={rank}",
+        "distributed.main_process_ip=127.0.0.1",
+        f"distributed.main_process_port={port}",
+    ]
 
 
 def _cluster(tmp_path: Path, port: int, env: dict | None = None) -> list[subprocess.Popen]:
     remote = tmp_path / "remote"
-    return [_container(tmp_path / f"container{rank}", remote, _cluster_overrides(rank, port), env=env, rank=rank)
-            for rank in (0, 1)]
+    return [
+        _container(tmp_path / f"container{rank}", remote, _cluster_overrides(rank, port), env=env, rank=rank)
+        for rank in (0, 1)
+    ]
 
 
 @pytest.mark.slow
@@ -135,8 +156,9 @@ def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_p
     written last by rank 0, lists both containers' files; a restart checks every one of them."""
     from noesis_accel.training.distributed import free_port
 
-    reference = uninterrupted_run(tmp_path_factory.mktemp("cluster_reference"),
-                                  TINY + ["distributed=ddp", "distributed.num_processes=2"])
+    reference = uninterrupted_run(
+        tmp_path_factory.mktemp("cluster_reference"), TINY + ["distributed=ddp", "distributed.num_processes=2"]
+    )
     containers = _cluster(tmp_path, free_port())
     wait_until(lambda: logged_step(_run_dir(tmp_path / "container0")) >= 5, 300, "step 5 on rank 0")
     kill_group(containers[1], signal.SIGKILL)  # one container lost: Modal fails and restarts the whole cluster
@@ -168,8 +190,13 @@ def test_a_sweep_from_the_modal_entrypoint_runs_each_job_in_its_own_container(tm
     """`modal run launch/modal_entry.py -m ...`: the entrypoint's and the coordinator's real bodies; the
     coordinator's one call simulated in-process, each job's training call in its own simulated container."""
     args = ["-m", "+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "optim.lr=0.001,0.002", "modal.secret=null"]
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "modal_submit_sim.py"), str(tmp_path), *args],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "modal_submit_sim.py"), str(tmp_path), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert "coordinator calls: 1" in output and "Launching 2 jobs on Modal" in output
@@ -177,5 +204,7 @@ def test_a_sweep_from_the_modal_entrypoint_runs_each_job_in_its_own_container(tm
     runs = sorted(p for p in (tmp_path / "remote" / "runs").iterdir() if (p / "status.json").is_file())
     assert [p.name.split("_optim.lr-")[1].split("_")[0] for p in runs] == ["0.001", "0.002"]
     assert all(RunDir(p).status()["state"] == "completed" for p in runs)  # committed from each job's own container
-    views = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("container-") and not p.name.endswith("-local"))
+    views = sorted(
+        p.name for p in tmp_path.iterdir() if p.name.startswith("container-") and not p.name.endswith("-local")
+    )
     assert views == ["container-1", "container-2"]  # each job in its own container (each with its own disk)

@@ -9,15 +9,13 @@ import sys
 from types import ModuleType
 
 import pytest
-from hydra.core.utils import JobReturn, JobStatus
-
-from noesis_accel.config import sweeps
-from noesis_accel.config.sweeps import sweep_jobs
-from noesis_accel.config.sweeps import CallBook, JobRequest, run_all
-
 from conftest import SAMPLE, chat_records, write_jsonl
+from hydra.core.utils import JobReturn, JobStatus
 from modal_fakes import FakeCall, RecordingFunction, completed_run
 from test_modal_entry import load_app
+
+from noesis_accel.config import sweeps
+from noesis_accel.config.sweeps import CallBook, JobRequest, run_all, sweep_jobs
 
 # In-process bodies of functions that mount a Volume: Modal warns that a local run has none.
 pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally")
@@ -25,12 +23,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing loc
 TINY = ["+experiment=tiny", "train.max_steps=2", "modal.secret=null"]
 
 
-def _functions(app: ModuleType, train: RecordingFunction | None = None, sweep: RecordingFunction | None = None,
-               check: RecordingFunction | None = None, *, monkeypatch: pytest.MonkeyPatch) -> dict[str, RecordingFunction]:
+def _functions(
+    app: ModuleType,
+    train: RecordingFunction | None = None,
+    sweep: RecordingFunction | None = None,
+    check: RecordingFunction | None = None,
+    *,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, RecordingFunction]:
     """The entry's functions replaced by recorders (what `main` hands to `submit`)."""
-    fakes = {"train": train or RecordingFunction("train", completed_run),
-             "sweep": sweep or RecordingFunction("sweep", lambda args: {"jobs": [], "exit_code": 0}),
-             "check_data": check or RecordingFunction("check", lambda overrides: {"error": None})}
+    fakes = {
+        "train": train or RecordingFunction("train", completed_run),
+        "sweep": sweep or RecordingFunction("sweep", lambda args: {"jobs": [], "exit_code": 0}),
+        "check_data": check or RecordingFunction("check", lambda overrides: {"error": None}),
+    }
     monkeypatch.setattr(app, "training_function", lambda: fakes["train"])
     monkeypatch.setattr(app, "sweep", fakes["sweep"])
     monkeypatch.setattr(app, "check_data", fakes["check_data"])
@@ -83,11 +89,16 @@ def test_a_user_error_from_the_container_keeps_its_exit_code(monkeypatch) -> Non
 # ---------------------------------------------------------------- the data, before any GPU
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.min_examples=100000", f"data.path: only 162 training records (180 read from {SAMPLE}, 18 held out); "
-                                 "data.min_examples is 100000"),
-    (f"data.path={SAMPLE.parent / 'missing.jsonl'}", "missing.jsonl does not exist"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.min_examples=100000",
+            f"data.path: only 162 training records (180 read from {SAMPLE}, 18 held out); data.min_examples is 100000",
+        ),
+        (f"data.path={SAMPLE.parent / 'missing.jsonl'}", "missing.jsonl does not exist"),
+    ],
+)
 def test_bad_data_in_the_image_fails_here_before_any_call(override: str, message: str, monkeypatch, capsys) -> None:
     app = load_app(TINY, monkeypatch)
     fakes = _functions(app, monkeypatch=monkeypatch)
@@ -149,15 +160,27 @@ SWEEP = ["-m", *TINY, "optim.lr=1e-3,2e-3,3e-3"]
 
 
 def _outcome(job_num: int, lr: str, state: str = "completed", **more) -> dict:
-    return {"job_num": job_num, "overrides": [*TINY, f"optim.lr={lr}"], "state": state, "value": 0.5,
-            "error": None, "exit_code": 0, **more}
+    return {
+        "job_num": job_num,
+        "overrides": [*TINY, f"optim.lr={lr}"],
+        "state": state,
+        "value": 0.5,
+        "error": None,
+        "exit_code": 0,
+        **more,
+    }
 
 
 def test_a_sweep_is_one_coordinator_call_and_reports_every_job(monkeypatch, capsys) -> None:
     app = load_app(TINY, monkeypatch)
-    result = {"jobs": [_outcome(0, "0.001"), _outcome(1, "0.002", "failed", value=None, exit_code=2,
-                                                         error="error: data.path: bad"), _outcome(2, "0.003")],
-              "exit_code": 2}
+    result = {
+        "jobs": [
+            _outcome(0, "0.001"),
+            _outcome(1, "0.002", "failed", value=None, exit_code=2, error="error: data.path: bad"),
+            _outcome(2, "0.003"),
+        ],
+        "exit_code": 2,
+    }
     fakes = _functions(app, sweep=RecordingFunction("sweep", lambda args: result), monkeypatch=monkeypatch)
     with pytest.raises(SystemExit) as stopped:
         app.main.info.raw_f(*SWEEP)
@@ -166,14 +189,21 @@ def test_a_sweep_is_one_coordinator_call_and_reports_every_job(monkeypatch, caps
     assert stopped.value.code == 2  # the first failed job's code
     out = capsys.readouterr().out
     assert "a sweep of 3 jobs" in out and "modal: started call fc-sweep-1" in out
-    assert "#1 (+experiment=tiny train.max_steps=2 modal.secret=null optim.lr=0.002): failed: error: data.path: bad" in out
+    assert (
+        "#1 (+experiment=tiny train.max_steps=2 modal.secret=null optim.lr=0.002): failed: error: data.path: bad" in out
+    )
     assert "modal: sweep: 3 jobs: 2 completed, 1 failed" in out
 
 
 def test_the_laptop_splits_a_sweep_into_jobs_as_hydra_does() -> None:
-    jobs = sweep_jobs(["-m", "+experiment=tiny", "optim=glob(*)", "optim.lr=1e-3,2e-3", "hydra.sweeper.max_batch_size=2"])
-    assert jobs == [["+experiment=tiny", f"optim={name}", f"optim.lr={lr}"]
-                    for name in ("adamw", "adamw8bit") for lr in ("0.001", "0.002")]
+    jobs = sweep_jobs(
+        ["-m", "+experiment=tiny", "optim=glob(*)", "optim.lr=1e-3,2e-3", "hydra.sweeper.max_batch_size=2"]
+    )
+    assert jobs == [
+        ["+experiment=tiny", f"optim={name}", f"optim.lr={lr}"]
+        for name in ("adamw", "adamw8bit")
+        for lr in ("0.001", "0.002")
+    ]
 
 
 def test_a_bad_value_in_one_job_of_a_sweep_fails_before_any_call(monkeypatch, capsys) -> None:
@@ -210,8 +240,10 @@ def test_the_coordinator_spawns_one_call_per_job_and_gathers_every_outcome(tmp_p
 
 def test_a_restarted_coordinator_attaches_to_the_calls_it_started(tmp_path) -> None:
     book_file = tmp_path / "sweeps" / "fc-coordinator" / "calls.json"
-    requests = [JobRequest(task="t:f", config_name="config", job_name="j", job_num=n, overrides=[f"optim.lr={n}"])
-                for n in range(2)]
+    requests = [
+        JobRequest(task="t:f", config_name="config", job_name="j", job_num=n, overrides=[f"optim.lr={n}"])
+        for n in range(2)
+    ]
     first = RecordingFunction("train", lambda job: "done")
     attached: list[str] = []
     book = CallBook(book_file, attach=lambda call_id: attached.append(call_id) or FakeCall(call_id, lambda: "done"))
@@ -229,7 +261,9 @@ def test_one_failed_job_never_throws_away_the_others() -> None:
                 raise RuntimeError("lost")
             return JobReturn(overrides=request.overrides, status=JobStatus.COMPLETED, _return_value=request.job_num)
 
-    requests = [JobRequest(task="t:f", config_name="c", job_name="j", job_num=n, overrides=[f"x={n}"]) for n in range(3)]
+    requests = [
+        JobRequest(task="t:f", config_name="c", job_name="j", job_num=n, overrides=[f"x={n}"]) for n in range(3)
+    ]
     results = run_all(Backend(), requests, max_parallel=3)
     assert [r.status for r in results] == [JobStatus.FAILED, JobStatus.COMPLETED, JobStatus.COMPLETED]
     outcomes = [sweeps.JobOutcome.of(q, r) for q, r in zip(requests, results)]
@@ -262,4 +296,3 @@ def test_noesis_train_registers_the_entry_so_modal_imports_its_functions_by_name
     unregistered = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(unregistered)
     assert synchronizer._translate_in(unregistered.train)._source_info.is_serialized()
-

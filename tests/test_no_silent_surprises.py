@@ -9,22 +9,27 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli
+from helpers import REPO
 
 from noesis_accel.config import compose, validate
 from noesis_accel.core.errors import ConfigError, ResumeError
 from noesis_accel.rundir.status import write_status
 
-from conftest import run_cli
-from helpers import REPO
-
 TINY = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", "train.eval_every=0"]
 
 
-@pytest.mark.parametrize("override, named", [
-    ("+train.lerning_rate=1e-4", "train.lerning_rate: not a key of the config schema; did you mean optim.lr?"),
-    ("+optim.neftune_noise_alpha=5", "optim.neftune_noise_alpha: not a key of the config schema; no key of that name"),
-    ("+train.max_stepz=3", "train.max_stepz: not a key of the config schema; did you mean train.max_steps?"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("+train.lerning_rate=1e-4", "train.lerning_rate: not a key of the config schema; did you mean optim.lr?"),
+        (
+            "+optim.neftune_noise_alpha=5",
+            "optim.neftune_noise_alpha: not a key of the config schema; no key of that name",
+        ),
+        ("+train.max_stepz=3", "train.max_stepz: not a key of the config schema; did you mean train.max_steps?"),
+    ],
+)
 def test_an_undeclared_key_is_an_error_even_with_a_plus(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as refused:
         validate(compose(["+experiment=tiny", override]))
@@ -63,10 +68,13 @@ def test_a_completed_run_asked_again_with_other_math_is_refused_by_key(tmp_path)
     assert run(compose(TINY + [f"run.root={tmp_path}", "ckpt.keep_last=1"])).state == "already_completed"
 
 
-@pytest.mark.parametrize("sweep", [
-    ["run.name=fixed", "optim.lr=1e-3,2e-3"],  # a fixed name for every job
-    ["ckpt.keep_last=1,2"],  # jobs that differ only in keys that do not name a run
-])
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        ["run.name=fixed", "optim.lr=1e-3,2e-3"],  # a fixed name for every job
+        ["ckpt.keep_last=1,2"],  # jobs that differ only in keys that do not name a run
+    ],
+)
 def test_a_sweep_whose_jobs_would_share_a_run_dir_is_refused_before_any_job(tmp_path, sweep: list[str]) -> None:
     result = run_cli(["-m", *TINY, f"run.root={tmp_path}", *sweep])
     assert result.returncode == 2, result.stderr[-2000:]
@@ -75,8 +83,16 @@ def test_a_sweep_whose_jobs_would_share_a_run_dir_is_refused_before_any_job(tmp_
 
 
 def test_outside_a_terminal_progress_is_one_plain_line_per_report_and_no_library_chatter(tmp_path) -> None:
-    result = run_cli(["+experiment=tiny", "train.max_steps=4", "ckpt.every=2", "train.progress_bar=true",
-                      "train.print_every=2", f"run.root={tmp_path}"])
+    result = run_cli(
+        [
+            "+experiment=tiny",
+            "train.max_steps=4",
+            "ckpt.every=2",
+            "train.progress_bar=true",
+            "train.print_every=2",
+            f"run.root={tmp_path}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
     assert "\r" not in output and "it/s" not in output  # no bar redraws in a log
@@ -92,10 +108,17 @@ def test_a_status_read_through_head_ends_quietly(tmp_path) -> None:
     write_status(tmp_path, state="running", step=3, total_steps=10)
     for number in range(400):  # a long history: the reader leaves before the writer is done
         (tmp_path / "events.jsonl").open("a").write(
-            f'{{"event": "start", "time": {1700000000 + number}, "attempt": {number + 1}, "step": 0}}\n')
+            f'{{"event": "start", "time": {1700000000 + number}, "attempt": {number + 1}, "step": 0}}\n'
+        )
     pipeline = subprocess.run(
         f"{sys.executable} -m noesis_accel.rundir.status {tmp_path} | head -1",
-        shell=True, executable="/bin/bash", cwd=REPO, capture_output=True, text=True, timeout=120)
+        shell=True,
+        executable="/bin/bash",
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert pipeline.stdout.startswith("state:")
     assert "Traceback" not in pipeline.stderr and "BrokenPipeError" not in pipeline.stderr
 
@@ -103,8 +126,14 @@ def test_a_status_read_through_head_ends_quietly(tmp_path) -> None:
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        gone = subprocess.run([sys.executable, "-m", "noesis_accel.rundir.status", str(tmp_path)], stdout=writer,
-                              stderr=subprocess.PIPE, cwd=REPO, text=True, timeout=120)
+        gone = subprocess.run(
+            [sys.executable, "-m", "noesis_accel.rundir.status", str(tmp_path)],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(writer)
     assert gone.returncode == 141, gone.stderr

@@ -7,8 +7,8 @@ import math
 import torch
 from omegaconf import OmegaConf
 
-from noesis_accel.training import optim
 from noesis_accel.config import compose
+from noesis_accel.training import optim
 
 
 class Block(torch.nn.Module):

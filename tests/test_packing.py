@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, write_jsonl
+from helpers import assert_same_adapter
 
 from noesis_accel.config import compose
+from noesis_accel.processes.train import run
 from noesis_accel.training.data import IGNORE_INDEX, PaddingCollator, label_count
 from noesis_accel.training.metrics import read_metrics
 from noesis_accel.training.modeling import build_model
 from noesis_accel.training.packing import PackingCollator, build_collator, records_and_tokens
-from noesis_accel.processes.train import run
-
-from conftest import run_cli, write_jsonl
-from helpers import assert_same_adapter
 
 RECORDS = [
     {"input_ids": [11, 12, 13, 14, 15], "labels": [IGNORE_INDEX, IGNORE_INDEX, 13, 14, 15]},
@@ -31,8 +30,15 @@ RECORDS = [
 ]
 # Short and long answers side by side (no length buckets: mega_batch_factor=1), so padded
 # micro-batches hold plenty of padding for the packed layout to drop.
-COMMON = ["+experiment=tiny", "peft.dropout=0", "train.eval_every=0", "data.mega_batch_factor=1",
-          "data.min_examples=1", "train.global_batch_size=8", "train.micro_batch_size=4"]
+COMMON = [
+    "+experiment=tiny",
+    "peft.dropout=0",
+    "train.eval_every=0",
+    "data.mega_batch_factor=1",
+    "data.min_examples=1",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+]
 
 
 def test_packing_collator_lays_records_end_to_end() -> None:
@@ -47,7 +53,11 @@ def test_packing_collator_lays_records_end_to_end() -> None:
     assert records_and_tokens(padded) == (3, 10)
     # The tokens that count in the loss (after the causal shift) are the padded batch's.
     counted = int((batch["labels"][0, 1:] != IGNORE_INDEX).sum())
-    assert counted == sum(label_count(r["labels"]) for r in RECORDS) == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert (
+        counted
+        == sum(label_count(r["labels"]) for r in RECORDS)
+        == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
+    )
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -63,17 +73,28 @@ def test_packed_forward_matches_padded_per_record(attention: str) -> None:
     start = 0
     for i, record in enumerate(RECORDS):
         n = len(record["input_ids"])
-        torch.testing.assert_close(packed_out.logits[0, start:start + n], padded_out.logits[i, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            packed_out.logits[0, start : start + n], padded_out.logits[i, :n], rtol=1e-5, atol=1e-5
+        )
         start += n
     assert float(packed_out.loss) == pytest.approx(float(padded_out.loss), rel=1e-6)
 
 
 def _varied_lengths(path: Path) -> Path:
     rng = random.Random(5)
-    words = "the model answers questions about checkpoints volumes and batches with care".split()
-    records = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                             {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.choice([1, 3, 10, 30, 60])))}]}
-               for i in range(40)]
+    words = ("the model answers questions about checkpoints volumes and batches with care").split()
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {
+                    "role": "assistant",
+                    "content": " ".join(rng.choice(words) for _ in range(rng.choice([1, 3, 10, 30, 60]))),
+                },
+            ]
+        }
+        for i in range(40)
+    ]
     return write_jsonl(path, records)
 
 
@@ -85,8 +106,17 @@ def data_path(tmp_path_factory) -> Path:
 def _train(root: Path, data_path: Path, packing: bool, monkeypatch, steps: int = 3) -> tuple:
     probe = root / "grads.pt"
     monkeypatch.setenv("NOESIS_PROBE_GRADS", str(probe))
-    cfg = compose(COMMON + [f"data.path={data_path}", f"run.root={root}", f"train.max_steps={steps}",
-                            f"ckpt.every={steps}", "data.eval_fraction=0", f"data.packing={packing}"])
+    cfg = compose(
+        COMMON
+        + [
+            f"data.path={data_path}",
+            f"run.root={root}",
+            f"train.max_steps={steps}",
+            f"ckpt.every={steps}",
+            "data.eval_fraction=0",
+            f"data.packing={packing}",
+        ]
+    )
     result = run(cfg)
     return result, torch.load(probe), [m for m in read_metrics(root / "tiny") if "loss" in m]
 
@@ -107,8 +137,13 @@ def test_packed_run_matches_padded_run(tmp_path, data_path, monkeypatch) -> None
 
 def test_packed_run_killed_and_resumed_is_bitwise_exact(tmp_path, data_path, monkeypatch) -> None:
     monkeypatch.delenv("NOESIS_PROBE_GRADS", raising=False)
-    command = COMMON + [f"data.path={data_path}", "train.max_steps=4", "ckpt.every=2", "data.eval_fraction=0",
-                        "data.packing=true"]
+    command = COMMON + [
+        f"data.path={data_path}",
+        "train.max_steps=4",
+        "ckpt.every=2",
+        "data.eval_fraction=0",
+        "data.packing=true",
+    ]
     reference = run(compose(command + [f"run.root={tmp_path / 'reference'}"]))
     crashed = run_cli(command + [f"run.root={tmp_path / 'crash'}"], env={"NOESIS_FAULT": "step:3"})
     assert crashed.returncode == -9, crashed.stderr[-3000:]

@@ -12,7 +12,9 @@ _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(10, 500) for _ in range(1000)]
 
 
-def sampler(world: int = 1, rank: int = 0, micro: int = 4, accumulation: int = 2, seed: int = 1, **kw) -> LengthBucketBatchSampler:
+def sampler(
+    world: int = 1, rank: int = 0, micro: int = 4, accumulation: int = 2, seed: int = 1, **kw
+) -> LengthBucketBatchSampler:
     return LengthBucketBatchSampler(LENGTHS, micro, accumulation, world, rank, seed, **kw)
 
 

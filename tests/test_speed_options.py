@@ -10,10 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from noesis_accel.training import modeling
 from noesis_accel.config import compose, differing_math_keys, fingerprint, validate
 from noesis_accel.core.errors import ConfigError
 from noesis_accel.processes.train import run
+from noesis_accel.training import modeling
 
 
 def test_liger_on_the_cpu_is_refused_in_one_line() -> None:
@@ -31,8 +31,9 @@ def test_liger_with_a_lora_on_lm_head_is_refused() -> None:
 
 def test_liger_reaches_the_builder_and_needs_cuda_at_run_time(tmp_path) -> None:
     """`train.device=auto` passes validation; on a machine without CUDA the builder says why it cannot."""
-    cfg = compose(["+experiment=tiny", "train.device=auto", "model.liger=true", f"run.root={tmp_path}",
-                   "data.eval_fraction=0"])
+    cfg = compose(
+        ["+experiment=tiny", "train.device=auto", "model.liger=true", f"run.root={tmp_path}", "data.eval_fraction=0"]
+    )
     validate(cfg)
     with pytest.raises(ConfigError, match="model.liger: Liger kernels run on CUDA GPUs only"):
         modeling.build_model(cfg.model, cfg.peft, 49152, device_is_cuda=False)
@@ -67,8 +68,9 @@ def test_architecture_vocab_size_builds_the_true_shape_and_never_less_than_the_t
 def test_compile_wraps_each_decoder_layer_in_place() -> None:
     cfg = compose(["+experiment=tiny"])
     plain = modeling.build_model(cfg.model, cfg.peft, 256, device_is_cuda=False)
-    compiled = modeling.build_model(compose(["+experiment=tiny", "model.compile=true"]).model, cfg.peft, 256,
-                                    device_is_cuda=False)
+    compiled = modeling.build_model(
+        compose(["+experiment=tiny", "model.compile=true"]).model, cfg.peft, 256, device_is_cuda=False
+    )
     layers = modeling.repeated_layers(compiled)
     assert layers is not None and len(layers) == cfg.model.architecture.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in layers)  # compiled lazily, at the first call
@@ -90,8 +92,14 @@ def test_runs_from_before_the_speed_keys_still_resume() -> None:
 @pytest.mark.slow
 def test_a_compiled_run_trains_the_same_losses(tmp_path) -> None:
     """Inductor fuses and reorders float32 arithmetic: the losses agree to 1e-5, not bitwise."""
-    common = ["+experiment=tiny", "train.max_steps=3", "ckpt.every=3", "peft.dropout=0", "train.eval_every=0",
-              "data.eval_fraction=0"]
+    common = [
+        "+experiment=tiny",
+        "train.max_steps=3",
+        "ckpt.every=3",
+        "peft.dropout=0",
+        "train.eval_every=0",
+        "data.eval_fraction=0",
+    ]
     plain = run(compose(common + [f"run.root={tmp_path / 'plain'}"]))
     compiled = run(compose(common + [f"run.root={tmp_path / 'compiled'}", "model.compile=true"]))
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)

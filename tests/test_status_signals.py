@@ -16,8 +16,14 @@ from noesis_accel.rundir.status import read_status, write_status
 
 
 def test_noesis_status_prints_the_run_state(tmp_path, capsys) -> None:
-    write_status(tmp_path, state="interrupted", step=58, total_steps=100, latest_checkpoint="checkpoints/step-000050",
-                 exit_reason="stopped by SIGTERM after a checkpoint; restart to resume")
+    write_status(
+        tmp_path,
+        state="interrupted",
+        step=58,
+        total_steps=100,
+        latest_checkpoint="checkpoints/step-000050",
+        exit_reason="stopped by SIGTERM after a checkpoint; restart to resume",
+    )
     assert status_main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "interrupted" in out and "step 58 / 100 (58%)" in out and "step-000050" in out and "SIGTERM" in out

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+from conftest import run_cli
+from helpers import step_losses
 
 from noesis_accel.config import _CHOICES, compose
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.training.trackers import PACKAGES, TrackerRun, _init_kwargs, mlflow_tracking_uri
-
-from conftest import run_cli
-from helpers import step_losses
 
 STEPS = 8
 # Checkpoints every 2 steps; SIGTERM after step 4 (checkpointed at once, as every stop signal is).
@@ -26,8 +25,13 @@ TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=2", "train.e
 def offline_wandb(tmp_path: Path, monkeypatch) -> dict[str, str]:
     """W&B with no network and nothing written outside tmp_path (run_cli passes os.environ on)."""
     home = tmp_path / "wandb-home"
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(home), "WANDB_CACHE_DIR": str(home / "cache"),
-           "WANDB_CONFIG_DIR": str(home / "config"), "WANDB_DATA_DIR": str(home / "data")}
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(home),
+        "WANDB_CACHE_DIR": str(home / "cache"),
+        "WANDB_CONFIG_DIR": str(home / "config"),
+        "WANDB_DATA_DIR": str(home / "data"),
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
@@ -59,8 +63,10 @@ def test_a_tracker_that_is_not_installed_stops_the_run_in_one_line_before_traini
     (shim / "wandb.py").write_text("raise ModuleNotFoundError(\"No module named 'wandb'\", name='wandb')\n")
     result = run_cli(_args(tmp_path, "train.tracker=wandb"), env={"PYTHONPATH": str(shim)})
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stderr.strip() == \
-        "error: train.tracker=wandb: the wandb package is not installed; pip install 'noesis-accel[wandb]'"
+    assert (
+        result.stderr.strip()
+        == "error: train.tracker=wandb: the wandb package is not installed; pip install 'noesis-accel[wandb]'"
+    )
     assert not (tmp_path / "runs").exists()  # nothing loaded, nothing written
 
 
@@ -80,8 +86,8 @@ def _wandb_records(path: Path):  # -> Iterator[wandb_internal_pb2.Record]
         if block - position % block < 7:  # a block's tail too short for a chunk header is padding
             position += block - position % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        pending += data[position + 7:position + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = wandb_internal_pb2.Record()
@@ -101,8 +107,9 @@ def wandb_offline_runs(logs: Path) -> list[tuple[str, dict[int, dict[str, str]]]
                 run_id = record.run.run_id
             elif kind == "history":
                 assert record.history.step.num not in rows, f"step {record.history.step.num} twice in {path}"
-                rows[record.history.step.num] = {item.key or "/".join(item.nested_key): item.value_json
-                                                 for item in record.history.item}
+                rows[record.history.step.num] = {
+                    item.key or "/".join(item.nested_key): item.value_json for item in record.history.item
+                }
         runs.append((run_id, rows))
     return runs
 
@@ -160,12 +167,27 @@ def test_every_tracker_accelerate_ships_can_be_chosen_and_says_what_to_install()
 
 
 def test_the_tracker_keys_reach_wandb_and_mlflow(tmp_path, monkeypatch) -> None:
-    cfg = compose(["+experiment=tiny", f"run.root={tmp_path}", "run.tag=a", "tracker.entity=team",
-                   "tracker.tags=[x,y]", "tracker.mode=offline"])
+    cfg = compose(
+        [
+            "+experiment=tiny",
+            f"run.root={tmp_path}",
+            "run.tag=a",
+            "tracker.entity=team",
+            "tracker.tags=[x,y]",
+            "tracker.mode=offline",
+        ]
+    )
     rundir = RunDir.of(cfg)
     wandb = _init_kwargs(cfg, "wandb", rundir, tmp_path / "logs", "abc123")
-    assert wandb == {"id": "abc123", "resume": "allow", "dir": str(tmp_path / "logs"), "name": "tiny-a",
-                     "entity": "team", "tags": ["x", "y"], "mode": "offline"}
+    assert wandb == {
+        "id": "abc123",
+        "resume": "allow",
+        "dir": str(tmp_path / "logs"),
+        "name": "tiny-a",
+        "entity": "team",
+        "tags": ["x", "y"],
+        "mode": "offline",
+    }
     assert _init_kwargs(cfg, "mlflow", rundir, tmp_path, None) == {"run_name": "tiny-a", "tags": {"x": "", "y": ""}}
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert mlflow_tracking_uri(cfg, tmp_path / "logs") == (tmp_path / "logs" / "mlruns").as_uri()

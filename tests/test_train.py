@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from noesis_accel.training.metrics import read_metrics
-from noesis_accel.rundir.layout import RunDir
-from noesis_accel.rundir.status import read_status
-from noesis_accel.processes.train import run
-
 from conftest import run_cli
 from helpers import step_losses
+from safetensors.torch import load_file
+
+from noesis_accel.processes.train import run
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.status import read_status
+from noesis_accel.training.metrics import read_metrics
 
 
 def test_tiny_run_trains_and_writes_everything(tiny_cfg) -> None:
@@ -86,8 +85,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 
 
 def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path: Path) -> None:
-    result = run_cli(["--multirun", "+experiment=tiny", "train.max_steps=2", "ckpt.every=1", "optim.lr=0.001,0.002",
-                      f"run.root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    result = run_cli(
+        [
+            "--multirun",
+            "+experiment=tiny",
+            "train.max_steps=2",
+            "ckpt.every=1",
+            "optim.lr=0.001,0.002",
+            f"run.root={tmp_path}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = sorted(p.name for p in tmp_path.iterdir() if (p / "status.json").is_file())
     assert len(run_dirs) == 2 and all(d.startswith("tiny__") for d in run_dirs)

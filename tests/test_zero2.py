@@ -10,15 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from noesis_accel.rundir.status import read_status
-
 from conftest import run_cli
 from helpers import assert_same_adapter, mark_interrupted, resumed_step, step_losses
 
+from noesis_accel.rundir.status import read_status
+
 STEPS = 8
-ZERO2 = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0",
-         "distributed=zero2", "optim=adamw8bit", "peft.r=64", "peft.alpha=128"]
+ZERO2 = [
+    "+experiment=tiny",
+    f"train.max_steps={STEPS}",
+    "ckpt.every=0.25",
+    "train.eval_every=0",
+    "distributed=zero2",
+    "optim=adamw8bit",
+    "peft.r=64",
+    "peft.alpha=128",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +46,10 @@ def test_zero2_adamw8bit_two_processes_killed_and_resumed_is_bitwise_exact(tmp_p
     assert resumed_step(resumed.stdout) == 4
     checkpoint = tmp_path / "tiny" / "checkpoints" / "step-000004" / "pytorch_model"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     assert_same_adapter(tmp_path / "tiny", two_process_reference)
     ours_losses, ref_losses = step_losses(tmp_path / "tiny"), step_losses(two_process_reference)
     for step in range(5, STEPS + 1):

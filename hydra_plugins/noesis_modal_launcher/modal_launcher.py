@@ -20,10 +20,11 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, setup_globals
@@ -31,8 +32,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.config import sweeps
 from noesis_accel.cloud.modal_job import OVERRIDES_ENV
+from noesis_accel.config import sweeps
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[2]
@@ -85,9 +86,15 @@ def _attach(call_id: str) -> Any:
 
 
 class ModalLauncher(Launcher):
-    def __init__(self, backend: str = "modal", max_parallel: int = 16, entry: str = "launch/modal_entry.py",
-                 function: Optional[str] = None, outcomes: Optional[str] = None,
-                 calls: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        backend: str = "modal",
+        max_parallel: int = 16,
+        entry: str = "launch/modal_entry.py",
+        function: Optional[str] = None,
+        outcomes: Optional[str] = None,
+        calls: Optional[str] = None,
+    ) -> None:
         if backend not in ("modal", "local"):
             raise ValueError(f"hydra.launcher.backend={backend!r}: use modal or local")
         self.backend, self.max_parallel, self.entry = backend, max_parallel, entry
@@ -108,8 +115,9 @@ class ModalLauncher(Launcher):
         for overrides in job_overrides:
             self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         to_modal = self.backend == "modal"
-        requests = sweeps.requests_for(self.config, self.task_function, job_overrides, initial_job_idx,
-                                       project_config=to_modal)
+        requests = sweeps.requests_for(
+            self.config, self.task_function, job_overrides, initial_job_idx, project_config=to_modal
+        )
         if not to_modal:
             # The resolved sweep dir (it may hold a timestamp) goes along, so every job agrees on it.
             sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -14,20 +14,24 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.config import CONF_DIR
-from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, one_line, safe_for_pipes
 from noesis_accel.after.judges import as_verdict, load_judge
 from noesis_accel.after.prompts import PromptRecord, read_prompts
+from noesis_accel.config import CONF_DIR
+from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, one_line, safe_for_pipes
 from noesis_accel.rundir.layout import RunDir
 
-USAGE = ("usage: noesis-eval RUN_DIR [--checkpoint PATH] [overrides]\n"
-         "  e.g. noesis-eval runs/demo judge=exact eval.prompts=my_prompts.jsonl eval.compare_base=false\n"
-         "  keys: conf/eval.yaml; judges: conf/judge/ or eval.judge._target_=your.module.judge")
+USAGE = (
+    "usage: noesis-eval RUN_DIR [--checkpoint PATH] [overrides]\n"
+    "  e.g. noesis-eval runs/demo judge=exact eval.prompts=my_prompts.jsonl eval.compare_base=false\n"
+    "  keys: conf/eval.yaml; judges: conf/judge/ or eval.judge._target_=your.module.judge"
+)
 _DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -79,7 +83,9 @@ def check_eval_config(eval_cfg: DictConfig) -> None:
 # ---------------------------------------------------------------- entry points
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Evaluate a run from its directory alone; writes RUN_DIR/eval/ and returns the summary.
 
     Args:
@@ -105,20 +111,41 @@ def run_evaluation(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[
     log(f"evaluating {rundir.path} ({source.label}) on {len(prompts)} prompts; judge {judge_name}")
     loaded = load_run_model(run_cfg, source, device=str(cfg.eval.device))
     heldout = _heldout_set(run_cfg, loaded.tokenizer) if cfg.eval.heldout else None
-    return evaluate_loaded(loaded.model, loaded.tokenizer, run_cfg, cfg.eval, prompts, (judge, judge_name),
-                           heldout, rundir, source.label, log)
+    return evaluate_loaded(
+        loaded.model,
+        loaded.tokenizer,
+        run_cfg,
+        cfg.eval,
+        prompts,
+        (judge, judge_name),
+        heldout,
+        rundir,
+        source.label,
+        log,
+    )
 
 
-def evaluate_after_training(cfg: DictConfig, model: Any, tokenizer: Any, heldout: Any,
-                            log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_after_training(
+    cfg: DictConfig, model: Any, tokenizer: Any, heldout: Any, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """`eval.after_training`: the same evaluation on the trained model still in memory (main process)."""
     rundir = RunDir.of(cfg)
     check_eval_config(cfg.eval)
     prompts = read_prompts(cfg.eval.prompts) if cfg.eval.prompts else []
     judge = load_judge(cfg.eval.judge)
     held_out = heldout if (cfg.eval.heldout and heldout is not None and len(heldout)) else None
-    return evaluate_loaded(model, tokenizer, cfg, cfg.eval, prompts, judge, held_out, rundir,
-                           rundir.final_weights_dir(bool(cfg.peft.enabled)).name, log)
+    return evaluate_loaded(
+        model,
+        tokenizer,
+        cfg,
+        cfg.eval,
+        prompts,
+        judge,
+        held_out,
+        rundir,
+        rundir.final_weights_dir(bool(cfg.peft.enabled)).name,
+        log,
+    )
 
 
 def check_ready(cfg: DictConfig) -> None:
@@ -126,11 +153,15 @@ def check_ready(cfg: DictConfig) -> None:
     check_eval_config(cfg.eval)
     if cfg.eval.prompts:
         read_prompts(cfg.eval.prompts)
-    judge = OmegaConf.to_container(cfg.eval.judge, resolve=True) if OmegaConf.is_config(cfg.eval.judge) else cfg.eval.judge
+    judge = (
+        OmegaConf.to_container(cfg.eval.judge, resolve=True) if OmegaConf.is_config(cfg.eval.judge) else cfg.eval.judge
+    )
     from noesis_accel.after.judges import import_target
 
     if not isinstance(judge, dict) or not judge.get("_target_"):
-        raise ConfigError("eval.judge: needs a _target_ naming a judge, e.g. eval.judge._target_=noesis_accel.after.judges.contains")
+        raise ConfigError(
+            "eval.judge: needs a _target_ naming a judge, e.g. eval.judge._target_=noesis_accel.after.judges.contains"
+        )
     import_target(str(judge["_target_"]), "eval.judge._target_")
 
 
@@ -144,7 +175,7 @@ def _heldout_set(cfg: DictConfig, tokenizer: Any) -> Any:
     return data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed)).eval
 
 
-def _autocast(cfg: DictConfig, device: Any) -> Callable[[], ContextManager]:
+def _autocast(cfg: DictConfig, device: Any) -> Callable[[], AbstractContextManager]:
     """The trainer's mixed precision for the held-out forward passes, so the loss is the same number."""
     import torch
 
@@ -179,7 +210,7 @@ def evaluate_loaded(
     collate = data_mod.PaddingCollator(tokenizer.pad_token_id, run_cfg.data.pad_to_multiple_of)
     autocast = _autocast(run_cfg, device)
     model.config.use_cache = True  # generation; training switched it off
-    variants: list[tuple[str, Any, Callable[[], ContextManager]]] = []
+    variants: list[tuple[str, Any, Callable[[], AbstractContextManager]]] = []
     if eval_cfg.compare_base and hasattr(model, "disable_adapter"):
         variants.append(("base", model, model.disable_adapter))  # the same weights with LoRA switched off
     elif eval_cfg.compare_base:  # every weight trained: the base is a second model
@@ -202,21 +233,34 @@ def evaluate_loaded(
             row[name] = _judged(judge_fn, judge_name, record, answer)
         failed = [row[name]["reason"] for row in rows if row[name]["reason"].startswith("judge raised")]
         if failed:
-            log(f"  warning: the judge failed on {len(failed)} of {len(rows)} {name} answers (scored as none); "
-                f"first: {failed[0]}")
+            log(
+                f"  warning: the judge failed on {len(failed)} of {len(rows)} {name} answers (scored as none); "
+                f"first: {failed[0]}"
+            )
         result.update(_score_stats([row[name] for row in rows], prompts))
         result["seconds"] = round(time.monotonic() - started, 2)
         models[name] = result
-        log(f"  {name}: " + (f"held-out loss {result['heldout_loss']:.4f}, " if "heldout_loss" in result else "")
-            + f"{len(prompts)} answers in {result['seconds']:.0f}s")
+        log(
+            f"  {name}: "
+            + (f"held-out loss {result['heldout_loss']:.4f}, " if "heldout_loss" in result else "")
+            + f"{len(prompts)} answers in {result['seconds']:.0f}s"
+        )
 
     status = rundir.status() or {}
     summary = {
-        "run_dir": str(rundir.path), "weights": weights, "judge": judge_name,
-        "prompts_file": str(eval_cfg.prompts) if eval_cfg.prompts else None, "prompt_count": len(prompts),
-        "heldout_records": len(heldout) if heldout is not None else 0, "micro_batch_size": micro,
-        "trainer_logged": {"eval_loss_before": status.get("eval_loss_before"), "eval_loss_after": status.get("eval_loss_after")},
-        "models": models, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_dir": str(rundir.path),
+        "weights": weights,
+        "judge": judge_name,
+        "prompts_file": str(eval_cfg.prompts) if eval_cfg.prompts else None,
+        "prompt_count": len(prompts),
+        "heldout_records": len(heldout) if heldout is not None else 0,
+        "micro_batch_size": micro,
+        "trainer_logged": {
+            "eval_loss_before": status.get("eval_loss_before"),
+            "eval_loss_after": status.get("eval_loss_after"),
+        },
+        "models": models,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write(rundir.eval_dir, summary, rows)
     log(comparison_table(summary, rows))
@@ -237,7 +281,11 @@ def _judged(judge_fn: Callable[..., Any], judge_name: str, record: PromptRecord,
 def _score_stats(verdicts: list[dict[str, Any]], prompts: list[PromptRecord]) -> dict[str, Any]:
     def stats(items: list[dict[str, Any]]) -> dict[str, Any]:
         scores = [v["score"] for v in items if v["score"] is not None]
-        return {"score_mean": sum(scores) / len(scores) if scores else None, "score_sum": sum(scores), "scored": len(scores)}
+        return {
+            "score_mean": sum(scores) / len(scores) if scores else None,
+            "score_sum": sum(scores),
+            "scored": len(scores),
+        }
 
     by_tag: dict[str, list[dict[str, Any]]] = {}
     for verdict, record in zip(verdicts, prompts):
@@ -287,9 +335,13 @@ def comparison_table(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str
         lines.append(f"{'judged':24}" + "".join(f"{str(models[n]['scored']) + '/' + str(count):>14}" for n in names))
         tags = sorted({t for n in names for t in models[n]["by_tag"]})
         for tag in tags:
-            lines.append(f"{'  tag ' + tag:24}" + "".join(
-                f"{_fmt(models[n]['by_tag'].get(tag, {}).get('score_mean'), 3):>14}" for n in names))
-    lines.append(f"judge: {summary['judge']} · weights: {summary['weights']} · {summary['heldout_records']} held-out records")
+            lines.append(
+                f"{'  tag ' + tag:24}"
+                + "".join(f"{_fmt(models[n]['by_tag'].get(tag, {}).get('score_mean'), 3):>14}" for n in names)
+            )
+    lines.append(
+        f"judge: {summary['judge']} · weights: {summary['weights']} · {summary['heldout_records']} held-out records"
+    )
     if count:
         header = f"{'#':>3}  {'prompt':30}  {'expected':14}"
         for n in names:
@@ -309,8 +361,10 @@ def summary_markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str
     names = [n for n in ("base", "tuned") if n in summary["models"]]
     lines = [f"# Evaluation: {Path(summary['run_dir']).name}", ""] + evaluation_lines(summary) + [""]
     if rows:
-        lines += ["| # | tags | prompt | expected | " + " | ".join(f"{n} answer | {n} score" for n in names) + " |",
-                  "| --- " * (4 + 2 * len(names)) + "|"]
+        lines += [
+            "| # | tags | prompt | expected | " + " | ".join(f"{n} answer | {n} score" for n in names) + " |",
+            "| --- " * (4 + 2 * len(names)) + "|",
+        ]
         for i, row in enumerate(rows, start=1):
             cells = [str(i), ", ".join(row["tags"]), _md(row["prompt"]), _md(row["expected"])]
             for n in names:

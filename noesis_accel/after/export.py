@@ -74,8 +74,10 @@ def export_run(
     files = sorted(p for p in target.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files)
     shards = [p.name for p in files if p.suffix == ".safetensors"]
-    log(f"exported {target}: {len(shards)} safetensors shard(s), {size / 1e6:,.1f} MB in {len(files)} files; "
-        f"load it with AutoModelForCausalLM.from_pretrained('{target}')")
+    log(
+        f"exported {target}: {len(shards)} safetensors shard(s), {size / 1e6:,.1f} MB in {len(files)} files; "
+        f"load it with AutoModelForCausalLM.from_pretrained('{target}')"
+    )
     if push_to_hub:
         push(target, push_to_hub, token, log)
     return target
@@ -107,42 +109,74 @@ def model_card(rundir: RunDir, cfg: Any, source: Any, target: Path) -> str:
 
     facts = run_facts(rundir)
     base = str(cfg.model.name_or_path) + (f" ({cfg.model.gguf_file}, dequantised)" if cfg.model.gguf_file else "")
-    header = ["---", "library_name: transformers", "tags:", "- noesis_accel", "- lora" if cfg.peft.enabled else "- full-finetune"]
+    header = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- noesis_accel",
+        "- lora" if cfg.peft.enabled else "- full-finetune",
+    ]
     if _looks_like_hub_id(str(cfg.model.name_or_path)):
         header.append(f"base_model: {cfg.model.name_or_path}")
     header += ["---", ""]
-    how = (f"LoRA (r={cfg.peft.r}, alpha={cfg.peft.alpha}, targets {list(cfg.peft.target_modules)}) merged into the "
-           f"base weights with peft `merge_and_unload`, saved in {cfg.model.dtype}" if cfg.peft.enabled
-           else f"all weights trained (no LoRA), saved in {cfg.model.dtype}")
+    how = (
+        f"LoRA (r={cfg.peft.r}, alpha={cfg.peft.alpha}, targets {list(cfg.peft.target_modules)}) merged into the "
+        f"base weights with peft `merge_and_unload`, saved in {cfg.model.dtype}"
+        if cfg.peft.enabled
+        else f"all weights trained (no LoRA), saved in {cfg.model.dtype}"
+    )
     lines = header + [
-        f"# {facts['name']} (merged)", "",
+        f"# {facts['name']} (merged)",
+        "",
         f"Base model: `{base}`. Fine-tuned by noesis_accel: {how}. It loads with plain `transformers`; "
-        "peft is not needed.", "",
+        "peft is not needed.",
+        "",
     ]
     if source.is_checkpoint:
         at = facts_at_step(rundir, int(source.step or 0))
-        lines += [f"Weights: checkpoint `{source.label}` (not the final adapter).", "",
-                  "| step | tokens seen | samples seen | newest held-out loss (step) |", "| --- | --- | --- | --- |",
-                  f"| {at['step']} | {_fmt(at['tokens_seen'])} | {_fmt(at['samples_seen'])} | "
-                  f"{_fmt(at['eval_loss'])} ({at['eval_step'] if at['eval_step'] is not None else '-'}) |", ""]
+        lines += [
+            f"Weights: checkpoint `{source.label}` (not the final adapter).",
+            "",
+            "| step | tokens seen | samples seen | newest held-out loss (step) |",
+            "| --- | --- | --- | --- |",
+            f"| {at['step']} | {_fmt(at['tokens_seen'])} | {_fmt(at['samples_seen'])} | "
+            f"{_fmt(at['eval_loss'])} ({at['eval_step'] if at['eval_step'] is not None else '-'}) |",
+            "",
+        ]
     else:
-        lines += ["Weights: the final adapter of the run.", "",
-                  "| steps | tokens seen | samples seen | held-out loss before | after | perplexity before | after |",
-                  "| --- | --- | --- | --- | --- | --- | --- |",
-                  f"| {_fmt(facts['step'])} | {_fmt(facts['tokens_seen'])} | {_fmt(facts['samples_seen'])} | "
-                  f"{_fmt(facts['eval_loss_before'])} | {_fmt(facts['eval_loss_after'])} | "
-                  f"{_fmt(facts['perplexity_before'], 2)} | {_fmt(facts['perplexity_after'], 2)} |", ""]
+        lines += [
+            "Weights: the final adapter of the run.",
+            "",
+            "| steps | tokens seen | samples seen | held-out loss before | after | perplexity before | after |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {_fmt(facts['step'])} | {_fmt(facts['tokens_seen'])} | {_fmt(facts['samples_seen'])} | "
+            f"{_fmt(facts['eval_loss_before'])} | {_fmt(facts['eval_loss_after'])} | "
+            f"{_fmt(facts['perplexity_before'], 2)} | {_fmt(facts['perplexity_after'], 2)} |",
+            "",
+        ]
     lines += [
-        "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
         f'model = AutoModelForCausalLM.from_pretrained("{target}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{target}")',
         'messages = [{"role": "user", "content": "What is your name?"}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt',"
+        " return_dict=True)",
         "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)",
         "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
-        "```", "",
-        "## Training config", "", "(also in `training_config.yaml`)", "", "```yaml",
-        yaml.safe_dump(rundir.saved_config(), sort_keys=False).rstrip(), "```", "",
+        "```",
+        "",
+        "## Training config",
+        "",
+        "(also in `training_config.yaml`)",
+        "",
+        "```yaml",
+        yaml.safe_dump(rundir.saved_config(), sort_keys=False).rstrip(),
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
@@ -163,16 +197,20 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def hub_token(repo: str) -> str:
     """A hub token for uploading to `repo`, or a one-line error saying how to get one."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"--push-to-hub {repo}: the hub is switched off here (HF_HUB_OFFLINE is set); export without "
-                        f"--push-to-hub, then upload the folder from a connected machine: hf upload {repo} DIR")
+        raise UserError(
+            f"--push-to-hub {repo}: the hub is switched off here (HF_HUB_OFFLINE is set); export without "
+            f"--push-to-hub, then upload the folder from a connected machine: hf upload {repo} DIR"
+        )
     if repo.count("/") > 1 or not repo.strip("/") or " " in repo:
         raise UserError(f"--push-to-hub {repo}: not a repo id; use org/name (or name for your own namespace)")
     from huggingface_hub import get_token
 
     token = get_token()
     if not token:
-        raise UserError(f"--push-to-hub {repo}: no Hugging Face token; export HF_TOKEN=<a write token> "
-                        "or run `hf auth login`, then retry")
+        raise UserError(
+            f"--push-to-hub {repo}: no Hugging Face token; export HF_TOKEN=<a write token> "
+            "or run `hf auth login`, then retry"
+        )
     return token
 
 
@@ -183,11 +221,15 @@ def push(folder: Path, repo: str, token: str | None, log: Any = print) -> str:
     api = HfApi(token=token)
     try:
         api.create_repo(repo, private=True, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="Upload merged model (noesis-export)")
+        info = api.upload_folder(
+            repo_id=repo, folder_path=str(folder), commit_message="Upload merged model (noesis-export)"
+        )
     except Exception as err:  # network, auth and permission errors all leave the same remedy
         first = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(f"--push-to-hub {repo}: upload failed ({err.__class__.__name__}: {first[:200]}); the export "
-                        f"is complete in {folder}; upload it later with: hf upload {repo} {folder}") from None
+        raise UserError(
+            f"--push-to-hub {repo}: upload failed ({err.__class__.__name__}: {first[:200]}); the export "
+            f"is complete in {folder}; upload it later with: hf upload {repo} {folder}"
+        ) from None
     url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
     log(f"pushed {folder} to {url}")
     return url
@@ -205,12 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Merge a run's LoRA adapter into its base model and write a folder plain transformers loads.",
     )
     parser.add_argument("run_dir", help="the run directory, <run.root>/<run.name>, e.g. runs/demo")
-    parser.add_argument("--checkpoint", help="export this checkpoints/step-NNNNNN (a path or its name) instead of "
-                                             "the final adapter")
+    parser.add_argument(
+        "--checkpoint", help="export this checkpoints/step-NNNNNN (a path or its name) instead of the final adapter"
+    )
     parser.add_argument("--out", help="output directory (default: RUN_DIR/export, or RUN_DIR/export-step-NNNNNN)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload to this hub repo (private; needs HF_TOKEN "
-                                                             "and network)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file (default 2GB)")
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO", help="also upload to this hub repo (private; needs HF_TOKEN and network)"
+    )
+    parser.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file (default 2GB)"
+    )
     args = parser.parse_args(argv)
     from noesis_accel.core.env import quiet_known_noise
 

@@ -22,13 +22,14 @@ import importlib
 import inspect
 import json
 import re
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from noesis_accel.core.errors import ConfigError
 
-Verdict = tuple[Optional[float], str]
+Verdict = tuple[float | None, str]
 Judge = Callable[[str, str, Any, dict], Any]
 
 # ---------------------------------------------------------------- reference judges (text matching)
@@ -155,15 +156,17 @@ class ModelJudge:
     ) -> None:
         import torch
 
-        from noesis_accel.training import modeling
         from noesis_accel.config import ModelConfig
+        from noesis_accel.training import modeling
 
         self.rubric = rubric or DEFAULT_RUBRIC
         try:
             self.rubric.format(prompt="", answer="", expected="", low=low, high=high)
         except (KeyError, IndexError, ValueError) as err:
-            raise ConfigError(f"eval.judge.rubric: cannot fill it in ({err.__class__.__name__}: {err}); it may use "
-                              "{prompt}, {answer}, {expected}, {low} and {high}; write other braces as {{ and }}") from None
+            raise ConfigError(
+                f"eval.judge.rubric: cannot fill it in ({err.__class__.__name__}: {err}); it may use "
+                "{prompt}, {answer}, {expected}, {low} and {high}; write other braces as {{ and }}"
+            ) from None
         if high <= low:
             raise ConfigError(f"eval.judge: high ({high}) must be above low ({low})")
         self.low, self.high, self.max_new_tokens = low, high, int(max_new_tokens)
@@ -196,8 +199,10 @@ class ModelJudge:
 def import_target(target: str, key: str) -> Any:
     """The object `target` ("package.module.name") names, or a one-line error naming `key`."""
     parts = [part for part in str(target).split(".") if part]
-    hint = ("give module.function or module.Class on the Python path, e.g. noesis_accel.after.judges.contains "
-            "(pip install your judge's package or add its folder to PYTHONPATH)")
+    hint = (
+        "give module.function or module.Class on the Python path, e.g. noesis_accel.after.judges.contains "
+        "(pip install your judge's package or add its folder to PYTHONPATH)"
+    )
     for cut in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:cut])
         try:
@@ -208,16 +213,16 @@ def import_target(target: str, key: str) -> Any:
             raise ConfigError(f"{key}: importing {module_name} for '{target}' failed: {err}") from None
         except Exception as err:  # the judge's own module raised while importing
             first = str(err).splitlines()[0] if str(err) else ""
-            raise ConfigError(f"{key}: importing {module_name} for '{target}' failed "
-                              f"({err.__class__.__name__}: {first})") from None
+            raise ConfigError(
+                f"{key}: importing {module_name} for '{target}' failed ({err.__class__.__name__}: {first})"
+            ) from None
         found: Any = module
         for attr in parts[cut:]:
             if not hasattr(found, attr):
                 raise ConfigError(f"{key}: cannot import '{target}': {module_name} has no '{attr}'; {hint}")
             found = getattr(found, attr)
         return found
-    raise ConfigError(f"{key}: cannot import '{target}' (no module '{parts[0] if parts else target}' "
-                      f"found); {hint}")
+    raise ConfigError(f"{key}: cannot import '{target}' (no module '{parts[0] if parts else target}' found); {hint}")
 
 
 def load_judge(judge_cfg: Any, key: str = "eval.judge") -> tuple[Callable[[str, str, Any, dict], Verdict], str]:
@@ -229,8 +234,10 @@ def load_judge(judge_cfg: Any, key: str = "eval.judge") -> tuple[Callable[[str, 
     if isinstance(spec, str):
         spec = {"_target_": spec}
     if not isinstance(spec, dict) or not spec.get("_target_"):
-        raise ConfigError(f"{key}: needs a _target_ naming a judge, e.g. {key}._target_=noesis_accel.after.judges.contains "
-                          "(or judge=contains|exact|regex|model)")
+        raise ConfigError(
+            f"{key}: needs a _target_ naming a judge, e.g. {key}._target_=noesis_accel.after.judges.contains "
+            "(or judge=contains|exact|regex|model)"
+        )
     target = str(spec["_target_"])
     options = {k: v for k, v in spec.items() if not str(k).startswith("_")}
     found = import_target(target, f"{key}._target_")
@@ -240,14 +247,17 @@ def load_judge(judge_cfg: Any, key: str = "eval.judge") -> tuple[Callable[[str, 
         except TypeError as err:
             raise ConfigError(f"{key}: building {target} failed ({err}); check the keys under {key}") from None
         if not callable(judge):
-            raise ConfigError(f"{key}: instances of {target} are not callable; give the class a "
-                              "__call__(prompt, answer, expected, record)")
+            raise ConfigError(
+                f"{key}: instances of {target} are not callable; give the class a "
+                "__call__(prompt, answer, expected, record)"
+            )
     elif callable(found):
         judge = functools.partial(found, **options) if options else found
     else:
         raise ConfigError(f"{key}._target_: '{target}' is a {type(found).__name__}, not a function or class")
-    _check_call(found if not inspect.isclass(found) else judge, options if not inspect.isclass(found) else {},
-                target, key)
+    _check_call(
+        found if not inspect.isclass(found) else judge, options if not inspect.isclass(found) else {}, target, key
+    )
     return judge, target
 
 
@@ -279,5 +289,7 @@ def as_verdict(result: Any, target: str) -> Verdict:
         try:
             score = float(score)
         except (TypeError, ValueError):
-            raise ConfigError(f"eval.judge: {target} returned the score {score!r}; a score is a number or None") from None
+            raise ConfigError(
+                f"eval.judge: {target} returned the score {score!r}; a score is a number or None"
+            ) from None
     return score, str(reason)

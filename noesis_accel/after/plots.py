@@ -17,8 +17,16 @@ PANELS = (
     ("tokens_per_s", "Throughput", "tokens / s"),
     ("grad_norm", "Gradient norm (before clipping)", "grad norm"),
 )
-_COLORS = {"loss": "#1f77b4", "eval_loss": "#ff7f0e", "lr": "#2ca02c", "tokens_per_s": "#9467bd",
-           "grad_norm": "#8c564b", "checkpoint": "#9a9a9a", "interruption": "#d62728", "resume": "#2ca02c"}
+_COLORS = {
+    "loss": "#1f77b4",
+    "eval_loss": "#ff7f0e",
+    "lr": "#2ca02c",
+    "tokens_per_s": "#9467bd",
+    "grad_norm": "#8c564b",
+    "checkpoint": "#9a9a9a",
+    "interruption": "#d62728",
+    "resume": "#2ca02c",
+}
 
 
 def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -32,34 +40,52 @@ def marks(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
     Attempts come from the run's history (status.history_of), so the figure and noesis-status agree.
     """
-    checkpoints = [{"step": int(e["step"]), "name": e.get("name"), "reason": e.get("reason")}
-                   for e in events if e.get("event") == "checkpoint"]
+    checkpoints = [
+        {"step": int(e["step"]), "name": e.get("name"), "reason": e.get("reason")}
+        for e in events
+        if e.get("event") == "checkpoint"
+    ]
     attempts = history_of(events)
     interruptions, resumes = [], []
     for i, attempt in enumerate(attempts[:-1]):
         after = resumed_after(attempts, i)
         reached = attempt.last_step if attempt.last_step is not None else (after.first_step if after else None)
         if reached is not None:
-            interruptions.append({"step": int(reached), "exit": attempt.stop_reason, "attempt": attempt.number,
-                                  "resumed_at": after.first_step if after else None})
+            interruptions.append(
+                {
+                    "step": int(reached),
+                    "exit": attempt.stop_reason,
+                    "attempt": attempt.number,
+                    "resumed_at": after.first_step if after else None,
+                }
+            )
     for attempt in attempts[1:]:
         if attempt.first_step is None:
             continue
         # The attempts this resume followed: usually one, more when some died before training.
         redone = [a for i, a in enumerate(attempts[:-1]) if resumed_after(attempts, i) is attempt]
         costs = [(a.lost_steps or 0, a.lost_steps_exact) for a in redone]
-        resumes.append({"step": attempt.first_step, "from": attempt.resumed_from, "attempt": attempt.number,
-                        "lost_steps": sum(n for n, _ in costs), "lost_steps_exact": all(e for _, e in costs)})
+        resumes.append(
+            {
+                "step": attempt.first_step,
+                "from": attempt.resumed_from,
+                "attempt": attempt.number,
+                "lost_steps": sum(n for n, _ in costs),
+                "lost_steps_exact": all(e for _, e in costs),
+            }
+        )
     # A run that is stopped now (its last event a stop that is not completion) shows that stop too.
     last = events[-1] if events else None
     if last is not None and last.get("event") == "stop" and last.get("state") != "completed":
-        interruptions.append({"step": int(last.get("step", 0)), "exit": last.get("reason"), "attempt": None,
-                              "resumed_at": None})
+        interruptions.append(
+            {"step": int(last.get("step", 0)), "exit": last.get("reason"), "attempt": None, "resumed_at": None}
+        )
     return {"checkpoint": checkpoints, "interruption": interruptions, "resume": resumes}
 
 
-def plotted_data(metrics: list[dict[str, Any]], events: list[dict[str, Any]],
-                 eval_loss_before: float | None = None) -> dict[str, Any]:
+def plotted_data(
+    metrics: list[dict[str, Any]], events: list[dict[str, Any]], eval_loss_before: float | None = None
+) -> dict[str, Any]:
     """Every series and mark the figure shows, as plain data (written beside the PNG).
 
     The held-out loss before training is not in metrics.jsonl (status.json has it); it is drawn at step 0.
@@ -88,11 +114,28 @@ def build_figure(data: dict[str, Any], title: str):  # -> matplotlib.figure.Figu
         steps, values = data[key]["step"], data[key]["value"]
         ax.plot(steps, values, color=_COLORS[key], linewidth=1.4, gid=key, label=key.replace("_", " "))
         if key == "loss" and data["eval_loss"]["step"]:
-            ax.plot(data["eval_loss"]["step"], data["eval_loss"]["value"], color=_COLORS["eval_loss"],
-                    marker="o", markersize=6, linestyle="--", linewidth=1, gid="eval_loss", label="held-out loss")
+            ax.plot(
+                data["eval_loss"]["step"],
+                data["eval_loss"]["value"],
+                color=_COLORS["eval_loss"],
+                marker="o",
+                markersize=6,
+                linestyle="--",
+                linewidth=1,
+                gid="eval_loss",
+                label="held-out loss",
+            )
         if key == "loss" and data["eval_loss_before"]["step"]:
-            ax.plot(data["eval_loss_before"]["step"], data["eval_loss_before"]["value"], color=_COLORS["eval_loss"],
-                    marker="o", markersize=6, markerfacecolor="white", linestyle="none", gid="eval_loss_before")
+            ax.plot(
+                data["eval_loss_before"]["step"],
+                data["eval_loss_before"]["value"],
+                color=_COLORS["eval_loss"],
+                marker="o",
+                markersize=6,
+                markerfacecolor="white",
+                linestyle="none",
+                gid="eval_loss_before",
+            )
         if not steps:
             ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="#777777")
         _draw_marks(ax, data["marks"])
@@ -130,12 +173,26 @@ def _draw_marks(ax: Any, found: dict[str, list[dict[str, Any]]]) -> None:
     for i, resume in enumerate(found["resume"]):
         lost, exact = resume.get("lost_steps"), resume.get("lost_steps_exact", True)
         note = f"resume {i + 1}" + (f": {lost_words(lost, exact)}" if lost or not exact else "")
-        ax.text(resume["step"], 0.98, " " + note, transform=top, color=_COLORS["resume"], fontsize=8,
-                va="top", ha="left", gid="resume_label")
+        ax.text(
+            resume["step"],
+            0.98,
+            " " + note,
+            transform=top,
+            color=_COLORS["resume"],
+            fontsize=8,
+            va="top",
+            ha="left",
+            gid="resume_label",
+        )
 
 
-def write_figure(metrics: list[dict[str, Any]], events: list[dict[str, Any]], out_dir: Path, title: str,
-                 eval_loss_before: float | None = None) -> Path:
+def write_figure(
+    metrics: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    out_dir: Path,
+    title: str,
+    eval_loss_before: float | None = None,
+) -> Path:
     """training.png and the data it plots (plotted.json) in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = plotted_data(metrics, events, eval_loss_before)

@@ -1,4 +1,6 @@
-"""The evaluation prompt file: JSONL, one `{"prompt", "expected"?, "tags"?}` object per line, read with file:line errors."""
+"""The evaluation prompt file: JSONL, one `{"prompt", "expected"?, "tags"?}` object per line.
+
+Read with file:line errors."""
 
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ def _record(fields: Any, where: str) -> PromptRecord:
     expected = fields.get("expected")
     valid_list = isinstance(expected, list) and expected and all(isinstance(e, str) for e in expected)
     if expected is not None and not isinstance(expected, str) and not valid_list:
-        raise DataError(f"{where}: field 'expected' must be a string or a non-empty list of strings, "
-                        f"found {type(expected).__name__}")
+        raise DataError(
+            f"{where}: field 'expected' must be a string or a non-empty list of strings, "
+            f"found {type(expected).__name__}"
+        )
     tags = fields.get("tags", [])
     if isinstance(tags, str):
         tags = [tags]

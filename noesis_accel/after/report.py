@@ -42,10 +42,18 @@ class Attempt:
 def attempts(events: list[dict[str, Any]], status: dict[str, Any]) -> list[Attempt]:
     """Every start in events.jsonl with when and how it ended (the run's history, as noesis-status tells it)."""
     found = history_of(events, status)
-    return [Attempt(number=a.number, started=a.started, ended=a.ended, start_step=a.first_step,
-                    processes=a.processes, device=a.device,
-                    exit=a.stop_reason or f"{status.get('state', 'unknown')} (no stop recorded yet)")
-            for a in found]
+    return [
+        Attempt(
+            number=a.number,
+            started=a.started,
+            ended=a.ended,
+            start_step=a.first_step,
+            processes=a.processes,
+            device=a.device,
+            exit=a.stop_reason or f"{status.get('state', 'unknown')} (no stop recorded yet)",
+        )
+        for a in found
+    ]
 
 
 def interruptions(events: list[dict[str, Any]], status: dict[str, Any]) -> list[dict[str, Any]]:
@@ -54,11 +62,18 @@ def interruptions(events: list[dict[str, Any]], status: dict[str, Any]) -> list[
     rows = []
     for i, attempt in enumerate(found[:-1]):
         after = resumed_after(found, i)
-        rows.append({"attempt": attempt.number, "exit": attempt.stop_reason, "reached": attempt.last_step,
-                     "reached_exact": attempt.reached_exact,
-                     "resumed_from": after.resumed_from if after else None,
-                     "resumed_at": after.first_step if after else None,
-                     "lost_steps": attempt.lost_steps, "lost_steps_exact": attempt.lost_steps_exact})
+        rows.append(
+            {
+                "attempt": attempt.number,
+                "exit": attempt.stop_reason,
+                "reached": attempt.last_step,
+                "reached_exact": attempt.reached_exact,
+                "resumed_from": after.resumed_from if after else None,
+                "resumed_at": after.first_step if after else None,
+                "lost_steps": attempt.lost_steps,
+                "lost_steps_exact": attempt.lost_steps_exact,
+            }
+        )
     return rows
 
 
@@ -81,7 +96,9 @@ def run_facts(rundir: RunDir) -> dict[str, Any]:
         "eval_loss_after": after,
         "perplexity_before": _exp(before),
         "perplexity_after": _exp(after),
-        "last_eval": {"step": eval_losses[-1]["step"], "eval_loss": eval_losses[-1]["eval_loss"]} if eval_losses else None,
+        "last_eval": {"step": eval_losses[-1]["step"], "eval_loss": eval_losses[-1]["eval_loss"]}
+        if eval_losses
+        else None,
         "tokens_seen": steps[-1].get("tokens_seen") if steps else None,
         "samples_seen": steps[-1].get("samples_seen") if steps else None,
         "final_loss": steps[-1].get("loss") if steps else None,
@@ -92,8 +109,11 @@ def run_facts(rundir: RunDir) -> dict[str, Any]:
         "gpu_hours": gpu_hours,
         "devices": sorted({f"{a.processes} x {a.device}" for a in runs}),
         "attempts": [asdict(a) for a in runs],
-        "checkpoints": [{k: e.get(k) for k in ("step", "name", "reason", "seconds", "time")}
-                        for e in events if e.get("event") == "checkpoint"],
+        "checkpoints": [
+            {k: e.get(k) for k in ("step", "name", "reason", "seconds", "time")}
+            for e in events
+            if e.get("event") == "checkpoint"
+        ],
         "interruptions": interruptions(events, status),
     }
 
@@ -107,9 +127,13 @@ def facts_at_step(rundir: RunDir, step: int) -> dict[str, Any]:
     metrics = rundir.metrics()
     at = [m for m in metrics if "loss" in m and int(m["step"]) <= step]
     evals = [m for m in metrics if "eval_loss" in m and int(m["step"]) <= step]
-    return {"step": step, "tokens_seen": at[-1].get("tokens_seen") if at else None,
-            "samples_seen": at[-1].get("samples_seen") if at else None,
-            "eval_loss": evals[-1]["eval_loss"] if evals else None, "eval_step": evals[-1]["step"] if evals else None}
+    return {
+        "step": step,
+        "tokens_seen": at[-1].get("tokens_seen") if at else None,
+        "samples_seen": at[-1].get("samples_seen") if at else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "eval_step": evals[-1]["step"] if evals else None,
+    }
 
 
 # ---------------------------------------------------------------- markdown
@@ -153,19 +177,28 @@ def _lost(interruption: dict[str, Any]) -> str:
 
 def markdown(rundir: RunDir, facts: dict[str, Any], figure: str | None, evaluation: dict[str, Any] | None) -> str:
     lines = [f"# Run report: {facts['name']}", ""]
-    lines += [f"`{rundir.path}` · state **{facts['state']}** at step {facts['step']} / {facts['total_steps'] or '?'}", ""]
+    lines += [
+        f"`{rundir.path}` · state **{facts['state']}** at step {facts['step']} / {facts['total_steps'] or '?'}",
+        "",
+    ]
     if figure:
         lines += [f"![training curves]({figure})", ""]
-    gpu = (f"{facts['gpu_hours']:.3f}" if any(a["device"] == "cuda" for a in facts["attempts"])
-           else "0 (no GPU: trained on " + ", ".join(facts["devices"] or ["-"]) + ")")
+    gpu = (
+        f"{facts['gpu_hours']:.3f}"
+        if any(a["device"] == "cuda" for a in facts["attempts"])
+        else "0 (no GPU: trained on " + ", ".join(facts["devices"] or ["-"]) + ")"
+    )
     lines += [
-        "## Run", "",
+        "## Run",
+        "",
         "| started | ended | wall time | training time | attempts | processes x device | GPU-hours |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {_when(facts['started'])} | {_when(facts['ended'])} | {_duration(facts['wall_hours'])} | "
-        f"{_duration(facts['train_hours'])} | {len(facts['attempts'])} | {', '.join(facts['devices']) or '-'} | {gpu} |",
+        f"{_duration(facts['train_hours'])} | {len(facts['attempts'])} | "
+        f"{', '.join(facts['devices']) or '-'} | {gpu} |",
         "",
-        "| steps | tokens seen | samples seen | final training loss | held-out loss before | after | perplexity before | after |",
+        "| steps | tokens seen | samples seen | final training loss | held-out loss before | after "
+        "| perplexity before | after |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {_num(facts['step'])} | {_num(facts['tokens_seen'])} | {_num(facts['samples_seen'])} | "
         f"{_num(facts['final_loss'])} | {_num(facts['eval_loss_before'])} | {_num(facts['eval_loss_after'])} | "
@@ -174,31 +207,50 @@ def markdown(rundir: RunDir, facts: dict[str, Any], figure: str | None, evaluati
     ]
     lines += ["## Interruptions survived", ""]
     if facts["interruptions"]:
-        lines += ["| attempt | how it ended | step reached | resumed from | resumed at | steps lost |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "| attempt | how it ended | step reached | resumed from | resumed at | steps lost |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for i in facts["interruptions"]:
-            lines.append(f"| {i['attempt']} | {i['exit'] or '-'} | {_reached(i)} | {i['resumed_from'] or 'start'} | "
-                         f"{_num(i['resumed_at'])} | {_lost(i)} |")
-        costs = [(int(i["lost_steps"]), i.get("lost_steps_exact", True)) for i in facts["interruptions"]
-                 if i["lost_steps"] is not None]
+            lines.append(
+                f"| {i['attempt']} | {i['exit'] or '-'} | {_reached(i)} | {i['resumed_from'] or 'start'} | "
+                f"{_num(i['resumed_at'])} | {_lost(i)} |"
+            )
+        costs = [
+            (int(i["lost_steps"]), i.get("lost_steps_exact", True))
+            for i in facts["interruptions"]
+            if i["lost_steps"] is not None
+        ]
         lines += ["", f"{len(facts['interruptions'])} interruption(s); {redone_words(costs, 'done twice in all')}."]
     else:
         lines.append("None: the run trained in one attempt.")
-    lines += ["", "## Attempts", "", "| # | started | ended | from step | processes x device | how it ended |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Attempts",
+        "",
+        "| # | started | ended | from step | processes x device | how it ended |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for a in facts["attempts"]:
         first = "-" if a["start_step"] is None else a["start_step"]  # it never got to train, as committed
-        lines.append(f"| {a['number']} | {_when(a['started'])} | {_when(a['ended'])} | {first} | "
-                     f"{a['processes']} x {a['device']} | {a['exit']} |")
+        lines.append(
+            f"| {a['number']} | {_when(a['started'])} | {_when(a['ended'])} | {first} | "
+            f"{a['processes']} x {a['device']} | {a['exit']} |"
+        )
     lines += ["", "## Checkpoints", ""]
     if facts["checkpoints"]:
         lines += ["| step | name | reason | seconds to save |", "| --- | --- | --- | --- |"]
-        lines += [f"| {c['step']} | {c['name']} | {c['reason']} | {_num(c['seconds'], 3)} |" for c in facts["checkpoints"]]
+        lines += [
+            f"| {c['step']} | {c['name']} | {c['reason']} | {_num(c['seconds'], 3)} |" for c in facts["checkpoints"]
+        ]
     else:
         lines.append("None written.")
     lines += ["", "## Evaluation", ""]
-    lines += evaluation_lines(evaluation) if evaluation else [
-        f"No `eval/summary.json` yet: run `noesis-eval {rundir.path}` for judge scores."]
+    lines += (
+        evaluation_lines(evaluation)
+        if evaluation
+        else [f"No `eval/summary.json` yet: run `noesis-eval {rundir.path}` for judge scores."]
+    )
     try:
         config = yaml.safe_dump(rundir.saved_config(), sort_keys=False).rstrip()
     except Exception:  # a report must still be written for a run whose config.yaml is damaged
@@ -211,17 +263,32 @@ def evaluation_lines(summary: dict[str, Any]) -> list[str]:
     """The eval summary (eval/summary.json) as a markdown table: base against tuned."""
     models = summary.get("models", {})
     names = [n for n in ("base", "tuned") if n in models]
-    lines = [f"Judge `{summary.get('judge')}` on {summary.get('prompts_file')} "
-             f"({summary.get('prompt_count')} prompts), weights `{summary.get('weights')}`.", "",
-             "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    rows = [("held-out loss", "heldout_loss", 4), ("perplexity", "perplexity", 2), ("judge score (mean)", "score_mean", 3)]
+    lines = [
+        f"Judge `{summary.get('judge')}` on {summary.get('prompts_file')} "
+        f"({summary.get('prompt_count')} prompts), weights `{summary.get('weights')}`.",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "| --- |" + " --- |" * len(names),
+    ]
+    rows = [
+        ("held-out loss", "heldout_loss", 4),
+        ("perplexity", "perplexity", 2),
+        ("judge score (mean)", "score_mean", 3),
+    ]
     for label, key, digits in rows:
         lines.append(f"| {label} | " + " | ".join(_num(models[n].get(key), digits) for n in names) + " |")
-    lines.append("| judged | " + " | ".join(f"{models[n].get('scored', 0)} of {summary.get('prompt_count')}" for n in names) + " |")
+    lines.append(
+        "| judged | "
+        + " | ".join(f"{models[n].get('scored', 0)} of {summary.get('prompt_count')}" for n in names)
+        + " |"
+    )
     tags = sorted({t for n in names for t in models[n].get("by_tag", {})})
     for tag in tags:
-        lines.append(f"| tag `{tag}` | " + " | ".join(_num(models[n]["by_tag"].get(tag, {}).get("score_mean"), 3)
-                                                 for n in names) + " |")
+        lines.append(
+            f"| tag `{tag}` | "
+            + " | ".join(_num(models[n]["by_tag"].get(tag, {}).get("score_mean"), 3) for n in names)
+            + " |"
+        )
     return lines
 
 

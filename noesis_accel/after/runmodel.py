@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.training import modeling
 from noesis_accel.core.errors import UserError
 from noesis_accel.rundir.layout import RunDir
-
+from noesis_accel.training import modeling
 
 # Where Accelerate's save_state puts the trainable weights: our trainable-only hook writes safetensors;
 # DeepSpeed writes its engine's module state (frozen parameters excluded) under its `pytorch_model` tag.
@@ -70,10 +69,13 @@ def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) 
     deepspeed = (path / "pytorch_model").is_dir() or "DEEPSPEED" in str(manifest.get("distributed_type", ""))
     weights = path / (DEEPSPEED_WEIGHTS if deepspeed else CHECKPOINT_WEIGHTS)
     if not weights.is_file():
-        raise UserError(f"checkpoint {path} has no {weights.relative_to(path)} (the trained weights); "
-                        "it cannot be loaded; choose another checkpoint")
-    return WeightsSource(path, path.name, is_checkpoint=True, step=int(manifest.get("step", 0)) or None,
-                         weights_file=weights)
+        raise UserError(
+            f"checkpoint {path} has no {weights.relative_to(path)} (the trained weights); "
+            "it cannot be loaded; choose another checkpoint"
+        )
+    return WeightsSource(
+        path, path.name, is_checkpoint=True, step=int(manifest.get("step", 0)) or None, weights_file=weights
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,7 +85,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cuda: bool) -> torch.nn.Module:
-    """The base model; one built from `model.architecture` is drawn after `set_seed(train.seed)`, as the trainer drew it."""
+    """The base model; one built from `model.architecture` is drawn after `set_seed(train.seed)`.
+
+    That is how the trainer drew it, so the weights are the same.
+    """
     if model_cfg.architecture:
         from accelerate.utils import set_seed
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -51,8 +52,10 @@ def _project_table(pyproject: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(pyproject.read_text())["project"]
     except FileNotFoundError:
-        raise ConfigError(f"modal.extras: {pyproject} is missing; the Modal entry reads the project's dependencies "
-                          "from it (run from a checkout of the project)") from None
+        raise ConfigError(
+            f"modal.extras: {pyproject} is missing; the Modal entry reads the project's dependencies "
+            "from it (run from a checkout of the project)"
+        ) from None
 
 
 def known_extras(pyproject: Path = PYPROJECT) -> tuple[str, ...]:
@@ -90,8 +93,10 @@ def tracker_problem(cfg: DictConfig) -> str | None:
     """Why the image would lack `train.tracker`'s package (one no extra of this project installs), or None."""
     if cfg.train.tracker in TRACKERS_IN_IMAGE:
         return None
-    return (f"train.tracker={cfg.train.tracker}: the Modal image installs no package for it; on Modal use "
-            f"{', '.join(t for t in TRACKERS_IN_IMAGE if t != 'none')} or none")
+    return (
+        f"train.tracker={cfg.train.tracker}: the Modal image installs no package for it; on Modal use "
+        f"{', '.join(t for t in TRACKERS_IN_IMAGE if t != 'none')} or none"
+    )
 
 
 def extras_problem(cfg: DictConfig, pyproject: Path = PYPROJECT) -> str | None:
@@ -100,5 +105,7 @@ def extras_problem(cfg: DictConfig, pyproject: Path = PYPROJECT) -> str | None:
     unknown = [str(extra) for extra in cfg.modal.extras if extra not in known]
     if not unknown:
         return None
-    return (f"modal.extras: {', '.join(repr(e) for e in unknown)} is not an optional dependency group of this "
-            f"project; known extras: {', '.join(known)}")
+    return (
+        f"modal.extras: {', '.join(repr(e) for e in unknown)} is not an optional dependency group of this "
+        f"project; known extras: {', '.join(known)}"
+    )

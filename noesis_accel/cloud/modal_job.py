@@ -12,17 +12,18 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, Sequence
+from typing import Any, NoReturn, Protocol
 
 from omegaconf import DictConfig
 
+from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracker_problem
 from noesis_accel.config import compose, modal_layout, order_overrides, validate
 from noesis_accel.core.errors import ConfigError, UserError, redact
-from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracker_problem
-from noesis_accel.rundir.layout import runs_root
 from noesis_accel.core.signals import FORWARDED_SIGNALS
+from noesis_accel.rundir.layout import runs_root
 
 OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"  # the CLI overrides, for the container's own import of the app
 
@@ -52,8 +53,10 @@ def hydra_overrides(argv: Sequence[str]) -> list[str]:
         if not override.is_sweep_override():
             kept.append(word)
         elif override.key_or_group.startswith("modal"):
-            raise ConfigError(f"{word}: a sweep cannot vary modal.* (its jobs share one app: GPUs, timeout, "
-                              "Volume); start one `modal run` per value instead")
+            raise ConfigError(
+                f"{word}: a sweep cannot vary modal.* (its jobs share one app: GPUs, timeout, "
+                "Volume); start one `modal run` per value instead"
+            )
     return kept
 
 
@@ -125,18 +128,29 @@ class ModalSettings:
         return self.containers > 1
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, overrides: Sequence[str] = ()) -> "ModalSettings":
+    def from_config(cls, cfg: DictConfig, overrides: Sequence[str] = ()) -> ModalSettings:
         modal = cfg.modal
         kind, per_container, containers = modal_layout(modal.gpu) if modal.gpu else (None, 0, 1)
         return cls(
-            app_name=str(modal.app_name), gpu_type=kind, gpus_per_container=per_container, containers=containers,
-            cpu=float(modal.cpu), memory_mib=int(modal.memory_gib) * 1024, timeout_s=int(modal.timeout_s),
-            retries=int(modal.retries), volume=str(modal.volume), mount=str(modal.mount),
+            app_name=str(modal.app_name),
+            gpu_type=kind,
+            gpus_per_container=per_container,
+            containers=containers,
+            cpu=float(modal.cpu),
+            memory_mib=int(modal.memory_gib) * 1024,
+            timeout_s=int(modal.timeout_s),
+            retries=int(modal.retries),
+            volume=str(modal.volume),
+            mount=str(modal.mount),
             scratch_dir=str(modal.scratch_dir),
-            secrets=secret_names(cfg), deadline_margin_s=int(modal.deadline_margin_s),
-            python_version=str(modal.python_version), torch_version=str(modal.torch_version),
-            torch_index_url=str(modal.torch_index_url), extras=config_extras(cfg),
-            gpu_hour_usd=modal.gpu_hour_usd, overrides=tuple(overrides),
+            secrets=secret_names(cfg),
+            deadline_margin_s=int(modal.deadline_margin_s),
+            python_version=str(modal.python_version),
+            torch_version=str(modal.torch_version),
+            torch_index_url=str(modal.torch_index_url),
+            extras=config_extras(cfg),
+            gpu_hour_usd=modal.gpu_hour_usd,
+            overrides=tuple(overrides),
         )
 
 
@@ -161,13 +175,17 @@ def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
     if cfg.modal.gpu:
         _, per_container, containers = modal_layout(cfg.modal.gpu)
         if per_container * containers > 1 and cfg.distributed.type == "single":
-            problems.append(f"distributed: modal.gpu={cfg.modal.gpu} runs {per_container * containers} processes; "
-                            "choose distributed=ddp or distributed=zero2")
+            problems.append(
+                f"distributed: modal.gpu={cfg.modal.gpu} runs {per_container * containers} processes; "
+                "choose distributed=ddp or distributed=zero2"
+            )
     mount = Path(str(cfg.modal.mount))
     root = runs_root(cfg)
     if root_given and mount not in (root, *root.parents):
-        problems.append(f"run.root: {root} is not on the Volume ({mount}); checkpoints there are lost with the "
-                        f"container. Leave run.root unset (it becomes {mount}/runs) or put it under {mount}")
+        problems.append(
+            f"run.root: {root} is not on the Volume ({mount}); checkpoints there are lost with the "
+            f"container. Leave run.root unset (it becomes {mount}/runs) or put it under {mount}"
+        )
     if problems:
         raise ConfigError("invalid config for Modal:\n  - " + "\n  - ".join(problems))
 
@@ -186,8 +204,9 @@ def settings_at_import() -> ModalSettings:
 # ---------------------------------------------------------------- in the container
 
 
-def placement_overrides(settings: ModalSettings, given: Sequence[str], machine_rank: int = 0,
-                        main_address: str = "127.0.0.1") -> list[str]:
+def placement_overrides(
+    settings: ModalSettings, given: Sequence[str], machine_rank: int = 0, main_address: str = "127.0.0.1"
+) -> list[str]:
     """Where things live (unless `given` sets them) and the process layout the GPUs give.
 
     What must last goes on the Volume: runs, model files (read once and closed), a copy of the
@@ -204,9 +223,12 @@ def placement_overrides(settings: ModalSettings, given: Sequence[str], machine_r
     }
     derived = [f"{key}={value}" for key, value in placed.items() if key not in keys]
     if settings.gpu_type:
-        derived += [f"distributed.num_processes={settings.gpus_per_container}",
-                    f"distributed.num_machines={settings.containers}",
-                    f"distributed.machine_rank={machine_rank}", f"distributed.main_process_ip={main_address}"]
+        derived += [
+            f"distributed.num_processes={settings.gpus_per_container}",
+            f"distributed.num_machines={settings.containers}",
+            f"distributed.machine_rank={machine_rank}",
+            f"distributed.main_process_ip={main_address}",
+        ]
     return derived
 
 
@@ -233,8 +255,14 @@ def _modal_call_id() -> str | None:
         return None
 
 
-def run_job_in_container(job: Sequence[str] | dict, volume: Volume, settings: ModalSettings, machine_rank: int = 0,
-                         main_address: str = "127.0.0.1", attempt_started: float | None = None) -> Any:
+def run_job_in_container(
+    job: Sequence[str] | dict,
+    volume: Volume,
+    settings: ModalSettings,
+    machine_rank: int = 0,
+    main_address: str = "127.0.0.1",
+    attempt_started: float | None = None,
+) -> Any:
     """The body of the training functions: one run (a list of overrides) or one sweep job (a request).
 
     A user error is returned (a retry would fail the same way, ten times over). A stop ends the
@@ -250,8 +278,9 @@ def run_job_in_container(job: Sequence[str] | dict, volume: Volume, settings: Mo
             from noesis_accel.config.sweeps import JobRequest, run_sweep_job
 
             request = JobRequest(**job)
-            returned = run_sweep_job(request,
-                                     placement_overrides(settings, request.overrides, machine_rank, main_address))
+            returned = run_sweep_job(
+                request, placement_overrides(settings, request.overrides, machine_rank, main_address)
+            )
             failure = getattr(returned, "_return_value", None)
             if getattr(failure, "retryable", False):
                 raise failure  # a preempted or crashed job: let Modal run it again, it resumes
@@ -287,21 +316,28 @@ def end_as_modal_expects(stop: BaseException, modal_handlers: dict[int, Any]) ->
     raise stop
 
 
-def train_in_container(overrides: Sequence[str], settings: ModalSettings, machine_rank: int = 0,
-                       main_address: str = "127.0.0.1") -> dict[str, Any]:
+def train_in_container(
+    overrides: Sequence[str], settings: ModalSettings, machine_rank: int = 0, main_address: str = "127.0.0.1"
+) -> dict[str, Any]:
     """Compose with the Volume's paths and the GPU layout, then `run()`: the same entry as `noesis-train`."""
     from noesis_accel.processes.train import run
 
     try:
-        cfg = compose_for_modal(order_overrides(
-            [*overrides, *placement_overrides(settings, overrides, machine_rank, main_address)]))
+        cfg = compose_for_modal(
+            order_overrides([*overrides, *placement_overrides(settings, overrides, machine_rank, main_address)])
+        )
         result = run(cfg)
     except UserError as err:
         print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
         return {"state": "failed", "error": redact(str(err)), "exit_code": err.exit_code}
-    return {"state": result.state, "run_dir": str(result.run_dir), "step": result.step,
-            "total_steps": result.total_steps, "eval_loss_before": result.eval_loss_before,
-            "eval_loss_after": result.eval_loss_after}
+    return {
+        "state": result.state,
+        "run_dir": str(result.run_dir),
+        "step": result.step,
+        "total_steps": result.total_steps,
+        "eval_loss_before": result.eval_loss_before,
+        "eval_loss_after": result.eval_loss_after,
+    }
 
 
 def cluster_position() -> tuple[int, str]:
@@ -350,4 +386,3 @@ def show_status(args: Sequence[str], volume: Volume, settings: ModalSettings) ->
     if settings.gpu_hour_usd and not any(word.split("=", 1)[0] == "--price" for word in rest):
         rest += ["--price", str(settings.gpu_hour_usd)]
     return status_main([str(run_dir_for(settings, args[0])), *rest])
-

@@ -15,17 +15,18 @@ import json
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig
 
-from noesis_accel.core.errors import DataError, UserError, redact
 from noesis_accel.cloud.modal_image import carried_by_image
 from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal
-from noesis_accel.rundir.layout import RunDir
 from noesis_accel.config.sweeps import override_words, sweep_jobs
+from noesis_accel.core.errors import DataError, UserError, redact
+from noesis_accel.rundir.layout import RunDir
 
 ENTRY = "launch/modal_entry.py"
 
@@ -77,13 +78,16 @@ def _refuse_laptop_only(key: str, path: str, settings: ModalSettings) -> None:
     if on_volume(path, settings) or is_hub_dataset(path) or not local.exists() or carried_by_image(local):
         return
     name = local.name
-    raise DataError(f"{key}: {path} is on this machine only; Modal's containers cannot read it. Put it on the "
-                    f"Volume (modal volume put {settings.volume} {shlex.quote(path)} /data/{name}) and set "
-                    f"{key}={settings.mount}/data/{name}")
+    raise DataError(
+        f"{key}: {path} is on this machine only; Modal's containers cannot read it. Put it on the "
+        f"Volume (modal volume put {settings.volume} {shlex.quote(path)} /data/{name}) and set "
+        f"{key}={settings.mount}/data/{name}"
+    )
 
 
-def check_data_before_gpu(jobs: Sequence[tuple[list[str], DictConfig]], settings: ModalSettings,
-                          volume_check: Any) -> None:
+def check_data_before_gpu(
+    jobs: Sequence[tuple[list[str], DictConfig]], settings: ModalSettings, volume_check: Any
+) -> None:
     """Every job's data read and validated before a GPU starts; raises DataError with the file:line.
 
     Data in the image or on this machine is checked here. Data on the Volume is checked by the
@@ -135,18 +139,22 @@ def _where(settings: ModalSettings) -> str:
 
 def describe_submission(settings: ModalSettings, cfg: DictConfig) -> str:
     """One line before a run starts: what runs where, and the command that watches it."""
-    return (f"modal: {cfg.run.name} on {_where(settings)} (timeout {settings.timeout_s // 3600} h per attempt, "
-            f"{settings.retries} retries); watch it with: modal run {ENTRY}::status "
-            f"{shlex.quote(RunDir.of(cfg).path.name)}")
+    return (
+        f"modal: {cfg.run.name} on {_where(settings)} (timeout {settings.timeout_s // 3600} h per attempt, "
+        f"{settings.retries} retries); watch it with: modal run {ENTRY}::status "
+        f"{shlex.quote(RunDir.of(cfg).path.name)}"
+    )
 
 
 def call_lines(call_id: str, settings: ModalSettings, app_id: str | None) -> str:
     """Where a started call can be followed and stopped from any machine, whatever happens to this one."""
     app = app_id or settings.app_name
-    return (f"modal: started call {call_id}; its retries are Modal's, so under `modal run --detach` it goes on if "
-            f"this laptop disconnects\n"
-            f"  logs: modal app logs {app} --function-call {call_id} --follow\n"
-            f"  stop: modal app stop {app}   (or in Python: modal.FunctionCall.from_id({call_id!r}).cancel())")
+    return (
+        f"modal: started call {call_id}; its retries are Modal's, so under `modal run --detach` it goes on if "
+        f"this laptop disconnects\n"
+        f"  logs: modal app logs {app} --function-call {call_id} --follow\n"
+        f"  stop: modal app stop {app}   (or in Python: modal.FunctionCall.from_id({call_id!r}).cancel())"
+    )
 
 
 def _started(function: Any, argument: Any, settings: ModalSettings, app_id: str | None) -> Any:
@@ -161,8 +169,11 @@ def _result_of(call: Any) -> Any:
         return call.get()
     except Exception as err:  # the container's own exception, re-raised here by Modal
         line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"error: call {call.object_id} failed after its retries: {type(err).__name__}: {redact(line)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: call {call.object_id} failed after its retries: {type(err).__name__}: {redact(line)}",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(int(getattr(err, "exit_code", 1) or 1)) from None
 
 
@@ -186,17 +197,23 @@ def _submit_run(args: list[str], cfg: DictConfig, functions: AppFunctions, setti
     result = _result_of(_started(functions.train, args, settings, functions.app_id))
     if result.get("state") == "failed":
         raise SystemExit(int(result.get("exit_code", 2)))  # the container printed its one line
-    print(f"modal: {result['state']} at step {result['step']}/{result['total_steps']} in {result['run_dir']} "
-          f"(held-out loss {result.get('eval_loss_before')} -> {result.get('eval_loss_after')})", flush=True)
+    print(
+        f"modal: {result['state']} at step {result['step']}/{result['total_steps']} in {result['run_dir']} "
+        f"(held-out loss {result.get('eval_loss_before')} -> {result.get('eval_loss_after')})",
+        flush=True,
+    )
 
 
-def _submit_sweep(args: list[str], jobs: Sequence[tuple[list[str], DictConfig]], functions: AppFunctions,
-                  settings: ModalSettings) -> None:
+def _submit_sweep(
+    args: list[str], jobs: Sequence[tuple[list[str], DictConfig]], functions: AppFunctions, settings: ModalSettings
+) -> None:
     from noesis_accel.config.sweeps import JobOutcome, summary
     from noesis_accel.processes.train import refuse_shared_run_dirs
 
     refuse_shared_run_dirs(jobs)  # before any container starts: two jobs must not share a run dir
-    print(f"modal: a sweep of {len(jobs)} jobs, each on {_where(settings)}, run by a coordinator inside Modal", flush=True)
+    print(
+        f"modal: a sweep of {len(jobs)} jobs, each on {_where(settings)}, run by a coordinator inside Modal", flush=True
+    )
     result = _result_of(_started(functions.sweep, args, settings, functions.app_id))
     outcomes = [JobOutcome(**outcome) for outcome in result["jobs"]]
     for outcome in outcomes:
@@ -205,8 +222,11 @@ def _submit_sweep(args: list[str], jobs: Sequence[tuple[list[str], DictConfig]],
     if outcomes:
         print(f"modal: sweep: {summary(outcomes)}", flush=True)
     else:
-        print(f"modal: the sweep ended before any job ran (exit code {result.get('exit_code')}); its log has why",
-              file=sys.stderr, flush=True)
+        print(
+            f"modal: the sweep ended before any job ran (exit code {result.get('exit_code')}); its log has why",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(int(result.get("exit_code") or 1))
     if failed:
         raise SystemExit(failed[0].exit_code or 1)
@@ -236,8 +256,14 @@ def coordinate_sweep(args: Sequence[str], function_reference: str, calls_file: s
 
     with tempfile.TemporaryDirectory(prefix="noesis-sweep-") as scratch:
         outcomes = Path(scratch) / "outcomes.json"
-        argv = ["noesis-train", *args, "hydra/launcher=modal", f"hydra.launcher.function={function_reference}",
-                f"hydra.launcher.outcomes={outcomes}", f"hydra.sweep.dir={scratch}/multirun"]
+        argv = [
+            "noesis-train",
+            *args,
+            "hydra/launcher=modal",
+            f"hydra.launcher.function={function_reference}",
+            f"hydra.launcher.outcomes={outcomes}",
+            f"hydra.sweep.dir={scratch}/multirun",
+        ]
         if calls_file:
             argv.append(f"hydra.launcher.calls={calls_file}")
         saved, sys.argv = sys.argv, argv

@@ -25,10 +25,11 @@ import pickle
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from hydra.errors import CompactHydraException
 
@@ -99,8 +100,13 @@ def _runtime_resolvers() -> dict[str, Any]:
     return {name: r for name, r in BaseContainer._resolvers.items() if not name.startswith(builtin)}
 
 
-def requests_for(config: Any, task_function: Callable, job_overrides: Sequence[Sequence[str]],
-                 initial_job_idx: int, project_config: bool) -> list[JobRequest]:
+def requests_for(
+    config: Any,
+    task_function: Callable,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    project_config: bool,
+) -> list[JobRequest]:
     """The requests of a batch of jobs, from the launcher's master config."""
     reference = task_reference(task_function)
     task, python_path = reference if reference else ("", [])
@@ -125,10 +131,20 @@ def requests_for(config: Any, task_function: Callable, job_overrides: Sequence[S
     base = version.getbase()
     version_base = f"{base.major}.{base.minor}" if base is not None and hasattr(base, "major") else "1.1"
     return [
-        JobRequest(task=task, config_name=str(config.hydra.job.config_name), job_name=str(config.hydra.job.name),
-                   job_num=initial_job_idx + i, overrides=list(overrides), hydra_overrides=hydra_overrides,
-                   config_dir=config_dir, config_module=config_module, python_path=python_path,
-                   version_base=version_base, task_pickle=task_pickle, resolvers_pickle=resolvers_pickle)
+        JobRequest(
+            task=task,
+            config_name=str(config.hydra.job.config_name),
+            job_name=str(config.hydra.job.name),
+            job_num=initial_job_idx + i,
+            overrides=list(overrides),
+            hydra_overrides=hydra_overrides,
+            config_dir=config_dir,
+            config_module=config_module,
+            python_path=python_path,
+            version_base=version_base,
+            task_pickle=task_pickle,
+            resolvers_pickle=resolvers_pickle,
+        )
         for i, overrides in enumerate(job_overrides)
     ]
 
@@ -157,8 +173,9 @@ def failed_return(request: JobRequest, error: BaseException) -> Any:
 
     if not isinstance(error, CompactHydraException):  # Hydra then prints the line, not this thread's traceback
         error = JobFailed(error_line(error), int(getattr(error, "exit_code", 1) or 1))
-    return JobReturn(overrides=list(request.overrides), task_name=request.job_name, status=JobStatus.FAILED,
-                     _return_value=error)
+    return JobReturn(
+        overrides=list(request.overrides), task_name=request.job_name, status=JobStatus.FAILED, _return_value=error
+    )
 
 
 def error_line(error: BaseException) -> str:
@@ -190,7 +207,7 @@ class JobOutcome:
     exit_code: int = 0
 
     @classmethod
-    def of(cls, request: JobRequest, returned: Any) -> "JobOutcome":
+    def of(cls, request: JobRequest, returned: Any) -> JobOutcome:
         from hydra.core.utils import JobStatus
 
         if returned.status == JobStatus.COMPLETED:
@@ -198,8 +215,13 @@ class JobOutcome:
             plain = value is None or isinstance(value, (bool, int, float, str))
             return cls(request.job_num, list(request.overrides), "completed", value if plain else repr(value))
         error = returned._return_value
-        return cls(request.job_num, list(request.overrides), "failed", error=error_line(error),
-                   exit_code=int(getattr(error, "exit_code", 1) or 1))
+        return cls(
+            request.job_num,
+            list(request.overrides),
+            "failed",
+            error=error_line(error),
+            exit_code=int(getattr(error, "exit_code", 1) or 1),
+        )
 
     def line(self) -> str:
         what = f"completed (returned {self.value})" if self.state == "completed" else f"failed: {self.error}"
@@ -264,7 +286,6 @@ def run_sweep_job(request: JobRequest, extra_overrides: Sequence[str] = ()) -> A
     from hydra.core.utils import run_job
     from hydra.types import HydraContext, RunMode
     from omegaconf import open_dict
-
     from omegaconf.basecontainer import BaseContainer
 
     for path in request.python_path:
@@ -276,24 +297,31 @@ def run_sweep_job(request: JobRequest, extra_overrides: Sequence[str] = ()) -> A
         BaseContainer._resolvers.setdefault(name, resolver)
     GlobalHydra.instance().clear()
     if request.config_module:
-        context = initialize_config_module(config_module=request.config_module, job_name=request.job_name,
-                                           version_base=request.version_base)
+        context = initialize_config_module(
+            config_module=request.config_module, job_name=request.job_name, version_base=request.version_base
+        )
     else:
         from noesis_accel.config import CONF_DIR
 
-        context = initialize_config_dir(config_dir=request.config_dir or str(CONF_DIR), job_name=request.job_name,
-                                        version_base=request.version_base)
+        context = initialize_config_dir(
+            config_dir=request.config_dir or str(CONF_DIR), job_name=request.job_name, version_base=request.version_base
+        )
     with context:
         loader = GlobalHydra.instance().config_loader()
-        master = loader.load_configuration(config_name=request.config_name, overrides=list(request.hydra_overrides),
-                                           run_mode=RunMode.MULTIRUN)
+        master = loader.load_configuration(
+            config_name=request.config_name, overrides=list(request.hydra_overrides), run_mode=RunMode.MULTIRUN
+        )
         config = loader.load_sweep_config(master, [*request.overrides, *extra_overrides])
         with open_dict(config):
             config.hydra.job.id = request.job_num
             config.hydra.job.num = request.job_num
-        return run_job(hydra_context=HydraContext(config_loader=loader, callbacks=_callbacks(config)),
-                       task_function=task_function, config=config, job_dir_key="hydra.sweep.dir",
-                       job_subdir_key="hydra.sweep.subdir")
+        return run_job(
+            hydra_context=HydraContext(config_loader=loader, callbacks=_callbacks(config)),
+            task_function=task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
 
 
 def _callbacks(config: Any) -> Any:
@@ -313,11 +341,15 @@ class LocalProcessBackend:
         request_file = self.workdir / f"job-{request.job_num}.json"
         result_file = self.workdir / f"job-{request.job_num}.pkl"
         request_file.write_text(request.to_json())
-        done = subprocess.run([sys.executable, "-m", "noesis_accel.config.sweeps", str(request_file), str(result_file)],
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = subprocess.run(
+            [sys.executable, "-m", "noesis_accel.config.sweeps", str(request_file), str(result_file)],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         if not result_file.is_file():
-            raise RuntimeError(f"sweep job {request.job_num} ({' '.join(request.overrides)}) died "
-                               f"(exit code {done.returncode}) before reporting a result")
+            raise RuntimeError(
+                f"sweep job {request.job_num} ({' '.join(request.overrides)}) died "
+                f"(exit code {done.returncode}) before reporting a result"
+            )
         return pickle.loads(result_file.read_bytes())
 
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 # Preemption (SIGINT on Modal, SIGTERM elsewhere) and Modal's per-attempt timeout (SIGUSR1).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -36,8 +37,10 @@ class ForcedStop(BaseException):
     """
 
     def __init__(self, signum: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} again: stopped at once, before a checkpoint; "
-                         "restart to resume from the newest complete checkpoint")
+        super().__init__(
+            f"{signal.Signals(signum).name} again: stopped at once, before a checkpoint; "
+            "restart to resume from the newest complete checkpoint"
+        )
         self.signum = signum
         self.exit_code = 128 + signum
 
@@ -81,7 +84,7 @@ class PreemptionWatcher:
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.request(signum)
 
-    def install(self) -> "PreemptionWatcher":
+    def install(self) -> PreemptionWatcher:
         handler = signal.SIG_IGN if self.from_launcher else self._handle
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, handler)
@@ -130,8 +133,9 @@ class StoppedAtDeadline(RunInterrupted):
     exit_code = DEADLINE_EXIT_CODE
 
     def __init__(self) -> None:
-        super().__init__("stopped before this attempt's time limit after a checkpoint; "
-                         "restart (or let the retry run) to resume")
+        super().__init__(
+            "stopped before this attempt's time limit after a checkpoint; restart (or let the retry run) to resume"
+        )
 
     def outcome(self) -> dict[str, Any]:
         return {**super().outcome(), "deadline": True}

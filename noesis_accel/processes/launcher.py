@@ -34,13 +34,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.config import world_size
-from noesis_accel.training.distributed import free_port, launched_world_size
 from noesis_accel.core.errors import UserError
-from noesis_accel.rundir.lease import HELD_BY_PARENT_ENV, LeaseHeld, RunLease, take_run_lease
-from noesis_accel.rundir.layout import RunDir
 from noesis_accel.core.signals import FORWARDED_SIGNALS, RunInterrupted, interruption_from_outcome
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.lease import HELD_BY_PARENT_ENV, LeaseHeld, RunLease, take_run_lease
 from noesis_accel.rundir.status import record_stop
 from noesis_accel.rundir.volumes import Committer
+from noesis_accel.training.distributed import free_port, launched_world_size
 
 log = logging.getLogger(__name__)
 
@@ -147,24 +147,35 @@ class Launcher:
         self._request_read = request_read
         base_env = {
             **os.environ,
-            "WORLD_SIZE": str(self.world), "LOCAL_WORLD_SIZE": str(self.nproc), "GROUP_RANK": str(self.node_rank),
-            "MASTER_ADDR": address, "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(self.world),
+            "LOCAL_WORLD_SIZE": str(self.nproc),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": address,
+            "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            "NOESIS_CONFIG": str(config_file), "NOESIS_LAUNCHER_PID": str(os.getpid()), HELD_BY_PARENT_ENV: "1",
+            "NOESIS_CONFIG": str(config_file),
+            "NOESIS_LAUNCHER_PID": str(os.getpid()),
+            HELD_BY_PARENT_ENV: "1",
         }
         self._install_signal_handlers()  # before the first worker exists: no signal may be missed
         for local_rank in range(self.nproc):
             rank = self.node_rank * self.nproc + local_rank
             outcome_file = self._workdir / f"rank-{rank}.json"
             lifeline_read, lifeline_write = os.pipe()
-            env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(local_rank),
-                   "NOESIS_OUTCOME": str(outcome_file), "NOESIS_LIFELINE_FD": str(lifeline_read)}
+            env = {
+                **base_env,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(local_rank),
+                "NOESIS_OUTCOME": str(outcome_file),
+                "NOESIS_LIFELINE_FD": str(lifeline_read),
+            }
             fds = [lifeline_read]
             if local_rank == 0:  # this machine's first worker commits through us
                 env["NOESIS_COMMIT_FDS"] = f"{request_write},{response_read}"
                 fds += [request_write, response_read]
-            process = subprocess.Popen([sys.executable, "-m", "noesis_accel.processes.worker"], env=env, pass_fds=fds,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "noesis_accel.processes.worker"], env=env, pass_fds=fds, start_new_session=True
+            )
             os.close(lifeline_read)  # only this worker reads it: our exit (or close) is its EOF
             self.workers.append(_Worker(local_rank, rank, process, outcome_file, lifeline_write))
         # Only the workers hold these ends now: their exit closes the channel (EOF for us).
@@ -268,8 +279,9 @@ class Launcher:
             sys.stderr.write(cause.get("traceback", ""))
             sys.stderr.flush()
         failed = [w for w in self.workers if w.process.returncode != 0]
-        first = min(failed, key=lambda w: (outcomes[w.rank].get("kind") != "error",
-                                           outcomes[w.rank].get("time", 0.0), w.rank))
+        first = min(
+            failed, key=lambda w: (outcomes[w.rank].get("kind") != "error", outcomes[w.rank].get("time", 0.0), w.rank)
+        )
         code = first.process.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         if self.signals_received:
@@ -277,11 +289,14 @@ class Launcher:
             return TrainingProcessFailed(
                 f"stopped by {stopped}, but training process rank {first.rank} {how} before its checkpoint "
                 "was complete; restart the same command to resume from the newest complete checkpoint",
-                signum=self.signals_received[0])
+                signum=self.signals_received[0],
+            )
         detail = outcomes[first.rank].get("message")
         return TrainingProcessFailed(
-            f"training process rank {first.rank} {how}" + (f" ({detail})" if detail else "")
-            + "; restart the same command to resume from the newest complete checkpoint")
+            f"training process rank {first.rank} {how}"
+            + (f" ({detail})" if detail else "")
+            + "; restart the same command to resume from the newest complete checkpoint"
+        )
 
     def _record_failure(self, failure: Exception) -> None:
         """We hold the lease, so partial checkpoints are ours to remove; and the stop must be visible.
@@ -302,4 +317,3 @@ class Launcher:
 def launch(cfg: DictConfig, committer: Committer) -> dict[str, Any]:
     """Run `cfg` in `distributed.num_processes` processes on this machine; rank 0's result or raise."""
     return Launcher(cfg, committer).run()
-

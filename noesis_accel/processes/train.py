@@ -12,8 +12,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,17 +22,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from noesis_accel import config as _config  # registers the schema and resolvers  # noqa: F401
+from noesis_accel import config as _config  # registers the schema and resolvers
 from noesis_accel.config import RESTART_SAFE_PREFIXES, order_overrides, validate
+from noesis_accel.config.sweeps import override_words, sweep_jobs
 from noesis_accel.core import env
 from noesis_accel.core.errors import UserError, one_line, redact, safe_for_pipes
+from noesis_accel.core.signals import ForcedStop, RunInterrupted
 from noesis_accel.processes.launcher import TrainingProcessFailed, launch, needs_launch
 from noesis_accel.rundir.layout import RunDir, runs_root
-from noesis_accel.core.signals import ForcedStop, RunInterrupted
-from noesis_accel.config.sweeps import override_words, sweep_jobs
+from noesis_accel.rundir.volumes import Committer, commit_or_report, default_committer
 from noesis_accel.training.trackers import require_installed
 from noesis_accel.training.trainer import AfterTraining, RunResult, Trainer
-from noesis_accel.rundir.volumes import Committer, commit_or_report, default_committer
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,13 @@ class JobStopped(CompactHydraException):
         self.exit_code, self.retryable, self.signum = exit_code, retryable, signum
 
     @classmethod
-    def of(cls, stop: BaseException) -> "JobStopped":
-        return cls(stop_line(stop), int(getattr(stop, "exit_code", 1)), not isinstance(stop, UserError),
-                   getattr(stop, "signum", None))
+    def of(cls, stop: BaseException) -> JobStopped:
+        return cls(
+            stop_line(stop),
+            int(getattr(stop, "exit_code", 1)),
+            not isinstance(stop, UserError),
+            getattr(stop, "signum", None),
+        )
 
     def __reduce__(self) -> tuple:  # sweep jobs send it back pickled
         return (JobStopped, (str(self), self.exit_code, self.retryable, self.signum))
@@ -144,8 +148,11 @@ def task(cfg: DictConfig) -> float | None:
         _stops.append(stopped)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             return None
-        print(f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)}): "
-              f"{stop_line(stop)}", file=sys.stderr, flush=True)
+        print(
+            f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)}): {stop_line(stop)}",
+            file=sys.stderr,
+            flush=True,
+        )
         raise stopped from None
     if result.eval_loss_after is not None:
         return result.eval_loss_after
@@ -163,8 +170,11 @@ def preflight(args: list[str]) -> None:
     - no two jobs of a sweep share a run dir (the second would resume or skip the first's run);
     - the run root is writable.
     """
-    jobs = sweep_jobs(args) if ("-m" in args or "--multirun" in args) else [
-        [w for w in override_words(args) if not w.lstrip("+~").startswith("hydra")]]
+    jobs = (
+        sweep_jobs(args)
+        if ("-m" in args or "--multirun" in args)
+        else [[w for w in override_words(args) if not w.lstrip("+~").startswith("hydra")]]
+    )
     configs = []
     for job in jobs:
         try:
@@ -192,7 +202,8 @@ def refuse_shared_run_dirs(configs: Sequence[tuple[Sequence[str], DictConfig]]) 
         _exit_with_line(
             f"run.name: {len(jobs)} jobs of this sweep would share the run dir {path} ({'; '.join(jobs[:3])}), "
             "so each would resume or skip the others' run; leave run.name unset (each job is named by its "
-            "overrides), sweep run.name too, or vary a key that changes the math")
+            "overrides), sweep run.name too, or vary a key that changes the math"
+        )
 
 
 def _exit_with_line(message: str) -> None:
@@ -208,8 +219,9 @@ def refuse_unwritable_run_root(cfg: DictConfig) -> None:
         existing = existing.parent
     if not os.access(existing, os.W_OK):
         why = "read-only file system" if _read_only_mount(existing) else "permission denied"
-        _exit_with_line(f"run.root: {root} is not writable ({why} at {existing}); point run.root at a "
-                        "writable directory")
+        _exit_with_line(
+            f"run.root: {root} is not writable ({why} at {existing}); point run.root at a writable directory"
+        )
 
 
 def _read_only_mount(path: Path) -> bool:

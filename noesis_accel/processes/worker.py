@@ -18,9 +18,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -83,12 +84,12 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from noesis_accel.config import Config
+    from noesis_accel.core.env import quiet_known_noise
     from noesis_accel.core.errors import UserError
     from noesis_accel.core.signals import RunInterrupted
-    from noesis_accel.core.env import quiet_known_noise
     from noesis_accel.processes.train import after_training_for
-    from noesis_accel.training.trainer import Trainer
     from noesis_accel.rundir.volumes import LauncherCommitter, LocalCommitter
+    from noesis_accel.training.trainer import Trainer
 
     quiet_known_noise()
     # The parent's resolved config, typed again by the schema: every rank trains exactly it.
@@ -105,8 +106,14 @@ def main() -> None:
     except BaseException as err:  # a bug or a library failure: its traceback is the useful part
         # Not printed here: when one rank fails, the others fail too ("connection closed by peer");
         # the parent prints the traceback of the first failure, the cause, once.
-        _write_outcome({"kind": "error", "message": f"{err.__class__.__name__}: {err}".splitlines()[0],
-                        "traceback": traceback.format_exc(), "time": time.time()})
+        _write_outcome(
+            {
+                "kind": "error",
+                "message": f"{err.__class__.__name__}: {err}".splitlines()[0],
+                "traceback": traceback.format_exc(),
+                "time": time.time(),
+            }
+        )
         sys.exit(1)
     _write_outcome({"kind": "completed", "result": asdict(result)})
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from noesis_accel.core import faults
 from noesis_accel.config import interval_steps
+from noesis_accel.core import faults
 from noesis_accel.core.errors import ResumeError, UserError
 from noesis_accel.rundir.layout import RunDir, step_dir_name
 from noesis_accel.rundir.volumes import Committer, commit_or_report
@@ -277,8 +277,13 @@ class CheckpointManager:
                 raise self._write_failure(err, target, needed) from None
             self.prune()
             committed = commit_or_report(self.committer, self.cfg, f"checkpoint {final.name}")
-            log.debug("checkpoint %s (%s) saved in %.2fs, committed: %s",
-                      final.name, reason, time.monotonic() - started, committed)
+            log.debug(
+                "checkpoint %s (%s) saved in %.2fs, committed: %s",
+                final.name,
+                reason,
+                time.monotonic() - started,
+                committed,
+            )
         accelerator.wait_for_everyone()
         self._last_save_time = time.monotonic()
         return final
@@ -326,9 +331,14 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
             free = _free_bytes(self.root)
         if free is not None and free < needed + margin:
-            log.warning("checkpoint step %d needs about %s and only %s are free in %s; free space, lower "
-                        "ckpt.keep_last or set ckpt.make_room=true, or the save will fail", step,
-                        _megabytes(needed), _megabytes(free), self.root)
+            log.warning(
+                "checkpoint step %d needs about %s and only %s are free in %s; free space, lower "
+                "ckpt.keep_last or set ckpt.make_room=true, or the save will fail",
+                step,
+                _megabytes(needed),
+                _megabytes(free),
+                self.root,
+            )
         return needed
 
     def _agreed(self, value: bool) -> bool:
@@ -370,7 +380,7 @@ class CheckpointManager:
         complete one and any save in progress (a `.tmp` directory) are never touched.
         """
         complete_seen = 0
-        for step, path in self.step_dirs():
+        for _step, path in self.step_dirs():
             if checkpoint_problem(path, verify_contents=False) is None:
                 complete_seen += 1
                 if complete_seen > int(self.cfg.keep_last):
@@ -420,9 +430,14 @@ class CheckpointManager:
         if normalization != self.loss_normalization and self.accelerator.is_main_process:
             # Weights, optimizer, schedule and data position restore exactly; only the weighting of
             # tokens in the steps still to come differs from what the checkpoint's run would have done.
-            log.warning("checkpoint %s was trained with the loss normalised as '%s'; continuing with '%s' "
-                        "(each global batch's summed token losses / its label tokens) from step %s on",
-                        checkpoint.path, normalization, self.loss_normalization, checkpoint.step)
+            log.warning(
+                "checkpoint %s was trained with the loss normalised as '%s'; continuing with '%s' "
+                "(each global batch's summed token losses / its label tokens) from step %s on",
+                checkpoint.path,
+                normalization,
+                self.loss_normalization,
+                checkpoint.step,
+            )
         saved_deepspeed = "DEEPSPEED" in str(manifest.get("distributed_type", ""))
         if saved_deepspeed != self.is_deepspeed:
             raise ResumeError(
@@ -451,8 +466,12 @@ class CheckpointManager:
         load_kwargs = {"load_module_strict": False} if self.is_deepspeed else {}
         if self._world_size_changed(checkpoint):
             load_kwargs["load_optimizer_states"] = False
-            log.warning("world size changed (%s -> %s): optimizer moments start afresh; weights, schedule and "
-                        "data position continue", checkpoint.manifest.get("world_size"), self.accelerator.num_processes)
+            log.warning(
+                "world size changed (%s -> %s): optimizer moments start afresh; weights, schedule and "
+                "data position continue",
+                checkpoint.manifest.get("world_size"),
+                self.accelerator.num_processes,
+            )
         self.accelerator.load_state(str(checkpoint.path), **load_kwargs)
         self._last_save_time = time.monotonic()
 

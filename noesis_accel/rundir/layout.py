@@ -65,7 +65,7 @@ class RunDir:
     path: Path
 
     @classmethod
-    def of(cls, cfg: Any) -> "RunDir":
+    def of(cls, cfg: Any) -> RunDir:
         """The run dir a config trains into: `<run.root>/<run.name>[-<run.tag>]`."""
         name = f"{cfg.run.name}-{cfg.run.tag}" if cfg.run.get("tag") else str(cfg.run.name)
         return cls(runs_root(cfg) / name)
@@ -133,11 +133,13 @@ class RunDir:
     def exists(self) -> bool:
         return self.path.is_dir()
 
-    def require(self) -> "RunDir":
+    def require(self) -> RunDir:
         """This run dir, or a one-line error naming what a run dir looks like."""
         if not self.config_file.is_file() and not self.status_file.is_file():
-            raise UserError(f"{self.path} is not a run directory (no config.yaml or status.json); pass "
-                            "<run.root>/<run.name>, e.g. runs/demo")
+            raise UserError(
+                f"{self.path} is not a run directory (no config.yaml or status.json); pass "
+                "<run.root>/<run.name>, e.g. runs/demo"
+            )
         return self
 
     def saved_config(self) -> dict[str, Any]:
@@ -147,8 +149,10 @@ class RunDir:
         except FileNotFoundError:
             raise UserError(f"{self.config_file} is missing; is {self.path} a run directory?") from None
         except yaml.YAMLError as err:
-            raise UserError(f"{self.config_file} is unreadable ({str(err).splitlines()[0]}); restore it "
-                            "from the first start or delete it to accept the next start's config") from None
+            raise UserError(
+                f"{self.config_file} is unreadable ({str(err).splitlines()[0]}); restore it "
+                "from the first start or delete it to accept the next start's config"
+            ) from None
         if not isinstance(saved, dict):
             raise UserError(f"{self.config_file} does not hold a config mapping; restore it or delete it")
         return saved
@@ -170,8 +174,9 @@ class RunDir:
         """Finished (renamed) checkpoint directories, newest first; completeness not yet checked."""
         if not self.checkpoints.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir()
-                 if p.is_dir() and (m := STEP_DIR.match(p.name))]
+        found = [
+            (int(m.group(1)), p) for p in self.checkpoints.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
+        ]
         return sorted(found, reverse=True)
 
     def partial_checkpoints(self) -> list[Path]:

@@ -49,8 +49,10 @@ class Owner:
     group: str | None
 
     @classmethod
-    def this_process(cls) -> "Owner":
-        return cls(this_host(), os.getpid(), time.time(), uuid.uuid4().hex, os.environ.get("NOESIS_LEASE_GROUP") or None)
+    def this_process(cls) -> Owner:
+        return cls(
+            this_host(), os.getpid(), time.time(), uuid.uuid4().hex, os.environ.get("NOESIS_LEASE_GROUP") or None
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -84,7 +86,7 @@ class RunLease:
 
     # ------------------------------------------------------------ taking and giving back
 
-    def acquire(self) -> "RunLease":
+    def acquire(self) -> RunLease:
         """Take the lease or raise `LeaseHeld` naming the owner. Starts the heartbeat."""
         self.rundir.path.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a racing takeover can remove the file between our read and our create
@@ -112,9 +114,15 @@ class RunLease:
     # ------------------------------------------------------------ internals
 
     def _record(self) -> dict[str, Any]:
-        return {"host": self.owner.host, "pid": self.owner.pid, "started": self.owner.started,
-                "token": self.owner.token, "group": self.owner.group, "heartbeat": time.time(),
-                "stale_after_s": self.stale_after_s}
+        return {
+            "host": self.owner.host,
+            "pid": self.owner.pid,
+            "started": self.owner.started,
+            "token": self.owner.token,
+            "group": self.owner.group,
+            "heartbeat": time.time(),
+            "stale_after_s": self.stale_after_s,
+        }
 
     def _create_exclusively(self) -> bool:
         try:
@@ -145,8 +153,13 @@ class RunLease:
                 f"Wait for it or stop it; if it died on another machine, its lease is taken over once its "
                 f"heartbeat is older than ckpt.lease_stale_s={self.stale_after_s:g}s, or delete {self.path}"
             )
-        why = ("its process is gone" if same_host_dead else "it is an earlier attempt of this same job"
-               if earlier_attempt else f"no heartbeat for {silent_for:.0f}s")
+        why = (
+            "its process is gone"
+            if same_host_dead
+            else "it is an earlier attempt of this same job"
+            if earlier_attempt
+            else f"no heartbeat for {silent_for:.0f}s"
+        )
         log.warning("taking over the lease of %s from %s: %s", self.rundir.path, _describe(current, now), why)
         # Rename first: of several processes taking over at once, only one rename succeeds.
         stale = self.path.with_name(f"lease.stale-{self.owner.token}.json")
@@ -160,8 +173,10 @@ class RunLease:
         while not self._stop.wait(self.heartbeat_s):
             current = self._read()
             if current is None or current.get("token") != self.owner.token:
-                self.lost = (f"the lease of {self.rundir.path} was taken by "
-                             f"{_describe(current, time.time()) if current else 'nobody (lease.json was removed)'}")
+                self.lost = (
+                    f"the lease of {self.rundir.path} was taken by "
+                    f"{_describe(current, time.time()) if current else 'nobody (lease.json was removed)'}"
+                )
                 log.error("%s; this process stops writing", self.lost)
                 return
             tmp = self.path.with_name(f"lease.{self.owner.token}.tmp")

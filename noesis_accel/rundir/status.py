@@ -57,12 +57,17 @@ def record_stop(rundir: RunDir, state: str, step: int, reason: str) -> None:
     """How a run stopped, in status.json and events.jsonl; if even that cannot be written, say so."""
     reason = redact(reason)
     try:
-        write_status(rundir.path, state=state, step=step, exit_reason=reason,
-                     error=reason if state == "failed" else None)
+        write_status(
+            rundir.path, state=state, step=step, exit_reason=reason, error=reason if state == "failed" else None
+        )
         rundir.append_event("stop", state=state, step=step, reason=reason)
     except OSError as err:
-        print(f"warning: could not record the stop in {rundir.status_file} ({err.strerror or err}); "
-              f"the run stopped as '{state}': {reason}", file=sys.stderr, flush=True)
+        print(
+            f"warning: could not record the stop in {rundir.status_file} ({err.strerror or err}); "
+            f"the run stopped as '{state}': {reason}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------- history
@@ -93,8 +98,9 @@ class PreviousAttempt:
     last_seen: float  # the time of its newest committed record (its start, if none)
 
 
-def previous_attempt(events: list[dict[str, Any]], metrics: list[dict[str, Any]],
-                     status: dict[str, Any] | None) -> PreviousAttempt | None:
+def previous_attempt(
+    events: list[dict[str, Any]], metrics: list[dict[str, Any]], status: dict[str, Any] | None
+) -> PreviousAttempt | None:
     """What the newest attempt in these files reached; None when no attempt started yet.
 
     Its records are its events and the metrics and status.json written since it began (its own
@@ -105,12 +111,13 @@ def previous_attempt(events: list[dict[str, Any]], metrics: list[dict[str, Any]]
     starts = attempt_starts(events)
     if not starts:
         return None
-    start, own = events[starts[-1]], events[starts[-1] + 1:]
+    start, own = events[starts[-1]], events[starts[-1] + 1 :]
     stops = [e for e in own if e.get("event") == "stop"]
     if stops:
         stop = stops[-1]
-        return PreviousAttempt(int(stop.get("step", 0)), True, str(stop.get("reason") or stop.get("state")),
-                               float(stop["time"]))
+        return PreviousAttempt(
+            int(stop.get("step", 0)), True, str(stop.get("reason") or stop.get("state")), float(stop["time"])
+        )
     since = float(start["time"])
     records = [e for e in [start, *own] if "step" in e]
     records += [m for m in metrics if "step" in m and float(m.get("time", 0)) >= since]
@@ -118,8 +125,9 @@ def previous_attempt(events: list[dict[str, Any]], metrics: list[dict[str, Any]]
         records.append({"step": status["step"], "time": status["updated_unix"]})
     steps = [int(r["step"]) for r in records if r["step"] is not None]
     times = [float(r["time"]) for r in records if "time" in r]
-    return PreviousAttempt(max(steps, default=None), bool(start.get("every_step_durable", False)), KILLED,
-                           max(times, default=since))
+    return PreviousAttempt(
+        max(steps, default=None), bool(start.get("every_step_durable", False)), KILLED, max(times, default=since)
+    )
 
 
 def attempt_starts(events: list[dict[str, Any]]) -> list[int]:
@@ -227,19 +235,27 @@ def history_of(events: list[dict[str, Any]], status: dict[str, Any] | None = Non
         after = resumed_after(attempts, i)
         if after is not None:
             attempt.lost_steps, attempt.lost_steps_exact = lost_steps(
-                attempt.last_step, attempt.reached_exact, int(after.first_step or 0))
+                attempt.last_step, attempt.reached_exact, int(after.first_step or 0)
+            )
     return attempts
 
 
 def resumed_after(attempts: list[Attempt], index: int) -> Attempt | None:
     """The first attempt after `attempts[index]` known to have resumed training (None: none yet)."""
-    return next((a for a in attempts[index + 1:] if a.first_step is not None), None)
+    return next((a for a in attempts[index + 1 :] if a.first_step is not None), None)
 
 
 def _opened_by(event: dict[str, Any], number: int) -> Attempt:
-    return Attempt(number=int(event.get("attempt", number)), started=float(event["time"]), ended=None,
-                   first_step=None, last_step=None, processes=int(event.get("processes", 1)),
-                   device=str(event.get("device", "cpu")), host=str(event.get("host", "?")))
+    return Attempt(
+        number=int(event.get("attempt", number)),
+        started=float(event["time"]),
+        ended=None,
+        first_step=None,
+        last_step=None,
+        processes=int(event.get("processes", 1)),
+        device=str(event.get("device", "cpu")),
+        host=str(event.get("host", "?")),
+    )
 
 
 def _started_training(attempt: Attempt, event: dict[str, Any]) -> None:
@@ -259,8 +275,9 @@ def _close_with(previous: Attempt, start: dict[str, Any]) -> None:
         previous.last_step = max(previous.last_step or 0, int(reached))
     # Before `previous_reached_exact` existed, a killed attempt's count came from committed files
     # that may end before it died: a lower bound. A recorded exit was exact.
-    previous.reached_exact = bool(start.get("previous_reached_exact",
-                                            not str(start.get("previous_exit", "killed")).startswith("killed")))
+    previous.reached_exact = bool(
+        start.get("previous_reached_exact", not str(start.get("previous_exit", "killed")).startswith("killed"))
+    )
 
 
 def _newest_so_far(attempt: Attempt, status: dict[str, Any]) -> None:
@@ -291,8 +308,9 @@ def _steps(attempt: Attempt) -> str:
     return f"steps {first} -> {'' if attempt.reached_exact else 'at least '}{last}"
 
 
-def format_status(status: dict[str, Any], attempts: list[Attempt] | None = None,
-                  price_per_gpu_hour: float | None = None) -> str:
+def format_status(
+    status: dict[str, Any], attempts: list[Attempt] | None = None, price_per_gpu_hour: float | None = None
+) -> str:
     step, total = status.get("step", 0), status.get("total_steps") or 0
     percent = f" ({100 * step / total:.0f}%)" if total else ""
     lines = [
@@ -306,17 +324,23 @@ def format_status(status: dict[str, Any], attempts: list[Attempt] | None = None,
     if attempts:
         interruptions = attempts[:-1]
         costs = [(a.lost_steps, a.lost_steps_exact) for a in interruptions if a.lost_steps is not None]
-        lines.append(f"attempts:    {len(attempts)} ({len(interruptions)} interruption(s) survived, "
-                     f"{redone_words(costs)})")
+        lines.append(
+            f"attempts:    {len(attempts)} ({len(interruptions)} interruption(s) survived, {redone_words(costs)})"
+        )
         for attempt in attempts:
             ended = attempt.stop_reason or ("running" if attempt is attempts[-1] else "killed")
             cost = f"; {attempt.lost}" if attempt.lost else ""
-            lines.append(f"  #{attempt.number}: {_steps(attempt)}, "
-                         f"{_duration(attempt.hours)} on {attempt.processes} x {attempt.device} ({attempt.host}); "
-                         f"{ended}{cost}")
+            lines.append(
+                f"  #{attempt.number}: {_steps(attempt)}, "
+                f"{_duration(attempt.hours)} on {attempt.processes} x {attempt.device} ({attempt.host}); "
+                f"{ended}{cost}"
+            )
         gpu_hours = sum(a.gpu_hours for a in attempts)
-        price = f" (~${gpu_hours * price_per_gpu_hour:,.2f} at ${price_per_gpu_hour:g}/GPU-hour)" \
-            if price_per_gpu_hour else ""
+        price = (
+            f" (~${gpu_hours * price_per_gpu_hour:,.2f} at ${price_per_gpu_hour:g}/GPU-hour)"
+            if price_per_gpu_hour
+            else ""
+        )
         lines.append(f"gpu-hours:   {gpu_hours:.2f}{price}")
     lines.append(f"updated:     {status.get('updated_at', '-')}")
     return "\n".join(lines)
@@ -335,14 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noesis-status", description="Print a run's state, progress and history.")
     parser.add_argument("run_dir", type=Path, help="the run directory, <run.root>/<run.name> (e.g. runs/demo)")
     parser.add_argument("--verify", action="store_true", help="check every kept checkpoint against its manifest")
-    parser.add_argument("--price", type=float, default=None, metavar="USD",
-                        help="price of one GPU-hour, for a cost estimate")
+    parser.add_argument(
+        "--price", type=float, default=None, metavar="USD", help="price of one GPU-hour, for a cost estimate"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     rundir = RunDir(args.run_dir)
     status = rundir.status()
     if status is None:
-        print(f"error: {args.run_dir} has no readable {STATUS_FILE}; is it a run directory (run.root/run.name)?",
-              file=sys.stderr)
+        print(
+            f"error: {args.run_dir} has no readable {STATUS_FILE}; is it a run directory (run.root/run.name)?",
+            file=sys.stderr,
+        )
         return 2
     print(format_status(status, history(rundir), args.price))
     if not args.verify:

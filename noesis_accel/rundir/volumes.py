@@ -11,8 +11,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class LauncherCommitter:
         self.responses = os.fdopen(response_fd, "rb", buffering=0)
 
     @classmethod
-    def from_env(cls) -> "LauncherCommitter | None":
+    def from_env(cls) -> LauncherCommitter | None:
         value = os.environ.get("NOESIS_COMMIT_FDS")
         if not value:
             return None
@@ -176,10 +177,18 @@ def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str) -> bool:
     """Commit within `ckpt.commit_budget_s`; on failure say so and carry on: the files stay on local
     disk (nothing is deleted because a commit failed) and the next commit, or the exit's, carries them."""
     try:
-        commit_with_retry(committer, int(ckpt_cfg.commit_retries), float(ckpt_cfg.commit_backoff_s),
-                          budget_s=float(ckpt_cfg.commit_budget_s))
+        commit_with_retry(
+            committer,
+            int(ckpt_cfg.commit_retries),
+            float(ckpt_cfg.commit_backoff_s),
+            budget_s=float(ckpt_cfg.commit_budget_s),
+        )
         return True
     except Exception as err:  # a checkpoint that never reaches the volume must never go unnoticed
-        print(f"warning: {what} is saved but not committed ({err.__class__.__name__}: {err}); "
-              "the next commit will carry it", file=sys.stderr, flush=True)
+        print(
+            f"warning: {what} is saved but not committed ({err.__class__.__name__}: {err}); "
+            "the next commit will carry it",
+            file=sys.stderr,
+            flush=True,
+        )
         return False

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from noesis_accel.core.errors import DataError
 from noesis_accel.training import data_sources, formats, templates
 from noesis_accel.training.data_sources import is_hub_dataset  # noqa: F401  (callers import it from here)
-from noesis_accel.core.errors import DataError
 
 IGNORE_INDEX = -100  # labels with this value take no part in the loss
 _CACHE_VERSION = "4"  # bump when tokenisation, masking or the stored columns change (4: location column)
@@ -90,7 +90,7 @@ DROP_REASONS = {
 }
 
 
-# ---------------------------------------------------------------- reading and validating (data_sources.py reads the files)
+# ------------------------------------------------ reading and validating (data_sources.py reads the files)
 
 # Records validated at once (each worker's batches): a bad file's problems are listed together, and a
 # batch's parsed records are all a process holds.
@@ -140,10 +140,16 @@ def _validate_raw(raw: Any, source: data_sources.Source, data_cfg: Any, processe
     if not len(raw):
         raise DataError(f"{source.key}: no records in {source.describe()}; the file is empty")
     outcomes = raw.map(
-        _check_batch, batched=True, batch_size=_VALIDATION_BATCH, num_proc=processes if processes > 1 else None,
-        remove_columns=raw.column_names, features=_check_features(), cache_file_name=str(work / "checked.arrow"),
+        _check_batch,
+        batched=True,
+        batch_size=_VALIDATION_BATCH,
+        num_proc=processes if processes > 1 else None,
+        remove_columns=raw.column_names,
+        features=_check_features(),
+        cache_file_name=str(work / "checked.arrow"),
         fn_kwargs={"first": _first_record(raw), "declared": str(data_cfg.format), "data_cfg": _plain(data_cfg)},
-        load_from_cache_file=False, new_fingerprint=f"check-{work.name}-{len(raw)}",
+        load_from_cache_file=False,
+        new_fingerprint=f"check-{work.name}-{len(raw)}",
         desc=f"checking {source.split} ({processes} process{'es' if processes > 1 else ''})",
     )[:]
     if sum(outcomes["bad_json"]):
@@ -151,8 +157,10 @@ def _validate_raw(raw: Any, source: data_sources.Source, data_cfg: Any, processe
         raise data_sources.invalid_json_error(sum(outcomes["bad_json"]), listed)
     bad = [(problem, last) for problem, last in zip(outcomes["problem"], outcomes["last"]) if problem]
     if len(bad) > 1:
-        raise DataError(f"{bad[0][0]}\n  ... and more in the records after {bad[0][1]} (listed above: the records "
-                        "up to it); fix these and run again")
+        raise DataError(
+            f"{bad[0][0]}\n  ... and more in the records after {bad[0][1]} (listed above: the records "
+            "up to it); fix these and run again"
+        )
     if bad:
         raise DataError(bad[0][0])
     return outcomes["format"][0]
@@ -184,17 +192,27 @@ def _check_batch(batch: dict[str, list], first: RawRecord | None, declared: str,
             fmt = validate_records(head + records, declared, data_cfg=data_cfg)
         except DataError as err:
             problem = str(err)
-    return {"bad_json": [len(bad_json)], "bad_json_first": [bad_json[:_MAX_LISTED_PROBLEMS]], "problem": [problem],
-            "format": [fmt], "last": [batch["location"][-1]]}
+    return {
+        "bad_json": [len(bad_json)],
+        "bad_json_first": [bad_json[:_MAX_LISTED_PROBLEMS]],
+        "problem": [problem],
+        "format": [fmt],
+        "last": [batch["location"][-1]],
+    }
 
 
 def _check_features() -> Any:
     import datasets
 
-    return datasets.Features({
-        "bad_json": datasets.Value("int64"), "bad_json_first": datasets.Sequence(datasets.Value("string")),
-        "problem": datasets.Value("string"), "format": datasets.Value("string"), "last": datasets.Value("string"),
-    })
+    return datasets.Features(
+        {
+            "bad_json": datasets.Value("int64"),
+            "bad_json_first": datasets.Sequence(datasets.Value("string")),
+            "problem": datasets.Value("string"),
+            "format": datasets.Value("string"),
+            "last": datasets.Value("string"),
+        }
+    )
 
 
 def _plain(data_cfg: Any) -> SimpleNamespace:
@@ -236,14 +254,17 @@ def record_problems(record: RawRecord, fmt: str, options: formats.Options | None
     return formats.parse(record.fields, fmt, options or formats.Options.from_config(), record.location)[1]
 
 
-def _with_shape_hint(problems: list[str], record: RawRecord, fmt: str, declared: str,
-                     options: formats.Options) -> list[str]:
+def _with_shape_hint(
+    problems: list[str], record: RawRecord, fmt: str, declared: str, options: formats.Options
+) -> list[str]:
     """`problems`, the first one saying which shape the record has when data.format names another."""
     looks = formats.detect_shape(record.fields, options) if declared != "auto" and problems else None
     if looks is None or looks == fmt:
         return problems
-    return [f"{problems[0]} (the record looks like {looks}: set data.format=auto or data.format={looks})",
-            *problems[1:]]
+    return [
+        f"{problems[0]} (the record looks like {looks}: set data.format=auto or data.format={looks})",
+        *problems[1:],
+    ]
 
 
 def validate_records(records: list[RawRecord], declared_format: str, data_cfg: Any = None) -> str:
@@ -262,13 +283,17 @@ def validate_records(records: list[RawRecord], declared_format: str, data_cfg: A
     for record in records:
         record_fmt = detect_format(record, declared_format, options)
         if record_fmt != fmt:
-            problems.append(f"{record.location}: record is {record_fmt} but the first record is {fmt}; use one shape per file")
+            problems.append(
+                f"{record.location}: record is {record_fmt} but the first record is {fmt}; use one shape per file"
+            )
             continue
         found = record_problems(record, fmt, options)
         problems.extend(_with_shape_hint(found, record, fmt, declared_format, options))
     if problems:
         shown = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
+        more = (
+            f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
+        )
         raise DataError(f"{len(problems)} bad record(s) in the training data:\n  {shown}{more}")
     return fmt
 
@@ -284,8 +309,9 @@ def check_data(data_cfg: Any) -> DataStats:
     source = None if data_sources.is_hub_dataset(str(data_cfg.path)) else data_sources.training_source(data_cfg)
     if source is not None:
         stats.format, stats.records = _count_valid(source, data_cfg)
-        stats.sources.append(SourceStats(_source_name(source, False), source.describe(), stats.format,
-                                         records=stats.records))
+        stats.sources.append(
+            SourceStats(_source_name(source, False), source.describe(), stats.format, records=stats.records)
+        )
     held_out = None
     if not data_sources.is_hub_dataset(str(data_cfg.eval_path or data_cfg.path)):
         held_out = data_sources.eval_source(data_cfg)
@@ -342,8 +368,9 @@ def _learned_messages(conversation: formats.Conversation, train_on: str) -> list
     return [i in chosen if flag is None else flag for i, flag in enumerate(conversation.flags)]
 
 
-def _spans_for_chat(tokenizer: Any, conversation: formats.Conversation, options: formats.Options,
-                    where: str) -> tuple[str, list[tuple[int, int]]]:
+def _spans_for_chat(
+    tokenizer: Any, conversation: formats.Conversation, options: formats.Options, where: str
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans to learn.
 
     The template renders turn by turn (templates.py): an assistant turn's span runs from the end of
@@ -362,16 +389,18 @@ def _spans_for_chat(tokenizer: Any, conversation: formats.Conversation, options:
     return text, spans
 
 
-def _spans_for_completion(tokenizer: Any, example: formats.Completion,
-                          train_on: str) -> tuple[str, list[tuple[int, int]]]:
+def _spans_for_completion(
+    tokenizer: Any, example: formats.Completion, train_on: str
+) -> tuple[str, list[tuple[int, int]]]:
     """Prompt, completion and end-of-sequence as one text; the completion (all of it under `all`) is learned."""
     text = example.prompt + example.completion + (tokenizer.eos_token or "")
     start = 0 if train_on == "all" else len(example.prompt)
     return text, [(start, len(text))] if example.learn else []
 
 
-def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int, *,
-                    data_cfg: Any = None) -> tuple[list[int], list[int], bool]:
+def tokenize_record(
+    tokenizer: Any, record: RawRecord, fmt: str, max_length: int, *, data_cfg: Any = None
+) -> tuple[list[int], list[int], bool]:
     """Token ids and labels (IGNORE_INDEX where nothing is learned); truncated or not.
 
     Args:
@@ -390,8 +419,10 @@ def tokenize_record(tokenizer: Any, record: RawRecord, fmt: str, max_length: int
         text, spans = _spans_for_completion(tokenizer, example, options.train_on)
         add_special = True
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError("the tokenizer is a slow (Python) one; loss masks need a fast tokenizer's offsets. "
-                        "Use a model that ships tokenizer.json")
+        raise DataError(
+            "the tokenizer is a slow (Python) one; loss masks need a fast tokenizer's offsets. "
+            "Use a model that ships tokenizer.json"
+        )
     encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = []
@@ -420,13 +451,19 @@ def label_count(labels: list[int]) -> int:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    parts = [type(tokenizer).__name__, str(len(tokenizer)), str(tokenizer.chat_template or ""),
-             str(tokenizer.eos_token), str(getattr(tokenizer, "name_or_path", ""))]
+    parts = [
+        type(tokenizer).__name__,
+        str(len(tokenizer)),
+        str(tokenizer.chat_template or ""),
+        str(tokenizer.eos_token),
+        str(getattr(tokenizer, "name_or_path", "")),
+    ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
 def _cache_key(data_cfg: Any, tokenizer: Any, seed: int) -> str:
     """Everything the prepared data depends on: the files' bytes, the settings, the tokenizer, the seed."""
+
     def fingerprint(spec: str | None, resolve: Any) -> str:
         if not spec:
             return "-"
@@ -435,10 +472,17 @@ def _cache_key(data_cfg: Any, tokenizer: Any, seed: int) -> str:
         return data_sources.source_fingerprint(resolve())
 
     parts = [
-        _CACHE_VERSION, fingerprint(data_cfg.path, lambda: data_sources.training_source(data_cfg)),
-        data_cfg.split, str(data_cfg.eval_split), data_cfg.format, formats.fingerprint(data_cfg),
-        str(data_cfg.max_length), str(data_cfg.on_too_long), str(data_cfg.eval_fraction),
-        str(data_cfg.max_eval_examples), str(seed),
+        _CACHE_VERSION,
+        fingerprint(data_cfg.path, lambda: data_sources.training_source(data_cfg)),
+        data_cfg.split,
+        str(data_cfg.eval_split),
+        data_cfg.format,
+        formats.fingerprint(data_cfg),
+        str(data_cfg.max_length),
+        str(data_cfg.on_too_long),
+        str(data_cfg.eval_fraction),
+        str(data_cfg.max_eval_examples),
+        str(seed),
         fingerprint(data_cfg.eval_path or data_cfg.path, lambda: data_sources.eval_source(data_cfg)),
         tokenizer_fingerprint(tokenizer),
     ]
@@ -449,7 +493,9 @@ def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
     """Read, validate, tokenise and split the data, or load the cached result of the same inputs."""
     key = _cache_key(data_cfg, tokenizer, seed)
     cache = Path(os.path.expanduser(data_cfg.cache_dir)) / key
-    persistent = Path(os.path.expanduser(data_cfg.persistent_cache_dir)) / key if data_cfg.persistent_cache_dir else None
+    persistent = (
+        Path(os.path.expanduser(data_cfg.persistent_cache_dir)) / key if data_cfg.persistent_cache_dir else None
+    )
     if persistent is not None and not (cache / "stats.json").is_file() and (persistent / "stats.json").is_file():
         _publish_copy(persistent, cache)  # an earlier machine tokenised it: copy, never map the shared one
     if not (cache / "stats.json").is_file():
@@ -508,10 +554,15 @@ def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int, target: P
     source = data_sources.training_source(data_cfg)
     train, fmt, train_stats, keep = _tokenized(source, False, data_cfg, tokenizer, work / "train", key)
     held_out_source = data_sources.eval_source(data_cfg)
-    stats = DataStats(records=train_stats.records, truncated=train_stats.too_long - train_stats.dropped.get("too_long", 0),
-                      dropped_truncated=train_stats.dropped.get("truncated_away", 0), format=fmt,
-                      max_length=int(data_cfg.max_length), on_too_long=str(data_cfg.on_too_long),
-                      sources=[train_stats])
+    stats = DataStats(
+        records=train_stats.records,
+        truncated=train_stats.too_long - train_stats.dropped.get("too_long", 0),
+        dropped_truncated=train_stats.dropped.get("truncated_away", 0),
+        format=fmt,
+        max_length=int(data_cfg.max_length),
+        on_too_long=str(data_cfg.on_too_long),
+        sources=[train_stats],
+    )
     if held_out_source is None:
         train_rows, eval_rows = _split_off(keep, seed, data_cfg)
         held_out = train
@@ -521,8 +572,11 @@ def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int, target: P
         held_out, _, eval_stats, eval_keep = _tokenized(held_out_source, True, data_cfg, tokenizer, work / "eval", key)
         train_rows, eval_rows = keep, eval_keep[: int(data_cfg.max_eval_examples)]
         stats.sources.append(eval_stats)
-        stats.eval_source = f"the {held_out_source.split} split ({held_out_source.describe()})" \
-            if held_out_source.key == "data.path" else f"data.eval_path ({held_out_source.describe()})"
+        stats.eval_source = (
+            f"the {held_out_source.split} split ({held_out_source.describe()})"
+            if held_out_source.key == "data.path"
+            else f"data.eval_path ({held_out_source.describe()})"
+        )
     stats.train_records, stats.eval_records = len(train_rows), len(eval_rows)
     train.select(train_rows).select_columns(list(_features())).save_to_disk(str(target / "train"))
     if len(eval_rows):
@@ -563,8 +617,9 @@ def worker_processes(data_cfg: Any, records: int) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), _MAX_AUTO_PROCESSES))
 
 
-def _tokenized(source: data_sources.Source, held_out: bool, data_cfg: Any, tokenizer: Any, work: Path,
-               key: str) -> tuple[Any, str, SourceStats, Any]:
+def _tokenized(
+    source: data_sources.Source, held_out: bool, data_cfg: Any, tokenizer: Any, work: Path, key: str
+) -> tuple[Any, str, SourceStats, Any]:
     """A source tokenised: (dataset of every record, format, its stats, row numbers of the kept records).
 
     The dataset has input_ids, labels, length, label_count, location and full_length (tokens before
@@ -572,20 +627,36 @@ def _tokenized(source: data_sources.Source, held_out: bool, data_cfg: Any, token
     """
     raw, fmt, processes = _raw_validated(source, data_cfg, work)
     tokenized = raw.map(
-        _tokenize_batch, batched=True, batch_size=_MAP_BATCH, writer_batch_size=_MAP_BATCH,
-        num_proc=processes if processes > 1 else None, remove_columns=["record"],
-        fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "max_length": int(data_cfg.max_length), "data_cfg": _plain(data_cfg)},
-        features=_features(with_full_length=True), cache_file_name=str(work / "tokenized.arrow"),
-        load_from_cache_file=False, new_fingerprint=f"{key}-{'eval' if held_out else 'train'}",
+        _tokenize_batch,
+        batched=True,
+        batch_size=_MAP_BATCH,
+        writer_batch_size=_MAP_BATCH,
+        num_proc=processes if processes > 1 else None,
+        remove_columns=["record"],
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "fmt": fmt,
+            "max_length": int(data_cfg.max_length),
+            "data_cfg": _plain(data_cfg),
+        },
+        features=_features(with_full_length=True),
+        cache_file_name=str(work / "tokenized.arrow"),
+        load_from_cache_file=False,
+        new_fingerprint=f"{key}-{'eval' if held_out else 'train'}",
         desc=f"tokenising {source.split} ({processes} process{'es' if processes > 1 else ''})",
     )
-    stats, keep = _count_outcomes(tokenized, SourceStats(_source_name(source, held_out), source.describe(), fmt,
-                                                         held_out, ignored=list(source.ignored)), source, data_cfg)
+    stats, keep = _count_outcomes(
+        tokenized,
+        SourceStats(_source_name(source, held_out), source.describe(), fmt, held_out, ignored=list(source.ignored)),
+        source,
+        data_cfg,
+    )
     return tokenized, fmt, stats, keep
 
 
-def _tokenize_batch(batch: dict[str, list], tokenizer: Any, fmt: str, max_length: int,
-                    data_cfg: Any) -> dict[str, list]:
+def _tokenize_batch(
+    batch: dict[str, list], tokenizer: Any, fmt: str, max_length: int, data_cfg: Any
+) -> dict[str, list]:
     """`tokenize_record` for each record of a batch (in a worker process), as columns."""
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label_count": [], "full_length": []}
     for location, text in zip(batch["location"], batch["record"]):
@@ -607,8 +678,9 @@ def _source_name(source: data_sources.Source, held_out: bool) -> str:
     return f"{name}, held out" if held_out else name
 
 
-def _count_outcomes(tokenized: Any, stats: SourceStats, source: data_sources.Source,
-                    data_cfg: Any) -> tuple[SourceStats, Any]:
+def _count_outcomes(
+    tokenized: Any, stats: SourceStats, source: data_sources.Source, data_cfg: Any
+) -> tuple[SourceStats, Any]:
     """`stats` filled in with what becomes of each record (kept, truncated, dropped and why), from the
     columns alone; and the row numbers of the records kept."""
     import numpy as np
@@ -680,8 +752,10 @@ def describe(stats: DataStats) -> list[str]:
     lines: list[str] = []
     ignored: set[str] = set()
     for source in stats.sources:
-        lines.append(f"data: {source.name} ({source.source}, {source.format}): {_records(source.records)} read, "
-                     f"{_used_as(source, stats)}; {source.tokens:,} tokens, {source.learned_tokens:,} learned")
+        lines.append(
+            f"data: {source.name} ({source.source}, {source.format}): {_records(source.records)} read, "
+            f"{_used_as(source, stats)}; {source.tokens:,} tokens, {source.learned_tokens:,} learned"
+        )
         lines += _outcome_lines(source, stats.max_length, stats.on_too_long)
         unsaid = [name for name in source.ignored if name not in ignored]
         if unsaid:
@@ -693,7 +767,11 @@ def describe(stats: DataStats) -> list[str]:
 def _used_as(source: SourceStats, stats: DataStats) -> str:
     """What the source's kept records became: train records, and held-out ones."""
     if source.held_out:
-        capped = f" (data.max_eval_examples={source.kept and stats.eval_records})" if source.kept > stats.eval_records else ""
+        capped = (
+            f" (data.max_eval_examples={source.kept and stats.eval_records})"
+            if source.kept > stats.eval_records
+            else ""
+        )
         return f"{stats.eval_records:,} held out{capped}"
     if stats.eval_records and not any(other.held_out for other in stats.sources):
         return f"{stats.train_records:,} train + {stats.eval_records:,} held out ({stats.eval_source})"
@@ -705,11 +783,15 @@ def _outcome_lines(source: SourceStats, max_length: int, on_too_long: str) -> li
     lines = []
     kept_truncated = source.too_long - source.dropped.get("truncated_away", 0) - source.dropped.get("too_long", 0)
     if kept_truncated:
-        lines.append(f"data: {source.name}: {_records(kept_truncated)} truncated at data.max_length={max_length} and "
-                     f"kept (data.on_too_long={on_too_long}): {_listed(source.where['truncated'], kept_truncated)}")
+        lines.append(
+            f"data: {source.name}: {_records(kept_truncated)} truncated at data.max_length={max_length} and "
+            f"kept (data.on_too_long={on_too_long}): {_listed(source.where['truncated'], kept_truncated)}"
+        )
     for reason, count in source.dropped.items():
-        lines.append(f"data: {source.name}: {_records(count)} dropped, {DROP_REASONS[reason].format(max_length=max_length)}: "
-                     f"{_listed(source.where[reason], count)}")
+        lines.append(
+            f"data: {source.name}: {_records(count)} dropped, {DROP_REASONS[reason].format(max_length=max_length)}: "
+            f"{_listed(source.where[reason], count)}"
+        )
     return lines
 
 

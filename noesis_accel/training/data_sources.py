@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from noesis_accel.core.errors import DataError
 
@@ -70,9 +71,9 @@ def split_of(file_name: str, names: Iterable[str]) -> str | None:
     best: tuple[int, str] | None = None
     for split in dict.fromkeys(names):
         for keyword in SPLIT_KEYWORDS.get(split, (split.lower(),)):
-            if lower.startswith(keyword) and len(lower) > len(keyword) and lower[len(keyword)] in _SEPARATORS:
-                if best is None or len(keyword) > best[0]:
-                    best = (len(keyword), split)
+            named = lower.startswith(keyword) and len(lower) > len(keyword) and lower[len(keyword)] in _SEPARATORS
+            if named and (best is None or len(keyword) > best[0]):
+                best = (len(keyword), split)
     return best[1] if best else None
 
 
@@ -104,8 +105,9 @@ def is_hub_dataset(path_spec: str) -> bool:
 def _local_path(key: str, path_spec: str) -> Path:
     path = Path(os.path.expanduser(path_spec))
     if not path.exists():
-        raise DataError(f"{key}: {path_spec} does not exist; point {key} at a .jsonl, .json or .parquet file "
-                        "or a directory of them")
+        raise DataError(
+            f"{key}: {path_spec} does not exist; point {key} at a .jsonl, .json or .parquet file or a directory of them"
+        )
     if path.is_dir() and not data_files(path):
         raise DataError(f"{key}: directory {path} holds no .jsonl, .json or .parquet files")
     if path.is_file() and path.suffix not in FILE_SUFFIXES:
@@ -113,12 +115,15 @@ def _local_path(key: str, path_spec: str) -> Path:
     return path
 
 
-def _named_split(key: str, split_key: str, directory: Path, split: str, splits: dict[str, list[Path]],
-                 unnamed: list[Path]) -> Source:
+def _named_split(
+    key: str, split_key: str, directory: Path, split: str, splits: dict[str, list[Path]], unnamed: list[Path]
+) -> Source:
     if split not in splits:
-        raise DataError(f"{split_key}: {directory} has no '{split}' files (it has {', '.join(sorted(splits))}: "
-                        "a file belongs to the split its name starts with); set "
-                        f"{split_key} to one of those")
+        raise DataError(
+            f"{split_key}: {directory} has no '{split}' files (it has {', '.join(sorted(splits))}: "
+            "a file belongs to the split its name starts with); set "
+            f"{split_key} to one of those"
+        )
     return Source(key, split, tuple(map(str, splits[split])), ignored=tuple(map(str, unnamed)))
 
 
@@ -140,8 +145,9 @@ def source_for(key: str, path_spec: str, split: str, other_splits: Iterable[str]
 
 def training_source(data_cfg: Any) -> Source:
     """The records training reads: `data.path`'s `data.split` (the whole file or directory when it has no splits)."""
-    return source_for("data.path", str(data_cfg.path), str(data_cfg.split),
-                      [str(data_cfg.eval_split)] if data_cfg.eval_split else [])
+    return source_for(
+        "data.path", str(data_cfg.path), str(data_cfg.split), [str(data_cfg.eval_split)] if data_cfg.eval_split else []
+    )
 
 
 def eval_source(data_cfg: Any) -> Source | None:
@@ -153,8 +159,10 @@ def eval_source(data_cfg: Any) -> Source | None:
     """
     explicit = str(data_cfg.eval_split) if data_cfg.eval_split else None
     if explicit is not None and explicit == str(data_cfg.split) and not data_cfg.eval_path:
-        raise DataError(f"data.eval_split: '{explicit}' is also data.split; the held-out records must be "
-                        "other records than the training ones")
+        raise DataError(
+            f"data.eval_split: '{explicit}' is also data.split; the held-out records must be "
+            "other records than the training ones"
+        )
     key = "data.eval_path" if data_cfg.eval_path else "data.path"
     spec = str(data_cfg.eval_path or data_cfg.path)
     if is_hub_dataset(spec):
@@ -167,14 +175,18 @@ def eval_source(data_cfg: Any) -> Source | None:
         if key == "data.eval_path":
             return Source(key, explicit or "eval", (str(path),))
         if explicit:
-            raise DataError(f"data.eval_split: data.path is one file ({path}), which has no splits; point data.path "
-                            f"at a directory holding {explicit}* files, or set data.eval_path")
+            raise DataError(
+                f"data.eval_split: data.path is one file ({path}), which has no splits; point data.path "
+                f"at a directory holding {explicit}* files, or set data.eval_path"
+            )
         return None
     splits, unnamed = find_splits(path, [str(data_cfg.split), *([explicit] if explicit else [])])
     if explicit:
         if not splits:
-            raise DataError(f"data.eval_split: {path} has no '{explicit}' files (no file there names a split); "
-                            "name the held-out file after its split (validation.jsonl) or set data.eval_path")
+            raise DataError(
+                f"data.eval_split: {path} has no '{explicit}' files (no file there names a split); "
+                "name the held-out file after its split (validation.jsonl) or set data.eval_path"
+            )
         return _named_split(key, "data.eval_split", path, explicit, splits, unnamed)
     for split in AUTO_EVAL_SPLITS:
         if split in splits:
@@ -182,8 +194,10 @@ def eval_source(data_cfg: Any) -> Source | None:
     if key == "data.eval_path" and not splits:
         return Source(key, "eval", tuple(map(str, unnamed)))  # a directory of held-out files
     if key == "data.eval_path":
-        raise DataError(f"data.eval_path: {path} has no validation or test files (it has {', '.join(sorted(splits))}); "
-                        "set data.eval_split to the split to hold out")
+        raise DataError(
+            f"data.eval_path: {path} has no validation or test files (it has {', '.join(sorted(splits))}); "
+            "set data.eval_split to the split to hold out"
+        )
     return None
 
 
@@ -221,8 +235,9 @@ def invalid_json_error(count: int, first: list[str]) -> DataError:
     """One error for every line of invalid JSON: how many, and the first ones (file:line and why)."""
     more = f"\n  ... and {count - len(first)} more" if count > len(first) else ""
     lines = "line" if count == 1 else "lines"
-    return DataError(f"{count} {lines} of invalid JSON (each line must be one complete JSON object):\n  "
-                     + "\n  ".join(first) + more)
+    return DataError(
+        f"{count} {lines} of invalid JSON (each line must be one complete JSON object):\n  " + "\n  ".join(first) + more
+    )
 
 
 def json_problem(where: str, err: json.JSONDecodeError) -> str:
@@ -238,8 +253,9 @@ def _jsonl_lines(path: Path) -> Iterator[Entry]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{number}: not UTF-8 (byte {err.start} of the line: {err.reason}); "
-                                "save the file as UTF-8") from None
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 (byte {err.start} of the line: {err.reason}); save the file as UTF-8"
+                ) from None
             if line.strip():
                 yield f"{path}:{number}", line.rstrip("\r\n"), None
 

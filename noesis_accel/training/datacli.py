@@ -15,9 +15,11 @@ from omegaconf import DictConfig
 
 from noesis_accel.core.errors import ConfigError, exit_on_user_error
 
-USAGE = ("usage: noesis-data [--examples N] [overrides]\n"
-         "  e.g. noesis-data data=jsonl data.path=/data/train.jsonl data.max_length=2048 --examples 5\n"
-         "  the overrides are noesis-train's (conf/); learned tokens are shown [[like this]] (in colour on a terminal)")
+USAGE = (
+    "usage: noesis-data [--examples N] [overrides]\n"
+    "  e.g. noesis-data data=jsonl data.path=/data/train.jsonl data.max_length=2048 --examples 5\n"
+    "  the overrides are noesis-train's (conf/); learned tokens are shown [[like this]] (in colour on a terminal)"
+)
 DEFAULT_EXAMPLES = 3
 _LEARNED_ON_TERMINAL = ("\x1b[1;32m", "\x1b[0m")  # bold green
 _LEARNED_IN_TEXT = ("[[", "]]")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from noesis_accel.core.errors import DataError
 from noesis_accel.training.templates import template_fingerprint
@@ -36,8 +36,18 @@ ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant"}  # ShareGPT's; data.roles adds to them
 TRAIN_ON = ("assistant", "last_assistant", "all")
 # Field names `data.columns` may map: the canonical names the shapes above are recognised by.
-COLUMNS = ("messages", "conversations", "prompt", "completion", "text", "instruction", "input", "output",
-           "system", "tools")
+COLUMNS = (
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "text",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "tools",
+)
 _SHAPE_HELP = (
     'use one of {"messages": [{"role": ..., "content": ...}]}, {"conversations": [{"from": ..., "value": ...}]}, '
     '{"prompt": ..., "completion": ...}, {"instruction": ..., "output": ...} or {"text": ...}, '
@@ -62,22 +72,31 @@ class Options:
 
         A key the config lacks (one saved before the key existed) keeps its default.
         """
+
         def get(key: str) -> Any:
             return getattr(data_cfg, key, None)
 
         return cls(
             columns={str(k): str(v) for k, v in (get("columns") or {}).items()},
             roles={**DEFAULT_ROLES, **{str(k): str(v) for k, v in (get("roles") or {}).items()}},
-            role_key=get("role_key"), content_key=get("content_key"),
-            train_on=str(get("train_on") or "assistant"), chat_template=get("chat_template"),
+            role_key=get("role_key"),
+            content_key=get("content_key"),
+            train_on=str(get("train_on") or "assistant"),
+            chat_template=get("chat_template"),
         )
 
     def problems(self) -> list[str]:
         """Mistakes in the mapping itself, each naming its key."""
-        found = [f"data.columns: '{k}' is not a field name this launcher knows; map one of {', '.join(COLUMNS)}"
-                 for k in self.columns if k not in COLUMNS]
-        found += [f"data.roles: '{k}' maps to '{v}'; map roles to one of {', '.join(ROLES)}"
-                  for k, v in self.roles.items() if v not in ROLES]
+        found = [
+            f"data.columns: '{k}' is not a field name this launcher knows; map one of {', '.join(COLUMNS)}"
+            for k in self.columns
+            if k not in COLUMNS
+        ]
+        found += [
+            f"data.roles: '{k}' maps to '{v}'; map roles to one of {', '.join(ROLES)}"
+            for k, v in self.roles.items()
+            if v not in ROLES
+        ]
         if self.train_on not in TRAIN_ON:
             found.append(f"data.train_on: {self.train_on!r} is not one of {', '.join(TRAIN_ON)}")
         return found
@@ -103,7 +122,7 @@ class Completion:
     learn: bool = True
 
 
-Example = Union[Conversation, Completion]
+Example = Conversation | Completion
 
 
 def canonical_shape(name: str) -> str:
@@ -175,9 +194,15 @@ def fingerprint(data_cfg: Any) -> str:
     data.train_on, data.chat_template (a file by its contents).
     """
     options = Options.from_config(data_cfg)
-    parts = [canonical_shape(str(data_cfg.format)), json.dumps(options.columns, sort_keys=True),
-             json.dumps(options.roles, sort_keys=True), str(options.role_key), str(options.content_key),
-             options.train_on, template_fingerprint(options.chat_template)]
+    parts = [
+        canonical_shape(str(data_cfg.format)),
+        json.dumps(options.columns, sort_keys=True),
+        json.dumps(options.roles, sort_keys=True),
+        str(options.role_key),
+        str(options.content_key),
+        options.train_on,
+        template_fingerprint(options.chat_template),
+    ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
@@ -263,8 +288,10 @@ class _Reader:
             messages.append(message)
             flags.append(self.flag(raw, f"{label}[{i}]."))
             if flags[-1] is not None and message.get("role") != "assistant":
-                self.problem(f"{label}[{i}] is a {message.get('role')} message; only assistant messages take "
-                             "a weight/train flag (data.train_on=all learns every token)")
+                self.problem(
+                    f"{label}[{i}] is a {message.get('role')} message; only assistant messages take "
+                    "a weight/train flag (data.train_on=all learns every token)"
+                )
         return messages, flags
 
     def message(self, raw: dict[str, Any], label: str) -> dict[str, Any]:
@@ -275,8 +302,10 @@ class _Reader:
         role = self.options.roles.get(given, given) if isinstance(given, str) else given
         if role not in ROLES:
             example = given if isinstance(given, str) and given.isidentifier() else "speaker"
-            self.problem(f"{label}.{role_key} is {given!r}; use one of {', '.join(ROLES)}, "
-                         f"or map it with data.roles (e.g. +data.roles={{{example}: user}})")
+            self.problem(
+                f"{label}.{role_key} is {given!r}; use one of {', '.join(ROLES)}, "
+                f"or map it with data.roles (e.g. +data.roles={{{example}: user}})"
+            )
         # Other keys (tool_call_id, name, reasoning_content, ...) reach the template as they are.
         message = {k: v for k, v in raw.items() if k not in (role_key, content_key, "weight", "train", "tool_calls")}
         message["role"] = role
@@ -296,8 +325,10 @@ class _Reader:
                     texts.append(part["text"])
                 else:
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    self.problem(f"{label}[{j}] is a {kind!r} part; only text parts "
-                                 '({"type": "text", "text": ...}) can be trained on')
+                    self.problem(
+                        f"{label}[{j}] is a {kind!r} part; only text parts "
+                        '({"type": "text", "text": ...}) can be trained on'
+                    )
             value = "\n".join(texts)
         return self.text(value, label, optional=optional)
 
@@ -335,8 +366,9 @@ class _Reader:
         if messages and not any(m.get("role") == "assistant" for m in messages):
             self.problem(f"'{label}' has no assistant turn, so there is nothing to learn; add one")
 
-    def with_system(self, view: dict[str, Any], messages: list[dict[str, Any]],
-                    flags: list[bool | None]) -> tuple[list[dict[str, Any]], list[bool | None]]:
+    def with_system(
+        self, view: dict[str, Any], messages: list[dict[str, Any]], flags: list[bool | None]
+    ) -> tuple[list[dict[str, Any]], list[bool | None]]:
         """`messages` after the record-level system prompt, if the record has one."""
         system = self.system(view)
         if system and messages and messages[0].get("role") == "system":
@@ -357,8 +389,13 @@ def _conversational_prompt_completion(reader: _Reader, view: dict[str, Any]) -> 
     completion, completion_flags = reader.messages(view.get("completion"), reader.name("completion"))
     reader.needs_assistant(completion, reader.name("completion"))
     prompt, prompt_flags = reader.with_system(view, prompt, prompt_flags)
-    return Conversation(prompt + completion, prompt_flags + completion_flags, prompt_turns=len(prompt),
-                        tools=reader.tools(view), learn=reader.flag(view, "") is not False)
+    return Conversation(
+        prompt + completion,
+        prompt_flags + completion_flags,
+        prompt_turns=len(prompt),
+        tools=reader.tools(view),
+        learn=reader.flag(view, "") is not False,
+    )
 
 
 def _alpaca(reader: _Reader, view: dict[str, Any]) -> Conversation:
@@ -367,8 +404,9 @@ def _alpaca(reader: _Reader, view: dict[str, Any]) -> Conversation:
     extra = reader.text(view.get("input"), reader.name("input"), optional=True)
     output = reader.text(view.get("output"), reader.name("output"))
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages, flags = reader.with_system(view, [{"role": "user", "content": user},
-                                                {"role": "assistant", "content": output}], [None, None])
+    messages, flags = reader.with_system(
+        view, [{"role": "user", "content": user}, {"role": "assistant", "content": output}], [None, None]
+    )
     return Conversation(messages, flags, learn=reader.flag(view, "") is not False)
 
 

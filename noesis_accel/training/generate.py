@@ -20,10 +20,11 @@ def reply(model: torch.nn.Module, tokenizer: Any, question: str, max_new_tokens:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     model.train(was_training)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def load_finetuned(cfg: DictConfig, adapter_dir: Path | None) -> tuple[torch.nn.Module, Any]:

@@ -9,8 +9,9 @@ quantity over the held-out set, computed by `heldout_loss` for the trainer and `
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ def heldout_loss(
     *,
     rank: int = 0,
     world_size: int = 1,
-    autocast: Callable[[], ContextManager] = nullcontext,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Token-weighted loss over `dataset` (summed token losses / label tokens), sharded across ranks.
@@ -61,8 +62,9 @@ def heldout_loss(
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         with autocast():
             summed = summed_token_loss(model, batch)
-        total += torch.tensor([float(summed), sum(int(row["label_count"]) for row in rows)],
-                              dtype=torch.float64, device=device)
+        total += torch.tensor(
+            [float(summed), sum(int(row["label_count"]) for row in rows)], dtype=torch.float64, device=device
+        )
     if reduce_sum is not None:
         total = reduce_sum(total)
     model.train(was_training)

@@ -15,7 +15,6 @@ from noesis_accel.rundir.layout import RunDir
 from noesis_accel.training.trackers import TrackerRun
 
 
-
 def truncate_metrics_after(run_dir: Path, step: int) -> None:
     """Drop records logged after `step`: a resumed run re-does those steps and logs them again."""
     path = RunDir(Path(run_dir)).metrics_file
@@ -38,8 +37,16 @@ class MetricsLogger:
     redraws arrive as separate lines, it is one plain line every `print_every` steps.
     """
 
-    def __init__(self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int, show_progress: bool,
-                 print_every: int | None = None, tracker_run: TrackerRun | None = None) -> None:
+    def __init__(
+        self,
+        accelerator: Any,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        show_progress: bool,
+        print_every: int | None = None,
+        tracker_run: TrackerRun | None = None,
+    ) -> None:
         self.accelerator = accelerator
         # The tracker run, on the main process; steps below its first_step reached it in an earlier start.
         self.tracker_run = tracker_run
@@ -83,12 +90,16 @@ class MetricsLogger:
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"},
-                                 refresh=False)
+            self.bar.set_postfix(
+                {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}, refresh=False
+            )
             self.bar.refresh()
         elif self.enabled and (step % self.print_every == 0 or step == self.total_steps):
-            print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%): loss {loss:.4f}, "
-                  f"lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, ETA {self._eta(step)}", flush=True)
+            print(
+                f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%): loss {loss:.4f}, "
+                f"lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, ETA {self._eta(step)}",
+                flush=True,
+            )
 
     def _eta(self, step: int) -> str:
         """The rest of the run at this attempt's pace so far."""

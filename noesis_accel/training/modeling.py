@@ -154,8 +154,10 @@ def _architecture_vocab_size(requested: int | None, tokenizer_size: int) -> int:
     if requested is None:
         return tokenizer_size
     if int(requested) < tokenizer_size:
-        raise ConfigError(f"model.architecture.vocab_size: {requested} is smaller than the tokenizer's "
-                          f"{tokenizer_size} tokens; raise it or remove it to use the tokenizer's length")
+        raise ConfigError(
+            f"model.architecture.vocab_size: {requested} is smaller than the tokenizer's "
+            f"{tokenizer_size} tokens; raise it or remove it to use the tokenizer's length"
+        )
     return int(requested)
 
 
@@ -216,18 +218,20 @@ def apply_liger(model: torch.nn.Module, device_is_cuda: bool) -> None:
     0.8.5, `transformers/model/loss_utils.py`), as transformers' own `ForCausalLMLoss` does.
     """
     if not device_is_cuda:
-        raise ConfigError("model.liger: Liger kernels run on CUDA GPUs only and none is visible; "
-                          "set model.liger=false")
+        raise ConfigError("model.liger: Liger kernels run on CUDA GPUs only and none is visible; set model.liger=false")
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as err:
-        raise ConfigError(f"model.liger: liger-kernel is not importable ({err}); "
-                          "pip install 'noesis-accel[gpu]' or set model.liger=false") from None
+        raise ConfigError(
+            f"model.liger: liger-kernel is not importable ({err}); "
+            "pip install 'noesis-accel[gpu]' or set model.liger=false"
+        ) from None
     model_type = model.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         # liger itself would only log this and train without its kernels.
-        raise ConfigError(f"model.liger: liger-kernel has no kernels for model type '{model_type}'; "
-                          "set model.liger=false")
+        raise ConfigError(
+            f"model.liger: liger-kernel has no kernels for model type '{model_type}'; set model.liger=false"
+        )
     MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](model=model)
 
 
@@ -235,8 +239,12 @@ def repeated_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The longest ModuleList whose children are all of one class: a transformer's decoder layers."""
     best = None
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 \
-                and len({type(child) for child in module}) == 1 and (best is None or len(module) > len(best)):
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) > 1
+            and len({type(child) for child in module}) == 1
+            and (best is None or len(module) > len(best))
+        ):
             best = module
     return best
 

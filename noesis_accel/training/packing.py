@@ -49,4 +49,3 @@ def records_and_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     if "attention_mask" in batch:  # padded: one row per record
         return batch["input_ids"].shape[0], int(batch["attention_mask"].sum())
     return int((batch["position_ids"] == 0).sum()), batch["input_ids"].numel()
-

@@ -7,7 +7,8 @@ normal runs, where installing it costs one dictionary lookup per run.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

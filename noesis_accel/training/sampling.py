@@ -9,7 +9,7 @@ the position is a count of global batches: skipping consumed batches is an index
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

@@ -80,12 +80,16 @@ def resolve(tokenizer: Any, spec: str | None, tools: list[dict[str, Any]] | None
     path = _template_file(spec)
     if path is not None:
         if not path.is_file():
-            raise DataError(f"data.chat_template: {path} does not exist; give a Jinja file, a template name "
-                            f"({ships}), or null for the tokenizer's own")
+            raise DataError(
+                f"data.chat_template: {path} does not exist; give a Jinja file, a template name "
+                f"({ships}), or null for the tokenizer's own"
+            )
         return _read_template(str(path.resolve()), path.stat().st_mtime_ns)
     if spec not in names:
-        raise DataError(f"data.chat_template: no template named '{spec}' ({ships}); give one of those, "
-                        "a path to a Jinja file, or null for the tokenizer's own")
+        raise DataError(
+            f"data.chat_template: no template named '{spec}' ({ships}); give one of those, "
+            "a path to a Jinja file, or null for the tokenizer's own"
+        )
     shipped = tokenizer.chat_template
     return shipped[spec] if isinstance(shipped, dict) else shipped
 
@@ -103,21 +107,31 @@ def template_fingerprint(spec: str | None) -> str:
 # ---------------------------------------------------------------- rendering
 
 
-def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-           where: str, generation_prompt: bool = False) -> str:
+def render(
+    tokenizer: Any,
+    template: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    where: str,
+    generation_prompt: bool = False,
+) -> str:
     """The template's text for `messages`; a DataError naming the record when the template fails on it."""
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
     except Exception as err:  # Jinja raises many types (TypeError on a missing field, TemplateError, ...)
         reason = (str(err).splitlines() or [""])[0]
-        raise DataError(f"{where}: the chat template cannot render this conversation ({type(err).__name__}: "
-                        f"{reason}); set data.chat_template to one that can (a name the tokenizer ships "
-                        "or a Jinja file)") from None
+        raise DataError(
+            f"{where}: the chat template cannot render this conversation ({type(err).__name__}: "
+            f"{reason}); set data.chat_template to one that can (a name the tokenizer ships "
+            "or a Jinja file)"
+        ) from None
 
 
-def render_turns(tokenizer: Any, template: str, messages: list[dict[str, Any]],
-                 tools: list[dict[str, Any]] | None, where: str) -> list[Turn]:
+def render_turns(
+    tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, where: str
+) -> list[Turn]:
     """The conversation as consecutive pieces: each assistant turn's text and the text around it.
 
     See the module docstring for what the text of each turn is. The pieces joined are the
@@ -130,15 +144,17 @@ def render_turns(tokenizer: Any, template: str, messages: list[dict[str, Any]],
         prompt = render(tokenizer, template, messages[:k], tools, where, generation_prompt=True) if k else ""
         through = render(tokenizer, template, messages[: k + 1], tools, where)
         if not through.startswith(prompt):
-            raise DataError(f"{where}: the chat template's generation prompt for messages[{k}] is not how it "
-                            "renders the assistant turn itself, so the turn cannot be told from its prompt; "
-                            "set data.chat_template to a template whose generation prompt starts the turn")
-        turns.append(Turn(prompt[_end_of(earlier, prompt, k, where):], None))
-        turns.append(Turn(through[len(prompt):], k))
+            raise DataError(
+                f"{where}: the chat template's generation prompt for messages[{k}] is not how it "
+                "renders the assistant turn itself, so the turn cannot be told from its prompt; "
+                "set data.chat_template to a template whose generation prompt starts the turn"
+            )
+        turns.append(Turn(prompt[_end_of(earlier, prompt, k, where) :], None))
+        turns.append(Turn(through[len(prompt) :], k))
         earlier = through
     if not assistants or assistants[-1] < len(messages) - 1:
         full = render(tokenizer, template, messages, tools, where)
-        turns.append(Turn(full[_end_of(earlier, full, len(messages), where):], None))
+        turns.append(Turn(full[_end_of(earlier, full, len(messages), where) :], None))
     _check_tools_rendered(turns, messages, tools, where)
     return turns
 
@@ -157,13 +173,16 @@ def _end_of(earlier: str, later: str, turn: int, where: str) -> int:
     for block in difflib.SequenceMatcher(None, tail, rest, autojunk=False).get_matching_blocks():
         if block.size and block.a + block.size == len(tail):
             return common + block.b + block.size
-    raise DataError(f"{where}: the chat template rewrites the end of an earlier turn once messages[{turn}] "
-                    "follows, so the turns cannot be told apart; set data.chat_template to a template "
-                    "that keeps each turn's ending")
+    raise DataError(
+        f"{where}: the chat template rewrites the end of an earlier turn once messages[{turn}] "
+        "follows, so the turns cannot be told apart; set data.chat_template to a template "
+        "that keeps each turn's ending"
+    )
 
 
-def _check_tools_rendered(turns: list[Turn], messages: list[dict[str, Any]],
-                          tools: list[dict[str, Any]] | None, where: str) -> None:
+def _check_tools_rendered(
+    turns: list[Turn], messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, where: str
+) -> None:
     """Refuse a template that drops tool calls, tool results or tool definitions without a word."""
     text = "".join(turn.text for turn in turns)
     own_text = {turn.message: turn.text for turn in turns if turn.message is not None}
@@ -181,9 +200,11 @@ def _check_tools_rendered(turns: list[Turn], messages: list[dict[str, Any]],
 
 
 def _tools_not_rendered(where: str, what: str) -> None:
-    raise DataError(f"{where}: the chat template does not render {what}, so training would silently leave it out; "
-                    "set data.chat_template to a template that renders tools (a name the tokenizer ships, "
-                    "e.g. tool_use, or a Jinja file)")
+    raise DataError(
+        f"{where}: the chat template does not render {what}, so training would silently leave it out; "
+        "set data.chat_template to a template that renders tools (a name the tokenizer ships, "
+        "e.g. tool_use, or a Jinja file)"
+    )
 
 
 # ---------------------------------------------------------------- the template's default system prompt
@@ -199,7 +220,7 @@ def default_system_prompt(tokenizer: Any, template: str) -> str | None:
     probed = render(tokenizer, template, [{"role": "system", "content": _PROBE_SYSTEM}, *_PROBE], None, "probe")
     prefix = len(os.path.commonprefix([without, probed]))
     suffix = len(os.path.commonprefix([without[prefix:][::-1], probed[prefix:][::-1]]))
-    added = without[prefix: len(without) - suffix].strip()
+    added = without[prefix : len(without) - suffix].strip()
     return added or None
 
 
@@ -211,5 +232,7 @@ def system_prompt_note(tokenizer: Any, spec: str | None) -> str | None:
         return None
     if default is None:
         return None
-    return (f'data: the chat template adds a default system prompt to records without one: "{default}"; '
-            "add a system turn to your records or set data.chat_template to change it")
+    return (
+        f'data: the chat template adds a default system prompt to records without one: "{default}"; '
+        "add a system turn to your records or set data.chat_template to change it"
+    )

@@ -59,8 +59,9 @@ def require_installed(cfg: DictConfig) -> None:
     except ImportError as err:
         missing = isinstance(err, ModuleNotFoundError) and err.name == package.module
         why = "is not installed" if missing else f"does not import ({_first_line(err)})"
-        raise ConfigError(f"train.tracker={name}: the {package.module} package {why}; "
-                          f"pip install {package.install}") from None
+        raise ConfigError(
+            f"train.tracker={name}: the {package.module} package {why}; pip install {package.install}"
+        ) from None
 
 
 # ---------------------------------------------------------------- the run dir's record
@@ -81,7 +82,7 @@ class TrackerRun:
     first_step: int = 1
 
     @classmethod
-    def for_start(cls, rundir: RunDir, tracker: str) -> "TrackerRun":
+    def for_start(cls, rundir: RunDir, tracker: str) -> TrackerRun:
         """The record this start continues; a new one when there is none or it names another tracker."""
         saved = _read_json(rundir.tracker_file)
         if saved.get("tracker") != tracker:
@@ -142,18 +143,22 @@ def start_tracker(accelerator: Any, cfg: DictConfig, rundir: RunDir, tracker_log
     return run
 
 
-def _init_tracker(accelerator: Any, cfg: DictConfig, run: TrackerRun, rundir: RunDir, tracker_logs: Path,
-                  with_config: bool) -> None:
+def _init_tracker(
+    accelerator: Any, cfg: DictConfig, run: TrackerRun, rundir: RunDir, tracker_logs: Path, with_config: bool
+) -> None:
     """Accelerate's `init_trackers` with the `tracker.` keys; a refusal a person can fix becomes one line."""
     name = run.tracker
     tracker_logs.mkdir(parents=True, exist_ok=True)
     if name == "mlflow":
         _use_mlflow_store(cfg, tracker_logs)
-    kwargs = {**_init_kwargs(cfg, name, rundir, tracker_logs, run.run_id),
-              **OmegaConf.to_container(cfg.tracker.init_kwargs, resolve=True)}
+    kwargs = {
+        **_init_kwargs(cfg, name, rundir, tracker_logs, run.run_id),
+        **OmegaConf.to_container(cfg.tracker.init_kwargs, resolve=True),
+    }
     try:
-        accelerator.init_trackers(_project_name(cfg, name), config=tracker_config(cfg) if with_config else None,
-                                  init_kwargs={name: kwargs})
+        accelerator.init_trackers(
+            _project_name(cfg, name), config=tracker_config(cfg) if with_config else None, init_kwargs={name: kwargs}
+        )
     except Exception as err:  # whatever the tracker raises; only the ones a person can fix are reworded
         problem = _user_error(name, err, run)
         if problem is None:
@@ -179,8 +184,15 @@ def _init_kwargs(cfg: DictConfig, name: str, rundir: RunDir, tracker_logs: Path,
     tags = [str(tag) for tag in tracker.tags]
     if name == "wandb":
         # The same id with resume="allow": a restart continues the run (created on the first start).
-        kwargs = {"id": run_id, "resume": "allow", "dir": str(tracker_logs), "name": run_name,
-                  "entity": tracker.entity, "tags": tags or None, "mode": tracker.mode}
+        kwargs = {
+            "id": run_id,
+            "resume": "allow",
+            "dir": str(tracker_logs),
+            "name": run_name,
+            "entity": tracker.entity,
+            "tags": tags or None,
+            "mode": tracker.mode,
+        }
     elif name == "mlflow":
         kwargs = {"run_id": run_id, "run_name": run_name, "tags": {tag: "" for tag in tags} or None}
     else:
@@ -236,12 +248,16 @@ def _user_error(name: str, err: Exception, run: TrackerRun) -> UserError | None:
         import wandb.errors
 
         if isinstance(err, wandb.errors.UsageError):  # AuthenticationError is one too
-            return ConfigError(f"train.tracker=wandb: {_first_line(err)}; set WANDB_API_KEY (on Modal: a Secret "
-                               "in modal.secrets) or tracker.mode=offline")
+            return ConfigError(
+                f"train.tracker=wandb: {_first_line(err)}; set WANDB_API_KEY (on Modal: a Secret "
+                "in modal.secrets) or tracker.mode=offline"
+            )
     if name == "mlflow" and getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" and run.run_id:
-        return ConfigError(f"{run.path}: MLflow run {run.run_id} is not in the tracking store ({_first_line(err)}); "
-                           "point tracker.uri (or MLFLOW_TRACKING_URI) at the store it started in, or delete "
-                           f"{run.path.name} to log to a new MLflow run")
+        return ConfigError(
+            f"{run.path}: MLflow run {run.run_id} is not in the tracking store ({_first_line(err)}); "
+            "point tracker.uri (or MLFLOW_TRACKING_URI) at the store it started in, or delete "
+            f"{run.path.name} to log to a new MLflow run"
+        )
     return None
 
 

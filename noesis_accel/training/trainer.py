@@ -7,31 +7,18 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.training import data as data_mod
-from noesis_accel.core import env, faults
-from noesis_accel.training import losses, modeling, optim, packing, probes
-from noesis_accel.rundir.checkpoint import (
-    Checkpoint,
-    CheckpointManager,
-    any_complete_checkpoint,
-    refuse_fresh_start_over,
-    register_trainable_only_hooks,
-)
 from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
-from noesis_accel.training.distributed import build_accelerator
+from noesis_accel.core import env, faults
 from noesis_accel.core.errors import ConfigError, DataError, ResumeError, UserError, redact_tree
-from noesis_accel.training.metrics import MetricsLogger, truncate_metrics_after
-from noesis_accel.rundir.layout import RunDir, this_host
-from noesis_accel.training.sampling import LengthBucketBatchSampler
-from noesis_accel.rundir.lease import RunLease, take_run_lease
 from noesis_accel.core.signals import (
     ForcedStop,
     InterruptedBySignal,
@@ -41,6 +28,15 @@ from noesis_accel.core.signals import (
     attempt_deadline,
     deadline_reached,
 )
+from noesis_accel.rundir.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    any_complete_checkpoint,
+    refuse_fresh_start_over,
+    register_trainable_only_hooks,
+)
+from noesis_accel.rundir.layout import RunDir, this_host
+from noesis_accel.rundir.lease import RunLease, take_run_lease
 from noesis_accel.rundir.status import (
     PreviousAttempt,
     attempt_starts,
@@ -50,8 +46,13 @@ from noesis_accel.rundir.status import (
     record_stop,
     write_status,
 )
-from noesis_accel.training.trackers import TrackerRun, forget_tracker_run, require_installed, start_tracker
 from noesis_accel.rundir.volumes import Committer, LocalCommitter, MirroringCommitter
+from noesis_accel.training import data as data_mod
+from noesis_accel.training import losses, modeling, optim, packing, probes
+from noesis_accel.training.distributed import build_accelerator
+from noesis_accel.training.metrics import MetricsLogger, truncate_metrics_after
+from noesis_accel.training.sampling import LengthBucketBatchSampler
+from noesis_accel.training.trackers import TrackerRun, forget_tracker_run, require_installed, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> "RunResult":
+    def from_dict(cls, fields: dict[str, Any]) -> RunResult:
         """A result reported by a training process as JSON (see worker.py)."""
         return cls(**{**fields, "run_dir": Path(fields["run_dir"])})
 
@@ -133,8 +134,13 @@ class Trainer:
     last_attempt: PreviousAttempt | None  # how far the attempt before this one got, as committed
     _last_progress_commit: float = 0.0  # time.monotonic() of the newest progress commit
 
-    def __init__(self, cfg: DictConfig, committer: Committer | None = None,
-                 watcher: PreemptionWatcher | None = None, after_training: AfterTraining | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        committer: Committer | None = None,
+        watcher: PreemptionWatcher | None = None,
+        after_training: AfterTraining | None = None,
+    ) -> None:
         validate(cfg)
         require_installed(cfg)  # Accelerate would drop a missing tracker without a word
         self.cfg = cfg
@@ -209,14 +215,26 @@ class Trainer:
         accelerator.register_for_checkpointing(self.progress)
         accelerator.register_for_checkpointing(self.sampler)
         self.checkpoints = CheckpointManager(
-            accelerator, self.run_dir, cfg.ckpt, self.total_steps, fingerprint(cfg), self.committer, self.is_deepspeed,
-            losses.LOSS_NORMALIZATION, num_machines=int(cfg.distributed.num_machines),
+            accelerator,
+            self.run_dir,
+            cfg.ckpt,
+            self.total_steps,
+            fingerprint(cfg),
+            self.committer,
+            self.is_deepspeed,
+            losses.LOSS_NORMALIZATION,
+            num_machines=int(cfg.distributed.num_machines),
         )
         self.eval_interval = interval_steps(float(cfg.train.eval_every), self.total_steps)
         self._resume()
         self.metrics = MetricsLogger(
-            accelerator, self.run_dir, self.total_steps, self.progress.step, bool(cfg.train.progress_bar),
-            cfg.train.print_every, tracker_run=self.tracker_run,
+            accelerator,
+            self.run_dir,
+            self.total_steps,
+            self.progress.step,
+            bool(cfg.train.progress_bar),
+            cfg.train.print_every,
+            tracker_run=self.tracker_run,
         )
         self._announce(model)
         return True
@@ -269,8 +287,11 @@ class Trainer:
                 if changed is not None:
                     raise changed
             if self.accelerator.is_main_process:
-                print(f"run {self.run_dir} already completed at step {status.get('step')}; nothing to do "
-                      "(choose a new run.name to train again)", flush=True)
+                print(
+                    f"run {self.run_dir} already completed at step {status.get('step')}; nothing to do "
+                    "(choose a new run.name to train again)",
+                    flush=True,
+                )
             return True
         return False
 
@@ -288,7 +309,8 @@ class Trainer:
         lines = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differing]
         return ResumeError(
             f"{self.rundir.path} holds {what} started with a different config; this command must not change "
-            "the math. Differing keys:\n  " + "\n  ".join(lines)
+            "the math. Differing keys:\n  "
+            + "\n  ".join(lines)
             + "\nRestore these values, or choose a new run.name for a new run."
         )
 
@@ -310,8 +332,10 @@ class Trainer:
         else:
             differing = differing_math_keys(rundir.saved_config(), current)
             if differing and not any_complete_checkpoint(rundir):
-                replace_reason = f"it holds no complete checkpoint, so this start's config replaces the one " \
-                                 f"it was started with (differing: {', '.join(differing)})"
+                replace_reason = (
+                    f"it holds no complete checkpoint, so this start's config replaces the one "
+                    f"it was started with (differing: {', '.join(differing)})"
+                )
             elif differing:
                 raise self._changed_math(what="a run")
         self.accelerator.wait_for_everyone()
@@ -411,27 +435,39 @@ class Trainer:
         self.last_attempt = previous = previous_attempt(events, rundir.metrics(), rundir.status())
         event: dict[str, Any] = {
             "attempt": 1 + len(attempt_starts(events)),
-            "processes": self.accelerator.num_processes, "device": self.accelerator.device.type,
-            "host": this_host(), "pid": os.getpid(),
+            "processes": self.accelerator.num_processes,
+            "device": self.accelerator.device.type,
+            "host": this_host(),
+            "pid": os.getpid(),
             "every_step_durable": _durable_as_written(self.committer) and int(self.cfg.train.log_every) == 1,
         }
         if previous is not None:
-            event.update(previous_reached=previous.reached, previous_reached_exact=previous.exact,
-                         previous_exit=previous.exit, previous_last_seen=previous.last_seen)
+            event.update(
+                previous_reached=previous.reached,
+                previous_reached_exact=previous.exact,
+                previous_exit=previous.exit,
+                previous_last_seen=previous.last_seen,
+            )
         self.attempt = event["attempt"]
         rundir.append_event("starting", **event)
         self._commit_progress()
 
     def _record_start(self, checkpoint: Checkpoint | None) -> None:
         """A `start` event: the step training starts from, and what the interruption before it cost."""
-        event: dict[str, Any] = {"attempt": self.attempt, "step": self.progress.step,
-                                 "resumed_from": checkpoint.path.name if checkpoint else None,
-                                 "processes": self.accelerator.num_processes,
-                                 "device": self.accelerator.device.type, "host": this_host(), "pid": os.getpid()}
+        event: dict[str, Any] = {
+            "attempt": self.attempt,
+            "step": self.progress.step,
+            "resumed_from": checkpoint.path.name if checkpoint else None,
+            "processes": self.accelerator.num_processes,
+            "device": self.accelerator.device.type,
+            "host": this_host(),
+            "pid": os.getpid(),
+        }
         previous = self.last_attempt
         if previous is not None:
-            event["lost_steps"], event["lost_steps_exact"] = lost_steps(previous.reached, previous.exact,
-                                                                        self.progress.step)
+            event["lost_steps"], event["lost_steps_exact"] = lost_steps(
+                previous.reached, previous.exact, self.progress.step
+            )
         self.rundir.append_event("start", **event)
 
     def _progress_commit_hook(self) -> None:
@@ -456,8 +492,11 @@ class Trainer:
         try:
             self.committer.commit()
         except Exception as err:  # any storage backend's error; the next checkpoint commit retries anyway
-            log.warning("could not commit the run's progress files (%s); training goes on, but a hard kill "
-                        "now may be reported as costing fewer steps than it did", err)
+            log.warning(
+                "could not commit the run's progress files (%s); training goes on, but a hard kill "
+                "now may be reported as costing fewer steps than it did",
+                err,
+            )
 
     def _announce(self, model: torch.nn.Module) -> None:
         trainable, total = modeling.count_parameters(model)
@@ -469,17 +508,26 @@ class Trainer:
             f"{stats.truncated} truncated; {self.total_steps} steps of {self.cfg.train.global_batch_size} "
             f"(micro {self.cfg.train.micro_batch_size} x accumulation {self.accumulation} x "
             f"{self.accelerator.num_processes} process(es)); "
-            + (f"packed rows (padded would be {100 * self.sampler.padding_fraction(0):.1f}% padding)"
-               if self.cfg.data.packing else f"padding {100 * self.sampler.padding_fraction(0):.1f}%")
+            + (
+                f"packed rows (padded would be {100 * self.sampler.padding_fraction(0):.1f}% padding)"
+                if self.cfg.data.packing
+                else f"padding {100 * self.sampler.padding_fraction(0):.1f}%"
+            )
         )
         for line in data_mod.describe(stats):  # every split's counts, and each record truncated or dropped
             self.metrics.write(line)
         for note in data_mod.template_notes(self.tokenizer, self.cfg.data, stats.format):
             self.metrics.write(note)
         if self.accelerator.is_main_process:
-            write_status(self.run_dir, state="running", step=self.progress.step, total_steps=self.total_steps,
-                         latest_checkpoint=str(self.resumed_from.path) if self.resumed_from else None,
-                         exit_reason=None, error=None)
+            write_status(
+                self.run_dir,
+                state="running",
+                step=self.progress.step,
+                total_steps=self.total_steps,
+                latest_checkpoint=str(self.resumed_from.path) if self.resumed_from else None,
+                exit_reason=None,
+                error=None,
+            )
 
     # ================================================================ train
 
@@ -564,8 +612,10 @@ class Trainer:
         self.sampler.advance()
         world = self.accelerator.num_processes
         if world > 1:
-            reduced = self.accelerator.reduce(torch.tensor([loss, samples, tokens], dtype=torch.float64,
-                                                           device=self.accelerator.device), reduction="sum")
+            reduced = self.accelerator.reduce(
+                torch.tensor([loss, samples, tokens], dtype=torch.float64, device=self.accelerator.device),
+                reduction="sum",
+            )
             loss, samples, tokens = float(reduced[0]), int(reduced[1]), int(reduced[2])  # shares add up
         progress.samples_seen += samples
         progress.tokens_seen += tokens
@@ -573,16 +623,26 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if progress.step % int(cfg.train.log_every) == 0 or progress.step == self.total_steps:
             tokens_per_s = self.metrics.tokens_per_second()
-            values = {"loss": loss, "lr": lr, "epoch": self.sampler.epoch, "tokens_per_s": tokens_per_s,
-                      "samples_seen": progress.samples_seen, "tokens_seen": progress.tokens_seen}
+            values = {
+                "loss": loss,
+                "lr": lr,
+                "epoch": self.sampler.epoch,
+                "tokens_per_s": tokens_per_s,
+                "samples_seen": progress.samples_seen,
+                "tokens_seen": progress.tokens_seen,
+            }
             if grad_norm is not None:
                 values["grad_norm"] = grad_norm
             if self.accelerator.device.type == "cuda":  # the allocator's own counter: no device sync
                 values["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             self.metrics.log(progress.step, values)
             self.metrics.progress(progress.step, loss, lr, tokens_per_s)
-        if (self.eval_interval and len(self.data.eval) and progress.step % self.eval_interval == 0
-                and progress.step < self.total_steps):  # no held-out set, no held-out loss (not a NaN)
+        if (
+            self.eval_interval
+            and len(self.data.eval)
+            and progress.step % self.eval_interval == 0
+            and progress.step < self.total_steps
+        ):  # no held-out set, no held-out loss (not a NaN)
             eval_loss = self.evaluate()
             self.metrics.log(progress.step, {"eval_loss": eval_loss})
             self.metrics.write(f"step {progress.step}: held-out loss {eval_loss:.4f}")
@@ -601,9 +661,13 @@ class Trainer:
         reason = self.checkpoints.due(self.progress.step, signal_received, minutes_due, deadline_due)
         if reason is None:
             return
-        progress = {"epoch": self.sampler.epoch, "position_in_epoch": self.sampler.position,
-                    "samples_seen": self.progress.samples_seen, "tokens_seen": self.progress.tokens_seen,
-                    "total_steps": self.total_steps}
+        progress = {
+            "epoch": self.sampler.epoch,
+            "position_in_epoch": self.sampler.position,
+            "samples_seen": self.progress.samples_seen,
+            "tokens_seen": self.progress.tokens_seen,
+            "total_steps": self.total_steps,
+        }
         started = time.monotonic()
         self.watcher.saving = reason in ("signal", "deadline")
         try:
@@ -611,8 +675,13 @@ class Trainer:
         finally:
             self.watcher.saving = False
         if self.accelerator.is_main_process:
-            self.rundir.append_event("checkpoint", step=self.progress.step, reason=reason, name=path.name,
-                                     seconds=round(time.monotonic() - started, 3))
+            self.rundir.append_event(
+                "checkpoint",
+                step=self.progress.step,
+                reason=reason,
+                name=path.name,
+                seconds=round(time.monotonic() - started, 3),
+            )
             write_status(self.run_dir, state="running", step=self.progress.step, latest_checkpoint=str(path))
             self.metrics.write(f"step {self.progress.step}: checkpoint {path.name} ({reason})")
         if reason == "signal":
@@ -622,8 +691,11 @@ class Trainer:
 
     def _agreed_flags(self) -> tuple[bool, bool, bool]:
         """Signal, wall-clock and deadline triggers, agreed across ranks so every rank saves at the same step."""
-        flags = [float(self.watcher.requested), float(self.checkpoints.minutes_elapsed_due()),
-                 float(deadline_reached(self.deadline))]
+        flags = [
+            float(self.watcher.requested),
+            float(self.checkpoints.minutes_elapsed_due()),
+            float(deadline_reached(self.deadline)),
+        ]
         if self.accelerator.num_processes > 1:
             tensor = torch.tensor(flags, device=self.accelerator.device)
             flags = self.accelerator.reduce(tensor, reduction="sum").tolist()
@@ -634,10 +706,17 @@ class Trainer:
         accelerator = self.accelerator
         reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
         # The unwrapped model: no collectives inside an eval forward.
-        return losses.heldout_loss(accelerator.unwrap_model(self.model), self.data.eval, self.collate,
-                                   int(self.cfg.train.micro_batch_size), accelerator.device,
-                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                   autocast=accelerator.autocast, reduce_sum=reduce_sum)
+        return losses.heldout_loss(
+            accelerator.unwrap_model(self.model),
+            self.data.eval,
+            self.collate,
+            int(self.cfg.train.micro_batch_size),
+            accelerator.device,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            autocast=accelerator.autocast,
+            reduce_sum=reduce_sum,
+        )
 
     # ================================================================ finish
 
@@ -670,8 +749,15 @@ class Trainer:
         accelerator.end_training()  # also tears down the process group: nothing collective after it
         if evaluate_now:  # after end_training, so the other processes are not held at a barrier meanwhile
             self.after_training(self.cfg, accelerator.unwrap_model(self.model), self.tokenizer, self.data.eval)
-        return RunResult(self.run_dir, "completed", self.progress.step, self.total_steps,
-                         self.progress.initial_eval_loss, eval_after, list(self.step_losses))
+        return RunResult(
+            self.run_dir,
+            "completed",
+            self.progress.step,
+            self.total_steps,
+            self.progress.initial_eval_loss,
+            eval_after,
+            list(self.step_losses),
+        )
 
     def _on_forced_exit(self, signum: int) -> None:
         self._record_exit("interrupted", f"{signal.Signals(signum).name} again: stopped at once, before a checkpoint")
@@ -685,8 +771,9 @@ class Trainer:
         try:
             if not self.setup():
                 status = read_status(self.run_dir) or {}
-                return RunResult(self.run_dir, "already_completed", int(status.get("step", 0)),
-                                 int(status.get("total_steps", 0)))
+                return RunResult(
+                    self.run_dir, "already_completed", int(status.get("step", 0)), int(status.get("total_steps", 0))
+                )
             if self.watcher.requested:  # during setup: nothing new to save, the resume point stands
                 raise InterruptedBySignal(self.watcher.received or signal.SIGTERM)
             self.train()
