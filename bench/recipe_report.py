@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from noesis_accel.rundir.history import EventKind
 from noesis_accel.rundir.layout import RunDir
 
 MAX_CHECKPOINT_MB, MAX_SAVE_S = 300, 5.0
@@ -31,7 +32,7 @@ def report(run_dir: Path, skip: int = 2) -> dict[str, Any]:
     metrics = rundir.metrics()
     steps = {m["step"]: m for m in metrics if "loss" in m}
     evaluated = {m["step"] for m in metrics if "eval_loss" in m}
-    checkpoints = [e for e in rundir.events() if e.get("event") == "checkpoint"]
+    checkpoints = [e for e in rundir.events() if e.get("event") == EventKind.CHECKPOINT]
     interrupted = evaluated | {int(e["step"]) for e in checkpoints}
     rates, tokens, seconds = [], 0, 0.0
     for step in sorted(steps):

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from noesis_accel.config import compose
 from noesis_accel.processes.train import run
 from noesis_accel.rundir.checkpoint import MANIFEST, checkpoint_problem
+from noesis_accel.rundir.history import read_status
 from noesis_accel.rundir.status import main as status_main
-from noesis_accel.rundir.status import read_status
 
 STEPS = 12
 BASE = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0.5"]

@@ -13,8 +13,8 @@ from conftest import run_cli
 from noesis_accel.config import compose
 from noesis_accel.processes.train import run
 from noesis_accel.rundir.checkpoint import checkpoint_problem
+from noesis_accel.rundir.history import read_status
 from noesis_accel.rundir.layout import RunDir
-from noesis_accel.rundir.status import read_status
 from noesis_accel.training.metrics import read_metrics
 from noesis_accel.training.optim import CosineWithWarmup
 

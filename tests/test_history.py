@@ -19,20 +19,33 @@ from helpers import REPO, kill_group, logged_step, wait_until
 
 from noesis_accel.after.plots import marks
 from noesis_accel.after.report import markdown, run_facts
-from noesis_accel.rundir.layout import RunDir
-from noesis_accel.rundir.status import (
+from noesis_accel.rundir.history import (
+    EVENT_TYPES,
     KILLED,
+    CheckpointEvent,
+    EventKind,
+    PreviousAttempt,
+    RunState,
+    StartEvent,
+    StartingEvent,
+    StopEvent,
+    append_event,
     attempt_starts,
-    format_status,
+    format_duration,
     history,
     history_of,
     lost_steps,
     lost_words,
+    parse_event,
+    parse_events,
     previous_attempt,
+    read_status,
+    record_stop,
+    write_status,
 )
-from noesis_accel.rundir.status import (
-    main as status_main,
-)
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.status import format_status
+from noesis_accel.rundir.status import main as status_main
 
 T0 = 1_700_000_000.0
 
@@ -130,7 +143,7 @@ def test_an_attempt_killed_before_its_first_progress_commit_appears_with_an_unkn
     assert attempts[1].lost == "lost an unknown number of steps"
     text = format_status({"state": "running", "step": 12, "total_steps": 30}, attempts)
     assert "attempts:    3 (2 interruption(s) survived, at least 2 step(s) redone; 1 of unknown cost)" in text
-    assert "  #1: steps 0 -> at least 14, 0:00:14 on 1 x cuda (h); killed (no exit recorded" in text
+    assert "  #1: steps 0 -> at least 14, 0m 14s on 1 x cuda (h); killed (no exit recorded" in text
     assert text.splitlines()[5].endswith("; lost at least 2 step(s)")
     assert "  #2: steps 12 -> at least 12, " in text
     assert text.splitlines()[6].endswith("; lost an unknown number of steps")
@@ -150,8 +163,9 @@ def test_an_attempt_killed_while_loading_still_counts() -> None:
     )
     text = format_status({"state": "running", "step": 12}, attempts)
     assert "  #2: no step recorded, " in text
-    assert [m["step"] for m in marks(events)["interruption"]] == [14, 12]
-    assert marks(events)["resume"][-1] == {
+    found = marks(history_of(events), parse_events(events))
+    assert [m["step"] for m in found["interruption"]] == [14, 12]
+    assert found["resume"][-1] == {
         "step": 12,
         "from": "step-000012",
         "attempt": 3,
@@ -262,7 +276,7 @@ def test_a_start_that_failed_while_loading_trained_nothing() -> None:
     failed = history_of(events)[1]
     assert (failed.first_step, failed.last_step, failed.stop_reason) == (None, None, "data.path: bad")
     assert failed.lost == "lost 0 step(s)"
-    assert "  #2: no step recorded, 0:00:01 on 1 x cuda (h); data.path: bad; lost 0 step(s)" in format_status(
+    assert "  #2: no step recorded, 0m 01s on 1 x cuda (h); data.path: bad; lost 0 step(s)" in format_status(
         {}, history_of(events)
     )
 
@@ -295,6 +309,127 @@ def test_noesis_status_report_and_plots_tell_the_same_costs(tmp_path: Path, caps
         "lost an unknown number of steps",
         "",
     ]
+
+
+# ---------------------------------------------------------------- history() on hand-written run dirs
+
+
+def _run_dir(tmp_path: Path, events: list[dict[str, Any]], metrics: list[dict[str, Any]], **status: Any) -> RunDir:
+    rundir = RunDir(tmp_path / "run")
+    rundir.path.mkdir()
+    write_jsonl(rundir.events_file, events)
+    write_jsonl(rundir.metrics_file, metrics)
+    if status:
+        rundir.status_file.write_text(json.dumps(status))
+    return rundir
+
+
+def test_a_clean_run_is_one_attempt_with_nothing_lost(tmp_path: Path) -> None:
+    rundir = _run_dir(tmp_path, [], [])
+    append_event(rundir, StartingEvent(time=T0, attempt=1, device="cuda", host="h", pid=1))
+    append_event(rundir, StartEvent(time=T0 + 1, attempt=1, step=0, device="cuda", host="h", pid=1))
+    append_event(rundir, CheckpointEvent(time=T0 + 6, step=5, name="step-000005", reason="interval", seconds=0.5))
+    append_event(rundir, CheckpointEvent(time=T0 + 11, step=10, name="step-000010", reason="final", seconds=0.5))
+    write_status(rundir, state=RunState.RUNNING, step=10, total_steps=10)
+    record_stop(rundir, RunState.COMPLETED, 10, "completed")
+    (attempt,) = history(rundir)
+    assert (attempt.first_step, attempt.last_step, attempt.reached_exact) == (0, 10, True)
+    assert (attempt.stop_state, attempt.stop_reason, attempt.lost) == (RunState.COMPLETED, "completed", "")
+    status = read_status(rundir)
+    assert status is not None and (status["state"], status["error"]) == ("completed", None)
+    assert '"state": "completed"' in rundir.status_file.read_text()  # the enum is written as its plain value
+    assert rundir.events()[-1] == {
+        "event": "stop",
+        "time": rundir.events()[-1]["time"],
+        "state": "completed",
+        "step": 10,
+        "reason": "completed",
+    }
+    text = format_status(status, history(rundir))
+    assert "attempts:    1 (0 interruption(s) survived, 0 step(s) redone)" in text
+    assert "  #1: steps 0 -> 10, " in text and text.splitlines()[-3].endswith("; completed")
+    assert marks(history(rundir), parse_events(rundir.events()))["interruption"] == []
+
+
+def test_a_graceful_interruption_costs_exactly_the_steps_past_the_checkpoint(tmp_path: Path) -> None:
+    events = [_starting(T0, 1), _start(T0 + 1, 1, 0), _checkpoint(T0 + 7, 6)]
+    events.append({"event": "stop", "time": T0 + 10, "state": "interrupted", "step": 9, "reason": "stopped by SIGTERM"})
+    events = _restart(events, _metrics(1, 9, T0), T0 + 100, resume_at=6)
+    rundir = _run_dir(tmp_path, events, _metrics(1, 9, T0), state="running", step=6, updated_unix=T0 + 101)
+    first, second = history(rundir)
+    assert (first.stop_state, first.stop_reason, first.last_step) == (RunState.INTERRUPTED, "stopped by SIGTERM", 9)
+    assert (first.lost_steps, first.lost_steps_exact, first.lost) == (3, True, "lost 3 step(s)")
+    assert (second.first_step, second.resumed_from, second.stop_state) == (6, "step-000006", None)
+    assert round(first.hours * 3600) == 10
+
+
+def test_a_sigkill_costs_at_least_the_committed_steps_past_the_checkpoint(tmp_path: Path) -> None:
+    events = [_starting(T0, 1), _start(T0 + 1, 1, 0), _checkpoint(T0 + 7, 6)]
+    metrics = _metrics(1, 9, T0)  # committed up to step 9; the kill may have come later
+    events = _restart(events, metrics, T0 + 100, resume_at=6)
+    first, _ = history(_run_dir(tmp_path, events, metrics))
+    assert (first.stop_state, first.stop_reason, first.reached_exact) == (None, KILLED, False)
+    assert first.lost_steps is not None and first.lost_steps >= 3 and not first.lost_steps_exact
+    assert first.lost == "lost at least 3 step(s)"
+
+
+def test_an_attempt_killed_before_its_first_commit_shows_with_an_unknown_cost(tmp_path: Path) -> None:
+    events = [_starting(T0, 1), _start(T0 + 1, 1, 0), _checkpoint(T0 + 7, 6)]
+    metrics = _metrics(1, 8, T0)
+    events = _restart(events, metrics, T0 + 100, resume_at=6)  # attempt 2: killed, nothing of it committed
+    events = _restart(events, metrics, T0 + 200, resume_at=6)
+    rundir = _run_dir(tmp_path, events, metrics)
+    attempts = history(rundir)
+    assert [a.number for a in attempts] == [1, 2, 3]
+    assert (attempts[1].first_step, attempts[1].last_step, attempts[1].reached_exact) == (6, 6, False)
+    assert attempts[1].lost == "lost an unknown number of steps"
+    assert attempts[0].lost == "lost at least 2 step(s)"
+    text = format_status({"state": "running"}, attempts)
+    assert "(2 interruption(s) survived, at least 2 step(s) redone; 1 of unknown cost)" in text
+
+
+def test_an_old_events_file_without_the_newer_fields_still_reads(tmp_path: Path) -> None:
+    """No `starting`, no pid, processes, device, host, lost_steps_exact or checkpoint seconds."""
+    events = [
+        {"event": "start", "time": T0, "step": 0},
+        {"event": "checkpoint", "time": T0 + 4, "step": 3},
+        {"event": "start", "time": T0 + 50, "step": 3, "previous_reached": 4, "lost_steps": 1},
+        {"event": "a-future-event", "time": T0 + 51},
+        {"event": "stop", "time": T0 + 60, "state": "a-future-state", "step": 5},
+    ]
+    first, second = history(_run_dir(tmp_path, events, []))
+    assert (first.number, first.processes, first.device, first.host) == (1, 1, "cpu", "?")
+    assert (first.last_step, first.stop_reason, first.lost) == (4, KILLED, "lost at least 1 step(s)")
+    assert (second.number, second.first_step, second.last_step) == (2, 3, 5)
+    assert (second.stop_state, second.stop_reason) == (None, None)
+    assert parse_event(events[1]) == CheckpointEvent(time=T0 + 4, step=3)
+    assert parse_event(events[3]) is None
+    assert previous_attempt(events, [], None) == PreviousAttempt(5, True, "None", T0 + 60)
+
+
+def test_every_state_and_event_kind_round_trips() -> None:
+    for state in RunState:
+        assert RunState(state.value) is state and str(state) == f"{state}" == state.value
+        assert json.loads(json.dumps({"state": state})) == {"state": state.value}
+    assert set(EVENT_TYPES) == set(EventKind)
+    previous = PreviousAttempt(14, False, KILLED, T0 + 14)
+    records = [
+        StartingEvent(time=T0, attempt=2, processes=2, device="cuda", host="h", pid=7, previous=previous),
+        StartEvent(time=T0 + 1, attempt=2, step=12, resumed_from="step-000012", pid=7, lost_steps=2),
+        CheckpointEvent(time=T0 + 2, step=18, name="step-000018", reason="interval", seconds=0.25),
+        *[StopEvent(time=T0 + 3, state=state, step=18, reason="why") for state in RunState],
+    ]
+    for record in records:
+        assert record.kind in EventKind and type(record) is EVENT_TYPES[record.kind]
+        line = json.dumps(record.to_json())
+        assert parse_event(json.loads(line)) == record
+    # The trainer's lines, key for key in its order, are what the records write back.
+    raw = _starting(T0, 2, previous)
+    assert list(parse_event(raw).to_json().items()) == list(raw.items())
+
+
+def test_one_duration_format() -> None:
+    assert [format_duration(h) for h in (14 / 3600, 3723 / 3600, 0.0, None)] == ["0m 14s", "1h 02m 03s", "0m 00s", "-"]
 
 
 class _ProgressCommitsFail:

@@ -14,7 +14,7 @@ from helpers import REPO
 
 from noesis_accel.config import compose, validate
 from noesis_accel.core.errors import ConfigError, ResumeError
-from noesis_accel.rundir.status import write_status
+from noesis_accel.rundir.history import write_status
 
 TINY = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", "train.eval_every=0"]
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from noesis_accel.rundir.history import read_status, write_status
 from noesis_accel.rundir.status import main as status_main
-from noesis_accel.rundir.status import read_status, write_status
 
 
 def test_noesis_status_prints_the_run_state(tmp_path, capsys) -> None:

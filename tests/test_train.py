@@ -12,8 +12,8 @@ from helpers import step_losses
 from safetensors.torch import load_file
 
 from noesis_accel.processes.train import run
+from noesis_accel.rundir.history import read_status
 from noesis_accel.rundir.layout import RunDir
-from noesis_accel.rundir.status import read_status
 from noesis_accel.training.metrics import read_metrics
 
 

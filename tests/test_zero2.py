@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from helpers import assert_same_adapter, mark_interrupted, resumed_step, step_losses
 
-from noesis_accel.rundir.status import read_status
+from noesis_accel.rundir.history import read_status
 
 STEPS = 8
 ZERO2 = [

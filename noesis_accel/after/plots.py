@@ -8,7 +8,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from noesis_accel.rundir.status import history_of, lost_words, resumed_after
+from noesis_accel.rundir.history import (
+    Attempt,
+    CheckpointEvent,
+    Event,
+    RunState,
+    StopEvent,
+    history,
+    lost_words,
+    read_events,
+    resumed_after,
+)
+from noesis_accel.rundir.layout import RunDir
 
 # (metrics.jsonl key, panel title, y label); the held-out loss shares the loss panel.
 PANELS = (
@@ -35,17 +46,15 @@ def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [s for s, _ in points], [v for _, v in points]
 
 
-def marks(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Checkpoints, interruptions (the step a stopped attempt had reached) and resumes, from events.jsonl.
+def marks(attempts: list[Attempt], events: list[Event]) -> dict[str, list[dict[str, Any]]]:
+    """Checkpoints, interruptions (the step a stopped attempt had reached) and resumes.
 
-    Attempts come from the run's history (status.history_of), so the figure and noesis-status agree.
+    `attempts` is the run's history (rundir.history), so the figure and noesis-status agree;
+    `events` are its events.jsonl records, for the checkpoints and the newest stop.
     """
     checkpoints = [
-        {"step": int(e["step"]), "name": e.get("name"), "reason": e.get("reason")}
-        for e in events
-        if e.get("event") == "checkpoint"
+        {"step": e.step, "name": e.name, "reason": e.reason} for e in events if isinstance(e, CheckpointEvent)
     ]
-    attempts = history_of(events)
     interruptions, resumes = [], []
     for i, attempt in enumerate(attempts[:-1]):
         after = resumed_after(attempts, i)
@@ -76,15 +85,16 @@ def marks(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         )
     # A run that is stopped now (its last event a stop that is not completion) shows that stop too.
     last = events[-1] if events else None
-    if last is not None and last.get("event") == "stop" and last.get("state") != "completed":
-        interruptions.append(
-            {"step": int(last.get("step", 0)), "exit": last.get("reason"), "attempt": None, "resumed_at": None}
-        )
+    if isinstance(last, StopEvent) and last.state is not RunState.COMPLETED:
+        interruptions.append({"step": last.step, "exit": last.reason, "attempt": None, "resumed_at": None})
     return {"checkpoint": checkpoints, "interruption": interruptions, "resume": resumes}
 
 
 def plotted_data(
-    metrics: list[dict[str, Any]], events: list[dict[str, Any]], eval_loss_before: float | None = None
+    metrics: list[dict[str, Any]],
+    attempts: list[Attempt],
+    events: list[Event],
+    eval_loss_before: float | None = None,
 ) -> dict[str, Any]:
     """Every series and mark the figure shows, as plain data (written beside the PNG).
 
@@ -96,7 +106,7 @@ def plotted_data(
         data[key] = {"step": steps, "value": values}
     before = isinstance(eval_loss_before, (int, float)) and math.isfinite(eval_loss_before)
     data["eval_loss_before"] = {"step": [0] if before else [], "value": [float(eval_loss_before)] if before else []}
-    data["marks"] = marks(events)
+    data["marks"] = marks(attempts, events)
     return data
 
 
@@ -188,14 +198,14 @@ def _draw_marks(ax: Any, found: dict[str, list[dict[str, Any]]]) -> None:
 
 def write_figure(
     metrics: list[dict[str, Any]],
-    events: list[dict[str, Any]],
+    rundir: RunDir,
     out_dir: Path,
     title: str,
     eval_loss_before: float | None = None,
 ) -> Path:
-    """training.png and the data it plots (plotted.json) in `out_dir`."""
+    """training.png and the data it plots (plotted.json) in `out_dir`, marks from `rundir`'s history."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = plotted_data(metrics, events, eval_loss_before)
+    data = plotted_data(metrics, history(rundir), read_events(rundir), eval_loss_before)
     figure = build_figure(data, title)
     png = out_dir / "training.png"
     figure.savefig(png)

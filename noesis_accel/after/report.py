@@ -11,54 +11,42 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
+from noesis_accel.rundir.history import (
+    Attempt,
+    CheckpointEvent,
+    format_duration,
+    history,
+    read_events,
+    redone_words,
+    resumed_after,
+)
 from noesis_accel.rundir.layout import RunDir
-from noesis_accel.rundir.status import history_of, redone_words, resumed_after
 
 
-@dataclass
-class Attempt:
-    """One start of the run, up to its stop (or up to what the next start knew of it)."""
-
-    number: int
-    started: float
-    ended: float | None
-    start_step: int | None  # None: it never got to train, as far as the committed files show
-    processes: int
-    device: str
-    exit: str
-
-    @property
-    def hours(self) -> float:
-        return max(0.0, (self.ended - self.started) / 3600) if self.ended else 0.0
-
-
-def attempts(events: list[dict[str, Any]], status: dict[str, Any]) -> list[Attempt]:
-    """Every start in events.jsonl with when and how it ended (the run's history, as noesis-status tells it)."""
-    found = history_of(events, status)
+def attempt_rows(found: list[Attempt], status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every attempt as facts.json lists it: when it started and ended, and how it ended."""
     return [
-        Attempt(
-            number=a.number,
-            started=a.started,
-            ended=a.ended,
-            start_step=a.first_step,
-            processes=a.processes,
-            device=a.device,
-            exit=a.stop_reason or f"{status.get('state', 'unknown')} (no stop recorded yet)",
-        )
+        {
+            "number": a.number,
+            "started": a.started,
+            "ended": a.ended,
+            "start_step": a.first_step,  # None: it never got to train, as far as the committed files show
+            "processes": a.processes,
+            "device": a.device,
+            "exit": a.stop_reason or f"{status.get('state', 'unknown')} (no stop recorded yet)",
+        }
         for a in found
     ]
 
 
-def interruptions(events: list[dict[str, Any]], status: dict[str, Any]) -> list[dict[str, Any]]:
+def interruptions(found: list[Attempt]) -> list[dict[str, Any]]:
     """Every attempt that a later one followed: how it ended, how far it got, and what resuming cost."""
-    found = history_of(events, status)
     rows = []
     for i, attempt in enumerate(found[:-1]):
         after = resumed_after(found, i)
@@ -79,13 +67,13 @@ def interruptions(events: list[dict[str, Any]], status: dict[str, Any]) -> list[
 
 def run_facts(rundir: RunDir) -> dict[str, Any]:
     """The figures a person asks about a run, from its files alone."""
-    status, events, metrics = rundir.status() or {}, rundir.events(), rundir.metrics()
+    status, metrics = rundir.status() or {}, rundir.metrics()
     steps = [m for m in metrics if "loss" in m]
-    runs = attempts(events, status)
+    runs = history(rundir)
     eval_losses = [m for m in metrics if "eval_loss" in m]
     started = runs[0].started if runs else None
     ended = max((a.ended for a in runs if a.ended), default=None)
-    gpu_hours = sum(a.processes * a.hours for a in runs if a.device == "cuda")
+    gpu_hours = sum(a.gpu_hours for a in runs)
     before, after = status.get("eval_loss_before"), status.get("eval_loss_after")
     return {
         "name": rundir.path.name,
@@ -108,13 +96,13 @@ def run_facts(rundir: RunDir) -> dict[str, Any]:
         "train_hours": sum(a.hours for a in runs),
         "gpu_hours": gpu_hours,
         "devices": sorted({f"{a.processes} x {a.device}" for a in runs}),
-        "attempts": [asdict(a) for a in runs],
+        "attempts": attempt_rows(runs, status),
         "checkpoints": [
-            {k: e.get(k) for k in ("step", "name", "reason", "seconds", "time")}
-            for e in events
-            if e.get("event") == "checkpoint"
+            {"step": e.step, "name": e.name, "reason": e.reason, "seconds": e.seconds, "time": e.time}
+            for e in read_events(rundir)
+            if isinstance(e, CheckpointEvent)
         ],
-        "interruptions": interruptions(events, status),
+        "interruptions": interruptions(runs),
     }
 
 
@@ -141,14 +129,6 @@ def facts_at_step(rundir: RunDir, step: int) -> dict[str, Any]:
 
 def _when(unix: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix)) if unix else "-"
-
-
-def _duration(hours: float | None) -> str:
-    if hours is None:
-        return "-"
-    seconds = round(hours * 3600)
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h {rest // 60:02d}m {rest % 60:02d}s" if h else f"{rest // 60}m {rest % 60:02d}s"
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -193,8 +173,8 @@ def markdown(rundir: RunDir, facts: dict[str, Any], figure: str | None, evaluati
         "",
         "| started | ended | wall time | training time | attempts | processes x device | GPU-hours |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| {_when(facts['started'])} | {_when(facts['ended'])} | {_duration(facts['wall_hours'])} | "
-        f"{_duration(facts['train_hours'])} | {len(facts['attempts'])} | "
+        f"| {_when(facts['started'])} | {_when(facts['ended'])} | {format_duration(facts['wall_hours'])} | "
+        f"{format_duration(facts['train_hours'])} | {len(facts['attempts'])} | "
         f"{', '.join(facts['devices']) or '-'} | {gpu} |",
         "",
         "| steps | tokens seen | samples seen | final training loss | held-out loss before | after "
@@ -310,7 +290,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     figure = None
     if metrics:
         title = f"{facts['name']}: {facts['state']} at step {facts['step']}/{facts['total_steps'] or '?'}"
-        png = plots.write_figure(metrics, rundir.events(), out_dir, title, facts["eval_loss_before"])
+        png = plots.write_figure(metrics, rundir, out_dir, title, facts["eval_loss_before"])
         figure = png.name
     summary_file = rundir.eval_dir / "summary.json"
     evaluation = json.loads(summary_file.read_text()) if summary_file.is_file() else None

@@ -23,6 +23,7 @@ from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracke
 from noesis_accel.config import compose, modal_layout, order_overrides, validate
 from noesis_accel.core.errors import ConfigError, UserError, redact
 from noesis_accel.core.signals import FORWARDED_SIGNALS
+from noesis_accel.rundir.history import RunState
 from noesis_accel.rundir.layout import runs_root
 
 OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"  # the CLI overrides, for the container's own import of the app
@@ -329,7 +330,7 @@ def train_in_container(
         result = run(cfg)
     except UserError as err:
         print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
-        return {"state": "failed", "error": redact(str(err)), "exit_code": err.exit_code}
+        return {"state": RunState.FAILED.value, "error": redact(str(err)), "exit_code": err.exit_code}
     return {
         "state": result.state,
         "run_dir": str(result.run_dir),

@@ -26,6 +26,7 @@ from noesis_accel.cloud.modal_image import carried_by_image
 from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal
 from noesis_accel.config.sweeps import override_words, sweep_jobs
 from noesis_accel.core.errors import DataError, UserError, redact
+from noesis_accel.rundir.history import RunState
 from noesis_accel.rundir.layout import RunDir
 
 ENTRY = "launch/modal_entry.py"
@@ -195,7 +196,7 @@ def submit(args: Sequence[str], functions: AppFunctions, settings: ModalSettings
 def _submit_run(args: list[str], cfg: DictConfig, functions: AppFunctions, settings: ModalSettings) -> None:
     print(describe_submission(settings, cfg), flush=True)
     result = _result_of(_started(functions.train, args, settings, functions.app_id))
-    if result.get("state") == "failed":
+    if result.get("state") == RunState.FAILED:
         raise SystemExit(int(result.get("exit_code", 2)))  # the container printed its one line
     print(
         f"modal: {result['state']} at step {result['step']}/{result['total_steps']} in {result['run_dir']} "

@@ -36,9 +36,9 @@ from omegaconf import DictConfig, OmegaConf
 from noesis_accel.config import world_size
 from noesis_accel.core.errors import UserError
 from noesis_accel.core.signals import FORWARDED_SIGNALS, RunInterrupted, interruption_from_outcome
+from noesis_accel.rundir.history import RunState, record_stop
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.lease import HELD_BY_PARENT_ENV, LeaseHeld, RunLease, take_run_lease
-from noesis_accel.rundir.status import record_stop
 from noesis_accel.rundir.volumes import Committer
 from noesis_accel.training.distributed import free_port, launched_world_size
 
@@ -309,8 +309,8 @@ class Launcher:
         for partial in self.rundir.partial_checkpoints():
             shutil.rmtree(partial, ignore_errors=True)
         status = self.rundir.status()
-        if status is not None and status.get("state") == "running":
-            state = "interrupted" if isinstance(failure, RunInterrupted) else "failed"
+        if status is not None and status.get("state") == RunState.RUNNING:
+            state = RunState.INTERRUPTED if isinstance(failure, RunInterrupted) else RunState.FAILED
             record_stop(self.rundir, state, int(status.get("step", 0)), str(failure))
 
 
