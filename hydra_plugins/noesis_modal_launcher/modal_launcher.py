@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, setup_globals
@@ -69,6 +69,7 @@ def load_entry(path: Path) -> ModuleType:
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path.resolve():
         return loaded
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, f"{path} is not a Python file"
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -152,7 +153,8 @@ class ModalLauncher(Launcher):
             yield sweeps.ModalBackend(sweeps.import_object(self.function)(), book)
             return
         # `noesis-train -m ... hydra/launcher=modal`: start the app ourselves for the sweep's duration.
-        given = OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False)
+        assert self.config is not None, "setup() runs before launch()"
+        given = cast(list[str], OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False))
         task_overrides = [o for o in given if "," not in o.split("=", 1)[-1]]
         os.environ[OVERRIDES_ENV] = json.dumps(task_overrides)
         entry = load_entry(PROJECT / self.entry)

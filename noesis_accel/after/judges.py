@@ -230,7 +230,8 @@ def load_judge(judge_cfg: Any, key: str = "eval.judge") -> tuple[Callable[[str, 
 
     Returns the callable and its `_target_` (the judge's name in results).
     """
-    spec = OmegaConf.to_container(judge_cfg, resolve=True) if OmegaConf.is_config(judge_cfg) else judge_cfg
+    # Whatever was written under `key`: a mapping, a bare target, or something the checks below refuse.
+    spec: Any = OmegaConf.to_container(judge_cfg, resolve=True) if OmegaConf.is_config(judge_cfg) else judge_cfg
     if isinstance(spec, str):
         spec = {"_target_": spec}
     if not isinstance(spec, dict) or not spec.get("_target_"):

@@ -104,8 +104,10 @@ def plotted_data(
     for key in [p[0] for p in PANELS] + ["eval_loss"]:
         steps, values = series(metrics, key)
         data[key] = {"step": steps, "value": values}
-    before = isinstance(eval_loss_before, (int, float)) and math.isfinite(eval_loss_before)
-    data["eval_loss_before"] = {"step": [0] if before else [], "value": [float(eval_loss_before)] if before else []}
+    before: list[float] = []
+    if isinstance(eval_loss_before, (int, float)) and math.isfinite(eval_loss_before):
+        before = [float(eval_loss_before)]
+    data["eval_loss_before"] = {"step": [0] if before else [], "value": before}
     data["marks"] = marks(attempts, events)
     return data
 

@@ -35,7 +35,7 @@ class WeightsSource:
 @dataclass
 class LoadedRun:
     cfg: DictConfig  # the run's config (model/data possibly overridden for evaluation)
-    model: torch.nn.Module  # a PeftModel for LoRA runs, the full model otherwise
+    model: modeling.CausalLM  # a PeftModel for LoRA runs, the full model otherwise
     tokenizer: Any
     source: WeightsSource
 
@@ -84,7 +84,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cuda: bool) -> torch.nn.Module:
+def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cuda: bool) -> modeling.CausalLM:
     """The base model; one built from `model.architecture` is drawn after `set_seed(train.seed)`.
 
     That is how the trainer drew it, so the weights are the same.
@@ -96,7 +96,7 @@ def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cud
     return modeling.load_base_model(model_cfg, vocab_size, device_is_cuda=on_cuda)
 
 
-def load_base(cfg: DictConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_base(cfg: DictConfig, device: torch.device | str = "cpu") -> modeling.CausalLM:
     """The run's base model alone, in eval mode: the "before" of a run that trained every weight."""
     target = torch.device(device)
     model = _seeded_base(cfg, cfg.model, len(modeling.load_tokenizer(cfg.model)), target.type == "cuda")
@@ -120,6 +120,7 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
         model_cfg = OmegaConf.merge(model_cfg, {"load_in_4bit": False})
     tokenizer = modeling.load_tokenizer(model_cfg)
     peft_enabled = bool(cfg.peft.enabled)
+    model: modeling.CausalLM
     if not peft_enabled and not source.is_checkpoint:  # a full fine-tune's final model/ is complete in itself
         from transformers import AutoModelForCausalLM
 
@@ -128,12 +129,14 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
         model = _seeded_base(cfg, model_cfg, len(tokenizer), target.type == "cuda")
         if peft_enabled and source.is_checkpoint:
             model = modeling.apply_lora(model, model_cfg, cfg.peft)
+            assert source.weights_file is not None, "a checkpoint source names its weights file"
             _load_trainable(model, source.weights_file)
         elif peft_enabled:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(source.path))
         else:
+            assert source.weights_file is not None, "a checkpoint source names its weights file"
             _load_trainable(model, source.weights_file)
     if not model_cfg.load_in_4bit:  # a k-bit model already sits on its GPU
         model.to(target)

@@ -272,7 +272,7 @@ def run_job_in_container(
     resumes from the newest committed checkpoint.
     """
     # Modal's own handlers (SIGUSR1: its input cancellation); ours replace them while training runs.
-    modal_handlers = {signum: signal.getsignal(signum) for signum in FORWARDED_SIGNALS}
+    modal_handlers: dict[int, Any] = {signum: signal.getsignal(signum) for signum in FORWARDED_SIGNALS}
     _prepare_attempt(settings, volume, attempt_started)
     try:
         if isinstance(job, dict):
@@ -283,7 +283,7 @@ def run_job_in_container(
                 request, placement_overrides(settings, request.overrides, machine_rank, main_address)
             )
             failure = getattr(returned, "_return_value", None)
-            if getattr(failure, "retryable", False):
+            if isinstance(failure, BaseException) and getattr(failure, "retryable", False):
                 raise failure  # a preempted or crashed job: let Modal run it again, it resumes
             return returned
         return train_in_container(list(job), settings, machine_rank, main_address)

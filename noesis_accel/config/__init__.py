@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -458,10 +458,10 @@ def _declared_keys(schema: DictConfig, prefix: str = "") -> dict[str, bool]:
     declared: dict[str, bool] = {}
     for key in schema:
         node = schema._get_node(key)
-        dotted = f"{prefix}{key}"
+        dotted = prefix + str(key)
         structured = isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node))
         declared[dotted] = not structured
-        if structured:
+        if structured and isinstance(node, DictConfig):
             declared.update(_declared_keys(node, f"{dotted}."))
     return declared
 
@@ -492,7 +492,7 @@ def flatten_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every dotted key of `cfg`, leaves and sections, without resolving values."""
     keys = []
     for key in cfg:
-        dotted = f"{prefix}{key}"
+        dotted = prefix + str(key)
         keys.append(dotted)
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
@@ -762,7 +762,7 @@ RESTART_SAFE_PREFIXES = (
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    container = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg
     flat: dict[str, Any] = {}
     for key, value in container.items():
         path = f"{prefix}{key}"

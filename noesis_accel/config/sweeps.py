@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from hydra.errors import CompactHydraException
 
@@ -124,7 +124,7 @@ def requests_for(
     from omegaconf import OmegaConf
 
     # Unresolved: an override may itself hold an interpolation (`hydra.sweep.subdir=x_${hydra.job.num}`).
-    given = OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)
+    given = cast(list[str], OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False))
     hydra_overrides = [o for o in given if not o.startswith(_LAUNCHER_KEYS)]
     from hydra import version
 
@@ -296,6 +296,7 @@ def run_sweep_job(request: JobRequest, extra_overrides: Sequence[str] = ()) -> A
     for name, resolver in (_unpickled(request.resolvers_pickle) if request.resolvers_pickle else {}).items():
         BaseContainer._resolvers.setdefault(name, resolver)
     GlobalHydra.instance().clear()
+    context: initialize_config_module | initialize_config_dir
     if request.config_module:
         context = initialize_config_module(
             config_module=request.config_module, job_name=request.job_name, version_base=request.version_base

@@ -54,7 +54,7 @@ def safe_for_pipes(fn: Callable[..., T]) -> Callable[..., T]:
     """
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
         except BrokenPipeError:
@@ -68,7 +68,7 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn a `UserError` raised by `fn` into a one-paragraph message on stderr and a non-zero exit."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
         except UserError as err:

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 _PR_SET_PDEATHSIG = 1
 
@@ -81,7 +81,7 @@ def main() -> None:
     # Requests may arrive while the libraries load: the watcher holds them until the loop polls it.
     watcher = PreemptionWatcher(from_launcher=True)
     _die_with_parent(watcher.request)
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     from noesis_accel.config import Config
     from noesis_accel.core.env import quiet_known_noise
@@ -93,7 +93,7 @@ def main() -> None:
 
     quiet_known_noise()
     # The parent's resolved config, typed again by the schema: every rank trains exactly it.
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.environ["NOESIS_CONFIG"]))
+    cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.environ["NOESIS_CONFIG"])))
     committer = LauncherCommitter.from_env() or LocalCommitter()
     try:
         result = Trainer(cfg, committer, watcher, after_training_for(cfg)).run()

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
@@ -220,7 +220,7 @@ def _plain(data_cfg: Any) -> SimpleNamespace:
     reading a key per record costs an attribute lookup, not OmegaConf's."""
     from omegaconf import OmegaConf
 
-    return SimpleNamespace(**OmegaConf.to_container(data_cfg, resolve=True))
+    return SimpleNamespace(**cast(dict[str, Any], OmegaConf.to_container(data_cfg, resolve=True)))
 
 
 def _raw_validated(source: data_sources.Source, data_cfg: Any, work: Path) -> tuple[Any, str, int]:

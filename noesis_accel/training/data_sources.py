@@ -334,7 +334,8 @@ def texts(source: Source) -> Iterator[tuple[str, str]]:
 def rows(source: Source, limit: int = 10) -> Iterator[tuple[str, Any]]:
     """Every record of a source in order, parsed, with its location; every line of invalid JSON is raised
     together after the last record (the first `limit` of them listed)."""
-    count, first = 0, []
+    count = 0
+    first: list[str] = []
     for where, text, fields in entries(source):
         if text is None:
             yield where, fields

@@ -71,7 +71,9 @@ def marked_text(tokenizer: Any, input_ids: list[int], labels: list[int], marks: 
     """The record's tokens decoded, each run of learned tokens between `marks`."""
     from noesis_accel.training.data import IGNORE_INDEX
 
-    pieces, run, learning = [], [], None
+    pieces: list[str] = []
+    run: list[int] = []
+    learning: bool | None = None
     for token, label in zip(input_ids, labels):
         learned = label != IGNORE_INDEX
         if learned != learning and run:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,14 +168,14 @@ def parse(fields: Any, shape: str, options: Options, where: str) -> tuple[Exampl
     """The record in canonical form, or None and everything wrong with it (each line names the field and fix)."""
     if not isinstance(fields, dict):
         return None, [f"{where}: a record must be a JSON object, found {type(fields).__name__}"]
-    shape = canonical_shape(shape) if shape != "auto" else detect_shape(fields, options)
-    if shape is None:
+    found = canonical_shape(shape) if shape != "auto" else detect_shape(fields, options)
+    if found is None:
         return None, [str(unknown_shape(fields, where))]
-    if shape not in _PARSERS:
-        return None, [f"data.format: {shape!r} is not one of auto, {', '.join(SHAPES)}"]
+    if found not in _PARSERS:
+        return None, [f"data.format: {found!r} is not one of auto, {', '.join(SHAPES)}"]
     view, names = mapped_fields(fields, options)
     reader = _Reader(where, names, options)
-    example = _PARSERS[shape](reader, view)
+    example = _PARSERS[found](reader, view)
     return (None if reader.problems else example), reader.problems
 
 
@@ -420,7 +421,7 @@ def _text(reader: _Reader, view: dict[str, Any]) -> Completion:
     return Completion("", reader.text(view.get("text"), reader.name("text")), learn=reader.flag(view, "") is not False)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[_Reader, dict[str, Any]], Example]] = {
     "messages": lambda reader, view: _messages_shape(reader, view, "messages"),
     "sharegpt": lambda reader, view: _messages_shape(reader, view, "conversations"),
     "alpaca": _alpaca,

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from noesis_accel.training import modeling
 
 
-def reply(model: torch.nn.Module, tokenizer: Any, question: str, max_new_tokens: int = 24) -> str:
+def reply(model: modeling.CausalLM, tokenizer: Any, question: str, max_new_tokens: int = 24) -> str:
     """The model's greedy answer to one user turn, rendered with the tokenizer's chat template."""
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -27,7 +27,7 @@ def reply(model: torch.nn.Module, tokenizer: Any, question: str, max_new_tokens:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def load_finetuned(cfg: DictConfig, adapter_dir: Path | None) -> tuple[torch.nn.Module, Any]:
+def load_finetuned(cfg: DictConfig, adapter_dir: Path | None) -> tuple[modeling.CausalLM, Any]:
     """The base model of `cfg`, with the LoRA adapter from `adapter_dir` applied when given."""
     from peft import PeftModel
 

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +17,11 @@ from noesis_accel.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A Hugging Face causal LM: a transformers PreTrainedModel, or a peft PeftModel around one. Both reach
+# `config`, `generate` and `save_pretrained` through attribute forwarding that torch's stubs type as
+# `Tensor | Module`, and the two share no base class that declares them, so the name stands for Any.
+CausalLM = Any
 
 
 def _hub_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
@@ -59,7 +64,7 @@ def materialize_gguf(model_cfg: DictConfig, with_weights: bool = True) -> Path:
     if with_weights and not weights_dir.is_dir():
         tmp = target / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(
             model_cfg.name_or_path, gguf_file=model_cfg.gguf_file, dtype=torch.float32
         )
         # Drop the GGUF quantisation markers: the weights are plain floats now, and transformers
@@ -92,13 +97,13 @@ def load_tokenizer(model_cfg: DictConfig):  # -> PreTrainedTokenizerBase
     return tokenizer
 
 
-def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> torch.nn.Module:
+def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> CausalLM:
     """The base model: built from `architecture`, a GGUF file, a local dir or a hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _DTYPES[model_cfg.dtype]
     if model_cfg.architecture:
-        arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+        arch = cast(dict[str, Any], OmegaConf.to_container(model_cfg.architecture, resolve=True))
         model_type = arch.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model.architecture.model_type is required (e.g. llama) to build a model from config")
@@ -210,7 +215,7 @@ def build_model(model_cfg: DictConfig, peft_cfg: DictConfig, vocab_size: int, de
     return model
 
 
-def apply_liger(model: torch.nn.Module, device_is_cuda: bool) -> None:
+def apply_liger(model: CausalLM, device_is_cuda: bool) -> None:
     """Liger's kernels in place on `model`: RMSNorm, RoPE, SwiGLU, fused linear + cross-entropy.
 
     The fused loss keeps our loss definition: liger's patched forward passes `num_items_in_batch`

@@ -28,7 +28,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, optim_cfg: DictConfig, on_cuda: bool) -> torch.optim.Optimizer:
     groups = parameter_groups(model, float(optim_cfg.weight_decay))
-    betas = tuple(float(b) for b in optim_cfg.betas)
+    betas = (float(optim_cfg.betas[0]), float(optim_cfg.betas[1]))  # validated: exactly two
     if optim_cfg.name == "adamw8bit":
         import bitsandbytes as bnb
 

@@ -65,10 +65,14 @@ class LengthBucketBatchSampler:
         return [window[i : i + size] for i in range(0, len(window) - size + 1, size)]
 
     def _micro_batches_by_tokens(self, window: list[int]) -> list[list[int]]:
-        batches, current, longest = [], [], 0
+        limit = self.max_tokens_per_batch
+        assert limit is not None, "only called when max_tokens_per_batch is set"
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
         for index in window:  # sorted longest first, so the first record sets the width
             longest_if_added = max(longest, int(self.lengths[index]))
-            if current and longest_if_added * (len(current) + 1) > self.max_tokens_per_batch:
+            if current and longest_if_added * (len(current) + 1) > limit:
                 batches.append(current)
                 current, longest_if_added = [], int(self.lengths[index])
             current.append(index)

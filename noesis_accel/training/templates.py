@@ -194,7 +194,8 @@ def _check_tools_rendered(
         if message["role"] == "tool" and message["content"] not in text:
             _tools_not_rendered(where, f"the tool result in messages[{i}]")
     for tool in tools or []:
-        name = (tool.get("function") if isinstance(tool.get("function"), dict) else tool).get("name")
+        function = tool.get("function")
+        name = (function if isinstance(function, dict) else tool).get("name")
         if isinstance(name, str) and name not in text:
             _tools_not_rendered(where, f"the definition of tool {name!r}")
 

@@ -13,7 +13,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -153,7 +153,7 @@ def _init_tracker(
         _use_mlflow_store(cfg, tracker_logs)
     kwargs = {
         **_init_kwargs(cfg, name, rundir, tracker_logs, run.run_id),
-        **OmegaConf.to_container(cfg.tracker.init_kwargs, resolve=True),
+        **cast(dict[str, Any], OmegaConf.to_container(cfg.tracker.init_kwargs, resolve=True)),
     }
     try:
         accelerator.init_trackers(

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 # Work a higher wing runs on the trained model while it is still in memory (eval.after_training):
 # called on the main process as (cfg, unwrapped model, tokenizer, held-out records).
-AfterTraining = Callable[[DictConfig, Any, Any, Any], None]
+AfterTraining = Callable[[DictConfig, Any, Any, Any], object]  # what it returns is not used
 
 
 @dataclass
@@ -239,7 +239,7 @@ class Trainer:
         self._announce(model)
         return True
 
-    def _main_decides(self, value):  # type: ignore[no-untyped-def]
+    def _main_decides(self, value: Any) -> Any:
         """Rank 0's answer on every rank: ranks never decide from their own view of shared storage."""
         if self.accelerator.num_processes == 1:
             return value
@@ -337,7 +337,9 @@ class Trainer:
                     f"it was started with (differing: {', '.join(differing)})"
                 )
             elif differing:
-                raise self._changed_math(what="a run")
+                refusal = self._changed_math(what="a run")
+                assert refusal is not None, "the same configs differ in the same keys"
+                raise refusal
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             rundir.path.mkdir(parents=True, exist_ok=True)
@@ -402,7 +404,7 @@ class Trainer:
     def _resume(self) -> None:
         self.checkpoints.remove_stale_partials()
         self.accelerator.wait_for_everyone()
-        choice = None
+        choice: Checkpoint | ResumeError | None = None
         if self.accelerator.is_main_process:
             try:
                 choice = self.checkpoints.select_for_resume(str(self.cfg.ckpt.resume))
@@ -743,12 +745,12 @@ class Trainer:
             write_status(self.run_dir, eval_loss_before=before, eval_loss_after=eval_after)
             record_stop(self.rundir, "completed", self.progress.step, "completed")
         self.metrics.close()
-        evaluate_now = accelerator.is_main_process and self.after_training is not None
+        after_training = self.after_training if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         self._close_tracker()
         accelerator.end_training()  # also tears down the process group: nothing collective after it
-        if evaluate_now:  # after end_training, so the other processes are not held at a barrier meanwhile
-            self.after_training(self.cfg, accelerator.unwrap_model(self.model), self.tokenizer, self.data.eval)
+        if after_training is not None:  # after end_training, so the other processes are not held at a barrier meanwhile
+            after_training(self.cfg, accelerator.unwrap_model(self.model), self.tokenizer, self.data.eval)
         return RunResult(
             self.run_dir,
             "completed",
