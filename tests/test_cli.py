@@ -136,3 +136,14 @@ def test_noesis_status_and_noesis_status_script_print_the_same(tmp_path) -> None
     alone = script("noesis-status", str(tmp_path), "--price", "2")
     assert combined.returncode == alone.returncode == 0, combined.stderr + alone.stderr
     assert combined.stdout == alone.stdout and "step 58 / 100" in combined.stdout
+
+
+def test_modal_run_commands_go_through_the_same_parser() -> None:
+    """`modal run launch/modal_entry.py::evaluate noesis +experiment=noesis --checkpoint step-1 judge=exact`."""
+    from noesis_accel.cloud.modal_job import command_arguments
+
+    args = command_arguments("evaluate", ["noesis", "+experiment=noesis", "--checkpoint", "step-1", "judge=exact"])
+    assert args.run_dir == "noesis" and args.app_overrides == ["+experiment=noesis"]
+    assert args.overrides == ["checkpoint=step-1", "judge=exact"]
+    with pytest.raises(UsageError, match="noesis report: unknown key judge"):
+        command_arguments("report", ["noesis", "modal.volume=other", "judge=exact"])
