@@ -1,4 +1,4 @@
-"""`noesis-eval RUN_DIR [--checkpoint PATH] [overrides]`: held-out loss and perplexity by the trainer's own
+"""`noesis eval RUN_DIR [checkpoint=PATH] [overrides]`: held-out loss and perplexity by the trainer's own
 function, greedy answers to a prompt file scored by a pluggable judge (`eval.judge`), and base against
 tuned in one table. Results go to RUN_DIR/eval/: generations.jsonl, summary.json and summary.md.
 

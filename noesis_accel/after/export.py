@@ -1,4 +1,4 @@
-"""`noesis-export RUN_DIR`: merge the run's LoRA adapter (or a checkpoint's) into its base model and write
+"""`noesis export RUN_DIR`: merge the run's LoRA adapter (or a checkpoint's) into its base model and write
 a folder plain `transformers` loads without peft: safetensors shards, tokenizer, generation config and a
 model card with the training config and final figures. Optionally upload it to the Hugging Face hub."""
 
