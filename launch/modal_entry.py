@@ -90,11 +90,11 @@ if SETTINGS.clustered:
 
 @app.function(image=image, volumes={SETTINGS.mount: volume}, timeout=600, env=common["env"])
 def status(*args: str) -> None:
-    """`modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]`."""
+    """`modal run launch/modal_entry.py::status RUN_NAME [verify=true] [price=USD]`."""
     _exit_with(modal_job.show_status(args, volume, SETTINGS))
 
 
-# After training, on the Volume: the same commands as noesis-export / noesis-eval / noesis-report.
+# After training, on the Volume: the same commands, parsed the same way, as noesis export / eval / report.
 command_settings = dict(
     image=image,
     volumes={SETTINGS.mount: volume},
@@ -108,14 +108,14 @@ command_settings = dict(
 
 @app.function(**command_settings)
 def export(*args: str) -> None:
-    """`modal run launch/modal_entry.py::export RUN_NAME [--checkpoint step-NNNNNN] [--push-to-hub REPO]`."""
+    """`modal run launch/modal_entry.py::export RUN_NAME [checkpoint=step-NNNNNN] [push_to_hub=REPO]`."""
     _exit_with(modal_job.run_command("export", args, volume, SETTINGS))
 
 
 # Generation wants a GPU for an 8B model: one of the run's type (pass +experiment=... or modal.gpu=...).
 @app.function(gpu=f"{SETTINGS.gpu_type}:1" if SETTINGS.gpu_type else None, **command_settings)
 def evaluate(*args: str) -> None:
-    """`modal run launch/modal_entry.py::evaluate RUN_NAME [--checkpoint step-NNNNNN] [eval overrides]`."""
+    """`modal run launch/modal_entry.py::evaluate RUN_NAME [checkpoint=step-NNNNNN] [eval overrides]`."""
     _exit_with(modal_job.run_command("evaluate", args, volume, SETTINGS))
 
 

@@ -343,7 +343,7 @@ def test_push_to_hub_without_a_token_is_one_line_before_any_merge(tiny_run, tmp_
     line = _one_line_error(
         _module(["noesis_accel.after.export", str(tiny_run[0]), "--push-to-hub", "lyceum/noesis-tiny"], env=no_token)
     )
-    assert "--push-to-hub lyceum/noesis-tiny: no Hugging Face token" in line
+    assert "push_to_hub=lyceum/noesis-tiny: no Hugging Face token" in line
     assert not (tiny_run[0] / "export").exists()
 
 

@@ -131,7 +131,9 @@ def test_a_sweep_through_modal_run_starts_exactly_one_coordinator_call(modal_cli
     assert "modal: sweep: 2 jobs: 2 completed, 0 failed" in result.output
 
 
-@pytest.mark.parametrize("price", [["--price=3.95"], ["--price", "3.95"]], ids=["equals", "space"])
+@pytest.mark.parametrize(
+    "price", [["price=3.95"], ["--price=3.95"], ["--price", "3.95"]], ids=["key", "equals", "space"]
+)
 def test_status_gets_the_price_in_either_spelling(modal_cli, price, tmp_path, monkeypatch) -> None:
     """`modal run launch/modal_entry.py::status noesis --price=3.95`: Modal passes the words on; the
     function's body (run in-process against a fake Volume) hands the price to noesis-status."""
@@ -147,5 +149,5 @@ def test_status_gets_the_price_in_either_spelling(modal_cli, price, tmp_path, mo
     result = modal_cli("run", "launch/modal_entry.py::status", "noesis", *price, "modal.volume=other")
     assert result.exit_code == 0, result.output
     assert result.server.remote == [("status", ("noesis", *price, "modal.volume=other"))]
-    assert received == [["/vol/runs/noesis", *price]]
+    assert received == [["/vol/runs/noesis", "price=3.95"]]  # in the one style, whichever spelling was typed
     assert sys.modules["modal_entry"].SETTINGS.volume == "other"  # the app's word declared the app

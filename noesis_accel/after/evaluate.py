@@ -1,4 +1,4 @@
-"""`noesis-eval RUN_DIR [--checkpoint PATH] [overrides]`: held-out loss and perplexity by the trainer's own
+"""`noesis eval RUN_DIR [checkpoint=PATH] [overrides]`: held-out loss and perplexity by the trainer's own
 function, greedy answers to a prompt file scored by a pluggable judge (`eval.judge`), and base against
 tuned in one table. Results go to RUN_DIR/eval/: generations.jsonl, summary.json and summary.md.
 
@@ -24,13 +24,24 @@ from omegaconf import DictConfig, OmegaConf
 from noesis_accel.after.judges import as_verdict, load_judge
 from noesis_accel.after.prompts import PromptRecord, read_prompts
 from noesis_accel.config import CONF_DIR
+from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, one_line, safe_for_pipes
 from noesis_accel.rundir.layout import RunDir
 
-USAGE = (
-    "usage: noesis-eval RUN_DIR [--checkpoint PATH] [overrides]\n"
-    "  e.g. noesis-eval runs/demo judge=exact eval.prompts=my_prompts.jsonl eval.compare_base=false\n"
-    "  keys: conf/eval.yaml; judges: conf/judge/ or eval.judge._target_=your.module.judge"
+EVAL_COMMAND = Command(
+    name="eval",
+    summary="Evaluate a run from its directory alone: held-out loss, judged generations, base against tuned.",
+    options=(
+        Option(
+            "checkpoint",
+            "evaluate this checkpoints/step-NNNNNN (a path or its name) instead of the final adapter",
+            metavar="PATH",
+            aliases=("--checkpoint",),
+            is_override=True,  # a key of conf/eval.yaml
+        ),
+    ),
+    overrides="conf/eval.yaml (judges: conf/judge/ or eval.judge._target_=your.module.judge)",
+    examples=("noesis eval runs/demo judge=exact eval.prompts=my_prompts.jsonl eval.compare_base=false",),
 )
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -380,27 +391,12 @@ def _md(text: Any) -> str:
 @safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """`noesis-eval RUN_DIR [--checkpoint PATH] [overrides]`."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stdout if args else sys.stderr)
-        return 0 if args else 2
-    run_dir, rest, overrides = args[0], args[1:], []
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--checkpoint" and rest:
-            overrides.append(f"checkpoint={rest.pop(0)}")
-        elif arg.startswith("--checkpoint="):
-            overrides.append(f"checkpoint={arg.split('=', 1)[1]}")
-        elif arg.startswith("-"):
-            print(f"error: unknown option {arg}\n{USAGE}", file=sys.stderr)
-            return 2
-        else:
-            overrides.append(arg)
+    """`noesis eval RUN_DIR [checkpoint=PATH] [overrides]`."""
+    args = parse(EVAL_COMMAND, command_line(argv))
     from noesis_accel.core.env import quiet_known_noise
 
     quiet_known_noise()
-    evaluate_run(run_dir, overrides)
+    evaluate_run(str(args.run_dir), args.overrides)
     return 0
 
 

@@ -1,10 +1,9 @@
-"""`noesis-export RUN_DIR`: merge the run's LoRA adapter (or a checkpoint's) into its base model and write
+"""`noesis export RUN_DIR`: merge the run's LoRA adapter (or a checkpoint's) into its base model and write
 a folder plain `transformers` loads without peft: safetensors shards, tokenizer, generation config and a
 model card with the training config and final figures. Optionally upload it to the Hugging Face hub."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import UserError, exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.layout import RunDir
 
@@ -198,17 +198,17 @@ def hub_token(repo: str) -> str:
     """A hub token for uploading to `repo`, or a one-line error saying how to get one."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise UserError(
-            f"--push-to-hub {repo}: the hub is switched off here (HF_HUB_OFFLINE is set); export without "
-            f"--push-to-hub, then upload the folder from a connected machine: hf upload {repo} DIR"
+            f"push_to_hub={repo}: the hub is switched off here (HF_HUB_OFFLINE is set); export without "
+            f"push_to_hub=, then upload the folder from a connected machine: hf upload {repo} DIR"
         )
     if repo.count("/") > 1 or not repo.strip("/") or " " in repo:
-        raise UserError(f"--push-to-hub {repo}: not a repo id; use org/name (or name for your own namespace)")
+        raise UserError(f"push_to_hub={repo}: not a repo id; use org/name (or name for your own namespace)")
     from huggingface_hub import get_token
 
     token = get_token()
     if not token:
         raise UserError(
-            f"--push-to-hub {repo}: no Hugging Face token; export HF_TOKEN=<a write token> "
+            f"push_to_hub={repo}: no Hugging Face token; export HF_TOKEN=<a write token> "
             "or run `hf auth login`, then retry"
         )
     return token
@@ -227,7 +227,7 @@ def push(folder: Path, repo: str, token: str | None, log: Any = print) -> str:
     except Exception as err:  # network, auth and permission errors all leave the same remedy
         first = str(err).splitlines()[0] if str(err) else ""
         raise UserError(
-            f"--push-to-hub {repo}: upload failed ({err.__class__.__name__}: {first[:200]}); the export "
+            f"push_to_hub={repo}: upload failed ({err.__class__.__name__}: {first[:200]}); the export "
             f"is complete in {folder}; upload it later with: hf upload {repo} {folder}"
         ) from None
     url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
@@ -238,30 +238,52 @@ def push(folder: Path, repo: str, token: str | None, log: Any = print) -> str:
 # ---------------------------------------------------------------- entry
 
 
+EXPORT_COMMAND = Command(
+    name="export",
+    summary="Merge a run's LoRA adapter into its base model and write a folder plain transformers loads.",
+    options=(
+        Option(
+            "checkpoint",
+            "export this checkpoints/step-NNNNNN (a path or its name) instead of the final adapter",
+            metavar="PATH",
+            aliases=("--checkpoint",),
+        ),
+        Option(
+            "out",
+            "output directory (default: RUN_DIR/export, or RUN_DIR/export-step-NNNNNN)",
+            metavar="DIR",
+            aliases=("--out",),
+        ),
+        Option(
+            "push_to_hub",
+            "also upload to this hub repo (private; needs HF_TOKEN and network)",
+            metavar="REPO",
+            aliases=("--push-to-hub",),
+        ),
+        Option(
+            "max_shard_size",
+            "largest safetensors file (default 2GB)",
+            metavar="SIZE",
+            default=DEFAULT_MAX_SHARD_SIZE,
+            aliases=("--max-shard-size",),
+        ),
+    ),
+    examples=("noesis export runs/demo", "noesis export runs/demo checkpoint=step-000040 push_to_hub=org/name"),
+)
+
+
 @safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """`noesis-export RUN_DIR [--checkpoint PATH] [--out DIR] [--push-to-hub REPO] [--max-shard-size SIZE]`."""
-    parser = argparse.ArgumentParser(
-        prog="noesis-export",
-        description="Merge a run's LoRA adapter into its base model and write a folder plain transformers loads.",
-    )
-    parser.add_argument("run_dir", help="the run directory, <run.root>/<run.name>, e.g. runs/demo")
-    parser.add_argument(
-        "--checkpoint", help="export this checkpoints/step-NNNNNN (a path or its name) instead of the final adapter"
-    )
-    parser.add_argument("--out", help="output directory (default: RUN_DIR/export, or RUN_DIR/export-step-NNNNNN)")
-    parser.add_argument(
-        "--push-to-hub", metavar="REPO", help="also upload to this hub repo (private; needs HF_TOKEN and network)"
-    )
-    parser.add_argument(
-        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors file (default 2GB)"
-    )
-    args = parser.parse_args(argv)
+    """`noesis export RUN_DIR [checkpoint=PATH] [out=DIR] [push_to_hub=REPO] [max_shard_size=SIZE]`."""
+    args = parse(EXPORT_COMMAND, command_line(argv))
+    options = args.options
     from noesis_accel.core.env import quiet_known_noise
 
     quiet_known_noise()
-    export_run(args.run_dir, args.checkpoint, args.out, args.push_to_hub, args.max_shard_size)
+    export_run(
+        str(args.run_dir), options["checkpoint"], options["out"], options["push_to_hub"], options["max_shard_size"]
+    )
     return 0
 
 

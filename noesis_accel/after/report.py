@@ -6,7 +6,6 @@ checkpoints, interruptions survived and what each cost, held-out loss, judge sco
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.history import (
     Attempt,
@@ -300,15 +300,20 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return report
 
 
+REPORT_COMMAND = Command(
+    name="report",
+    summary="Plots and a markdown summary of a run.",
+    options=(Option("out", "where to write (default: RUN_DIR/report/)", metavar="DIR", aliases=("--out",)),),
+    examples=("noesis report runs/demo", "noesis report runs/demo out=/tmp/demo-report"),
+)
+
+
 @safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """`noesis-report RUN_DIR [--out DIR]`."""
-    parser = argparse.ArgumentParser(prog="noesis-report", description="Plots and a markdown summary of a run.")
-    parser.add_argument("run_dir", help="the run directory, <run.root>/<run.name>, e.g. runs/demo")
-    parser.add_argument("--out", help="where to write (default: RUN_DIR/report/)")
-    args = parser.parse_args(argv)
-    report = write_report(args.run_dir, args.out)
+    """`noesis report RUN_DIR [out=DIR]`."""
+    args = parse(REPORT_COMMAND, command_line(argv))
+    report = write_report(str(args.run_dir), args.options["out"])
     print(f"wrote {report} and {report.parent / 'training.png'}")
     return 0
 

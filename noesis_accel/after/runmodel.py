@@ -61,7 +61,7 @@ def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) 
         path = rundir.checkpoints / str(checkpoint)
     if not path.is_dir():
         known = ", ".join(p.name for _, p in rundir.step_dirs()) or "none"
-        raise UserError(f"--checkpoint {checkpoint}: no such directory; checkpoints of {rundir.path}: {known}")
+        raise UserError(f"checkpoint={checkpoint}: no such directory; checkpoints of {rundir.path}: {known}")
     problem = checkpoint_problem(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} is incomplete ({problem}); choose a complete one from {path.parent}")

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracker_problem
 from noesis_accel.config import compose, modal_layout, order_overrides, validate
-from noesis_accel.core.errors import ConfigError, UserError, redact
+from noesis_accel.core.cli import Arguments, Command, parse
+from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, redact
 from noesis_accel.core.signals import FORWARDED_SIGNALS
 from noesis_accel.rundir.history import RunState
 from noesis_accel.rundir.layout import runs_root
@@ -61,20 +62,23 @@ def hydra_overrides(argv: Sequence[str]) -> list[str]:
     return kept
 
 
-# The functions that act on a run already on the Volume: `::export runs-name [options]` and the like.
-RUN_COMMANDS = ("status", "export", "evaluate", "report")
-# Keys of the words that declare the app for them (which Volume, which GPU); the rest are the command's own.
-APP_KEYS = ("modal.", "experiment=")
+# The config keys that declare the app (which Volume, which GPU); any other word is the run command's own.
+APP_KEYS = ("modal", "experiment")
 
 
-def is_app_word(word: str) -> bool:
-    """`modal.volume=other`, `+experiment=noesis`: a word that declares the app, not a command's option."""
-    return word.lstrip("+~").startswith(APP_KEYS)
+def run_commands() -> dict[str, Command]:
+    """The functions that act on a run already on the Volume (`::export RUN_NAME [options]`), by function name."""
+    from noesis_accel.after.evaluate import EVAL_COMMAND
+    from noesis_accel.after.export import EXPORT_COMMAND
+    from noesis_accel.after.report import REPORT_COMMAND
+    from noesis_accel.rundir.status import STATUS_COMMAND
+
+    return {"status": STATUS_COMMAND, "export": EXPORT_COMMAND, "evaluate": EVAL_COMMAND, "report": REPORT_COMMAND}
 
 
-def command_words(args: Sequence[str]) -> list[str]:
-    """A run command's own words (`noesis --price=3.95 --verify`): every word but those declaring the app."""
-    return [word for word in args if not is_app_word(word)]
+def command_arguments(function: str, args: Sequence[str]) -> Arguments:
+    """A run command's words as the command itself parses them, the app's overrides set aside."""
+    return parse(run_commands()[function], args, app_keys=APP_KEYS)
 
 
 def overrides_at_import() -> list[str]:
@@ -86,10 +90,10 @@ def overrides_at_import() -> list[str]:
     entry = next((i for i, a in enumerate(argv) if a.split("::")[0].endswith("modal_entry.py")), None)
     if entry is None:
         return []
-    words = hydra_overrides(argv[entry + 1 :])
-    if argv[entry].partition("::")[2] in RUN_COMMANDS:  # e.g. noesis-eval's own overrides are not the app's
-        words = [w for w in words if is_app_word(w)]
-    return words
+    function = argv[entry].partition("::")[2]
+    if function in run_commands():  # e.g. noesis-eval's own overrides are not the app's
+        return command_arguments(function, argv[entry + 1 :]).app_overrides
+    return hydra_overrides(argv[entry + 1 :])
 
 
 # ---------------------------------------------------------------- settings
@@ -357,17 +361,13 @@ def run_dir_for(settings: ModalSettings, name_or_path: str) -> Path:
 
 
 def run_command(command: str, args: Sequence[str], volume: Volume, settings: ModalSettings) -> int:
-    """`noesis-export`, `noesis-eval` or `noesis-report` on a run on the Volume; what they write is committed."""
+    """`noesis export`, `noesis eval` or `noesis report` on a run on the Volume; what they write is committed."""
     from noesis_accel.after import evaluate, export, report
 
     volume.reload()  # the newest committed state of the run, whoever wrote it
-    args = command_words(args)
-    if not args:
-        print(f"usage: modal run launch/modal_entry.py::{command} RUN_NAME [options]", file=sys.stderr)
-        return 2
     entry = {"export": export.main, "evaluate": evaluate.main, "report": report.main}[command]
     try:
-        code = entry([str(run_dir_for(settings, args[0])), *args[1:]])
+        code = entry(_on_volume(command, args, settings).argv())
     except SystemExit as stop:  # the commands exit with one line on a user error
         code = stop.code if isinstance(stop.code, int) else 1
     volume.commit()
@@ -375,15 +375,23 @@ def run_command(command: str, args: Sequence[str], volume: Volume, settings: Mod
 
 
 def show_status(args: Sequence[str], volume: Volume, settings: ModalSettings) -> int:
-    """`noesis-status` for a run on the Volume; `args` = RUN_NAME [--verify] [--price USD]."""
+    """`noesis status` for a run on the Volume; `args` = RUN_NAME [verify=true] [price=USD]."""
     from noesis_accel.rundir.status import main as status_main
 
     volume.reload()  # other containers' commits become visible
-    args = command_words(args)  # overrides declared the app (its Volume); `--price=3.95` is the command's own
-    if not args:
-        print("usage: modal run launch/modal_entry.py::status RUN_NAME [--verify] [--price USD]", file=sys.stderr)
-        return 2
-    rest = list(args[1:])
-    if settings.gpu_hour_usd and not any(word.split("=", 1)[0] == "--price" for word in rest):
-        rest += ["--price", str(settings.gpu_hour_usd)]
-    return status_main([str(run_dir_for(settings, args[0])), *rest])
+    try:
+        parsed = _on_volume("status", args, settings)
+    except SystemExit as stop:  # --help, or a word the command does not take (one line, already printed)
+        return stop.code if isinstance(stop.code, int) else 1
+    if settings.gpu_hour_usd and "price" not in parsed.given:
+        parsed.options["price"] = settings.gpu_hour_usd
+        parsed.given.add("price")
+    return status_main(parsed.argv())
+
+
+@exit_on_user_error
+def _on_volume(function: str, args: Sequence[str], settings: ModalSettings) -> Arguments:
+    """The command's words, parsed, the run they name found on the Volume; one line and exit 2 on a bad word."""
+    parsed = command_arguments(function, args)
+    parsed.run_dir = str(run_dir_for(settings, str(parsed.run_dir)))
+    return parsed

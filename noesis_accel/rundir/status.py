@@ -1,19 +1,19 @@
 """`noesis-status`: a run's state and history, as status.json and events.jsonl tell it (rundir.history).
 
-`noesis-status RUN_DIR` prints what a run is doing, how far it got, every attempt with what
-stopped it and the steps that cost, GPU-hours and their price; `--verify` checks every kept
+`noesis status RUN_DIR` (or `noesis-status`) prints what a run is doing, how far it got, every attempt with what
+stopped it and the steps that cost, GPU-hours and their price; `verify=true` checks every kept
 checkpoint file against its manifest. It reads files only: it works on a run dir on a Modal
 Volume, from any machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
-from noesis_accel.core.errors import safe_for_pipes
+from noesis_accel.core.cli import Command, Option, command_line, parse
+from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.history import Attempt, RunState, format_duration, history, redone_words
 
 # re-exported for training/trainer.py until it imports rundir.history
@@ -83,27 +83,33 @@ def verify_checkpoints(rundir: RunDir) -> list[tuple[Path, str | None]]:
     return [(path, checkpoint_problem(path)) for _, path in rundir.step_dirs()]
 
 
+STATUS_COMMAND = Command(
+    name="status",
+    summary="Print a run's state, progress and history.",
+    options=(
+        Option("verify", "check every kept checkpoint against its manifest", bool, "true", False, ("--verify",)),
+        Option("price", "price of one GPU-hour, for a cost estimate", float, "USD", None, ("--price",)),
+    ),
+    examples=("noesis status runs/demo", "noesis status runs/demo verify=true price=3.95"),
+)
+
+
 @safe_for_pipes
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """`noesis-status RUN_DIR [--verify] [--price USD]`: print a run's status and history."""
-    parser = argparse.ArgumentParser(prog="noesis-status", description="Print a run's state, progress and history.")
-    parser.add_argument("run_dir", type=Path, help="the run directory, <run.root>/<run.name> (e.g. runs/demo)")
-    parser.add_argument("--verify", action="store_true", help="check every kept checkpoint against its manifest")
-    parser.add_argument(
-        "--price", type=float, default=None, metavar="USD", help="price of one GPU-hour, for a cost estimate"
-    )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    rundir = RunDir(args.run_dir)
+    """`noesis status RUN_DIR [verify=true] [price=USD]`: print a run's status and history."""
+    parsed = parse(STATUS_COMMAND, command_line(argv))
+    run_dir = Path(str(parsed.run_dir))
+    rundir = RunDir(run_dir)
     status = rundir.status()
     if status is None:
         print(
-            f"error: {args.run_dir} has no readable {rundir.status_file.name}; "
-            "is it a run directory (run.root/run.name)?",
+            f"error: {run_dir} has no readable {rundir.status_file.name}; is it a run directory (run.root/run.name)?",
             file=sys.stderr,
         )
         return 2
-    print(format_status(status, history(rundir), args.price))
-    if not args.verify:
+    print(format_status(status, history(rundir), parsed.options["price"]))
+    if not parsed.options["verify"]:
         return 0
     results = verify_checkpoints(rundir)
     for path, problem in results:

@@ -13,33 +13,31 @@ from typing import Any, TextIO
 
 from omegaconf import DictConfig
 
-from noesis_accel.core.errors import ConfigError, exit_on_user_error
+from noesis_accel.core.cli import Command, Option, command_line, parse
+from noesis_accel.core.errors import ConfigError, exit_on_user_error, safe_for_pipes
 
-USAGE = (
-    "usage: noesis-data [--examples N] [overrides]\n"
-    "  e.g. noesis-data data=jsonl data.path=/data/train.jsonl data.max_length=2048 --examples 5\n"
-    "  the overrides are noesis-train's (conf/); learned tokens are shown [[like this]] (in colour on a terminal)"
-)
 DEFAULT_EXAMPLES = 3
 _LEARNED_ON_TERMINAL = ("\x1b[1;32m", "\x1b[0m")  # bold green
 _LEARNED_IN_TEXT = ("[[", "]]")
 
 
+DATA_COMMAND = Command(
+    name="data",
+    summary=(
+        "Check a dataset against the configured tokenizer and template before any GPU time; "
+        "learned tokens are shown [[like this]] (in colour on a terminal)."
+    ),
+    options=(Option("examples", "how many training records to show", int, "N", DEFAULT_EXAMPLES, ("--examples",)),),
+    run_dir=False,
+    overrides="conf/, the same overrides as noesis train",
+    examples=("noesis data data=jsonl data.path=/data/train.jsonl data.max_length=2048 examples=5",),
+)
+
+
 def parse_args(argv: list[str]) -> tuple[int, list[str]]:
-    """(examples to show, Hydra overrides) from the command line; ConfigError on a bad option."""
-    examples, overrides, rest = DEFAULT_EXAMPLES, [], list(argv)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--examples" or arg.startswith("--examples="):
-            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else "")
-            if not value.isdigit():
-                raise ConfigError(f"--examples takes a whole number of records to show, not {value!r}")
-            examples = int(value)
-        elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg}\n{USAGE}")
-        else:
-            overrides.append(arg)
-    return examples, overrides
+    """(examples to show, Hydra overrides) from the command line; UsageError on a bad option."""
+    args = parse(DATA_COMMAND, argv)
+    return args.options["examples"], args.overrides
 
 
 def compose_checked(overrides: list[str]) -> DictConfig:
@@ -122,14 +120,11 @@ def report(cfg: DictConfig, examples: int, out: TextIO) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
+@safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """`noesis-data [--examples N] [overrides]`."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    examples, overrides = parse_args(args)
+    """`noesis data [examples=N] [overrides]`."""
+    examples, overrides = parse_args(command_line(argv))
     cfg = compose_checked(overrides)
     from noesis_accel.core.env import quiet_known_noise
 

@@ -1,0 +1,51 @@
+"""`noesis train|status|export|eval|report|data ...` (or `python -m noesis_accel ...`): one command for all.
+
+Each subcommand is the same `main` as its `noesis-NAME` script, imported only when asked for, so
+`noesis status` starts without loading the trainer. This module sits above every wing and imports
+them; no wing imports it (an import-linter contract says so).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from noesis_accel.core.errors import safe_for_pipes
+
+# name -> (module whose `main` runs it, what it does)
+COMMANDS = {
+    "train": ("noesis_accel.processes.train", "fine-tune: Hydra overrides of conf/ (noesis train --help)"),
+    "status": ("noesis_accel.rundir.status", "a run's state, progress, history and cost"),
+    "export": ("noesis_accel.after.export", "merge the adapter into the base model; optionally push to the hub"),
+    "eval": ("noesis_accel.after.evaluate", "held-out loss and judged generations, base against tuned"),
+    "report": ("noesis_accel.after.report", "plots and a markdown summary of a run"),
+    "data": ("noesis_accel.training.datacli", "check a dataset against the tokenizer and template, no GPU"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: noesis COMMAND [RUN_DIR] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:8} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`noesis COMMAND --help` for the keys of one; each is also installed as noesis-COMMAND."]
+    return "\n".join(lines)
+
+
+@safe_for_pipes
+def main(argv: list[str] | None = None) -> int | None:
+    """Run the subcommand `argv[0]` with the rest of `argv` as its own command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: noesis: unknown command {name!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    # `noesis-train` reads sys.argv itself (Hydra does); the others take it from there when given none.
+    sys.argv = [sys.argv[0], *rest]
+    return module.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
