@@ -250,3 +250,23 @@ def test_of_many_threads_swapping_from_one_generation_at_once_exactly_one_wins(t
     for thread in threads:
         thread.join()
     assert len(won) == 1 and records.current().record == {"who": won[0]}
+
+
+def test_a_heartbeat_that_cannot_read_the_lease_stops_and_one_that_cannot_write_goes_on(tmp_path) -> None:
+    rundir = RunDir(tmp_path / "run")
+    lease = _lease(rundir).acquire()
+    swap = lease.records.swap
+
+    def disk_full(expected, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    lease.records.swap = disk_full  # type: ignore[method-assign]
+    assert lease.renew() and lease.lost is None  # the lease just ages
+    lease.records.swap = swap  # type: ignore[method-assign]
+
+    def unreadable():
+        raise OSError(errno.EIO, "Input/output error")
+
+    lease.records.current = unreadable  # type: ignore[method-assign]
+    assert not lease.renew()
+    assert lease.lost and "cannot be read" in lease.lost

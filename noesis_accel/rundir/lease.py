@@ -146,7 +146,11 @@ class RunLease:
         when another process wrote one since, whether before our read or between our read and write."""
         if self.lost is not None:
             return False
-        current = self.records.current()
+        try:
+            current = self.records.current()
+        except OSError as err:  # as before generations: a lease that cannot be read is not known to be ours
+            log.warning("could not read the lease %s: %s", self.records.folder, err)
+            current = Generation(self.generation, {}, unreadable=True)
         if current.number != self.generation or not self._ours(current):
             return self._lose(current)
         try:
@@ -203,7 +207,7 @@ class RunLease:
             assert current.record is not None
             by = _describe(current.record, self.clock())
         elif current.unreadable:
-            by = "another process (its lease file cannot be read yet)"
+            by = "an unknown process (the newest lease record cannot be read)"
         else:
             by = "nobody (the lease was released or removed)"
         self.lost = f"the lease of {self.rundir.path} was taken by {by}"
