@@ -27,6 +27,8 @@ from noesis_accel.config import compose
 from noesis_accel.processes.train import run
 from noesis_accel.rundir.checkpoint import MANIFEST, checkpoint_problem
 from noesis_accel.rundir.history import read_status
+from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.lease import read_lease
 from noesis_accel.rundir.status import main as status_main
 
 STEPS = 12
@@ -161,7 +163,7 @@ def test_a_second_start_on_the_same_run_dir_is_refused_and_the_first_is_unharmed
         first.kill()
     assert first.returncode == 0, err[-3000:]
     _assert_bitwise_equal(tmp_path / "tiny", reference_run, 0)
-    assert not (tmp_path / "tiny" / "lease.json").exists()  # released at exit
+    assert read_lease(RunDir(tmp_path / "tiny")) is None  # released at exit
 
 
 class RecordingCommitter:

@@ -5,7 +5,7 @@
       status.json        state, progress, newest checkpoint, exit reason
       events.jsonl       one line per attempt starting, start, checkpoint and stop: the run's history
       metrics.jsonl      per-step loss, lr, tokens/s, grad norm; held-out loss
-      lease.json         the one process allowed to write here, with its heartbeat
+      lease/             the one process allowed to write here, with its heartbeat (newest 0000000000NN.json)
       tracker.json       the tracker run this run logs to (W&B or MLflow run id) and the newest step sent
       checkpoints/step-000123/   accelerate save_state output + manifest.json (written last)
       adapter/ or model/ final LoRA adapter (or full weights) + tokenizer
@@ -89,8 +89,8 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     @property
-    def lease_file(self) -> Path:
-        return self.path / "lease.json"
+    def lease_dir(self) -> Path:
+        return self.path / "lease"
 
     @property
     def tracker_file(self) -> Path:
