@@ -1,8 +1,8 @@
 """The structured config schema: every key a YAML file may set, with its type, default and choices.
 
 Hydra rejects unknown keys against these dataclasses (registered by `compose.register`). A key with
-a fixed set of values is annotated `Annotated[str, SomeLiteral]` (or a str Enum): OmegaConf 2.3 cannot type a node
-as a `Literal` (and an `Enum` node would change the stored values, hence every fingerprint), so it
+a fixed set of values is annotated `Annotated[str, SomeLiteral]` (or a str Enum): OmegaConf 2.3 cannot type a
+node as a `Literal` (and an `Enum` node would change the stored values, hence every fingerprint), so it
 sees a plain `str`, while `choices()` reads the Literal, which `validate` and its messages use.
 """
 
@@ -28,7 +28,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 # Attention implementations that keep packed records apart from their positions alone (transformers
 # detects the restarts: a block-diagonal mask for eager/sdpa, the variable-length kernel for flash).
 PackingAttention = Literal["eager", "sdpa", "flash_attention_2"]
-# flex_attention runs, but is given no per-record mask here, so it cannot take packed batches.
+# flex_attention is accepted for padded batches; with data.packing it is refused (validate), since its
+# separation of packed records is not established here.
 Attention = Literal[PackingAttention, "flex_attention"]
 OptimName = Literal["adamw8bit", "adamw"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
