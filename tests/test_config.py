@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from conftest import run_cli
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from noesis_accel.config import CONF_DIR, accumulation_steps, compose, differing_math_keys, validate
+from noesis_accel.config import (
+    CHOICES,
+    CONF_DIR,
+    Config,
+    Resume,
+    Strategy,
+    accumulation_steps,
+    compose,
+    differing_math_keys,
+    register,
+    resume_mode,
+    saved_with_deepspeed,
+    strategy,
+    uses_deepspeed,
+    validate,
+    world_size,
+)
 from noesis_accel.core.errors import ConfigError
+
+# Every shipped option composed before the defaults were moved into the schema (conf/ then restated
+# them): the defaults in full and, per option, the keys where it differs from them. Unresolved, so
+# ${package_dir:...} paths do not depend on the machine.
+SNAPSHOT = json.loads((Path(__file__).parent / "fixtures" / "composed_configs.json").read_text())
 
 GROUPS = ["model", "data", "peft", "optim", "train", "ckpt", "distributed"]
 
@@ -21,13 +51,17 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     overrides = [f"{group}={option}"]
     if group == "data" and option == "jsonl":
         overrides.append("data.path=/tmp/train.jsonl")
-    if group == "distributed" and option != "single":
-        pass  # multi-process layouts validate with the default batch (8 = 4 x 1 x 2 for ddp)
     if group == "distributed" and option == "zero2":
-        overrides += ["train.global_batch_size=32"]
+        overrides += ["train.global_batch_size=32"]  # 32 = 4 x 1 x 8
     cfg = compose(overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate(cfg)
+    if group == "distributed":
+        # Each layout is the strategy its file names, and its process count divides the batch it runs with.
+        assert strategy(cfg) is Strategy(option)
+        assert (world_size(cfg) > 1) == (option != "single")
+        micro, world = cfg.train.micro_batch_size, world_size(cfg)
+        assert micro * accumulation_steps(cfg) * world == cfg.train.global_batch_size
 
 
 @pytest.mark.parametrize("debug", sorted(p.stem for p in (CONF_DIR / "debug").glob("*.yaml")))
@@ -116,3 +150,99 @@ def test_bad_value_is_a_clear_error_without_traceback(tmp_path) -> None:
     assert result.returncode == 2
     assert "optim.name" in result.stderr and "ckpt.keep_last" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _changes_from_defaults(overrides: list[str]) -> dict:
+    composed = _flat(OmegaConf.to_container(compose(overrides), resolve=False))
+    defaults = SNAPSHOT["defaults"]
+    absent = "<absent>"
+    return {
+        k: composed.get(k, absent)
+        for k in sorted(composed.keys() | defaults.keys())
+        if composed.get(k, absent) != defaults.get(k, absent)
+    }
+
+
+def test_defaults_compose_as_in_the_snapshot() -> None:
+    assert _flat(OmegaConf.to_container(compose([]), resolve=False)) == SNAPSHOT["defaults"]
+
+
+@pytest.mark.parametrize("name", sorted(SNAPSHOT["changes"]))
+def test_every_shipped_option_composes_as_in_the_snapshot(name: str) -> None:
+    """Each default is stated once (schema or group file); moving one must not change what composes."""
+    assert _changes_from_defaults(name.split()) == SNAPSHOT["changes"][name]
+
+
+def test_snapshot_covers_every_shipped_option() -> None:
+    shipped = {f"+{g}={p.stem}" for g in ("experiment", "debug") for p in (CONF_DIR / g).glob("*.yaml")}
+    shipped |= {f"{g}={p.stem}" for g in ("model", "data") for p in (CONF_DIR / g).glob("*.yaml")}
+    assert shipped <= set(SNAPSHOT["changes"])
+
+
+def test_eval_yaml_composes_as_in_the_snapshot() -> None:
+    register()
+    base = OmegaConf.to_container(compose([]), resolve=False)
+    for group in ("model", "data"):
+        ConfigStore.instance().store(group=group, name="run", node=base[group])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="eval", overrides=["run_dir=/runs/x"])
+    finally:
+        GlobalHydra.instance().clear()
+    assert _flat(OmegaConf.to_container(cfg, resolve=False)) == SNAPSHOT["eval.yaml"]
+
+
+def test_choices_come_from_the_schema_annotations() -> None:
+    assert CHOICES["distributed.type"] == tuple(s.value for s in Strategy)
+    assert CHOICES["model.attn_implementation"][-1] == "flex_attention"
+    assert "tracker.mode" not in CHOICES  # null has a meaning of its own there; its own check says so
+    with pytest.raises(ConfigError, match="distributed.type: 'fsdp' is not one of single, ddp, zero2"):
+        validate(compose(["distributed.type=fsdp"]))
+
+
+def test_strategy_tells_deepspeed_from_the_config_and_from_a_manifest() -> None:
+    assert [uses_deepspeed(compose([f"distributed={d}"])) for d in ("single", "ddp", "zero2")] == [False, False, True]
+    assert strategy(compose(["+experiment=noesis"])) is Strategy.ZERO2
+    assert saved_with_deepspeed({"distributed_type": "DistributedType.DEEPSPEED"})
+    assert not saved_with_deepspeed({"distributed_type": "DistributedType.MULTI_GPU"}) and not saved_with_deepspeed({})
+    with pytest.raises(ValueError, match="distributed.type: 'fsdp' is not one of single, ddp, zero2"):
+        strategy(OmegaConf.create({"distributed": {"type": "fsdp"}}))
+
+
+def test_resume_values_are_read_in_one_place() -> None:
+    assert resume_mode("auto") is Resume.AUTO and resume_mode("never") is Resume.NEVER
+    assert resume_mode("runs/demo/checkpoints/step-000010") is Resume.PATH
+    assert resume_mode(Config().ckpt.resume) is Resume.AUTO  # the schema's default is the named value
+
+
+def test_importing_the_config_registers_nothing_until_compose() -> None:
+    """Registration is explicit: compose() (and the noesis-train entry) register, an import does not."""
+    code = (
+        "from omegaconf import OmegaConf\n"
+        "import noesis_accel.config as c\n"
+        "assert not OmegaConf.has_resolver('package_dir')\n"
+        "c.compose([])\n"
+        "assert OmegaConf.has_resolver('package_dir') and OmegaConf.has_resolver('conf_path')\n"
+        "import noesis_accel.processes.train\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    # The Hydra entry composes through @hydra.main, not compose(): importing it registers both first.
+    entry = (
+        "from hydra.core.config_store import ConfigStore\n"
+        "from omegaconf import OmegaConf\n"
+        "import noesis_accel.processes.train\n"
+        "assert OmegaConf.has_resolver('package_dir') and OmegaConf.has_resolver('conf_path')\n"
+        "assert ConfigStore.instance().load('schema.yaml') is not None\n"
+    )
+    subprocess.run([sys.executable, "-c", entry], check=True, cwd=Path(__file__).parents[1])

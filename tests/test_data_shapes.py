@@ -11,7 +11,7 @@ import pytest
 from conftest import write_jsonl
 from omegaconf import OmegaConf
 
-from noesis_accel.config import _CHOICES, compose, differing_math_keys
+from noesis_accel.config import CHOICES, compose, differing_math_keys
 from noesis_accel.core.errors import DataError
 from noesis_accel.processes.train import run
 from noesis_accel.training import data, formats
@@ -200,8 +200,8 @@ def test_each_shape_is_detected_and_selectable_by_name(fields: dict, shape: str)
 
 
 def test_format_choices_are_the_shapes() -> None:
-    assert set(_CHOICES["data.format"]) == {"auto", *formats.SHAPES, *formats.ALIASES}
-    assert set(_CHOICES["data.train_on"]) == set(formats.TRAIN_ON)
+    assert set(CHOICES["data.format"]) == {"auto", *formats.SHAPES, *formats.ALIASES}
+    assert set(CHOICES["data.train_on"]) == set(formats.TRAIN_ON)
 
 
 def test_sharegpt_file_trains_the_same_tokens_as_its_messages_file(tokenizer, tmp_path: Path) -> None:

@@ -51,8 +51,14 @@ def test_liger_missing_is_a_clear_error() -> None:
 
 
 def test_packing_with_an_attention_that_cannot_separate_records_is_refused() -> None:
-    with pytest.raises(ConfigError, match="data.packing: attention 'flex_attention' cannot keep packed records apart"):
+    """flex_attention is a valid attention, so the packing check is the one and only problem named."""
+    validate(compose(["model.attn_implementation=flex_attention"]))
+    with pytest.raises(ConfigError) as err:
         validate(compose(["data.packing=true", "model.attn_implementation=flex_attention"]))
+    assert str(err.value) == (
+        "invalid config:\n  - data.packing: attention 'flex_attention' cannot keep packed records apart; "
+        "use model.attn_implementation=eager|sdpa|flash_attention_2 or data.packing=false"
+    )
 
 
 def test_architecture_vocab_size_builds_the_true_shape_and_never_less_than_the_tokenizer() -> None:

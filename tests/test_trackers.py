@@ -12,7 +12,7 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from conftest import run_cli
 from helpers import step_losses
 
-from noesis_accel.config import _CHOICES, compose
+from noesis_accel.config import CHOICES, compose
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.training.trackers import PACKAGES, TrackerRun, _init_kwargs, mlflow_tracking_uri
 
@@ -163,7 +163,7 @@ def test_mlflow_a_resumed_run_continues_the_same_mlflow_run_each_step_once(tmp_p
 
 
 def test_every_tracker_accelerate_ships_can_be_chosen_and_says_what_to_install() -> None:
-    assert set(_CHOICES["train.tracker"]) == {*LOGGER_TYPE_TO_CLASS, "none"} == {*PACKAGES, "none"}
+    assert set(CHOICES["train.tracker"]) == {*LOGGER_TYPE_TO_CLASS, "none"} == {*PACKAGES, "none"}
 
 
 def test_the_tracker_keys_reach_wandb_and_mlflow(tmp_path, monkeypatch) -> None:

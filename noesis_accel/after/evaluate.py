@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.after.judges import as_verdict, load_judge
 from noesis_accel.after.prompts import PromptRecord, read_prompts
-from noesis_accel.config import CONF_DIR
+from noesis_accel.config import CONF_DIR, register
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, one_line, safe_for_pipes
 from noesis_accel.rundir.layout import RunDir
@@ -57,6 +57,7 @@ def compose_eval(run_dir: str | Path, overrides: list[str] | None = None) -> Dic
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    register()  # eval.yaml names eval_schema and uses the resolvers
     rundir = RunDir(Path(run_dir)).require()
     saved = rundir.saved_config()
     for group in ("model", "data"):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from noesis_accel.config import saved_with_deepspeed
 from noesis_accel.core.errors import UserError
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.training import modeling
@@ -66,7 +67,7 @@ def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) 
     if problem is not None:
         raise UserError(f"checkpoint {path} is incomplete ({problem}); choose a complete one from {path.parent}")
     manifest = read_manifest(path)
-    deepspeed = (path / "pytorch_model").is_dir() or "DEEPSPEED" in str(manifest.get("distributed_type", ""))
+    deepspeed = (path / "pytorch_model").is_dir() or saved_with_deepspeed(manifest)
     weights = path / (DEEPSPEED_WEIGHTS if deepspeed else CHECKPOINT_WEIGHTS)
     if not weights.is_file():
         raise UserError(

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, Protocol
 from omegaconf import DictConfig
 
 from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracker_problem
-from noesis_accel.config import compose, modal_layout, order_overrides, validate
+from noesis_accel.config import Strategy, compose, modal_layout, order_overrides, strategy, validate
 from noesis_accel.core.cli import Arguments, Command, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, redact
 from noesis_accel.core.signals import FORWARDED_SIGNALS
@@ -179,7 +179,7 @@ def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
     problems = [problem for problem in (extras_problem(cfg), tracker_problem(cfg)) if problem]
     if cfg.modal.gpu:
         _, per_container, containers = modal_layout(cfg.modal.gpu)
-        if per_container * containers > 1 and cfg.distributed.type == "single":
+        if per_container * containers > 1 and strategy(cfg) is Strategy.SINGLE:
             problems.append(
                 f"distributed: modal.gpu={cfg.modal.gpu} runs {per_container * containers} processes; "
                 "choose distributed=ddp or distributed=zero2"

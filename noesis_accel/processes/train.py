@@ -22,8 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from noesis_accel import config as _config  # registers the schema and resolvers
-from noesis_accel.config import RESTART_SAFE_PREFIXES, order_overrides, validate
+from noesis_accel.config import CONF_DIR, RESTART_SAFE_PREFIXES, compose, order_overrides, register, validate
 from noesis_accel.config.sweeps import override_words, sweep_jobs
 from noesis_accel.core import env
 from noesis_accel.core.errors import UserError, one_line, redact, safe_for_pipes
@@ -159,7 +158,10 @@ def task(cfg: DictConfig) -> float | None:
     return result.losses[-1] if result.losses else None
 
 
-hydra_task = hydra.main(version_base=None, config_path=str(_config.CONF_DIR), config_name="config")(task)
+# conf/config.yaml names the schema and uses the resolvers: both exist before Hydra composes it (and
+# before a sweep job, which imports this module to find the task, composes its own).
+register()
+hydra_task = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(task)
 
 
 def preflight(args: list[str]) -> None:
@@ -178,7 +180,7 @@ def preflight(args: list[str]) -> None:
     configs = []
     for job in jobs:
         try:
-            configs.append((job, _config.compose(job)))
+            configs.append((job, compose(job)))
         except UserError as err:
             _exit_with_line(str(err))
         except (HydraException, OmegaConfBaseException) as err:

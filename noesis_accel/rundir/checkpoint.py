@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from noesis_accel.config import interval_steps
+from noesis_accel.config import Resume, interval_steps, resume_mode, saved_with_deepspeed
 from noesis_accel.core import faults
 from noesis_accel.core.errors import ResumeError, UserError
 from noesis_accel.rundir.layout import RunDir, step_dir_name
@@ -399,10 +399,11 @@ class CheckpointManager:
 
     def select_for_resume(self, mode: str) -> Checkpoint | None:
         """The checkpoint `ckpt.resume` asks for: `auto` (newest complete or none), `never`, or a path."""
-        if mode == "never":
+        kind = resume_mode(mode)
+        if kind is Resume.NEVER:
             refuse_fresh_start_over(self.root)
             return None
-        if mode == "auto":
+        if kind is Resume.AUTO:
             return self.latest_complete()
         path = Path(os.path.expanduser(mode))
         problem = checkpoint_problem(path) if path.is_dir() else "no such directory"
@@ -438,7 +439,7 @@ class CheckpointManager:
                 self.loss_normalization,
                 checkpoint.step,
             )
-        saved_deepspeed = "DEEPSPEED" in str(manifest.get("distributed_type", ""))
+        saved_deepspeed = saved_with_deepspeed(manifest)
         if saved_deepspeed != self.is_deepspeed:
             raise ResumeError(
                 f"checkpoint {checkpoint.path} was written {'with' if saved_deepspeed else 'without'} DeepSpeed and "

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from noesis_accel.config import accumulation_steps
+from noesis_accel.config import accumulation_steps, uses_deepspeed
 from noesis_accel.core.errors import ConfigError
 
 
@@ -99,7 +99,7 @@ def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Acce
         "project_config": ProjectConfiguration(project_dir=str(logging_dir.parent), logging_dir=str(logging_dir)),
         "log_with": None if cfg.train.tracker == "none" else cfg.train.tracker,
     }
-    if cfg.distributed.type == "zero2":
+    if uses_deepspeed(cfg):
         if launched_world_size() is None:
             _single_process_rendezvous()  # DeepSpeed always wants a process group, even of one
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation))

@@ -16,7 +16,16 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.config import differing_math_keys, fingerprint, flatten, interval_steps, validate
+from noesis_accel.config import (
+    Resume,
+    differing_math_keys,
+    fingerprint,
+    flatten,
+    interval_steps,
+    resume_mode,
+    uses_deepspeed,
+    validate,
+)
 from noesis_accel.core import env, faults
 from noesis_accel.core.errors import ConfigError, DataError, ResumeError, UserError, redact_tree
 from noesis_accel.core.signals import (
@@ -170,7 +179,7 @@ class Trainer:
         env.quiet_libraries()
         env.apply_alloc_conf(cfg.env.alloc_conf)
         self.accelerator = accelerator = build_accelerator(cfg, self.tracker_logs)
-        self.is_deepspeed = str(accelerator.distributed_type) == "DistributedType.DEEPSPEED"
+        self.is_deepspeed = uses_deepspeed(cfg)
         if self._already_completed():
             return False
         self._take_lease()
@@ -281,7 +290,7 @@ class Trainer:
     def _already_completed(self) -> bool:
         """A completed run asked again: nothing to do, unless the math changed, which is refused by name."""
         status = self._main_decides(read_status(self.run_dir) if self.accelerator.is_main_process else None)
-        if status and status.get("state") == "completed" and self.cfg.ckpt.resume == "auto":
+        if status and status.get("state") == "completed" and resume_mode(self.cfg.ckpt.resume) is Resume.AUTO:
             if self.rundir.config_file.is_file():
                 changed = self._changed_math(what="a completed run")
                 if changed is not None:
@@ -324,10 +333,10 @@ class Trainer:
         """
         rundir = self.rundir
         current = self._current_config()
-        if self.cfg.ckpt.resume == "never":
+        if resume_mode(self.cfg.ckpt.resume) is Resume.NEVER:
             refuse_fresh_start_over(rundir.checkpoints)
         replace_reason = None
-        if not rundir.config_file.is_file() or self.cfg.ckpt.resume == "never":
+        if not rundir.config_file.is_file() or resume_mode(self.cfg.ckpt.resume) is Resume.NEVER:
             replace_reason = "new"
         else:
             differing = differing_math_keys(rundir.saved_config(), current)

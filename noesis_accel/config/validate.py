@@ -1,0 +1,225 @@
+"""`validate(cfg)`: every semantic problem of a composed config, gathered into one error."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import is_dataclass
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from noesis_accel.config.batch import accumulation_steps, world_size
+from noesis_accel.config.cadence import valid_every
+from noesis_accel.config.modal_gpu import modal_gpu_problems
+from noesis_accel.config.schema import CHOICES, PACKING_ATTENTION, WANDB_MODES, Config
+from noesis_accel.config.strategy import Strategy
+from noesis_accel.core.errors import ConfigError
+
+# Names people bring from Hugging Face's TrainingArguments and TRL, and where that setting lives here.
+_KNOWN_ELSEWHERE = {
+    "learning_rate": "optim.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation is derived)",
+    "max_seq_length": "data.max_length",
+    "lora_r": "peft.r",
+    "lora_alpha": "peft.alpha",
+    "lora_dropout": "peft.dropout",
+    "save_steps": "ckpt.every",
+    "logging_steps": "train.log_every",
+    "bf16": "train.mixed_precision",
+    "report_to": "train.tracker",
+}
+
+
+def _declared_keys(schema: DictConfig, prefix: str = "") -> dict[str, bool]:
+    """Every key the schema declares, dotted, each with whether its value is free-form (a dict or Any)."""
+    declared: dict[str, bool] = {}
+    for key in schema:
+        node = schema._get_node(key)
+        dotted = prefix + str(key)
+        structured = isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node))
+        declared[dotted] = not structured
+        if structured and isinstance(node, DictConfig):
+            declared.update(_declared_keys(node, f"{dotted}."))
+    return declared
+
+
+def undeclared_keys(cfg: DictConfig, schema_type: type | None = None) -> list[str]:
+    """Keys the schema does not declare, each with the nearest declared one.
+
+    Hydra accepts `+train.lerning_rate=1e-4` (the `+` its own error suggests for an unknown key)
+    even on a typed config; the run would then train without it and record it as if applied.
+    """
+    declared = _declared_keys(OmegaConf.structured(schema_type or Config))
+    free_form = tuple(f"{key}." for key, is_free in declared.items() if is_free)
+    problems = []
+    for key in flatten_keys(cfg):
+        if key in declared or key.startswith(free_form):
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {**{k.rsplit(".", 1)[-1]: k for k in declared}, **_KNOWN_ELSEWHERE}
+        near = difflib.get_close_matches(key, list(declared), n=1, cutoff=0.75) or [
+            by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        ]
+        hint = f"did you mean {near[0]}?" if near else "no key of that name exists (noesis-train --cfg job lists them)"
+        problems.append(f"{key}: not a key of the config schema; {hint}")
+    return problems
+
+
+def flatten_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of `cfg`, leaves and sections, without resolving values."""
+    keys = []
+    for key in cfg:
+        dotted = prefix + str(key)
+        keys.append(dotted)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            keys += flatten_keys(node, f"{dotted}.")
+    return keys
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check everything that can be checked without loading a model or data; one error lists all."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # every ${...} resolves, or we say which one does not
+    except InterpolationResolutionError as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
+        raise ConfigError(f"{getattr(err, 'full_key', '') or 'config'}: {str(cause).splitlines()[0]}") from None
+    problems: list[str] = undeclared_keys(cfg)
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {message}")
+
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+    for key in ("model.name_or_path", "data.path"):
+        check(
+            not OmegaConf.is_missing(cfg, key) and bool(OmegaConf.select(cfg, key)),
+            key,
+            "is required (set it in a config file or as an override)",
+        )
+    check(
+        bool(str(cfg.run.name).strip()) and "/" not in str(cfg.run.name),
+        "run.name",
+        "must be a non-empty name without '/' (it names the run directory)",
+    )
+
+    train, optim, ckpt, data, dist = cfg.train, cfg.optim, cfg.ckpt, cfg.data, cfg.distributed
+    check(train.max_steps is None or train.max_steps > 0, "train.max_steps", "must be > 0 or null")
+    check(train.max_steps is not None or train.epochs > 0, "train.epochs", "must be > 0 when max_steps is null")
+    check(train.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+    check(train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
+    check(train.log_every > 0, "train.log_every", "must be > 0")
+    check(train.print_every is None or train.print_every > 0, "train.print_every", "must be > 0 or null")
+    check(train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    check(
+        cfg.tracker.mode in (None, *WANDB_MODES),
+        "tracker.mode",
+        f"{cfg.tracker.mode!r} is not one of {', '.join(WANDB_MODES)} (or null: $WANDB_MODE)",
+    )
+    check(optim.lr > 0, "optim.lr", "must be > 0")
+    check(0 <= optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    check(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    check(
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas", "must be two numbers in [0, 1)"
+    )
+    check(optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    check(
+        valid_every(ckpt.every),
+        "ckpt.every",
+        f"{ckpt.every} must be a fraction in (0, 1) of the run or a whole step count >= 1",
+    )
+    check(ckpt.every_minutes is None or ckpt.every_minutes > 0, "ckpt.every_minutes", "must be > 0 or null")
+    check(ckpt.keep_last >= 1, "ckpt.keep_last", "must be >= 1 (the newest complete checkpoint is always kept)")
+    check(ckpt.commit_retries >= 0, "ckpt.commit_retries", "must be >= 0")
+    check(ckpt.commit_budget_s >= 0, "ckpt.commit_budget_s", "must be >= 0 seconds")
+    check(ckpt.progress_commit_s >= 0, "ckpt.progress_commit_s", "must be >= 0 seconds (0: no progress commits)")
+    check(
+        0 < ckpt.lease_heartbeat_s < ckpt.lease_stale_s,
+        "ckpt.lease_heartbeat_s",
+        f"must be > 0 and below ckpt.lease_stale_s ({ckpt.lease_stale_s})",
+    )
+    check(bool(str(ckpt.resume)), "ckpt.resume", "must be auto, never or a checkpoint path")
+    check(data.max_length >= 8, "data.max_length", "must be >= 8 tokens")
+    check(data.min_examples >= 1, "data.min_examples", "must be >= 1")
+    check(data.num_proc is None or data.num_proc >= 1, "data.num_proc", "must be >= 1 or null (one per core)")
+    check(0 <= data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    check(data.mega_batch_factor >= 1, "data.mega_batch_factor", "must be >= 1")
+    check(
+        data.max_tokens_per_batch is None or data.max_tokens_per_batch >= data.max_length,
+        "data.max_tokens_per_batch",
+        f"must be >= data.max_length ({data.max_length}) so every record fits",
+    )
+    check(
+        dist.num_processes >= 1 and dist.num_machines >= 1,
+        "distributed.num_processes",
+        "num_processes and num_machines must be >= 1",
+    )
+    check(0 <= dist.machine_rank < dist.num_machines, "distributed.machine_rank", "must be in [0, num_machines)")
+    check(
+        dist.type != Strategy.SINGLE or world_size(cfg) == 1,
+        "distributed.type",
+        "single runs one process; use distributed=ddp or distributed=zero2 for num_processes > 1",
+    )
+    check(
+        dist.type != Strategy.ZERO2 or bool(dist.deepspeed_config),
+        "distributed.deepspeed_config",
+        "zero2 needs a DeepSpeed JSON (conf/deepspeed/zero2.json)",
+    )
+    on_cpu = train.device == "cpu"
+    check(
+        not (cfg.model.load_in_4bit and on_cpu),
+        "model.load_in_4bit",
+        "4-bit (QLoRA) needs a GPU; set train.device=auto on a GPU machine or model.load_in_4bit=false",
+    )
+    check(
+        not (cfg.model.load_in_4bit and not cfg.peft.enabled),
+        "model.load_in_4bit",
+        "a 4-bit base can only be trained with LoRA (peft.enabled=true)",
+    )
+    check(
+        train.mixed_precision != "fp16" or dist.type != Strategy.ZERO2,
+        "train.mixed_precision",
+        "fp16 loss scaling is not wired for zero2; use bf16",
+    )
+    check(
+        not (data.packing and cfg.model.attn_implementation not in PACKING_ATTENTION),
+        "data.packing",
+        f"attention '{cfg.model.attn_implementation}' cannot keep packed records apart; "
+        f"use model.attn_implementation={'|'.join(PACKING_ATTENTION)} or data.packing=false",
+    )
+    check(
+        not (cfg.model.liger and on_cpu),
+        "model.liger",
+        "Liger kernels are Triton GPU kernels; set model.liger=false for train.device=cpu",
+    )
+    check(
+        not (cfg.model.liger and any("lm_head" in str(t) for t in cfg.peft.target_modules)),
+        "model.liger",
+        "the fused linear cross-entropy reads lm_head's base weight and would skip its LoRA; "
+        "drop lm_head from peft.target_modules or set model.liger=false",
+    )
+    check(cfg.peft.r > 0 and cfg.peft.alpha > 0, "peft.r", "r and alpha must be > 0")
+    check(0 <= cfg.peft.dropout < 1, "peft.dropout", "must be in [0, 1)")
+    if train.micro_batch_size > 0 and train.global_batch_size > 0 and world_size(cfg) > 0:
+        try:
+            accumulation_steps(cfg)
+        except ConfigError as err:
+            problems.append(f"train.global_batch_size: {err}")
+    if cfg.modal.gpu:
+        problems.extend(f"modal.gpu: {p}" for p in modal_gpu_problems(cfg))
+    check(
+        0 < cfg.modal.timeout_s <= 24 * 3600, "modal.timeout_s", "must be in (0, 86400]: Modal allows 24 h per attempt"
+    )
+    check(0 <= cfg.modal.retries <= 10, "modal.retries", "must be in [0, 10] (Modal's limit)")
+    check(
+        0 <= cfg.modal.deadline_margin_s < cfg.modal.timeout_s,
+        "modal.deadline_margin_s",
+        "must be >= 0 and below modal.timeout_s",
+    )
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
