@@ -27,6 +27,21 @@ def tiny_cfg(tiny_overrides: list[str]):
     return compose(tiny_overrides)
 
 
+@pytest.fixture(scope="session")
+def demo_result(tmp_path_factory):
+    """The real demo (SmolLM2-135M-Instruct + LoRA on the CPU), trained once for every slow test that reads it.
+
+    Minutes on a CPU: the slow tests of test_demo.py and test_after_training.py share this one run
+    instead of each training their own. Read-only for them, apart from eval/ and export/ beside it.
+    """
+    from noesis_accel.processes.train import run
+
+    root = tmp_path_factory.mktemp("demo")
+    result = run(compose(["+experiment=demo", f"run.root={root}", "train.progress_bar=false", "train.tracker=none"]))
+    assert result.state == "completed"
+    return result
+
+
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m noesis_accel.processes.train ARGS` in a subprocess, as a user would run it."""
     return subprocess.run(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from conftest import run_cli, uninterrupted_run
 from helpers import (
     assert_same_adapter,
+    kill_group,
     mark_interrupted,
     resumed_step,
     start_cli,
@@ -149,10 +151,15 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: s
 
 def test_a_second_start_on_the_same_run_dir_is_refused_and_the_first_is_unharmed(tmp_path, reference_run) -> None:
     command = BASE + [f"run.root={tmp_path}"]
-    first = start_cli(command, env={"NOESIS_STEP_DELAY_S": "1.5"})  # time for the second to try
+    first = start_cli(command)
     try:
         wait_until(lambda: step_losses(tmp_path / "tiny") != {}, 120, "the first start's first step")
-        second = run_cli(command)
+        # Held (SIGSTOP) mid-run while the second tries: alive and holding its lease, however slow the machine.
+        kill_group(first, signal.SIGSTOP)
+        try:
+            second = run_cli(command)
+        finally:
+            kill_group(first, signal.SIGCONT)
         assert second.returncode == 2, second.stderr[-3000:]
         assert "is in use by pid" in second.stderr and "two starts must not train one run" in second.stderr
         assert "Traceback" not in second.stderr
