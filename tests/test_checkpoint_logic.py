@@ -148,3 +148,27 @@ def test_resume_never_and_explicit_paths_refuse_what_would_mix_runs(tmp_path) ->
     elsewhere = _manager(tmp_path / "other", total_steps=8)
     chosen = elsewhere.select_for_resume(str(tmp_path / "checkpoints" / "step-000004"))
     assert chosen is not None and chosen.step == 4
+
+
+def test_a_checkpoint_from_other_math_another_format_or_another_zero_world_is_refused_by_name(tmp_path) -> None:
+    manager = _manager(tmp_path, total_steps=8, every=0.25)
+    _train(manager, range(1, 3))
+    checkpoint = manager.select_for_resume("auto")
+    assert checkpoint is not None
+    manager.check_compatible(checkpoint)  # its own config, its own format: fine
+    manager.config_fingerprint = "other"
+    with pytest.raises(ResumeError, match="different training config .*fingerprint abc != other"):
+        manager.check_compatible(checkpoint)
+    manager.config_fingerprint, manager.is_deepspeed = "abc", True
+    with pytest.raises(
+        ResumeError, match="written without DeepSpeed and this run is with it.*distributed=ddp or single"
+    ):
+        manager.check_compatible(checkpoint)
+    # A ZeRO checkpoint of 2 processes met by 1: refused, or continued with fresh moments on request.
+    zero = checkpoint.__class__(checkpoint.path, checkpoint.step, {**checkpoint.manifest, "world_size": 2})
+    with pytest.raises(ResumeError, match=r"written by 2 DeepSpeed process\(es\) and this run has 1.*num_processes=2"):
+        manager._world_size_changed(zero)
+    manager.cfg.on_world_size_change = "reset_optimizer"
+    assert manager._world_size_changed(zero) is True
+    manager.is_deepspeed = False  # DDP and single-process checkpoints hold the whole optimizer: any count loads
+    assert manager._world_size_changed(zero) is False

@@ -61,6 +61,7 @@ def _losses(run_dir: Path) -> list[float]:
     return list(step_losses(run_dir).values())
 
 
+@pytest.mark.slow  # two full runs, one of two processes; the fast suite trains two processes in test_foundation.py
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     """8 = 4 x 2 accumulation x 1 process against 8 = 4 x 1 x 2 processes (gloo).
 
