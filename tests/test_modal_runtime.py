@@ -20,14 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import uninterrupted_run
+from conftest import MODAL_TINY, uninterrupted_run
 from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, wait_until
 
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.status import main as status_main
 
 STEPS = 12
-TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
+TINY = MODAL_TINY
 LAYOUTS = {"1-process": [], "2-process": ["distributed=ddp", "distributed.num_processes=2"]}
 GRACE_S = 30  # Modal's SIGKILL follows its stop signal after this long
 TRACKED = ["train.tracker=tensorboard"]
@@ -85,13 +85,16 @@ class Container:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted local runs, made when a test first needs one layout."""
+def references(tmp_path_factory, request) -> dict[str, Path]:
+    """Uninterrupted local runs, made when a test first needs one layout (one process: the session's shared one)."""
     made: dict[str, Path] = {}
 
     class Lazy(dict):
         def __missing__(self, layout: str) -> Path:
-            made[layout] = uninterrupted_run(tmp_path_factory.mktemp(f"reference-{layout}"), TINY + LAYOUTS[layout])
+            if layout == "1-process":
+                made[layout] = request.getfixturevalue("modal_tiny_reference")
+            else:
+                made[layout] = uninterrupted_run(tmp_path_factory.mktemp(f"reference-{layout}"), TINY + LAYOUTS[layout])
             return made[layout]
 
     return Lazy()
