@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Sequence
 from itertools import count
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from noesis_accel.processes.launcher import Launcher, TrainingProcessFailed, Wor
 _launches = count()
 
 
-def _launcher(tmp_path: Path, ends: list[tuple[int, dict | None]], signals: list[int] | None = None) -> Launcher:
+def _launcher(tmp_path: Path, ends: Sequence[tuple[int, dict | None]], signals: list[int] | None = None) -> Launcher:
     """A launcher whose workers ended as `ends` says: (exit code, outcome written or None), by rank."""
     launcher = Launcher.__new__(Launcher)  # no lease, no temporary dir: only what `_failure` reads
     launcher.lease = None
