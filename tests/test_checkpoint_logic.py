@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.config import compose
 from noesis_accel.core.errors import ResumeError
@@ -40,7 +41,8 @@ class RecordingCommitter:
     """What was the newest complete checkpoint at each commit, and which partial ones lay beside it."""
 
     def __init__(self, checkpoints: Path) -> None:
-        self.checkpoints, self.seen = checkpoints, []
+        self.checkpoints = checkpoints
+        self.seen: list[tuple[str, str | None, list[str]]] = []
 
     def commit(self) -> None:
         newest = max(p for p in self.checkpoints.iterdir() if not p.name.endswith(".tmp"))
@@ -48,8 +50,9 @@ class RecordingCommitter:
         self.seen.append((newest.name, checkpoint_problem(newest), partials))
 
 
-def _manager(run_dir: Path, total_steps: int, **ckpt: object) -> CheckpointManager:
+def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
     cfg = OmegaConf.merge(compose(["+experiment=tiny"]).ckpt, {"commit_backoff_s": 0, **ckpt})
+    assert isinstance(cfg, DictConfig)
     return CheckpointManager(
         OneProcessAccelerator(),
         run_dir,
@@ -98,6 +101,7 @@ def test_every_tenth_is_saved_complete_committed_after_its_rename_and_pruned(tmp
     manager = _manager(tmp_path, total_steps=20, every=0.1, keep_last=3)
     saved = _train(manager, range(1, 21))
     assert saved == [(s, "interval") for s in range(2, 20, 2)] + [(20, "final")]
+    assert isinstance(manager.committer, RecordingCommitter)
     seen = manager.committer.seen
     assert [name for name, _, _ in seen] == [f"step-{s:06d}" for s in range(2, 21, 2)]
     assert all(problem is None and partials == [] for _, problem, partials in seen)
