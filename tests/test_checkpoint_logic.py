@@ -51,7 +51,8 @@ class RecordingCommitter:
 
 
 def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
-    cfg = OmegaConf.merge(compose(["+experiment=tiny"]).ckpt, {"commit_backoff_s": 0, **ckpt})
+    overrides: dict[Any, Any] = {"commit_backoff_s": 0, **ckpt}
+    cfg = OmegaConf.merge(compose(["+experiment=tiny"]).ckpt, overrides)
     assert isinstance(cfg, DictConfig)
     return CheckpointManager(
         OneProcessAccelerator(),
