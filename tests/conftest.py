@@ -27,6 +27,31 @@ def tiny_cfg(tiny_overrides: list[str]):
     return compose(tiny_overrides)
 
 
+# The 12-step tiny run the Modal tests kill, signal and restart (tests/test_modal_sim.py, test_modal_runtime.py).
+MODAL_TINY = ["+experiment=tiny", "train.max_steps=12", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
+
+
+@pytest.fixture(scope="session")
+def modal_tiny_reference(tmp_path_factory) -> Path:
+    """MODAL_TINY trained once, uninterrupted, as a plain local run: what every interrupted Modal run must equal."""
+    return uninterrupted_run(tmp_path_factory.mktemp("modal-reference"), MODAL_TINY)
+
+
+@pytest.fixture(scope="session")
+def demo_result(tmp_path_factory):
+    """The real demo (SmolLM2-135M-Instruct + LoRA on the CPU), trained once for every slow test that reads it.
+
+    Minutes on a CPU: the slow tests of test_demo.py and test_after_training.py share this one run
+    instead of each training their own. Read-only for them, apart from eval/ and export/ beside it.
+    """
+    from noesis_accel.processes.train import run
+
+    root = tmp_path_factory.mktemp("demo")
+    result = run(compose(["+experiment=demo", f"run.root={root}", "train.progress_bar=false", "train.tracker=none"]))
+    assert result.state == "completed"
+    return result
+
+
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m noesis_accel.processes.train ARGS` in a subprocess, as a user would run it."""
     return subprocess.run(

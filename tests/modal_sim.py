@@ -129,9 +129,12 @@ def main() -> int:
     parser.add_argument("--retry-count", type=int, default=0)
     parser.add_argument("--job-file", type=Path, help="a sweep job's request (JSON) instead of overrides")
     parser.add_argument("--result-file", type=Path, help="where a sweep job's JobReturn goes (pickled)")
+    parser.add_argument(
+        "--attempt-started", type=float, help="the attempt's start (unix time) its deadline counts from; default now"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    started = time.time()
+    started = args.attempt_started if args.attempt_started is not None else time.time()
     if os.environ.get("NOESIS_FAULT_KILL_PID") == "container":  # a fault that takes the whole container down
         os.environ["NOESIS_FAULT_KILL_PID"] = str(os.getpid())
     volume = FakeVolume.mount(

@@ -546,12 +546,10 @@ def test_after_training_with_a_missing_judge_fails_before_training(tmp_path) -> 
 # ---------------------------------------------------------------- the real demo (slow)
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    result = run(compose(["+experiment=demo", f"run.root={root}", "train.progress_bar=false", "train.tracker=none"]))
-    assert result.state == "completed"
-    return result.run_dir
+@pytest.fixture
+def demo_run(demo_result) -> Path:
+    """The session's one demo run (tests/conftest.py), shared with tests/test_demo.py."""
+    return demo_result.run_dir
 
 
 @pytest.mark.slow

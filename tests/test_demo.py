@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 
 from noesis_accel.config import compose
-from noesis_accel.processes.train import run
 from noesis_accel.training.generate import load_finetuned, reply
 
 
 @pytest.mark.slow
-def test_demo_teaches_the_assistant_its_name(tmp_path) -> None:
-    cfg = compose(["+experiment=demo", f"run.root={tmp_path}", "train.progress_bar=false", "train.tracker=none"])
-    result = run(cfg)
-    assert result.state == "completed"
+def test_demo_teaches_the_assistant_its_name(demo_result) -> None:
+    # The session's one demo run (tests/conftest.py), shared with the slow after-training tests.
+    result = demo_result
+    cfg = compose(["+experiment=demo"])
     assert result.eval_loss_after < 0.5 * result.eval_loss_before
     adapter = result.run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()

@@ -86,6 +86,7 @@ def test_two_processes_give_the_same_loss_and_gradients_as_one(tmp_path, data_pa
     _assert_same_gradients(two, one)
 
 
+@pytest.mark.slow  # DeepSpeed on the CPU: with the other ZeRO-2 runs (tests/test_zero2.py) in the slow suite
 def test_zero2_two_processes_give_the_same_loss_and_gradients_as_one(tmp_path, data_path) -> None:
     zero2 = ["distributed=zero2", "optim=adamw"]
     one_loss, one = _first_step(

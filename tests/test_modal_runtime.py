@@ -16,17 +16,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import uninterrupted_run
+from conftest import MODAL_TINY, uninterrupted_run
 from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, wait_until
 
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.status import main as status_main
 
 STEPS = 12
-TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
+TINY = MODAL_TINY
 LAYOUTS = {"1-process": [], "2-process": ["distributed=ddp", "distributed.num_processes=2"]}
 GRACE_S = 30  # Modal's SIGKILL follows its stop signal after this long
 TRACKED = ["train.tracker=tensorboard"]
@@ -39,7 +40,9 @@ def _run_dir(root: Path) -> Path:
 class Container:
     """One simulated container under Modal's runtime; `outputs` is what the runtime sent."""
 
-    def __init__(self, tmp_path: Path, overrides: list[str], env: dict | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, overrides: list[str], env: dict | None = None, sim_args: Sequence[str] = ()
+    ) -> None:
         self.view, self.remote = tmp_path / "container", tmp_path / "remote"
         self.outputs_file = tmp_path / f"outputs-{time.monotonic_ns()}.json"
         self.process = subprocess.Popen(
@@ -50,6 +53,7 @@ class Container:
                 str(self.remote),
                 "--outputs",
                 str(self.outputs_file),
+                *sim_args,
                 *overrides,
             ],
             cwd=REPO,
@@ -81,13 +85,16 @@ class Container:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted local runs, made when a test first needs one layout."""
+def references(tmp_path_factory, request) -> dict[str, Path]:
+    """Uninterrupted local runs, made when a test first needs one layout (one process: the session's shared one)."""
     made: dict[str, Path] = {}
 
     class Lazy(dict):
         def __missing__(self, layout: str) -> Path:
-            made[layout] = uninterrupted_run(tmp_path_factory.mktemp(f"reference-{layout}"), TINY + LAYOUTS[layout])
+            if layout == "1-process":
+                made[layout] = request.getfixturevalue("modal_tiny_reference")
+            else:
+                made[layout] = uninterrupted_run(tmp_path_factory.mktemp(f"reference-{layout}"), TINY + LAYOUTS[layout])
             return made[layout]
 
     return Lazy()
@@ -164,9 +171,21 @@ def test_a_cancellation_commits_its_checkpoint_and_ends_terminated(tmp_path, lay
 
 @pytest.mark.parametrize("layout", [pytest.param("1-process"), pytest.param("2-process", marks=pytest.mark.slow)])
 def test_the_deadline_commits_its_checkpoint_and_ends_as_one_failure(tmp_path, layout: str) -> None:
-    # A 60 s attempt with a 50 s margin: checkpoint and stop 10 s in, well before Modal's timeout.
+    # A 60 s attempt with a 50 s margin: checkpoint and stop 10 s after the start the test gives it.
+    # The run is held (SIGSTOP) once a step is logged until that deadline has passed, so the stop
+    # lands mid-run however fast or slow the machine starts: not after the last step, not before the first.
     timed = TINY + LAYOUTS[layout] + ["modal.timeout_s=60", "modal.deadline_margin_s=50"]
-    container = Container(tmp_path, timed, env={"NOESIS_STEP_DELAY_S": "1.5"})
+    started = time.time()
+    container = Container(
+        tmp_path, timed, env={"NOESIS_STEP_DELAY_S": "0.5"}, sim_args=["--attempt-started", str(started)]
+    )
+    run_dir = _run_dir(container.view)
+    wait_until(lambda: logged_step(run_dir) >= 1 or container.process.poll() is not None, 240, "step 1")
+    container.signal(signal.SIGSTOP, every_process=True)
+    try:
+        time.sleep(max(0.0, started + 10 - time.time()) + 0.1)
+    finally:
+        container.signal(signal.SIGCONT, every_process=True)
     code, output = container.finish()
     assert [o["status"] for o in container.outputs] == ["FAILURE"], output[-3000:]  # spends one retry
     assert "before this attempt's time limit" in container.outputs[0]["exception"]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import uninterrupted_run
+from conftest import MODAL_TINY, uninterrupted_run
 from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
 
 from noesis_accel.rundir.checkpoint import checkpoint_problem
@@ -27,7 +27,7 @@ from noesis_accel.rundir.layout import RunDir
 
 STEPS = 12
 RANDOM_KILL_STEP_DELAY_S = 0.25  # the random sleep before a kill is at most 0.6 s: under 3 steps
-TINY = ["+experiment=tiny", f"train.max_steps={STEPS}", "ckpt.every=0.25", "train.eval_every=0", "modal.secret=null"]
+TINY = MODAL_TINY
 
 
 def _container(
@@ -56,10 +56,10 @@ def _run_dir(root: Path) -> Path:
     return root / "runs" / "tiny"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The same training, uninterrupted, as a plain local run."""
-    return uninterrupted_run(tmp_path_factory.mktemp("reference"), TINY)
+@pytest.fixture
+def reference(modal_tiny_reference) -> Path:
+    """The same training, uninterrupted, as a plain local run (one per session, shared with test_modal_runtime.py)."""
+    return modal_tiny_reference
 
 
 def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[dict], seed: int) -> list[int]:

@@ -61,7 +61,15 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert optim.warmup_steps(cfg, 95) == 10
 
 
-def test_torch_adamw_is_fused_only_on_gpu() -> None:
-    model = torch.nn.Linear(4, 4)
-    optimizer = optim.build_optimizer(model, compose([]).optim, on_cuda=False)
-    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults["fused"]
+def test_torch_adamw_is_fused_only_on_gpu_unless_the_config_says() -> None:
+    # Asserted as `is True` / `is False`: torch's own default is None, which a plain `not` would accept.
+    def fused(on_cuda: bool, setting: bool | None) -> object:
+        cfg = OmegaConf.merge(compose([]).optim, {"fused": setting})
+        optimizer = optim.build_optimizer(torch.nn.Linear(4, 4), cfg, on_cuda=on_cuda)
+        assert isinstance(optimizer, torch.optim.AdamW)
+        return optimizer.defaults["fused"]
+
+    assert fused(on_cuda=False, setting=None) is False
+    assert fused(on_cuda=True, setting=None) is True  # built on CPU tensors: torch checks devices at step()
+    assert fused(on_cuda=True, setting=False) is False
+    assert fused(on_cuda=False, setting=True) is True

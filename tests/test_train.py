@@ -61,6 +61,7 @@ def _losses(run_dir: Path) -> list[float]:
     return list(step_losses(run_dir).values())
 
 
+@pytest.mark.slow  # two full runs, one of two processes; the fast suite trains two processes in test_foundation.py
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     """8 = 4 x 2 accumulation x 1 process against 8 = 4 x 1 x 2 processes (gloo).
 
@@ -84,6 +85,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(one[name], two[name], rtol=0, atol=1e-4)
 
 
+# The slow suite: test_foundation.py's sweeps (a failing job, the Modal launcher) give each job its own run dir too.
+@pytest.mark.slow
 def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path: Path) -> None:
     result = run_cli(
         [

@@ -15,6 +15,11 @@ from helpers import assert_same_adapter, mark_interrupted, resumed_step, step_lo
 
 from noesis_accel.rundir.history import read_status
 
+# Six ZeRO-2 runs of two processes each, minutes on a CPU: the slow suite (CI runs it after the fast one).
+# The resume decisions they rely on (world-size change refused or reset) are checked in-process by
+# tests/test_checkpoint_logic.py in the fast suite.
+pytestmark = pytest.mark.slow
+
 STEPS = 8
 ZERO2 = [
     "+experiment=tiny",

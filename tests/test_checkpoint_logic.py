@@ -1,0 +1,179 @@
+"""The checkpoint manager's decisions, in-process and in milliseconds: when to save, what to keep, what to resume.
+
+A stand-in accelerator writes two small files where Accelerate's `save_state` writes the model and
+optimizer, so the manager's own logic (interval and stop reasons, atomic rename, manifest, pruning,
+commits, resume selection) runs without a model. The end-to-end crash and resume runs that prove the
+same decisions through a real training process are in tests/test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from noesis_accel.config import compose
+from noesis_accel.core.errors import ResumeError
+from noesis_accel.rundir.checkpoint import MANIFEST, CheckpointManager, checkpoint_problem
+
+
+class OneProcessAccelerator:
+    """What the manager asks of Accelerate on one process; `save_state` writes stand-in files."""
+
+    is_main_process = is_local_main_process = True
+    num_processes = 1
+    distributed_type = "NO"
+
+    def save_state(self, output_dir: str) -> None:
+        target = Path(output_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+        (target / "optimizer.bin").write_bytes(b"moments" * 100)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+class RecordingCommitter:
+    """What was the newest complete checkpoint at each commit, and which partial ones lay beside it."""
+
+    def __init__(self, checkpoints: Path) -> None:
+        self.checkpoints = checkpoints
+        self.seen: list[tuple[str, str | None, list[str]]] = []
+
+    def commit(self) -> None:
+        newest = max(p for p in self.checkpoints.iterdir() if not p.name.endswith(".tmp"))
+        partials = sorted(p.name for p in self.checkpoints.glob("*.tmp"))
+        self.seen.append((newest.name, checkpoint_problem(newest), partials))
+
+
+def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
+    overrides: dict[Any, Any] = {"commit_backoff_s": 0, **ckpt}
+    cfg = OmegaConf.merge(compose(["+experiment=tiny"]).ckpt, overrides)
+    assert isinstance(cfg, DictConfig)
+    return CheckpointManager(
+        OneProcessAccelerator(),
+        run_dir,
+        cfg,
+        total_steps,
+        config_fingerprint="abc",
+        committer=RecordingCommitter(run_dir / "checkpoints"),
+        is_deepspeed=False,
+        loss_normalization="tokens",
+    )
+
+
+def _train(manager: CheckpointManager, steps: range) -> list[tuple[int, str]]:
+    """Save after every step the manager says is due, as the trainer does; the (step, reason) of each save."""
+    saved = []
+    for step in steps:
+        reason = manager.due(step, signal_received=False, minutes_due=False)
+        if reason is not None:
+            manager.save(step, reason, {"total_steps": manager.total_steps})
+            saved.append((step, reason))
+    return saved
+
+
+def _names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_the_reason_to_save_after_a_step() -> None:
+    manager = _manager(Path("/nonexistent/run"), total_steps=20, every=0.25)
+    assert manager.interval == 5
+    assert [manager.due(s, False, False) for s in (1, 4, 5, 10, 19, 20)] == [
+        None,
+        None,
+        "interval",
+        "interval",
+        None,
+        "final",
+    ]
+    assert manager.due(3, signal_received=True, minutes_due=False, deadline_due=True) == "signal"  # signal first
+    assert manager.due(3, False, False, deadline_due=True) == "deadline"
+    assert manager.due(20, False, False, deadline_due=True) == "final"  # the last step is a normal end
+    assert manager.due(3, False, minutes_due=True) == "interval"
+
+
+def test_every_tenth_is_saved_complete_committed_after_its_rename_and_pruned(tmp_path) -> None:
+    manager = _manager(tmp_path, total_steps=20, every=0.1, keep_last=3)
+    saved = _train(manager, range(1, 21))
+    assert saved == [(s, "interval") for s in range(2, 20, 2)] + [(20, "final")]
+    assert isinstance(manager.committer, RecordingCommitter)
+    seen = manager.committer.seen
+    assert [name for name, _, _ in seen] == [f"step-{s:06d}" for s in range(2, 21, 2)]
+    assert all(problem is None and partials == [] for _, problem, partials in seen)
+    assert _names(tmp_path) == ["step-000016", "step-000018", "step-000020"]
+    reasons = [json.loads((tmp_path / "checkpoints" / n / MANIFEST).read_text())["reason"] for n in _names(tmp_path)]
+    assert reasons == ["interval", "interval", "final"]
+
+
+def test_pruning_drops_damaged_older_ones_and_never_the_newest_complete_or_a_save_in_progress(tmp_path) -> None:
+    manager = _manager(tmp_path, total_steps=8, every=0.25, keep_last=3)
+    _train(manager, range(1, 7))  # steps 2, 4, 6
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-000004" / "optimizer.bin").unlink()  # damaged, older than the newest complete
+    (checkpoints / "step-000008.tmp").mkdir()  # a save in progress
+    manager.prune()
+    assert _names(tmp_path) == ["step-000002", "step-000006", "step-000008.tmp"]
+    # The newest damaged: kept (nothing complete is newer), and the newest complete one stays too.
+    (checkpoints / "step-000006" / "model.safetensors").write_bytes(b"short")
+    manager.cfg.keep_last = 1
+    manager.prune()
+    assert _names(tmp_path) == ["step-000002", "step-000006", "step-000008.tmp"]
+
+
+def test_resume_auto_takes_the_newest_complete_and_skips_damaged_ones(tmp_path, caplog) -> None:
+    manager = _manager(tmp_path, total_steps=8, every=0.25, keep_last=5)
+    _train(manager, range(1, 9))
+    newest = tmp_path / "checkpoints" / "step-000008"
+    victim = newest / "model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[10] ^= 0xFF  # same size: only the checksum finds it
+    victim.write_bytes(bytes(data))
+    chosen = manager.select_for_resume("auto")
+    assert chosen is not None and chosen.step == 6 and chosen.manifest["reason"] == "interval"
+    assert f"skipping checkpoint {newest}: model.safetensors" in caplog.text
+    assert _manager(tmp_path / "empty", total_steps=8).select_for_resume("auto") is None
+
+
+def test_resume_never_and_explicit_paths_refuse_what_would_mix_runs(tmp_path) -> None:
+    manager = _manager(tmp_path, total_steps=8, every=0.25, keep_last=5)
+    assert _manager(tmp_path, total_steps=8).select_for_resume("never") is None  # nothing saved yet
+    _train(manager, range(1, 9))
+    with pytest.raises(ResumeError, match="ckpt.resume=never but .* already holds checkpoints"):
+        manager.select_for_resume("never")
+    with pytest.raises(ResumeError, match="cannot resume from it: no such directory"):
+        manager.select_for_resume(str(tmp_path / "nowhere"))
+    with pytest.raises(ResumeError, match=r"already holds later checkpoints \(step-000008, step-000006\)"):
+        manager.select_for_resume(str(tmp_path / "checkpoints" / "step-000004"))
+    elsewhere = _manager(tmp_path / "other", total_steps=8)
+    chosen = elsewhere.select_for_resume(str(tmp_path / "checkpoints" / "step-000004"))
+    assert chosen is not None and chosen.step == 4
+
+
+def test_a_checkpoint_from_other_math_another_format_or_another_zero_world_is_refused_by_name(tmp_path) -> None:
+    manager = _manager(tmp_path, total_steps=8, every=0.25)
+    _train(manager, range(1, 3))
+    checkpoint = manager.select_for_resume("auto")
+    assert checkpoint is not None
+    manager.check_compatible(checkpoint)  # its own config, its own format: fine
+    manager.config_fingerprint = "other"
+    with pytest.raises(ResumeError, match="different training config .*fingerprint abc != other"):
+        manager.check_compatible(checkpoint)
+    manager.config_fingerprint, manager.is_deepspeed = "abc", True
+    with pytest.raises(
+        ResumeError, match="written without DeepSpeed and this run is with it.*distributed=ddp or single"
+    ):
+        manager.check_compatible(checkpoint)
+    # A ZeRO checkpoint of 2 processes met by 1: refused, or continued with fresh moments on request.
+    zero = checkpoint.__class__(checkpoint.path, checkpoint.step, {**checkpoint.manifest, "world_size": 2})
+    with pytest.raises(ResumeError, match=r"written by 2 DeepSpeed process\(es\) and this run has 1.*num_processes=2"):
+        manager._world_size_changed(zero)
+    manager.cfg.on_world_size_change = "reset_optimizer"
+    assert manager._world_size_changed(zero) is True
+    manager.is_deepspeed = False  # DDP and single-process checkpoints hold the whole optimizer: any count loads
+    assert manager._world_size_changed(zero) is False
