@@ -31,8 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def train_and_time_saves(overrides: list[str]) -> tuple[float, list[float], Path, int]:
-    trainer = Trainer(compose(overrides))
-    trainer.setup()
+    trainer = Trainer.for_config(compose(overrides))
     save_times: list[float] = []
     save = trainer.checkpoints.save
 
@@ -46,7 +45,7 @@ def train_and_time_saves(overrides: list[str]) -> tuple[float, list[float], Path
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    return wall, save_times, trainer.run_dir, trainer.total_steps
+    return wall, save_times, trainer.rundir.path, trainer.total_steps
 
 
 def restart_latency(overrides: list[str], checkpoint: Path, root: Path) -> float:

@@ -274,15 +274,15 @@ def run_ours(
             f"model.compile={variant.compile}",
         ]
     )
-    trainer = Trainer(cfg)
+    trainer = None
     try:
-        trainer.setup()
+        trainer = Trainer.for_config(cfg)
         if trainer.sampler.num_global_batches(0) != untimed:  # else "the second epoch" is not what is timed
             raise RuntimeError(f"an epoch holds {trainer.sampler.num_global_batches(0)} steps, not {untimed}")
         reset_peak_memory()
         trainer.train()
         peak = peak_memory_gib()
-        metrics = {m["step"]: m for m in read_metrics(trainer.run_dir) if "loss" in m}
+        metrics = {m["step"]: m for m in read_metrics(trainer.rundir.path) if "loss" in m}
         lengths = trainer.sampler.lengths
         timed = [micro for batch in trainer.sampler.plan(1) for micro in batch]  # the second epoch
         padded = sum(int(lengths[m].max()) * len(m) for m in timed)
@@ -311,6 +311,8 @@ def run_ours(
         trainer.metrics.close()
         return row
     finally:
+        if trainer is not None:
+            trainer.session.close()  # the lease let go: the next variant runs in this process
         del trainer
         _reset_accelerate_state()
 

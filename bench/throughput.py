@@ -82,11 +82,10 @@ def run_ours(overrides: list[str], steps: int, warmup: int, root: Path, variant:
             "data.eval_fraction=0",
         ]
     )
-    trainer = Trainer(cfg)
-    trainer.setup()
+    trainer = Trainer.for_config(cfg)
     reset_peak_memory()
     trainer.train()
-    metrics = {m["step"]: m for m in read_metrics(trainer.run_dir) if "loss" in m}
+    metrics = {m["step"]: m for m in read_metrics(trainer.rundir.path) if "loss" in m}
     tokens = metrics[steps]["tokens_seen"] - metrics[warmup]["tokens_seen"]
     seconds = metrics[steps]["time"] - metrics[warmup]["time"]
     lengths = trainer.sampler.lengths

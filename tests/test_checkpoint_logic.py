@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from noesis_accel.config import compose
 from noesis_accel.core.errors import ResumeError
 from noesis_accel.rundir.checkpoint import MANIFEST, CheckpointManager, checkpoint_problem
+from noesis_accel.rundir.layout import RunDir
 
 
 class OneProcessAccelerator:
@@ -56,7 +57,7 @@ def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
     assert isinstance(cfg, DictConfig)
     return CheckpointManager(
         OneProcessAccelerator(),
-        run_dir,
+        RunDir(run_dir),
         cfg,
         total_steps,
         config_fingerprint="abc",

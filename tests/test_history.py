@@ -451,7 +451,7 @@ def test_a_failed_progress_commit_is_a_warning_and_training_goes_on(tmp_path, ca
 
     cfg = compose(["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", f"run.root={tmp_path}"])
     committer = _ProgressCommitsFail(tmp_path / "tiny")
-    with caplog.at_level("WARNING", logger="noesis_accel.training.trainer"):
+    with caplog.at_level("WARNING", logger="noesis_accel.training.session"):
         assert run(cfg, committer).state == "completed"
     assert committer.failed == 2  # at `starting` and at `start`, before any checkpoint
     assert sum("could not commit the run's progress files" in r.getMessage() for r in caplog.records) == 2

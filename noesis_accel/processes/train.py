@@ -66,7 +66,7 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     try:
         if needs_launch(cfg):
             return RunResult.from_dict(launch(cfg, committer))
-        return Trainer(cfg, committer, after_training=after_training_for(cfg)).run()
+        return Trainer.run_config(cfg, committer, after_training=after_training_for(cfg))
     finally:
         # What reached the run dir (status.json included) is made durable on every exit path; a
         # failure is reported, never raised over the error that ended the run.

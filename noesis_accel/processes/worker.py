@@ -96,7 +96,7 @@ def main() -> None:
     cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.environ["NOESIS_CONFIG"])))
     committer = LauncherCommitter.from_env() or LocalCommitter()
     try:
-        result = Trainer(cfg, committer, watcher, after_training_for(cfg)).run()
+        result = Trainer.run_config(cfg, committer, watcher, after_training_for(cfg))
     except RunInterrupted as stop:
         _write_outcome(stop.outcome())
         sys.exit(stop.exit_code)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from noesis_accel.config import Resume, interval_steps, resume_mode, saved_with_deepspeed
 from noesis_accel.core import faults
+from noesis_accel.core.collective import main_decides
 from noesis_accel.core.errors import ResumeError, UserError
 from noesis_accel.rundir.layout import RunDir, step_dir_name
 from noesis_accel.rundir.volumes import Committer, commit_or_report
@@ -169,7 +170,7 @@ class CheckpointManager:
     def __init__(
         self,
         accelerator: Any,
-        run_dir: Path,
+        rundir: RunDir,
         ckpt_cfg: DictConfig,
         total_steps: int,
         config_fingerprint: str,
@@ -179,7 +180,7 @@ class CheckpointManager:
         num_machines: int = 1,
     ) -> None:
         self.accelerator = accelerator
-        self.rundir = RunDir(Path(run_dir))
+        self.rundir = rundir
         self.root = self.rundir.checkpoints
         self.cfg = ckpt_cfg
         self.total_steps = total_steps
@@ -227,8 +228,7 @@ class CheckpointManager:
         accelerator = self.accelerator
         final = self.root / step_dir_name(step)
         # Fully verified: a same-size damaged directory of this step must be rewritten, not kept.
-        already = accelerator.is_main_process and final.is_dir() and checkpoint_problem(final) is None
-        if self._agreed(already):
+        if main_decides(accelerator, lambda: final.is_dir() and checkpoint_problem(final) is None):
             return final  # this step is already saved (a signal right after an interval save)
         multi_machine = self.num_machines > 1
         target = final if multi_machine else final.with_name(final.name + ".tmp")
@@ -340,14 +340,6 @@ class CheckpointManager:
                 self.root,
             )
         return needed
-
-    def _agreed(self, value: bool) -> bool:
-        """The main process's answer on every rank: ranks must not decide from their own view of storage."""
-        if self.accelerator.num_processes == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return bool(broadcast_object_list([value], from_process=0)[0])
 
     def _gather(self, listing: dict[str, Any]) -> list[dict[str, Any]]:
         """Every machine's file listing, on the main process (one process: just ours)."""

@@ -15,15 +15,6 @@ from typing import Any
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.history import Attempt, RunState, format_duration, history, redone_words
-
-# re-exported for training/trainer.py until it imports rundir.history
-from noesis_accel.rundir.history import PreviousAttempt as PreviousAttempt
-from noesis_accel.rundir.history import attempt_starts as attempt_starts
-from noesis_accel.rundir.history import lost_steps as lost_steps
-from noesis_accel.rundir.history import previous_attempt as previous_attempt
-from noesis_accel.rundir.history import read_status as read_status
-from noesis_accel.rundir.history import record_stop as record_stop
-from noesis_accel.rundir.history import write_status as write_status
 from noesis_accel.rundir.layout import RunDir
 
 # ---------------------------------------------------------------- printing

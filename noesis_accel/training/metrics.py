@@ -15,12 +15,12 @@ from noesis_accel.rundir.layout import RunDir
 from noesis_accel.training.trackers import TrackerRun
 
 
-def truncate_metrics_after(run_dir: Path, step: int) -> None:
+def truncate_metrics_after(rundir: RunDir, step: int) -> None:
     """Drop records logged after `step`: a resumed run re-does those steps and logs them again."""
-    path = RunDir(Path(run_dir)).metrics_file
+    path = rundir.metrics_file
     if not path.is_file():
         return
-    kept = [record for record in RunDir(Path(run_dir)).metrics() if record.get("step", 0) <= step]
+    kept = [record for record in rundir.metrics() if record.get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
     tmp.replace(path)
@@ -40,7 +40,7 @@ class MetricsLogger:
     def __init__(
         self,
         accelerator: Any,
-        run_dir: Path,
+        rundir: RunDir,
         total_steps: int,
         start_step: int,
         show_progress: bool,
@@ -51,7 +51,7 @@ class MetricsLogger:
         # The tracker run, on the main process; steps below its first_step reached it in an earlier start.
         self.tracker_run = tracker_run
         self.enabled = accelerator.is_main_process
-        self.path = RunDir(Path(run_dir)).metrics_file
+        self.path = rundir.metrics_file
         self.total_steps, self.start_step = total_steps, start_step
         self.bar = None
         if self.enabled and show_progress and sys.stderr.isatty():
