@@ -291,7 +291,7 @@ def run_job_in_container(
             if getattr(failure, "retryable", False):
                 raise failure  # a preempted or crashed job: let Modal run it again, it resumes
             return returned
-        return train_in_container(list(job), settings, machine_rank, main_address, committer)
+        return train_in_container(list(job), settings, committer, machine_rank, main_address)
     except BaseException as stop:
         if getattr(stop, "signum", None) is None:  # not a signal's stop: a crash, the deadline, ...
             raise
@@ -325,13 +325,12 @@ def end_as_modal_expects(stop: BaseException, modal_handlers: dict[int, Any]) ->
 def train_in_container(
     overrides: Sequence[str],
     settings: ModalSettings,
+    committer: Committer,
     machine_rank: int = 0,
     main_address: str = "127.0.0.1",
-    committer: Committer | None = None,
 ) -> dict[str, Any]:
-    """Compose with the Volume's paths and the GPU layout, then `run()`: the same entry as `noesis-train`.
-
-    `committer`: the Volume's (None only where nothing needs committing, as in a test)."""
+    """Compose with the Volume's paths and the GPU layout, then `run()` committing to the Volume through
+    `committer`: the same entry as `noesis-train`."""
     from noesis_accel.processes.train import run
 
     try:
