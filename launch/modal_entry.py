@@ -34,6 +34,7 @@ sys.path.insert(0, str(PROJECT))  # `modal run` imports this file by path; the p
 
 from noesis_accel.cloud import modal_image, modal_job, modal_submit  # noqa: E402
 from noesis_accel.config import CONF_DIR  # noqa: E402
+from noesis_accel.core.protocol import MODAL_OVERRIDES_ENV  # noqa: E402
 
 SETTINGS = modal_job.settings_at_import()
 
@@ -66,7 +67,7 @@ common = dict(
     single_use_containers=True,  # every retry in a fresh container: no state survives but the Volume
     cpu=SETTINGS.cpu,
     memory=SETTINGS.memory_mib,
-    env={modal_job.OVERRIDES_ENV: json.dumps(list(SETTINGS.overrides))},
+    env={MODAL_OVERRIDES_ENV: json.dumps(list(SETTINGS.overrides))},
 )
 
 

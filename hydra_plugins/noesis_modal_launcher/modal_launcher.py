@@ -32,8 +32,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.cloud.modal_job import OVERRIDES_ENV
 from noesis_accel.config import sweeps
+from noesis_accel.core.protocol import MODAL_OVERRIDES_ENV
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[2]
@@ -156,7 +156,7 @@ class ModalLauncher(Launcher):
         assert self.config is not None, "setup() runs before launch()"
         given = cast(list[str], OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False))
         task_overrides = [o for o in given if "," not in o.split("=", 1)[-1]]
-        os.environ[OVERRIDES_ENV] = json.dumps(task_overrides)
+        os.environ[MODAL_OVERRIDES_ENV] = json.dumps(task_overrides)
         entry = load_entry(PROJECT / self.entry)
         with entry.app.run():
             yield sweeps.ModalBackend(entry.training_function())

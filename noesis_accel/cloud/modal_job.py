@@ -23,11 +23,11 @@ from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracke
 from noesis_accel.config import Strategy, compose, modal_layout, order_overrides, strategy, validate
 from noesis_accel.core.cli import Arguments, Command, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, redact
+from noesis_accel.core.protocol import DEADLINE_ENV, LEASE_GROUP_ENV, MODAL_OVERRIDES_ENV
 from noesis_accel.core.signals import FORWARDED_SIGNALS
 from noesis_accel.rundir.history import RunState
 from noesis_accel.rundir.layout import runs_root
-
-OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"  # the CLI overrides, for the container's own import of the app
+from noesis_accel.rundir.volumes import Committer, ModalVolumeCommitter
 
 
 class Volume(Protocol):
@@ -84,8 +84,8 @@ def command_arguments(function: str, args: Sequence[str]) -> Arguments:
 def overrides_at_import() -> list[str]:
     """The overrides the app is declared for: from `modal run launch/modal_entry.py <overrides>`, or
     from the environment in the container (which imports the same file with other arguments)."""
-    if os.environ.get(OVERRIDES_ENV):
-        return json.loads(os.environ[OVERRIDES_ENV])
+    if os.environ.get(MODAL_OVERRIDES_ENV):
+        return json.loads(os.environ[MODAL_OVERRIDES_ENV])
     argv = sys.argv
     entry = next((i for i, a in enumerate(argv) if a.split("::")[0].endswith("modal_entry.py")), None)
     if entry is None:
@@ -237,18 +237,20 @@ def placement_overrides(
     return derived
 
 
-def _prepare_attempt(settings: ModalSettings, volume: Volume, attempt_started: float | None) -> None:
-    """Per attempt: the deadline a margin before Modal's timeout, and every commit going to the Volume."""
-    from noesis_accel.rundir.volumes import ModalVolumeCommitter, use_default_committer
+def _prepare_attempt(settings: ModalSettings, volume: Volume, attempt_started: float | None) -> Committer:
+    """Per attempt: the deadline a margin before Modal's timeout; the committer that commits the Volume.
 
+    The deadline and the lease group travel in the environment: the launcher's training processes
+    inherit them.
+    """
     started = attempt_started if attempt_started is not None else time.time()
-    os.environ["NOESIS_DEADLINE"] = str(started + settings.timeout_s - settings.deadline_margin_s)
+    os.environ[DEADLINE_ENV] = str(started + settings.timeout_s - settings.deadline_margin_s)
     os.environ.setdefault("HF_HOME", f"{settings.mount}/hf-cache")  # models download once per Volume
     # Hub datasets are memory-mapped from their cache while read: never from the Volume.
     os.environ.setdefault("HF_DATASETS_CACHE", f"{settings.scratch_dir}/hf-datasets")
-    use_default_committer(ModalVolumeCommitter(volume))
     # Retries of one call share its id: a lease left by an earlier (dead) attempt is taken over at once.
-    os.environ["NOESIS_LEASE_GROUP"] = _modal_call_id() or os.environ.get("NOESIS_LEASE_GROUP", "")
+    os.environ[LEASE_GROUP_ENV] = _modal_call_id() or os.environ.get(LEASE_GROUP_ENV, "")
+    return ModalVolumeCommitter(volume)
 
 
 def _modal_call_id() -> str | None:
@@ -277,20 +279,24 @@ def run_job_in_container(
     """
     # Modal's own handlers (SIGUSR1: its input cancellation); ours replace them while training runs.
     modal_handlers: dict[int, Any] = {signum: signal.getsignal(signum) for signum in FORWARDED_SIGNALS}
-    _prepare_attempt(settings, volume, attempt_started)
+    committer = _prepare_attempt(settings, volume, attempt_started)
     try:
         if isinstance(job, dict):
             from noesis_accel.config.sweeps import JobRequest, run_sweep_job
+            from noesis_accel.processes.train import TASK_REFERENCE, TrainCommand
 
             request = JobRequest(**job)
             returned = run_sweep_job(
-                request, placement_overrides(settings, request.overrides, machine_rank, main_address)
+                request,
+                placement_overrides(settings, request.overrides, machine_rank, main_address),
+                # noesis-train's jobs commit to the Volume; another task runs as its request names it.
+                task_function=TrainCommand(committer) if request.task == TASK_REFERENCE else None,
             )
             failure = getattr(returned, "_return_value", None)
             if isinstance(failure, BaseException) and getattr(failure, "retryable", False):
                 raise failure  # a preempted or crashed job: let Modal run it again, it resumes
             return returned
-        return train_in_container(list(job), settings, machine_rank, main_address)
+        return train_in_container(list(job), settings, committer, machine_rank, main_address)
     except BaseException as stop:
         if getattr(stop, "signum", None) is None:  # not a signal's stop: a crash, the deadline, ...
             raise
@@ -322,16 +328,21 @@ def end_as_modal_expects(stop: BaseException, modal_handlers: dict[int, Any]) ->
 
 
 def train_in_container(
-    overrides: Sequence[str], settings: ModalSettings, machine_rank: int = 0, main_address: str = "127.0.0.1"
+    overrides: Sequence[str],
+    settings: ModalSettings,
+    committer: Committer,
+    machine_rank: int = 0,
+    main_address: str = "127.0.0.1",
 ) -> dict[str, Any]:
-    """Compose with the Volume's paths and the GPU layout, then `run()`: the same entry as `noesis-train`."""
+    """Compose with the Volume's paths and the GPU layout, then `run()` committing to the Volume through
+    `committer`: the same entry as `noesis-train`."""
     from noesis_accel.processes.train import run
 
     try:
         cfg = compose_for_modal(
             order_overrides([*overrides, *placement_overrides(settings, overrides, machine_rank, main_address)])
         )
-        result = run(cfg)
+        result = run(cfg, committer)
     except UserError as err:
         print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
         return {"state": RunState.FAILED.value, "error": redact(str(err)), "exit_code": err.exit_code}

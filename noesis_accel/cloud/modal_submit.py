@@ -258,7 +258,6 @@ def coordinate_sweep(args: Sequence[str], function_reference: str, calls_file: s
     with tempfile.TemporaryDirectory(prefix="noesis-sweep-") as scratch:
         outcomes = Path(scratch) / "outcomes.json"
         argv = [
-            "noesis-train",
             *args,
             "hydra/launcher=modal",
             f"hydra.launcher.function={function_reference}",
@@ -267,13 +266,10 @@ def coordinate_sweep(args: Sequence[str], function_reference: str, calls_file: s
         ]
         if calls_file:
             argv.append(f"hydra.launcher.calls={calls_file}")
-        saved, sys.argv = sys.argv, argv
         code: int = 0
         try:
-            main()
+            main(argv)
         except SystemExit as ended:  # Hydra ends a sweep with a failed job this way, after every job ran
             code = ended.code if isinstance(ended.code, int) else 1
-        finally:
-            sys.argv = saved
         jobs = json.loads(outcomes.read_text()) if outcomes.is_file() else []
     return {"jobs": jobs, "exit_code": code}

@@ -276,10 +276,14 @@ def import_object(reference: str) -> Any:
     return target
 
 
-def run_sweep_job(request: JobRequest, extra_overrides: Sequence[str] = ()) -> Any:
+def run_sweep_job(
+    request: JobRequest, extra_overrides: Sequence[str] = (), task_function: Callable | None = None
+) -> Any:
     """Compose the job's config where it runs and run it through Hydra's `run_job`; the JobReturn.
 
-    `extra_overrides` are added by the receiving side (on Modal: where the Volume is, the GPU layout).
+    `extra_overrides` are added by the receiving side (on Modal: where the Volume is, the GPU layout),
+    and so is `task_function`, the request's task as the receiving side binds it (on Modal: with the
+    Volume's committer); None: the task the request names.
     """
     from hydra import initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -292,7 +296,8 @@ def run_sweep_job(request: JobRequest, extra_overrides: Sequence[str] = ()) -> A
         if path not in sys.path:
             sys.path.insert(0, path)
     # Importing the task also registers its structured configs and resolvers.
-    task_function = _unpickled(request.task_pickle) if request.task_pickle else import_object(request.task)
+    if task_function is None:
+        task_function = _unpickled(request.task_pickle) if request.task_pickle else import_object(request.task)
     for name, resolver in (_unpickled(request.resolvers_pickle) if request.resolvers_pickle else {}).items():
         BaseContainer._resolvers.setdefault(name, resolver)
     GlobalHydra.instance().clear()

@@ -16,13 +16,15 @@ import os
 import signal
 import time
 
+from noesis_accel.core.protocol import FAULT_ENV, FAULT_KILL_PID_ENV, LAUNCHER_PID_ENV, STEP_DELAY_ENV
+
 _SIGNALS = {"step": signal.SIGKILL, "save": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1}
 
 
 def maybe_inject(point: str, step: int) -> None:
-    if point == "step" and os.environ.get("NOESIS_STEP_DELAY_S"):
-        time.sleep(float(os.environ["NOESIS_STEP_DELAY_S"]))
-    spec = os.environ.get("NOESIS_FAULT")
+    if point == "step" and os.environ.get(STEP_DELAY_ENV):
+        time.sleep(float(os.environ[STEP_DELAY_ENV]))
+    spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     for item in spec.split(","):
@@ -32,13 +34,13 @@ def maybe_inject(point: str, step: int) -> None:
         if point == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         signum = _SIGNALS[point]
-        container = os.environ.get("NOESIS_FAULT_KILL_PID")
+        container = os.environ.get(FAULT_KILL_PID_ENV)
         if container and signum == signal.SIGKILL:
             os.kill(int(container), signal.SIGKILL)
-        if signum != signal.SIGKILL and os.environ.get("NOESIS_LAUNCHER_PID"):
+        if signum != signal.SIGKILL and os.environ.get(LAUNCHER_PID_ENV):
             # A training process takes stop requests from its launcher only: the signal goes there,
             # once (from the machine's first process), as a preemption of the machine would.
             if os.environ.get("LOCAL_RANK", "0") == "0":
-                os.kill(int(os.environ["NOESIS_LAUNCHER_PID"]), signum)
+                os.kill(int(os.environ[LAUNCHER_PID_ENV]), signum)
             continue
         os.kill(os.getpid(), signum)

@@ -23,7 +23,8 @@ import signal
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+
+from noesis_accel.core.protocol import DEADLINE_ENV
 
 # Preemption (SIGINT on Modal, SIGTERM elsewhere) and Modal's per-attempt timeout (SIGUSR1).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -97,8 +98,8 @@ class PreemptionWatcher:
 
 
 def attempt_deadline() -> float | None:
-    """`NOESIS_DEADLINE` (unix time): checkpoint and stop by then; the Modal entry sets it per attempt."""
-    value = os.environ.get("NOESIS_DEADLINE")
+    """`DEADLINE_ENV` (unix time): checkpoint and stop by then; the Modal entry sets it per attempt."""
+    value = os.environ.get(DEADLINE_ENV)
     return float(value) if value else None
 
 
@@ -111,9 +112,6 @@ class RunInterrupted(Exception):
 
     exit_code = 1
 
-    def outcome(self) -> dict[str, Any]:
-        return {"kind": "interrupted", "message": str(self), "exit_code": self.exit_code}
-
 
 class InterruptedBySignal(RunInterrupted):
     """Stopped by a signal after the checkpoint it asked for; exits 128 + signal, so supervisors retry."""
@@ -122,9 +120,6 @@ class InterruptedBySignal(RunInterrupted):
         super().__init__(f"stopped by {signal.Signals(signum).name} after a checkpoint; restart to resume")
         self.signum = signum
         self.exit_code = 128 + signum
-
-    def outcome(self) -> dict[str, Any]:
-        return {**super().outcome(), "signum": self.signum}
 
 
 class StoppedAtDeadline(RunInterrupted):
@@ -136,17 +131,3 @@ class StoppedAtDeadline(RunInterrupted):
         super().__init__(
             "stopped before this attempt's time limit after a checkpoint; restart (or let the retry run) to resume"
         )
-
-    def outcome(self) -> dict[str, Any]:
-        return {**super().outcome(), "deadline": True}
-
-
-def interruption_from_outcome(outcome: dict[str, Any]) -> RunInterrupted:
-    """Rebuild a worker's interruption in the parent, so callers see one exception type."""
-    if outcome.get("signum"):
-        return InterruptedBySignal(int(outcome["signum"]))
-    if outcome.get("deadline"):
-        return StoppedAtDeadline()
-    interruption = RunInterrupted(outcome.get("message", "stopped"))
-    interruption.exit_code = int(outcome.get("exit_code", 1))
-    return interruption

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import selectors
@@ -35,10 +34,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.config import world_size
 from noesis_accel.core.errors import UserError
-from noesis_accel.core.signals import FORWARDED_SIGNALS, RunInterrupted, interruption_from_outcome
+from noesis_accel.core.protocol import (
+    COMMIT_FDS_ENV,
+    COMMIT_OK,
+    COMMIT_REQUEST,
+    CONFIG_ENV,
+    LAUNCHER_PID_ENV,
+    LEASE_HELD_ENV,
+    LIFELINE_FD_ENV,
+    OUTCOME_ENV,
+    OutcomeKind,
+    WorkerOutcome,
+    commit_error,
+    decode_line,
+    encode_line,
+    encode_stop_request,
+)
+from noesis_accel.core.signals import FORWARDED_SIGNALS, InterruptedBySignal, RunInterrupted, StoppedAtDeadline
 from noesis_accel.rundir.history import RunState, record_stop
 from noesis_accel.rundir.layout import RunDir
-from noesis_accel.rundir.lease import HELD_BY_PARENT_ENV, LeaseHeld, RunLease, take_run_lease
+from noesis_accel.rundir.lease import LeaseHeld, RunLease, take_run_lease
 from noesis_accel.rundir.volumes import Committer
 from noesis_accel.training.distributed import free_port, launched_world_size
 
@@ -86,15 +101,16 @@ class _Worker:
 
     def request_stop(self, signum: int) -> None:
         try:
-            os.write(self.lifeline, f"{signum}\n".encode())
+            os.write(self.lifeline, encode_stop_request(signum))
         except OSError:  # it has exited already: nothing to stop
             pass
 
-    def outcome(self) -> dict[str, Any]:
+    def outcome(self) -> WorkerOutcome | None:
+        """What it reported, or None: killed before it could, or while it wrote."""
         try:
-            return json.loads(self.outcome_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+            return WorkerOutcome.from_json(self.outcome_file.read_text())
+        except (OSError, ValueError, TypeError):
+            return None
 
 
 class Launcher:
@@ -153,9 +169,9 @@ class Launcher:
             "MASTER_ADDR": address,
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            "NOESIS_CONFIG": str(config_file),
-            "NOESIS_LAUNCHER_PID": str(os.getpid()),
-            HELD_BY_PARENT_ENV: "1",
+            CONFIG_ENV: str(config_file),
+            LAUNCHER_PID_ENV: str(os.getpid()),
+            LEASE_HELD_ENV: "1",
         }
         self._install_signal_handlers()  # before the first worker exists: no signal may be missed
         for local_rank in range(self.nproc):
@@ -166,12 +182,12 @@ class Launcher:
                 **base_env,
                 "RANK": str(rank),
                 "LOCAL_RANK": str(local_rank),
-                "NOESIS_OUTCOME": str(outcome_file),
-                "NOESIS_LIFELINE_FD": str(lifeline_read),
+                OUTCOME_ENV: str(outcome_file),
+                LIFELINE_FD_ENV: str(lifeline_read),
             }
             fds = [lifeline_read]
             if local_rank == 0:  # this machine's first worker commits through us
-                env["NOESIS_COMMIT_FDS"] = f"{request_write},{response_read}"
+                env[COMMIT_FDS_ENV] = f"{request_write},{response_read}"
                 fds += [request_write, response_read]
             process = subprocess.Popen(
                 [sys.executable, "-m", "noesis_accel.processes.worker"], env=env, pass_fds=fds, start_new_session=True
@@ -194,7 +210,7 @@ class Launcher:
                     if not line:
                         selector.unregister(self._request_read)
                         continue
-                    self._serve(line.decode().strip())
+                    self._serve(decode_line(line))
                 if self.lease is not None and self.lease.lost:
                     self._stop_all(signal.SIGKILL)  # another process owns the run dir now: write nothing more
                 failed = [w for w in self.workers if w.process.poll() not in (None, 0)]
@@ -210,15 +226,15 @@ class Launcher:
                 os.close(worker.lifeline)
 
     def _serve(self, request: str) -> None:
-        if request != "commit":
-            reply = f"error unknown request {request!r}"
+        if request != COMMIT_REQUEST:
+            reply = commit_error(f"unknown request {request!r}")
         else:
             try:
                 self.committer.commit()
-                reply = "ok"
+                reply = COMMIT_OK
             except Exception as err:  # reported to the worker, which retries with backoff and logs it
-                reply = f"error {err.__class__.__name__}: {err}".replace("\n", " ")
-        os.write(self._response_write, (reply + "\n").encode())
+                reply = commit_error(f"{err.__class__.__name__}: {err}")
+        os.write(self._response_write, encode_line(reply))
 
     # ------------------------------------------------------------ signals
 
@@ -255,33 +271,41 @@ class Launcher:
     def _result(self) -> dict[str, Any]:
         if all(w.process.returncode == 0 for w in self.workers):
             # Rank 0 reports the run's result; another machine's workers report nothing of it.
-            return self.workers[0].outcome().get("result") or {}
+            outcome = self.workers[0].outcome()
+            return (outcome.result if outcome is not None else None) or {}
         failure = self._failure()
         self._record_failure(failure)
         raise failure
 
     def _failure(self) -> Exception:
-        """The one exception that says why this machine's workers stopped."""
+        """The one exception that says why this machine's workers stopped: the one place where the
+        workers' outcomes become what the caller sees."""
         if self.lease is not None and self.lease.lost:
             return LeaseHeld(f"{self.lease.lost}; this start stopped its training processes and wrote nothing more")
         outcomes = {w.rank: w.outcome() for w in self.workers}
-        user_errors = [(w.rank, outcomes[w.rank]) for w in self.workers if outcomes[w.rank].get("kind") == "user_error"]
-        if user_errors:
-            _, outcome = min(user_errors, key=lambda item: item[0])
-            return WorkerUserError(outcome["message"], int(outcome.get("exit_code", 2)))
-        interrupted = [o for o in outcomes.values() if o.get("kind") == "interrupted"]
-        if len(interrupted) == len(outcomes):
-            return interruption_from_outcome(interrupted[0])
-        errors = [(o.get("time", 0.0), rank, o) for rank, o in outcomes.items() if o.get("kind") == "error"]
+
+        def kind(worker: _Worker) -> OutcomeKind | None:
+            outcome = outcomes[worker.rank]
+            return outcome.kind if outcome is not None else None
+
+        def when(worker: _Worker) -> float:
+            outcome = outcomes[worker.rank]
+            return outcome.time if outcome is not None else 0.0
+
+        user_errors = [outcomes[w.rank] for w in self.workers if kind(w) is OutcomeKind.USER_ERROR]
+        if user_errors and user_errors[0] is not None:  # the lowest rank's
+            return WorkerUserError(user_errors[0].message, user_errors[0].exit_code)
+        interrupted = [outcomes[w.rank] for w in self.workers if kind(w) is OutcomeKind.INTERRUPTED]
+        if len(interrupted) == len(self.workers) and interrupted[0] is not None:
+            return _interruption(interrupted[0])
+        errors = [w for w in self.workers if kind(w) is OutcomeKind.ERROR]
         if errors:
             # The first rank to fail is the cause; the others failed in a collective with it.
-            _, _, cause = min(errors)
-            sys.stderr.write(cause.get("traceback", ""))
+            cause = outcomes[min(errors, key=lambda w: (when(w), w.rank)).rank]
+            sys.stderr.write(cause.traceback if cause is not None else "")
             sys.stderr.flush()
         failed = [w for w in self.workers if w.process.returncode != 0]
-        first = min(
-            failed, key=lambda w: (outcomes[w.rank].get("kind") != "error", outcomes[w.rank].get("time", 0.0), w.rank)
-        )
+        first = min(failed, key=lambda w: (kind(w) is not OutcomeKind.ERROR, when(w), w.rank))
         code = first.process.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         if self.signals_received:
@@ -291,7 +315,8 @@ class Launcher:
                 "was complete; restart the same command to resume from the newest complete checkpoint",
                 signum=self.signals_received[0],
             )
-        detail = outcomes[first.rank].get("message")
+        outcome = outcomes[first.rank]
+        detail = outcome.message if outcome is not None else None
         return TrainingProcessFailed(
             f"training process rank {first.rank} {how}"
             + (f" ({detail})" if detail else "")
@@ -312,6 +337,17 @@ class Launcher:
         if status is not None and status.get("state") == RunState.RUNNING:
             state = RunState.INTERRUPTED if isinstance(failure, RunInterrupted) else RunState.FAILED
             record_stop(self.rundir, state, int(status.get("step", 0)), str(failure))
+
+
+def _interruption(outcome: WorkerOutcome) -> RunInterrupted:
+    """A worker's interruption rebuilt in the parent, so callers see the exception a single process raises."""
+    if outcome.signum:
+        return InterruptedBySignal(outcome.signum)
+    if outcome.deadline:
+        return StoppedAtDeadline()
+    interruption = RunInterrupted(outcome.message or "stopped")
+    interruption.exit_code = outcome.exit_code
+    return interruption
 
 
 def launch(cfg: DictConfig, committer: Committer) -> dict[str, Any]:

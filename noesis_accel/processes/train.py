@@ -3,7 +3,7 @@
 `run(cfg, committer)` is the one entry that the CLI, Hydra multirun sweeps (any launcher) and the
 Modal functions all call. The Hydra task function returns the final held-out loss (so a sweeper
 can optimise it) and raises on failure (so a launcher or sweeper survives it); only `main()`, the
-console script, turns an outcome into an exit code.
+console script, turns an outcome into an exit code: its `TrainCommand` keeps what stopped the jobs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from noesis_accel.core.errors import UserError, one_line, redact, safe_for_pipes
 from noesis_accel.core.signals import ForcedStop, RunInterrupted
 from noesis_accel.processes.launcher import TrainingProcessFailed, launch, needs_launch
 from noesis_accel.rundir.layout import RunDir, runs_root
-from noesis_accel.rundir.volumes import Committer, commit_or_report, default_committer
+from noesis_accel.rundir.volumes import Committer, LocalCommitter, commit_or_report
 from noesis_accel.training.trackers import require_installed
 from noesis_accel.training.trainer import AfterTraining, RunResult, Trainer
 
@@ -55,6 +55,9 @@ def after_training_for(cfg: DictConfig) -> AfterTraining | None:
 def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     """Train `cfg` to completion, resuming if its run dir holds checkpoints.
 
+    `committer` makes the run dir durable after each checkpoint (a Modal container passes its
+    Volume's); None: the local filesystem, which needs no commit.
+
     With `distributed.num_processes > 1` and no launcher around us, this starts the processes and
     supervises them; either way it returns the run's result or raises one of `STOPS`.
     """
@@ -62,7 +65,7 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     validate(cfg)
     require_installed(cfg)  # the tracker's package, before any process starts
     after_training_for(cfg)  # a judge or prompt file that cannot load fails before any process starts
-    committer = committer or default_committer()
+    committer = committer or LocalCommitter()
     try:
         if needs_launch(cfg):
             return RunResult.from_dict(launch(cfg, committer))
@@ -104,9 +107,6 @@ class JobStopped(CompactHydraException):
         return (JobStopped, (str(self), self.exit_code, self.retryable, self.signum))
 
 
-_stops: list[JobStopped] = []  # what the jobs of this process raised, for main()'s exit code
-
-
 def sweep_job_run_name(name: str, job_overrides: Sequence[str]) -> str:
     """In a multirun sweep each job needs its own stable run dir, or the jobs would resume each other.
 
@@ -132,36 +132,60 @@ def _name_sweep_job(cfg: DictConfig) -> None:
         cfg.run.name = sweep_job_run_name(str(cfg.run.name), list(hydra_cfg.overrides.task))
 
 
-def task(cfg: DictConfig) -> float | None:
-    """The Hydra task: train; return the final held-out loss (the last training loss if none is held out).
+class TrainCommand:
+    """The Hydra task of one `noesis-train` invocation, and what stopped its jobs (for `main()`'s exit code).
 
-    In a sweep a stop raises `JobStopped`, so the launcher and sweeper record that job as failed and
-    go on. In a single run the stop is remembered and `main()` prints its one line and exit code
-    (raising would make Hydra add its own lines around ours).
+    Hydra takes it for `task` (its `__wrapped__`): Hydra names the job after that function's module,
+    and a sweep launcher that sends jobs elsewhere names them by that import path; there each job
+    runs `task`, and its stop comes back with the job's result.
     """
-    _name_sweep_job(cfg)
-    try:
-        result = run(cfg)
-    except STOPS as stop:
-        stopped = JobStopped.of(stop)
-        _stops.append(stopped)
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            return None
-        print(
-            f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)}): {stop_line(stop)}",
-            file=sys.stderr,
-            flush=True,
-        )
-        raise stopped from None
-    if result.eval_loss_after is not None:
-        return result.eval_loss_after
-    return result.losses[-1] if result.losses else None
+
+    def __init__(self, committer: Committer | None = None) -> None:
+        self.committer = committer
+        self.stops: list[JobStopped] = []  # what this invocation's jobs raised, first first
+        self.__wrapped__ = task
+
+    def __call__(self, cfg: DictConfig) -> float | None:
+        """Train; return the final held-out loss (the last training loss if none is held out).
+
+        In a sweep a stop raises `JobStopped`, so the launcher and sweeper record that job as failed
+        and go on. In a single run the stop is kept in `stops` and `main()` prints its one line and
+        exit code (raising would make Hydra add its own lines around ours).
+        """
+        _name_sweep_job(cfg)
+        try:
+            result = run(cfg, self.committer)
+        except STOPS as stop:
+            stopped = JobStopped.of(stop)
+            self.stops.append(stopped)
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                return None
+            print(
+                f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)}): {stop_line(stop)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise stopped from None
+        if result.eval_loss_after is not None:
+            return result.eval_loss_after
+        return result.losses[-1] if result.losses else None
+
+    def hydra_main(self) -> None:
+        """Hydra's app for this command: composes from the command line (`sys.argv`) and runs the jobs."""
+        hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(self)()
 
 
 # conf/config.yaml names the schema and uses the resolvers: both exist before Hydra composes it (and
 # before a sweep job, which imports this module to find the task, composes its own).
 register()
-hydra_task = hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(task)
+
+
+def task(cfg: DictConfig) -> float | None:
+    """`noesis-train`'s Hydra task by import path: what a sweep job sent elsewhere runs (see `TrainCommand`)."""
+    return TrainCommand()(cfg)
+
+
+TASK_REFERENCE = f"{task.__module__}:{task.__qualname__}"  # how a sweep's job request names `task`
 
 
 def preflight(args: list[str]) -> None:
@@ -234,20 +258,35 @@ def _read_only_mount(path: Path) -> bool:
 
 
 @safe_for_pipes
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """`noesis-train ARGS`: the command line's, or `argv` (without the program's name) if given."""
+    if argv is None:
+        _main()
+        return
+    # Hydra's app reads its arguments from sys.argv and takes them from nowhere else: they go there
+    # while it runs.
+    saved, sys.argv = sys.argv, ["noesis-train", *argv]
+    try:
+        _main()
+    finally:
+        sys.argv = saved
+
+
+def _main() -> None:
     env.quiet_known_noise()
     sys.argv[1:] = order_overrides(sys.argv[1:])  # `+debug=` wins wherever it stands
     preflight(sys.argv[1:])
+    command = TrainCommand()
     try:
-        hydra_task()
+        command.hydra_main()
     except SystemExit as exit_:
         # A sweep with failed jobs ends in Hydra with exit code 1; keep the documented codes.
-        if exit_.code == 1 and _stops:
-            sys.exit(_stops[0].exit_code)
+        if exit_.code == 1 and command.stops:
+            sys.exit(command.stops[0].exit_code)
         raise
-    if _stops:  # a single run that stopped: its one line, and the code a supervisor acts on
-        print(str(_stops[0]), file=sys.stderr, flush=True)
-        sys.exit(_stops[0].exit_code)
+    if command.stops:  # a single run that stopped: its one line, and the code a supervisor acts on
+        print(str(command.stops[0]), file=sys.stderr, flush=True)
+        sys.exit(command.stops[0].exit_code)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from noesis_accel.core.errors import UserError
+from noesis_accel.core.protocol import LEASE_GROUP_ENV, LEASE_HELD_ENV
 from noesis_accel.rundir.generations import Generation, GenerationalRecord
 from noesis_accel.rundir.layout import RunDir, this_host
 
@@ -75,9 +76,7 @@ class Owner:
 
     @classmethod
     def this_process(cls) -> Owner:
-        return cls(
-            this_host(), os.getpid(), time.time(), uuid.uuid4().hex, os.environ.get("NOESIS_LEASE_GROUP") or None
-        )
+        return cls(this_host(), os.getpid(), time.time(), uuid.uuid4().hex, os.environ.get(LEASE_GROUP_ENV) or None)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -247,11 +246,8 @@ class RunLease:
                 return
 
 
-HELD_BY_PARENT_ENV = "NOESIS_LEASE_HELD"  # set by the launcher for its workers: the lease is already ours
-
-
 def take_run_lease(rundir: RunDir, ckpt_cfg: Any) -> RunLease | None:
     """This start's lease on `rundir` (see `ckpt.lease_*`), or None when the launcher above us holds it."""
-    if os.environ.get(HELD_BY_PARENT_ENV):
+    if os.environ.get(LEASE_HELD_ENV):  # set by the launcher for its workers: the lease is already ours
         return None
     return RunLease(rundir, float(ckpt_cfg.lease_stale_s), float(ckpt_cfg.lease_heartbeat_s)).acquire()

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from noesis_accel.core.protocol import COMMIT_FDS_ENV, COMMIT_REQUEST, commit_failure, decode_line, encode_line
+
 log = logging.getLogger(__name__)
 
 
@@ -103,25 +105,12 @@ def _is_folder(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
 
 
-_default_committer: Committer | None = None
-
-
-def use_default_committer(committer: Committer | None) -> None:
-    """What `run(cfg)` commits with when its caller names none (a Modal container sets its Volume)."""
-    global _default_committer
-    _default_committer = committer
-
-
-def default_committer() -> Committer:
-    return _default_committer or LocalCommitter()
-
-
 class LauncherCommitter:
     """Asks the launcher (the process that holds the Volume) to commit, and waits for its answer.
 
     Modal's `commit()` must run in the container process that mounts the Volume, and a training
     process started by the launcher is a child of it; whether a child may commit is undocumented,
-    so it never tries: it writes `commit` on a pipe and reads `ok` or `error ...` back.
+    so it never tries: it writes `COMMIT_REQUEST` on a pipe and reads `COMMIT_OK` or why not back.
     """
 
     def __init__(self, request_fd: int, response_fd: int) -> None:
@@ -130,19 +119,20 @@ class LauncherCommitter:
 
     @classmethod
     def from_env(cls) -> LauncherCommitter | None:
-        value = os.environ.get("NOESIS_COMMIT_FDS")
+        value = os.environ.get(COMMIT_FDS_ENV)
         if not value:
             return None
         request_fd, response_fd = (int(fd) for fd in value.split(","))
         return cls(request_fd, response_fd)
 
     def commit(self) -> None:
-        os.write(self.request_fd, b"commit\n")
-        reply = self.responses.readline().decode().strip()
+        os.write(self.request_fd, encode_line(COMMIT_REQUEST))
+        reply = decode_line(self.responses.readline())
         if not reply:
             raise OSError("the launcher is gone, so nothing can be committed")
-        if reply != "ok":
-            raise OSError(f"the launcher could not commit: {reply.removeprefix('error ')}")
+        why = commit_failure(reply)
+        if why is not None:
+            raise OSError(f"the launcher could not commit: {why}")
 
 
 def commit_with_retry(

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from noesis_accel.core.protocol import PROBE_GRADS_ENV
+
 
 def install_gradient_probe(accelerator: Any, model: Any, is_deepspeed: bool) -> Callable[[int], None] | None:
     """A function the loop calls with the step number right before each optimizer step, or None.
@@ -19,7 +21,7 @@ def install_gradient_probe(accelerator: Any, model: Any, is_deepspeed: bool) -> 
     Under DeepSpeed, Accelerate's `backward` also runs the engine's step, so the probe wraps the
     engine's `step` instead and the returned function does nothing.
     """
-    path = os.environ.get("NOESIS_PROBE_GRADS")
+    path = os.environ.get(PROBE_GRADS_ENV)
     if not path:
         return None
     state = {"step": 0}
