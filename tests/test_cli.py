@@ -15,7 +15,8 @@ from noesis_accel.__main__ import main as noesis_main
 from noesis_accel.after.evaluate import EVAL_COMMAND
 from noesis_accel.after.export import EXPORT_COMMAND
 from noesis_accel.core.cli import UsageError, parse
-from noesis_accel.rundir.status import STATUS_COMMAND, write_status
+from noesis_accel.rundir.history import write_status
+from noesis_accel.rundir.status import STATUS_COMMAND
 from noesis_accel.rundir.status import main as status_main
 from noesis_accel.training.datacli import DATA_COMMAND
 

@@ -295,11 +295,15 @@ def run_sweep_job(
     for path in request.python_path:
         if path not in sys.path:
             sys.path.insert(0, path)
-    # Importing the task also registers its structured configs and resolvers.
     if task_function is None:
         task_function = _unpickled(request.task_pickle) if request.task_pickle else import_object(request.task)
     for name, resolver in (_unpickled(request.resolvers_pickle) if request.resolvers_pickle else {}).items():
         BaseContainer._resolvers.setdefault(name, resolver)
+    # conf/config.yaml names the schema and uses the resolvers; a task bound by the receiving side
+    # (or unpickled) need not have imported the module that registers them.
+    from noesis_accel.config.compose import register
+
+    register()
     GlobalHydra.instance().clear()
     context: initialize_config_module | initialize_config_dir
     if request.config_module:
