@@ -261,6 +261,9 @@ class Trainer:
         )
         if checkpoint is not None:
             self.checkpoints.load(checkpoint)
+            # Every rank lets go of the checkpoint's files before rank 0 commits below: a Volume's
+            # reload (part of every commit) fails while any process of the container holds one open.
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.session.record_start(checkpoint, self.progress.step)
             # Steps logged after the resume point (or every step, if nothing was saved) are re-done.
