@@ -18,6 +18,7 @@ import pytest
 
 from noesis_accel.core.signals import InterruptedBySignal, StoppedAtDeadline
 from noesis_accel.processes.launcher import Launcher, TrainingProcessFailed, WorkerUserError, _Worker
+from noesis_accel.processes.worker import outcome_of
 
 _launches = count()
 
@@ -37,6 +38,11 @@ def _launcher(tmp_path: Path, ends: Sequence[tuple[int, dict | None]], signals: 
         process = SimpleNamespace(returncode=code)
         launcher.workers.append(_Worker(rank, rank, process, outcome_file, lifeline=-1))  # type: ignore[arg-type]
     return launcher
+
+
+def _outcome(stop: BaseException) -> dict:
+    """What a worker stopped by `stop` writes to its outcome file."""
+    return json.loads(outcome_of(stop).to_json())
 
 
 def _error(at: float, message: str) -> dict:
@@ -69,15 +75,15 @@ def test_a_user_error_of_the_lowest_rank_is_the_line_with_its_exit_code(tmp_path
 
 
 def test_every_rank_interrupted_is_the_interruption_itself(tmp_path) -> None:
-    by_signal = InterruptedBySignal(signal.SIGTERM).outcome()
+    by_signal = _outcome(InterruptedBySignal(signal.SIGTERM))
     failure = _launcher(tmp_path, [(143, by_signal), (143, by_signal)])._failure()
     assert isinstance(failure, InterruptedBySignal) and failure.exit_code == 143
-    deadline = StoppedAtDeadline().outcome()
+    deadline = _outcome(StoppedAtDeadline())
     assert isinstance(_launcher(tmp_path, [(1, deadline), (1, deadline)])._failure(), StoppedAtDeadline)
 
 
 def test_a_death_after_a_stop_signal_says_the_run_was_stopped_not_broken(tmp_path) -> None:
-    ends = [(-signal.SIGKILL, None), (143, InterruptedBySignal(signal.SIGTERM).outcome())]
+    ends = [(-signal.SIGKILL, None), (143, _outcome(InterruptedBySignal(signal.SIGTERM)))]
     failure = _launcher(tmp_path, ends, signals=[signal.SIGTERM])._failure()
     assert isinstance(failure, TrainingProcessFailed) and failure.signum == signal.SIGTERM
     assert str(failure).startswith("stopped by SIGTERM, but training process rank 0 was killed by SIGKILL before")
