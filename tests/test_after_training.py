@@ -387,6 +387,7 @@ def resumed_run(tmp_path_factory) -> Path:
     return root / "tiny"
 
 
+@pytest.mark.slow
 def test_report_of_a_resumed_run_plots_metrics_and_marks_the_resume(resumed_run) -> None:
     from PIL import Image
 

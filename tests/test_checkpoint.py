@@ -73,6 +73,7 @@ def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, refere
     _assert_bitwise_equal(run_dir, reference_run, resumed_from)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, reference_run) -> None:
     run_dir, output = _crash_and_resume(tmp_path, [], "save:6", expect_code=-9)
     assert "removing incomplete checkpoint" in output and "step-000006.tmp" in output
@@ -151,6 +152,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: s
     assert checkpoint_problem(newest) is None  # rewritten by the resumed run's final save
 
 
+@pytest.mark.slow
 def test_a_second_start_on_the_same_run_dir_is_refused_and_the_first_is_unharmed(tmp_path, reference_run) -> None:
     command = BASE + [f"run.root={tmp_path}"]
     first = start_cli(command)
@@ -219,6 +221,7 @@ def test_every_tenth_of_the_run_is_saved_committed_and_pruned(tmp_path) -> None:
     assert reasons == ["interval", "interval", "final"]
 
 
+@pytest.mark.slow
 def test_a_commit_that_fails_twice_then_succeeds_loses_nothing(tmp_path) -> None:
     # Progress commits off: the two failures must hit the first checkpoint's commit.
     cfg = compose(
@@ -238,6 +241,7 @@ def test_a_commit_that_fails_twice_then_succeeds_loses_nothing(tmp_path) -> None
     assert [name for name, _, _ in committer.seen] == ["step-000002", "step-000004", "step-000004"]
 
 
+@pytest.mark.slow
 def test_a_commit_that_never_succeeds_is_reported_and_keeps_every_checkpoint(tmp_path, capsys) -> None:
     """A commit failing past its budget must not end the run (on Modal a Volume can refuse a reload
     while its commit went through): each failure is one warning, and no checkpoint is deleted."""
@@ -296,6 +300,7 @@ def test_lora_checkpoint_holds_adapter_and_optimizer_not_the_base(tmp_path) -> N
     assert checkpoint_bytes <= 3 * (adapter_bytes + optimizer_bytes)
 
 
+@pytest.mark.slow
 def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path) -> None:
     command = BASE[:1] + ["train.max_steps=2", "ckpt.every=1", f"run.root={tmp_path}"]
     assert run_cli(command).returncode == 0

@@ -205,6 +205,7 @@ def test_dropped_and_truncated_records_are_counted_with_where(tokenizer, tmp_pat
     assert "2 records dropped" in lines and f"{path}:19" in lines and f"{path}:20" in lines
 
 
+@pytest.mark.slow
 def test_training_says_what_was_dropped(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", chat_records(60) + _long_records(6))
     result = run_cli(

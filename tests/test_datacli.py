@@ -84,6 +84,7 @@ def test_bad_options_and_overrides_are_one_line(tmp_path: Path, capsys: pytest.C
         assert exit_.value.code == 2 and said in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_command_in_its_own_process(tmp_path: Path) -> None:
     """Through a pipe (no terminal): markers, not colour; a missing file is one line and exit 2, no traceback."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -33,6 +33,7 @@ class CheckpointCommitRecorder:
         self.seen.append({p.name: checkpoint_problem(p) for p in dirs})
 
 
+@pytest.mark.slow
 def test_a_two_process_run_commits_every_checkpoint_through_the_caller(tmp_path) -> None:
     """The committer handed to run() holds the Volume; with 2 processes it must still see every checkpoint."""
     cfg = compose(DDP + ["train.max_steps=4", "ckpt.every=2", f"run.root={tmp_path}"])
@@ -44,6 +45,7 @@ def test_a_two_process_run_commits_every_checkpoint_through_the_caller(tmp_path)
     assert read_status(tmp_path / "tiny")["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_workers_train_the_parents_exact_config(tmp_path) -> None:
     """A config changed in code (as the Modal entry or a sweeper may) is what every process trains."""
     cfg = compose(DDP + ["train.max_steps=3", "ckpt.every=3", f"run.root={tmp_path}", "optim.warmup_ratio=0"])
@@ -75,6 +77,7 @@ def test_a_debug_run_never_uses_the_production_run_dir() -> None:
     assert RunDir.of(production).path.name == "noesis" and RunDir.of(debug).path.name == "noesis-debug"
 
 
+@pytest.mark.slow
 def test_a_sweep_survives_a_failing_job_and_reports_it(tmp_path) -> None:
     """The task raises instead of exiting: the next job still runs, and the failure is named per job."""
     good = tmp_path / "good.jsonl"
@@ -108,6 +111,7 @@ def test_a_sweep_survives_a_failing_job_and_reports_it(tmp_path) -> None:
     assert sorted(states.values()) == ["completed", "failed"]  # the second job ran after the first failed
 
 
+@pytest.mark.slow
 def test_a_sweep_on_the_modal_launcher_returns_each_jobs_held_out_loss(tmp_path) -> None:
     """`noesis-train -m ... hydra/launcher=modal`, its jobs run as local processes: same requests as on Modal."""
     result = run_cli(

@@ -31,6 +31,7 @@ from noesis_accel.rundir.layout import RunDir
 DDP = ["+experiment=tiny", "distributed=ddp", "distributed.num_processes=2", "train.eval_every=0"]
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_leaves_no_training_process(tmp_path) -> None:
     """kill -9 of a 2-process launcher's process group: its workers (own session) follow within seconds."""
     command = DDP + ["train.max_steps=400", "ckpt.every=50", f"run.root={tmp_path}"]
@@ -50,6 +51,7 @@ def test_killing_the_launcher_leaves_no_training_process(tmp_path) -> None:
     assert restarted.returncode == 0, restarted.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_two_process_run_prints_one_line_and_exits_143(tmp_path) -> None:
     command = DDP + ["train.max_steps=400", "ckpt.every=50", f"run.root={tmp_path}"]
     launcher = start_cli(command)
@@ -98,6 +100,7 @@ _FULL_DISK = [
 ]
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_loses_nothing(tmp_path, big_adapter_reference) -> None:
     mount_point = tmp_path / "small"
     with tmpfs(mount_point, "4m") as mounted:
@@ -128,6 +131,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_loses_nothing(tmp_path, big
         assert all(ours[s] == reference[s] for s in range(saved[0][0] + 1, 9))
 
 
+@pytest.mark.slow
 def test_a_user_error_in_a_two_process_run_is_one_line_once(tmp_path) -> None:
     result = run_cli(DDP + ["train.max_steps=2", f"data.path={tmp_path / 'missing.jsonl'}", f"run.root={tmp_path}"])
     assert result.returncode == 2

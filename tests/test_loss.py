@@ -69,6 +69,7 @@ def _assert_same_gradients(grads: dict[str, torch.Tensor], reference: dict[str, 
         assert difference <= 1e-5 * max(scale, 1e-12), (name, difference, scale)
 
 
+@pytest.mark.slow
 def test_single_process_splits_give_the_same_loss_and_gradients(tmp_path, data_path) -> None:
     reference_loss, reference = _first_step(tmp_path, data_path, "m16x1", ["train.micro_batch_size=16"])
     for micro in (4, 1):  # accumulation 4 and 16
@@ -77,6 +78,7 @@ def test_single_process_splits_give_the_same_loss_and_gradients(tmp_path, data_p
         _assert_same_gradients(grads, reference)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_loss_and_gradients_as_one(tmp_path, data_path) -> None:
     one_loss, one = _first_step(tmp_path, data_path, "one", ["train.micro_batch_size=4"])
     two_loss, two = _first_step(
@@ -116,6 +118,7 @@ def test_tiny_experiment_losses_are_pinned(tiny_cfg) -> None:
     assert result.eval_loss_after == pytest.approx(TINY_HELDOUT_AFTER, abs=2e-5)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_token_weighted_loss_resumes_with_a_warning(tmp_path) -> None:
     import json
 

@@ -188,6 +188,7 @@ def test_the_function_body_trains_the_cli_config_and_commits_it_to_the_volume(tm
     assert refused.value.code == 2
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_output_files_or_errors(tmp_path) -> None:
     token = "hf_SeCrEtToKeNvAlUe123"
     env = {"HF_TOKEN": token}

@@ -96,6 +96,7 @@ def _kill_at_random_moments(tmp_path: Path, overrides: list[str], kills: list[di
     return lost
 
 
+@pytest.mark.slow
 def test_a_container_killed_at_random_moments_and_during_a_save_resumes_from_the_committed_state(
     tmp_path, reference
 ) -> None:

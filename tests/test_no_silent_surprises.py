@@ -82,6 +82,7 @@ def test_a_sweep_whose_jobs_would_share_a_run_dir_is_refused_before_any_job(tmp_
     assert not any(tmp_path.iterdir())  # no job started, Hydra wrote nothing
 
 
+@pytest.mark.slow
 def test_outside_a_terminal_progress_is_one_plain_line_per_report_and_no_library_chatter(tmp_path) -> None:
     result = run_cli(
         [

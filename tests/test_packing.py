@@ -135,6 +135,7 @@ def test_packed_run_matches_padded_run(tmp_path, data_path, monkeypatch) -> None
         assert (a["samples_seen"], a["tokens_seen"]) == (b["samples_seen"], b["tokens_seen"])
 
 
+@pytest.mark.slow
 def test_packed_run_killed_and_resumed_is_bitwise_exact(tmp_path, data_path, monkeypatch) -> None:
     monkeypatch.delenv("NOESIS_PROBE_GRADS", raising=False)
     command = COMMON + [

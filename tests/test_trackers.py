@@ -114,6 +114,7 @@ def wandb_offline_runs(logs: Path) -> list[tuple[str, dict[int, dict[str, str]]]
     return runs
 
 
+@pytest.mark.slow
 def test_wandb_a_resumed_run_logs_into_the_same_wandb_run_each_step_once(tmp_path, offline_wandb) -> None:
     args = _args(tmp_path, "train.tracker=wandb", "tracker.tags=[ci,tiny]")
     run_dir = _interrupt_then_lose_the_newest_checkpoint(tmp_path, args)
@@ -135,6 +136,7 @@ def test_wandb_a_resumed_run_logs_into_the_same_wandb_run_each_step_once(tmp_pat
 # ---------------------------------------------------------------- MLflow, a local file store
 
 
+@pytest.mark.slow
 def test_mlflow_a_resumed_run_continues_the_same_mlflow_run_each_step_once(tmp_path, monkeypatch) -> None:
     """The tracker writes on a scratch disk that is gone at the restart (a fresh Modal container): the
     run dir's copy of the file store comes back, and the same MLflow run goes on."""

@@ -35,6 +35,7 @@ def test_tiny_run_trains_and_writes_everything(tiny_cfg) -> None:
     assert max(lrs) == pytest.approx(tiny_cfg.optim.lr, rel=0.05) and lrs[-1] < 0.05 * max(lrs)
 
 
+@pytest.mark.slow
 def test_restarting_a_completed_run_does_nothing(tiny_overrides) -> None:
     first = run_cli(tiny_overrides + ["train.max_steps=4"])
     assert first.returncode == 0, first.stderr[-3000:]
@@ -43,6 +44,7 @@ def test_restarting_a_completed_run_does_nothing(tiny_overrides) -> None:
     assert "already completed at step 4; nothing to do" in again.stdout
 
 
+@pytest.mark.slow
 def test_restart_with_changed_math_is_refused_listing_keys(tiny_overrides) -> None:
     first = run_cli(tiny_overrides + ["train.max_steps=4", "ckpt.every=2"])
     assert first.returncode == 0, first.stderr[-3000:]
@@ -105,6 +107,7 @@ def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path: Path) -> None:
     assert all(read_status(tmp_path / d)["state"] == "completed" for d in run_dirs)
 
 
+@pytest.mark.slow
 def test_a_run_dir_without_checkpoints_takes_the_new_config(tmp_path) -> None:
     """A start that failed on bad data must not pin its config: nothing there is worth protecting."""
     from conftest import chat_records, write_jsonl
