@@ -258,11 +258,13 @@ class FakeVolume:
     def reload(self) -> None:
         import shutil
 
-        busy = open_files_under(self.view, descendants(self.container_pid))
-        if busy is not None:
-            self.refused.append(busy)
-            raise RuntimeError(f"there are open files preventing the operation: {busy}")
+        # Checked under the lock: the background snapshot (Modal's, outside the container's processes)
+        # lists and copies the view from a thread of this process, and its own handles must not count.
         with self._lock:
+            busy = open_files_under(self.view, descendants(self.container_pid))
+            if busy is not None:
+                self.refused.append(busy)
+                raise RuntimeError(f"there are open files preventing the operation: {busy}")
             remote = self._files(self.remote)
             for name in remote:
                 target = self.view / name

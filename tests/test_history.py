@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import write_jsonl
 from helpers import REPO, kill_group, logged_step, wait_until
 
@@ -487,6 +488,7 @@ def _container(view: Path, remote: Path, env: dict[str, str]) -> subprocess.Pope
     )
 
 
+@pytest.mark.slow
 def test_a_container_killed_after_a_progress_commit_reports_at_least_the_committed_steps(tmp_path, capsys) -> None:
     view, remote = tmp_path / "container", tmp_path / "remote"
     run_dir, committed = view / "runs" / "tiny", RunDir(remote / "runs" / "tiny")

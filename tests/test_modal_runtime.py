@@ -160,6 +160,7 @@ def test_a_preemption_commits_its_checkpoint_sends_no_output_and_the_restart_los
     assert f"#1: steps 0 -> {stopped_at}" in history and "stopped by SIGINT" in history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, every_process", CASES)
 def test_a_cancellation_commits_its_checkpoint_and_ends_terminated(tmp_path, layout: str, every_process: bool) -> None:
     container, code, output = _signal_mid_run(tmp_path, layout, signal.SIGUSR1, every_process)
@@ -169,6 +170,7 @@ def test_a_cancellation_commits_its_checkpoint_and_ends_terminated(tmp_path, lay
     assert manifest["reason"] == "signal" and manifest["state"] == "interrupted" and stopped_at >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [pytest.param("1-process"), pytest.param("2-process", marks=pytest.mark.slow)])
 def test_the_deadline_commits_its_checkpoint_and_ends_as_one_failure(tmp_path, layout: str) -> None:
     # A 60 s attempt with a 50 s margin: checkpoint and stop 10 s after the start the test gives it.
@@ -193,6 +195,7 @@ def test_the_deadline_commits_its_checkpoint_and_ends_as_one_failure(tmp_path, l
     assert manifest["reason"] == "deadline" and 0 < stopped_at < STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [pytest.param("1-process"), pytest.param("2-process", marks=pytest.mark.slow)])
 def test_a_bad_config_is_one_line_and_a_result_not_a_failure(tmp_path, layout: str) -> None:
     container = Container(tmp_path, TINY + LAYOUTS[layout] + [f"data.path={tmp_path / 'missing.jsonl'}"])
