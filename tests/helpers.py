@@ -63,10 +63,11 @@ def logged_step(run_dir: Path) -> int:
     return max(step_losses(run_dir), default=0)
 
 
-def start_cli(args: list[str], env: dict | None = None, **popen: object) -> subprocess.Popen:
-    """`python -m noesis_accel.processes.train ARGS` in the background, in its own process group."""
+def start_in_group(command: list[str], env: dict | None = None, **popen: object) -> subprocess.Popen:
+    """`command` in the background from the repo, in its own process group (so a test can signal or
+    kill all of it), its output unbuffered and captured."""
     return subprocess.Popen(
-        [sys.executable, "-m", "noesis_accel.processes.train", *args],
+        command,
         cwd=REPO,
         text=True,
         stdout=subprocess.PIPE,
@@ -75,6 +76,11 @@ def start_cli(args: list[str], env: dict | None = None, **popen: object) -> subp
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         **popen,
     )
+
+
+def start_cli(args: list[str], env: dict | None = None, **popen: object) -> subprocess.Popen:
+    """`python -m noesis_accel.processes.train ARGS` in the background, in its own process group."""
+    return start_in_group([sys.executable, "-m", "noesis_accel.processes.train", *args], env, **popen)
 
 
 def children_of(pid: int) -> list[int]:

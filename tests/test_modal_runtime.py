@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MODAL_TINY, uninterrupted_run
-from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, wait_until
+from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, start_in_group, wait_until
 
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.status import main as status_main
@@ -45,7 +44,7 @@ class Container:
     ) -> None:
         self.view, self.remote = tmp_path / "container", tmp_path / "remote"
         self.outputs_file = tmp_path / f"outputs-{time.monotonic_ns()}.json"
-        self.process = subprocess.Popen(
+        self.process = start_in_group(
             [
                 sys.executable,
                 str(REPO / "tests" / "modal_sim.py"),
@@ -56,12 +55,7 @@ class Container:
                 *sim_args,
                 *overrides,
             ],
-            cwd=REPO,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env,
         )
 
     def signal(self, signum: int, every_process: bool) -> None:

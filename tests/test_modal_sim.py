@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MODAL_TINY, uninterrupted_run
-from helpers import REPO, assert_same_adapter, kill_group, logged_step, step_losses, wait_until
+from helpers import REPO, assert_same_adapter, kill_group, logged_step, start_in_group, step_losses, wait_until
 
 from noesis_accel.rundir.checkpoint import checkpoint_problem
 from noesis_accel.rundir.layout import RunDir
@@ -33,14 +33,9 @@ TINY = MODAL_TINY
 def _container(
     view: Path, remote: Path, overrides: list[str], env: dict | None = None, rank: int = 0
 ) -> subprocess.Popen:
-    return subprocess.Popen(
+    return start_in_group(
         [sys.executable, str(REPO / "tests" / "modal_sim.py"), str(view), str(remote), "--rank", str(rank), *overrides],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env,
     )
 
 
