@@ -5,13 +5,21 @@ micro-batches of similar length. Micro-batch `j` of a global batch goes to rank 
 accumulation slot `j // world`. The plan depends only on (seed, epoch, lengths, global batch),
 never on the world size, so a run resumed on another process count draws the same samples, and
 the position is a count of global batches: skipping consumed batches is an index, O(1).
+The epoch's worst global batch for memory goes first, so an out-of-memory error comes at the first
+optimizer step or not at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+
+ORDER_WORST_FIRST = "worst_first"
+"""The shuffled global batches with the one holding the largest micro-batch moved to the front."""
+ORDER_SHUFFLED = "shuffled"
+"""The shuffled global batches as they come: the order of checkpoints written before worst-first."""
+ORDERS = (ORDER_WORST_FIRST, ORDER_SHUFFLED)
 
 
 class LengthBucketBatchSampler:
@@ -27,6 +35,8 @@ class LengthBucketBatchSampler:
             so batches are length-homogeneous yet the order stays random.
         max_tokens_per_batch: if set, micro-batches are filled up to this many padded tokens instead
             of `micro_batch_size` records.
+        order: `ORDER_WORST_FIRST` (the epoch's worst global batch for memory first, the rest
+            shuffled) or `ORDER_SHUFFLED` (all shuffled; what a checkpoint without "order" used).
     """
 
     def __init__(
@@ -39,6 +49,7 @@ class LengthBucketBatchSampler:
         seed: int = 0,
         mega_batch_factor: int = 50,
         max_tokens_per_batch: int | None = None,
+        order: str = ORDER_WORST_FIRST,
     ) -> None:
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         self.micro_batch_size = micro_batch_size
@@ -52,6 +63,21 @@ class LengthBucketBatchSampler:
         self.epoch = 0
         self.position = 0  # global batches of `epoch` already consumed
         self._plan_cache: dict[int, list[list[list[int]]]] = {}
+        self._order = ORDER_WORST_FIRST
+        self.order = order  # through the setter: checked
+
+    @property
+    def order(self) -> str:
+        """How an epoch's global batches are ordered: `ORDER_WORST_FIRST` or `ORDER_SHUFFLED`."""
+        return self._order
+
+    @order.setter
+    def order(self, order: str) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"sampler order {order!r} is not one of {', '.join(ORDERS)}")
+        if order != self._order:
+            self._plan_cache = {}  # a cached plan is in the old order
+        self._order = order
 
     # ------------------------------------------------------------ the plan
 
@@ -82,9 +108,21 @@ class LengthBucketBatchSampler:
         return batches
 
     def plan(self, epoch: int) -> list[list[list[int]]]:
-        """All global batches of an epoch, each a list of `micro_per_global` micro-batches."""
+        """All global batches of an epoch, each a list of `micro_per_global` micro-batches.
+
+        In `ORDER_WORST_FIRST` the global batch holding the largest micro-batch comes first and the
+        others keep their shuffled order; in `ORDER_SHUFFLED` all keep it.
+        """
         if epoch in self._plan_cache:
             return self._plan_cache[epoch]
+        result = self._shuffled_global_batches(epoch)
+        if self.order == ORDER_WORST_FIRST and result:
+            result.insert(0, result.pop(self._worst_global_batch(result)))
+        self._plan_cache = {epoch: result}  # one epoch at a time is all the loop needs
+        return result
+
+    def _shuffled_global_batches(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's global batches, length-bucketed within windows, in a seeded random order."""
         generator = self._generator(epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         window_size = self.micro_batch_size * self.micro_per_global * self.mega_batch_factor
@@ -104,9 +142,23 @@ class LengthBucketBatchSampler:
                 micro_batches = micro_batches[self.micro_per_global :]
         # Leftover micro-batches cannot fill a global batch: dropped, so every rank steps equally.
         shuffled = torch.randperm(len(global_batches), generator=generator).tolist()
-        result = [global_batches[i] for i in shuffled]
-        self._plan_cache = {epoch: result}  # one epoch at a time is all the loop needs
-        return result
+        return [global_batches[i] for i in shuffled]
+
+    def _worst_global_batch(self, global_batches: list[list[list[int]]]) -> int:
+        """Position of the global batch holding the largest micro-batch (in padded tokens).
+
+        The micro-batch is the key, not the global batch: activations are freed after each
+        micro-batch's backward and gradients are fixed-size buffers, so a rank's peak memory is set
+        by the largest micro-batch it runs. Ties go to the larger global batch (total padded
+        tokens), then to the earlier position.
+        """
+        worst, worst_key = 0, (-1, -1)
+        for position, global_batch in enumerate(global_batches):
+            sizes = [self.micro_batch_padded_tokens(micro) for micro in global_batch]
+            key = (max(sizes), sum(sizes))
+            if key > worst_key:  # strictly larger: an equal key keeps the earlier position
+                worst, worst_key = position, key
+        return worst
 
     def num_global_batches(self, epoch: int) -> int:
         return len(self.plan(epoch))
@@ -140,13 +192,36 @@ class LengthBucketBatchSampler:
     def set_epoch(self, epoch: int, position: int = 0) -> None:
         self.epoch, self.position = epoch, position
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+    def state_dict(self) -> dict[str, int | str]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "order": self.order}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, int | str]) -> None:
+        """Restore the position and the order the saved run used.
+
+        A state without "order" was written before worst-first existed: its run continues in the
+        shuffled order it began with, so the resumed data order is exactly the old one.
+        """
+        self.order = str(state.get("order", ORDER_SHUFFLED))
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     # ------------------------------------------------------------ diagnostics
+
+    def micro_batch_padded_tokens(self, micro: list[int]) -> int:
+        """Tokens a micro-batch occupies once padded: its longest record x its record count."""
+        return int(self.lengths[micro].max()) * len(micro) if micro else 0
+
+    def largest_micro_batch(self, epoch: int) -> list[int]:
+        """Record indices of the epoch's largest micro-batch in padded tokens (its memory peak).
+
+        In `ORDER_WORST_FIRST` it is in the first global batch; on a tie the earliest in the plan.
+
+        Raises:
+            ValueError: the epoch has no global batch (too few records for one).
+        """
+        micro_batches = [micro for global_batch in self.plan(epoch) for micro in global_batch]
+        if not micro_batches:
+            raise ValueError(f"epoch {epoch} has no global batch: too few records for one")
+        return max(micro_batches, key=self.micro_batch_padded_tokens)  # max keeps the first of equals
 
     def padding_fraction(self, epoch: int = 0) -> float:
         """Share of padded positions over every micro-batch of an epoch (all ranks)."""
