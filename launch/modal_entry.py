@@ -2,6 +2,7 @@
 
     modal run launch/modal_entry.py +experiment=noesis                  # 8 x H100, one container
     modal run launch/modal_entry.py +experiment=noesis modal.gpu=H100:16 train.micro_batch_size=1   # 2 x 8
+    modal run launch/modal_entry.py +experiment=noesis 'modal.gpu=[H100:8,H200:8]'   # H200s when H100s are scarce
     modal run --detach launch/modal_entry.py +experiment=noesis         # keeps running after you disconnect
     modal run launch/modal_entry.py -m +experiment=noesis optim.lr=1e-4,2e-4   # a sweep: one call per job
     modal run launch/modal_entry.py::status noesis                      # state, attempts, GPU-hours, cost
@@ -113,8 +114,9 @@ def export(*args: str) -> None:
     _exit_with(modal_job.run_command("export", args, volume, SETTINGS))
 
 
-# Generation wants a GPU for an 8B model: one of the run's type (pass +experiment=... or modal.gpu=...).
-@app.function(gpu=f"{SETTINGS.gpu_type}:1" if SETTINGS.gpu_type else None, **command_settings)
+# Generation wants a GPU for an 8B model: one of the run's type, or of its fallbacks in the same order
+# (pass +experiment=... or modal.gpu=...).
+@app.function(gpu=SETTINGS.gpu_request(1), **command_settings)
 def evaluate(*args: str) -> None:
     """`modal run launch/modal_entry.py::evaluate RUN_NAME [checkpoint=step-NNNNNN] [eval overrides]`."""
     _exit_with(modal_job.run_command("evaluate", args, volume, SETTINGS))

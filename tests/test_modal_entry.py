@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from types import ModuleType
@@ -14,9 +15,13 @@ import pytest
 import yaml
 from conftest import run_cli
 from helpers import REPO, FakeVolume
+from modal._utils.async_utils import synchronizer
 from modal_fakes import RecordingFunction, completed_run
+from omegaconf import ListConfig
 
-from noesis_accel.config import compose, validate
+from noesis_accel.cloud import modal_submit
+from noesis_accel.cloud.modal_job import hydra_overrides
+from noesis_accel.config import MODAL_GPU_TYPES, compose, gpu_specs, validate
 from noesis_accel.core.errors import ConfigError
 
 ENTRY = REPO / "launch" / "modal_entry.py"
@@ -55,6 +60,54 @@ def test_sixteen_gpus_run_as_a_cluster_of_two_full_containers(monkeypatch) -> No
     assert info.gpus == [("H100", 8)] and info.cluster_info.size == 2 and info.cluster_info.rdma
     assert info.timeout == 6 * 3600 and info.max_retries == 10
     assert app.training_function() is app.train_cluster
+
+
+def test_a_list_of_gpu_types_is_declared_in_the_order_modal_tries_them(monkeypatch) -> None:
+    """`modal.gpu=[...]`: one function whose GPU request lists every type, in order, with the common count."""
+    app = load_app(["+experiment=noesis", "modal.gpu=[H100:8,H200:8,A100-80GB:8]"], monkeypatch)
+    assert app.train.info().gpus == [("H100", 8), ("H200", 8), ("A100-80GB", 8)]
+    # What the decorator was given, as `modal shell` would replay it: a list, not one spec.
+    assert synchronizer._translate_in(app.train)._spec.gpus == ["H100:8", "H200:8", "A100-80GB:8"]
+    assert app.SETTINGS.gpu_type == "H100" and app.SETTINGS.gpus_per_container == 8
+    assert app.SETTINGS.containers == 1 and app.training_function() is app.train
+    # Evaluation takes one GPU, falling back the same way.
+    assert app.evaluate.info().gpus == [("H100", 1), ("H200", 1), ("A100-80GB", 1)]
+    line = modal_submit.describe_submission(app.SETTINGS, compose(["+experiment=noesis"]))
+    assert line.startswith("modal: noesis on 1 x H100:8, falling back to H200:8, then A100-80GB:8 (timeout 6 h")
+
+
+def test_a_list_of_sixteen_gpu_types_is_a_cluster_of_full_containers_of_each(monkeypatch) -> None:
+    app = load_app(["+experiment=noesis", "modal.gpu=[H100:16,H200:16]", "train.micro_batch_size=1"], monkeypatch)
+    info = app.train_cluster.info()
+    assert info.gpus == [("H100", 8), ("H200", 8)] and info.cluster_info.size == 2
+    line = modal_submit.describe_submission(app.SETTINGS, compose(["+experiment=noesis"]))
+    assert line.startswith("modal: noesis on 2 x H100:8, falling back to H200:8 (timeout")
+
+
+def test_h100_with_a_bang_is_passed_to_modal_as_written(monkeypatch) -> None:
+    """`H100!` pins the type (a plain `H100` may be served with an H200); Hydra needs it quoted."""
+    app = load_app(["+experiment=noesis", "modal.gpu=['H100!:8',H200:8]"], monkeypatch)
+    assert app.train.info().gpus == [("H100!", 8), ("H200", 8)]
+
+
+def test_one_gpu_spec_is_still_declared_as_one_string(monkeypatch) -> None:
+    app = load_app(["+experiment=noesis"], monkeypatch)
+    assert synchronizer._translate_in(app.train)._spec.gpus == "H100:8"
+    assert app.evaluate.info().gpus == [("H100", 1)]
+    line = modal_submit.describe_submission(app.SETTINGS, compose(["+experiment=noesis"]))
+    assert line.startswith("modal: noesis on 1 x H100:8 (timeout 6 h")
+
+
+def test_gpu_specs_lists_the_entries_in_order() -> None:
+    assert gpu_specs(None) == [] and gpu_specs("") == []
+    assert gpu_specs("H100:8") == ["H100:8"]
+    assert gpu_specs(ListConfig(["H100:8", "H200:8"])) == ["H100:8", "H200:8"]
+    assert gpu_specs(["A100-80GB:4", "H100:4"]) == ["A100-80GB:4", "H100:4"]
+    assert gpu_specs(compose(["+experiment=noesis"])) == ["H100:8"]  # the whole config: its modal.gpu
+    assert gpu_specs(compose(["+experiment=noesis", "modal.gpu=[H100:8,H200:8]"])) == ["H100:8", "H200:8"]
+    assert gpu_specs(compose([])) == []  # the CPU demo
+    with pytest.raises(ValueError, match="8 is not a GPU spec"):
+        gpu_specs(ListConfig(["H100:8", 8]))
 
 
 def test_settings_follow_the_config(monkeypatch) -> None:
@@ -104,10 +157,62 @@ def test_impossible_gpu_specs_are_refused_with_the_options(spec: str, message: s
     assert f"modal.gpu: {spec}: " in str(err.value) and message in str(err.value)
 
 
+def test_single_gpu_spec_messages_are_whole_lines_as_before() -> None:
+    """A single spec keeps its messages word for word: `modal.gpu: SPEC: reason`, nothing about lists."""
+    for spec, line in [
+        ("V100:8", f"modal.gpu: V100:8: unknown GPU type 'V100'; Modal offers {', '.join(MODAL_GPU_TYPES)}"),
+        ("H100:0", "modal.gpu: H100:0: the GPU count must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            validate(compose(["+experiment=noesis", f"modal.gpu={spec}"]))
+        assert f"  - {line}" in str(err.value).splitlines()
+
+
+@pytest.mark.parametrize(
+    "value, messages",
+    [
+        (
+            "[H100:8,X9:8]",
+            [f"modal.gpu: [H100:8, X9:8]: X9:8: unknown GPU type 'X9'; Modal offers {', '.join(MODAL_GPU_TYPES)}"],
+        ),
+        (
+            "[H100:8,H200:4]",
+            [
+                "modal.gpu: [H100:8, H200:4]: every entry must ask for the same number of GPUs (H100:8 asks for 8, "
+                "H200:4 asks for 4), since the process layout and the cluster size are fixed when the app is "
+                "declared; e.g. [H100:8, H200:8]"
+            ],
+        ),
+        (
+            "[H100:10,H200:10]",  # every entry is checked as a single spec is, each named
+            [
+                "modal.gpu: [H100:10, H200:10]: H100:10: a container holds at most 8 GPUs",
+                "modal.gpu: [H100:10, H200:10]: H200:10: a container holds at most 8 GPUs",
+                "use H200:8 (one container; global batch 80 kept as micro 2 x accumulation 5 x 8) or H200:16",
+            ],
+        ),
+        ("[H100:16,H200:16]", ["modal.gpu: [H100:16, H200:16]: H200:16: train.global_batch_size=80 is not"]),
+        ("[]", ["modal.gpu: []: an empty list asks for no GPU"]),
+        ("[H100:8,8]", ["modal.gpu: [H100:8, 8]: 8 is not a GPU spec; write each entry as TYPE:COUNT"]),
+    ],
+)
+def test_impossible_gpu_lists_are_refused_naming_the_entry(value: str, messages: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["+experiment=noesis", f"modal.gpu={value}"]))
+    assert all(message in str(err.value) for message in messages), str(err.value)
+
+
+def test_gpu_types_without_brackets_read_as_a_sweep_and_say_so() -> None:
+    with pytest.raises(ConfigError, match=re.escape("GPU types to fall back on are a list: modal.gpu=[H100:8,H200:8]")):
+        hydra_overrides(["+experiment=noesis", "modal.gpu=H100:8,H200:8"])
+
+
 def test_valid_gpu_specs_pass() -> None:
     validate(compose(["+experiment=noesis"]))
     validate(compose(["+experiment=noesis", "modal.gpu=H100:16", "train.micro_batch_size=1"]))
     validate(compose(["+experiment=noesis", "modal.gpu=A100-80GB:4"]))
+    validate(compose(["+experiment=noesis", "modal.gpu=[H100:8,H200:8,A100-80GB:8]"]))
+    validate(compose(["+experiment=noesis", "modal.gpu=[H100:16,H200:16]", "train.micro_batch_size=1"]))
 
 
 def test_a_bad_gpu_spec_fails_the_same_way_on_the_cli_and_in_the_app(tmp_path) -> None:

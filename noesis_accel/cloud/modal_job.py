@@ -20,7 +20,16 @@ from typing import Any, NoReturn, Protocol
 from omegaconf import DictConfig
 
 from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracker_problem
-from noesis_accel.config import Strategy, compose, modal_layout, order_overrides, strategy, validate
+from noesis_accel.config import (
+    Strategy,
+    compose,
+    gpu_spec_text,
+    gpu_specs,
+    modal_layout,
+    order_overrides,
+    strategy,
+    validate,
+)
 from noesis_accel.core.cli import Arguments, Command, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, redact
 from noesis_accel.core.protocol import DEADLINE_ENV, LEASE_GROUP_ENV, MODAL_OVERRIDES_ENV
@@ -55,9 +64,15 @@ def hydra_overrides(argv: Sequence[str]) -> list[str]:
         if not override.is_sweep_override():
             kept.append(word)
         elif override.key_or_group.startswith("modal"):
+            # `modal.gpu=H100:8,H200:8` reads as a sweep: GPUs to fall back on are a list.
+            fallback = (
+                " (GPU types to fall back on are a list: modal.gpu=[H100:8,H200:8])"
+                if override.key_or_group == "modal.gpu"
+                else ""
+            )
             raise ConfigError(
                 f"{word}: a sweep cannot vary modal.* (its jobs share one app: GPUs, timeout, "
-                "Volume); start one `modal run` per value instead"
+                f"Volume); start one `modal run` per value instead{fallback}"
             )
     return kept
 
@@ -104,8 +119,8 @@ class ModalSettings:
     """Everything the app declaration needs, derived from the composed config."""
 
     app_name: str
-    gpu_type: str | None
-    gpus_per_container: int
+    gpu_types: tuple[str, ...]  # in the order Modal tries them (`modal.gpu` as a list); () for a CPU container
+    gpus_per_container: int  # the same for every type
     containers: int
     cpu: float
     memory_mib: int
@@ -124,9 +139,21 @@ class ModalSettings:
     overrides: tuple[str, ...] = field(default=())
 
     @property
-    def gpu(self) -> str | None:
-        """The GPU request of one container, e.g. `H100:8`."""
-        return f"{self.gpu_type}:{self.gpus_per_container}" if self.gpu_type else None
+    def gpu_type(self) -> str | None:
+        """The first GPU type asked for (the one messages name), or None for a CPU container."""
+        return self.gpu_types[0] if self.gpu_types else None
+
+    @property
+    def gpu(self) -> str | list[str] | None:
+        """The GPU request of one container as Modal's `gpu=` takes it: `H100:8`, or `["H100:8", "H200:8"]`."""
+        return self.gpu_request(self.gpus_per_container)
+
+    def gpu_request(self, count: int) -> str | list[str] | None:
+        """`count` GPUs of each of the run's types as Modal's `gpu=` takes them: a string, or a list tried in order."""
+        requests = [f"{kind}:{count}" for kind in self.gpu_types]
+        if len(requests) == 1:
+            return requests[0]  # a one-entry list would be the same request, but not the same spelling
+        return requests or None
 
     @property
     def clustered(self) -> bool:
@@ -135,10 +162,12 @@ class ModalSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig, overrides: Sequence[str] = ()) -> ModalSettings:
         modal = cfg.modal
-        kind, per_container, containers = modal_layout(modal.gpu) if modal.gpu else (None, 0, 1)
+        layouts = [modal_layout(spec) for spec in gpu_specs(modal.gpu)]
+        # `validate` has checked that every entry asks for the same count, hence the same layout.
+        _, per_container, containers = layouts[0] if layouts else (None, 0, 1)
         return cls(
             app_name=str(modal.app_name),
-            gpu_type=kind,
+            gpu_types=tuple(kind for kind, _, _ in layouts),
             gpus_per_container=per_container,
             containers=containers,
             cpu=float(modal.cpu),
@@ -177,11 +206,12 @@ def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
     """What only matters on Modal: a layout the strategy can run, runs kept on the Volume, known extras, a
     tracker the image installs."""
     problems = [problem for problem in (extras_problem(cfg), tracker_problem(cfg)) if problem]
-    if cfg.modal.gpu:
-        _, per_container, containers = modal_layout(cfg.modal.gpu)
+    specs = gpu_specs(cfg)
+    if specs:
+        _, per_container, containers = modal_layout(specs[0])  # every entry has the same count
         if per_container * containers > 1 and strategy(cfg) is Strategy.SINGLE:
             problems.append(
-                f"distributed: modal.gpu={cfg.modal.gpu} runs {per_container * containers} processes; "
+                f"distributed: modal.gpu={gpu_spec_text(cfg.modal.gpu)} runs {per_container * containers} processes; "
                 "choose distributed=ddp or distributed=zero2"
             )
     mount = Path(str(cfg.modal.mount))

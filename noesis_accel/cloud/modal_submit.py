@@ -135,7 +135,11 @@ def check_data_in_container(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def _where(settings: ModalSettings) -> str:
-    return f"{settings.containers} x {settings.gpu}" if settings.gpu else "a CPU container"
+    """`1 x H100:8`, `1 x H100:8, falling back to H200:8, then A100-80GB:8`, or `a CPU container`."""
+    if not settings.gpu_types:
+        return "a CPU container"
+    first, *fallbacks = (f"{kind}:{settings.gpus_per_container}" for kind in settings.gpu_types)
+    return f"{settings.containers} x {first}" + (f", falling back to {', then '.join(fallbacks)}" if fallbacks else "")
 
 
 def describe_submission(settings: ModalSettings, cfg: DictConfig) -> str:

@@ -18,6 +18,8 @@ from noesis_accel.config.fingerprint import (
 from noesis_accel.config.modal_gpu import (
     GPUS_PER_CONTAINER,
     MODAL_GPU_TYPES,
+    gpu_spec_text,
+    gpu_specs,
     modal_gpu_problems,
     modal_layout,
     parse_gpu_spec,
@@ -80,6 +82,8 @@ __all__ = [
     "fingerprint",
     "flatten",
     "flatten_keys",
+    "gpu_spec_text",
+    "gpu_specs",
     "interval_steps",
     "literal_values",
     "math_keys",

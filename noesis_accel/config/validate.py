@@ -210,8 +210,8 @@ def validate(cfg: DictConfig) -> None:
             accumulation_steps(cfg)
         except ConfigError as err:
             problems.append(f"train.global_batch_size: {err}")
-    if cfg.modal.gpu:
-        problems.extend(f"modal.gpu: {p}" for p in modal_gpu_problems(cfg))
+    # Unguarded: an empty list is falsy but refused (null and "" have no problems).
+    problems.extend(f"modal.gpu: {p}" for p in modal_gpu_problems(cfg))
     check(
         0 < cfg.modal.timeout_s <= 24 * 3600, "modal.timeout_s", "must be in (0, 86400]: Modal allows 24 h per attempt"
     )
