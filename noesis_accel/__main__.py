@@ -1,4 +1,4 @@
-"""`noesis train|status|export|eval|report|data ...` (or `python -m noesis_accel ...`): one command for all.
+"""`noesis train|plan|status|export|eval|report|data ...` (or `python -m noesis_accel ...`): one command for all.
 
 Each subcommand is the same `main` as its `noesis-NAME` script, imported only when asked for, so
 `noesis status` starts without loading the trainer. This module sits above every wing and imports
@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("noesis_accel.after.evaluate", "held-out loss and judged generations, base against tuned"),
     "report": ("noesis_accel.after.report", "plots and a markdown summary of a run"),
     "data": ("noesis_accel.training.datacli", "check a dataset against the tokenizer and template, no GPU"),
+    "plan": ("noesis_accel.training.plancli", "fit, time and cost of a run before any GPU starts"),
 }
 
 

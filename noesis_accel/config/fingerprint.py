@@ -29,6 +29,8 @@ RESTART_SAFE_PREFIXES = (
     # Evaluation runs after training and never changes the weights.
     "eval.",
     "tracker.",  # where the metrics are sent, never what is trained
+    "budget.",  # what a run may spend: a restart with a higher cap continues the same math
+    "plan.",  # how estimates are made
 )
 
 

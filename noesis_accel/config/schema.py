@@ -41,6 +41,7 @@ TrackerName = Literal[
 WandbMode = Literal["online", "offline", "disabled"]
 PeftBias = Literal["none", "all", "lora_only"]
 OnWorldSizeChange = Literal["refuse", "reset_optimizer"]
+Preflight = Literal["refuse", "warn"]
 
 
 def literal_values(literal: Any) -> tuple[str, ...]:
@@ -224,6 +225,10 @@ class CkptConfig:
     # is presumed dead on another machine); the owner renews it every `lease_heartbeat_s`.
     lease_stale_s: float = 120.0
     lease_heartbeat_s: float = 10.0
+    # An out-of-memory error after the run's first optimizer step (which trains the largest batch, so
+    # batch shape is ruled out) is taken for fragmentation: the run is retried from its checkpoint this
+    # many times, then reported as a user error. One before that first step is reported at once.
+    oom_retries: int = 1
 
 
 @dataclass
@@ -245,9 +250,11 @@ class ModalConfig:
     """How `modal run launch/modal_entry.py` runs this config on Modal; local runs only validate it."""
 
     app_name: str = "noesis-accel"
-    # TYPE[:COUNT], e.g. H100:8. A container holds at most 8 GPUs; 16, 24, ... run as a cluster of
-    # 8-GPU containers. null: a CPU container (the demo).
-    gpu: Optional[str] = None
+    # TYPE[:COUNT], e.g. H100:8, or a list of them tried in order when the first is scarce, e.g.
+    # [H100:8, H200:8] (every entry with the same count). A container holds at most 8 GPUs; 16, 24, ...
+    # run as a cluster of 8-GPU containers. null: a CPU container (the demo). `Any` because a structured
+    # config cannot type Union[str, list[str]]; `modal_gpu.modal_gpu_problems` checks the value instead.
+    gpu: Any = None
     cpu: float = 8.0  # cores per container (data loading, tokenisation)
     memory_gib: int = 64
     timeout_s: int = 6 * 3600  # per attempt; Modal allows at most 24 h
@@ -268,6 +275,39 @@ class ModalConfig:
     torch_version: str = "2.13.0"  # the CUDA build from `torch_index_url` goes into the image
     torch_index_url: str = "https://download.pytorch.org/whl/cu128"
     extras: list[str] = field(default_factory=list)  # optional dependency groups of this project
+
+
+@dataclass
+class BudgetConfig:
+    """What a run may spend, over all its attempts (`noesis plan` estimates it before anything starts)."""
+
+    # The cap in dollars over every attempt, killed ones included; null: no cap. Before each step the run
+    # checks what it spent plus what one more step and a checkpoint cost, and stops at a checkpoint
+    # (state `budget`, not retried) rather than pass it. A restart with a higher cap continues exactly.
+    usd: Optional[float] = None
+    # A plan whose estimate is over `usd` is refused before any GPU starts; `warn` starts it anyway
+    # (the cap still holds while it runs).
+    preflight: Annotated[str, Preflight] = "refuse"
+    # The price of one GPU-hour for this run; null: the GPU type's list price (config/gpus.py). On the
+    # CPU (a local run) it prices process-hours, which is how a budget is tried without a GPU.
+    gpu_hour_usd: Optional[float] = None
+
+
+@dataclass
+class PlanConfig:
+    """How `noesis plan` estimates what it cannot read or measure (every estimate says where it came from)."""
+
+    # Model FLOPs utilisation assumed where no measured throughput of this model shape on this GPU
+    # type exists (assets/throughput.json, fed by bench/).
+    mfu: float = 0.35
+    # When the data cannot be read here (it lies on a Modal Volume): the training records, and their
+    # mean length in tokens (null: data.max_length, the worst case). Reading the data replaces both.
+    records: Optional[int] = None
+    mean_tokens: Optional[int] = None
+    # Write speed of the run dir's storage, for the time one checkpoint save takes.
+    disk_mb_s: float = 200.0
+    # CUDA context, cuBLAS workspace and the caching allocator's slack, per GPU.
+    cuda_overhead_gib: float = 2.0
 
 
 @dataclass
@@ -334,6 +374,8 @@ class Config:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     modal: ModalConfig = field(default_factory=ModalConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 @dataclass

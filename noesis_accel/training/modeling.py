@@ -24,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 CausalLM = Any
 
 
-def _hub_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
+def hub_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.trust_remote_code)}
     if model_cfg.revision:
         kwargs["revision"] = model_cfg.revision
@@ -77,6 +77,17 @@ def materialize_gguf(model_cfg: DictConfig, with_weights: bool = True) -> Path:
     return target
 
 
+def gguf_materialized_config(model_cfg: DictConfig) -> Path | None:
+    """The config.json of the GGUF model's dequantised copy, if one was made (None: not yet)."""
+    config = _gguf_cache_dir(model_cfg) / "model" / "config.json"
+    return config if config.is_file() else None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """`model.dtype`'s torch dtype: "bfloat16" -> torch.bfloat16."""
+    return _DTYPES[name]
+
+
 def tokenizer_source(model_cfg: DictConfig) -> str:
     if model_cfg.gguf_file:
         return str(materialize_gguf(model_cfg, with_weights=False) / "tokenizer")
@@ -88,7 +99,7 @@ def load_tokenizer(model_cfg: DictConfig):  # -> PreTrainedTokenizerBase
 
     source = tokenizer_source(model_cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(model_cfg))
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(model_cfg))
     except OSError as err:
         raise _unloadable(source, err) from None
     if tokenizer.pad_token is None:
@@ -107,7 +118,7 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
         model_type = arch.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model.architecture.model_type is required (e.g. llama) to build a model from config")
-        arch["vocab_size"] = _architecture_vocab_size(arch.get("vocab_size"), vocab_size)
+        arch["vocab_size"] = architecture_vocab_size(arch.get("vocab_size"), vocab_size)
         config = AutoConfig.for_model(model_type, **arch)
         config._attn_implementation = model_cfg.attn_implementation
         # Random weights are created where they train: an 8B model never passes through host memory.
@@ -117,7 +128,7 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
 
     source = str(materialize_gguf(model_cfg) / "model") if model_cfg.gguf_file else str(model_cfg.name_or_path)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
-    kwargs.update(_hub_kwargs(model_cfg))
+    kwargs.update(hub_kwargs(model_cfg))
     if model_cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -153,7 +164,7 @@ def _without_file_mappings(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _architecture_vocab_size(requested: int | None, tokenizer_size: int) -> int:
+def architecture_vocab_size(requested: int | None, tokenizer_size: int) -> int:
     """The embedding rows: the tokenizer's length, or a larger `architecture.vocab_size` (a real model's
     shape, e.g. Llama-3's 128256, trained with a smaller tokenizer for speed checks)."""
     if requested is None:

@@ -11,6 +11,7 @@ optimizer step or not at all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -232,3 +233,18 @@ class LengthBucketBatchSampler:
                 padded += int(lengths.max()) * len(micro)
                 real += int(lengths.sum())
         return 1 - real / padded if padded else 0.0
+
+
+def planned_steps(sampler: LengthBucketBatchSampler, max_steps: int | None, epochs: float) -> int:
+    """Optimizer steps of a run: `max_steps`, or `epochs` worth of global batches (a fraction of the
+    last epoch rounded up); 0 when the data cannot fill one global batch."""
+    first = sampler.num_global_batches(0)
+    if first == 0:
+        return 0
+    if max_steps:
+        return int(max_steps)
+    whole = math.floor(epochs)
+    counts = [sampler.num_global_batches(e) for e in range(math.ceil(epochs))]
+    # round() first: 1.1 - 1 is 0.10000000000000009, and ceil would add a step.
+    fraction = round(counts[whole] * (epochs - whole), 6) if epochs > whole else 0
+    return max(1, sum(counts[:whole]) + math.ceil(fraction))

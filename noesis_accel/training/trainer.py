@@ -4,7 +4,6 @@ I/O policy lives in checkpoint/metrics/status."""
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from noesis_accel.training import data as data_mod
 from noesis_accel.training import losses, modeling, optim, packing, probes
 from noesis_accel.training.distributed import build_accelerator
 from noesis_accel.training.metrics import MetricsLogger, truncate_metrics_after
-from noesis_accel.training.sampling import LengthBucketBatchSampler
+from noesis_accel.training.sampling import LengthBucketBatchSampler, planned_steps
 from noesis_accel.training.session import RunSession, already_completed, mirroring_committer, tracker_logs_dir
 from noesis_accel.training.trackers import require_installed
 
@@ -235,22 +234,13 @@ class Trainer:
             raise
 
     def _total_steps(self) -> int:
-        if self.cfg.train.max_steps:
-            first = self.sampler.num_global_batches(0)
-        else:
-            epochs = float(self.cfg.train.epochs)
-            whole = math.floor(epochs)
-            counts = [self.sampler.num_global_batches(e) for e in range(math.ceil(epochs))]
-            first = counts[0] if counts else 0
-            # round() first: 1.1 - 1 is 0.10000000000000009, and ceil would add a step.
-            fraction = round(counts[whole] * (epochs - whole), 6) if epochs > whole else 0
-            total = sum(counts[:whole]) + math.ceil(fraction)
-        if first == 0:
+        total = planned_steps(self.sampler, self.cfg.train.max_steps, float(self.cfg.train.epochs))
+        if total == 0:
             raise DataError(
                 f"data.path: {self.data.stats.train_records} training records cannot fill one global batch of "
                 f"{self.cfg.train.global_batch_size}; lower train.global_batch_size or add data"
             )
-        return int(self.cfg.train.max_steps) if self.cfg.train.max_steps else max(1, total)
+        return total
 
     def _resume(self) -> Checkpoint | None:
         """Load the checkpoint `ckpt.resume` chooses (rank 0 chooses), and record where training starts."""
