@@ -52,10 +52,12 @@ def demo_result(tmp_path_factory):
     return result
 
 
-def run_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m noesis_accel.processes.train ARGS` in a subprocess, as a user would run it."""
+def run_cli(
+    args: list[str], timeout: int = 600, env: dict | None = None, module: str = "noesis_accel.processes.train"
+) -> subprocess.CompletedProcess:
+    """`python -m noesis_accel.processes.train ARGS` (or another command's `module`) in a subprocess, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "noesis_accel.processes.train", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

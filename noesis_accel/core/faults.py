@@ -3,7 +3,8 @@
 Points: `step` (SIGKILL right after optimizer step N), `save` (SIGKILL inside the save of step N,
 after Accelerate wrote its files and before the manifest), `term` / `usr1` (SIGTERM / SIGUSR1 to
 ourselves, or to our launcher, after step N: the preemption and timeout paths), `enospc` (the save of step N fails as a
-full disk would, for machines where a small filesystem cannot be mounted). `NOESIS_STEP_DELAY_S=S`
+full disk would, for machines where a small filesystem cannot be mounted), `oom` (the forward of step N raises
+torch.OutOfMemoryError, as a GPU out of memory does). `NOESIS_STEP_DELAY_S=S`
 sleeps S seconds after every step, so a test can act while a run is in progress. `NOESIS_FAULT_KILL_PID=PID` sends the
 SIGKILL of `step`/`save` to that process first: a whole container dying, not just this process.
 Unset in normal runs, where this costs a few environment lookups per step (microseconds).
@@ -33,6 +34,10 @@ def maybe_inject(point: str, step: int) -> None:
             continue
         if point == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if point == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} at step {step})")
         signum = _SIGNALS[point]
         container = os.environ.get(FAULT_KILL_PID_ENV)
         if container and signum == signal.SIGKILL:

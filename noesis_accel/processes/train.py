@@ -30,13 +30,14 @@ from noesis_accel.core.signals import ForcedStop, RunInterrupted
 from noesis_accel.processes.launcher import TrainingProcessFailed, launch, needs_launch
 from noesis_accel.rundir.layout import RunDir, runs_root
 from noesis_accel.rundir.volumes import Committer, LocalCommitter, commit_or_report
+from noesis_accel.training.oom import OutOfMemoryCrash
 from noesis_accel.training.trackers import require_installed
 from noesis_accel.training.trainer import AfterTraining, RunResult, Trainer
 
 log = logging.getLogger(__name__)
 
 # What stops a run in a way a person can act on: printed as one line, mapped to an exit code.
-STOPS = (UserError, RunInterrupted, ForcedStop, TrainingProcessFailed)
+STOPS = (UserError, RunInterrupted, ForcedStop, TrainingProcessFailed, OutOfMemoryCrash)
 
 
 def after_training_for(cfg: DictConfig) -> AfterTraining | None:

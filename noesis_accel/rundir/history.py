@@ -6,7 +6,8 @@ The one owner of both files: the states a run is in (`RunState`), the events it 
 
 events.jsonl, one line each:
   starting    an attempt began; appended and committed before the model loads, so an attempt killed
-              while loading still counts: attempt, processes, device, host, pid, every_step_durable;
+              while loading still counts: attempt, processes, device, host, pid, every_step_durable, gpu
+              (the CUDA device name it got, which prices it);
               from the second attempt on, what the committed files said of the one before:
               previous_reached (None: nothing of it was committed), previous_reached_exact,
               previous_exit, previous_last_seen
@@ -14,7 +15,8 @@ events.jsonl, one line each:
               device, host, pid; from the second attempt on lost_steps and lost_steps_exact, what the
               interruption before cost (exact, or a lower bound where 0 means unknown)
   checkpoint  step, name, reason, seconds
-  stop        state, step, reason (a graceful stop; a killed attempt has none)
+  stop        state, step, reason (a graceful stop; a killed attempt has none); out_of_memory when an
+              out-of-memory error ended it (ckpt.oom_retries counts them)
 Older run dirs have no `starting`: their one `start` per attempt also holds the previous_* keys.
 """
 
@@ -41,6 +43,9 @@ class RunState(str, Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    # Stopped at a checkpoint because one more step would pass `budget.usd`; a restart with a higher
+    # budget continues it. Not a failure: Modal does not retry it.
+    BUDGET = "budget"
     # Only a start's result (RunResult.state): the run had completed before, nothing was trained;
     # status.json keeps saying `completed`.
     ALREADY_COMPLETED = "already_completed"
@@ -125,6 +130,7 @@ class StartingEvent:
     pid: int | None = None
     every_step_durable: bool = False
     previous: PreviousAttempt | None = None  # None: the run's first attempt
+    gpu: str | None = None  # torch.cuda.get_device_name() of the attempt's GPUs; None on the CPU
 
     def to_json(self) -> dict[str, Any]:
         record = {
@@ -137,6 +143,8 @@ class StartingEvent:
             "pid": self.pid,
             "every_step_durable": self.every_step_durable,
         }
+        if self.gpu is not None:
+            record["gpu"] = self.gpu
         return {**record, **(self.previous.to_json() if self.previous else {})}
 
     @classmethod
@@ -150,6 +158,7 @@ class StartingEvent:
             pid=_optional_int(raw.get("pid")),
             every_step_durable=bool(raw.get("every_step_durable", False)),
             previous=PreviousAttempt.from_json(raw),
+            gpu=raw.get("gpu"),
         )
 
 
@@ -250,10 +259,14 @@ class StopEvent:
     state: RunState | None = None
     step: int = 0
     reason: str | None = None
+    out_of_memory: bool = False
 
     def to_json(self) -> dict[str, Any]:
         state = None if self.state is None else self.state.value
-        return {"event": self.kind.value, "time": self.time, "state": state, "step": self.step, "reason": self.reason}
+        record = {"event": self.kind.value, "time": self.time, "state": state, "step": self.step, "reason": self.reason}
+        if self.out_of_memory:
+            record["out_of_memory"] = True
+        return record
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> StopEvent:
@@ -262,6 +275,7 @@ class StopEvent:
             state=_state(raw.get("state")),
             step=int(raw.get("step") or 0),
             reason=raw.get("reason"),
+            out_of_memory=bool(raw.get("out_of_memory", False)),
         )
 
 
@@ -340,8 +354,11 @@ def append_event(rundir: RunDir, event: Event) -> dict[str, Any]:
     return record
 
 
-def record_stop(rundir: RunDir, state: RunState | str, step: int, reason: str) -> None:
-    """How a run stopped, in status.json and events.jsonl; if even that cannot be written, say so."""
+def record_stop(
+    rundir: RunDir, state: RunState | str, step: int, reason: str, out_of_memory: bool = False, **status: Any
+) -> None:
+    """How a run stopped, in status.json (with any further `status` fields) and events.jsonl; if even that
+    cannot be written, say so."""
     state, reason = RunState(state), redact(reason)
     try:
         write_status(
@@ -350,8 +367,9 @@ def record_stop(rundir: RunDir, state: RunState | str, step: int, reason: str) -
             step=step,
             exit_reason=reason,
             error=reason if state is RunState.FAILED else None,
+            **status,
         )
-        append_event(rundir, StopEvent(state=state, step=step, reason=reason))
+        append_event(rundir, StopEvent(state=state, step=step, reason=reason, out_of_memory=out_of_memory))
     except OSError as err:
         print(
             f"warning: could not record the stop in {rundir.status_file} ({err.strerror or err}); "
@@ -359,6 +377,11 @@ def record_stop(rundir: RunDir, state: RunState | str, step: int, reason: str) -
             file=sys.stderr,
             flush=True,
         )
+
+
+def out_of_memory_stops(events: Sequence[Event | dict[str, Any]]) -> int:
+    """How many attempts of the run an out-of-memory error ended (what ckpt.oom_retries is counted against)."""
+    return sum(1 for e in parse_events(events) if isinstance(e, StopEvent) and e.out_of_memory)
 
 
 # ---------------------------------------------------------------- the previous attempt
@@ -439,6 +462,7 @@ class Attempt:
     stop_reason: str | None = None
     lost_steps: int | None = None  # steps the next attempt to train had to redo (None: not known yet)
     lost_steps_exact: bool = True  # False: `lost_steps` is a lower bound, and 0 means unknown
+    gpu: str | None = None  # the CUDA device name it got (None: the CPU, or not recorded)
 
     @property
     def hours(self) -> float:
@@ -507,6 +531,7 @@ def _opened_by(event: StartingEvent | StartEvent, number: int) -> Attempt:
         processes=event.processes,
         device=event.device,
         host=event.host,
+        gpu=event.gpu if isinstance(event, StartingEvent) else None,
     )
 
 

@@ -87,17 +87,20 @@ class MetricsLogger:
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
         run.sent(step)
 
-    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float, money: str = "") -> None:
+        """The progress bar's numbers, or a plain line; `money`: what was spent and the projected total."""
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(
-                {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}, refresh=False
+                {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
+                | ({"spent": money.split(", ")[1]} if money else {}),
+                refresh=False,
             )
             self.bar.refresh()
         elif self.enabled and (step % self.print_every == 0 or step == self.total_steps):
             print(
                 f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%): loss {loss:.4f}, "
-                f"lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, ETA {self._eta(step)}",
+                f"lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, ETA {self._eta(step)}{money}",
                 flush=True,
             )
 

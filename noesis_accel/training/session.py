@@ -40,6 +40,7 @@ from noesis_accel.rundir.history import (
 from noesis_accel.rundir.layout import RunDir, this_host
 from noesis_accel.rundir.lease import RunLease, take_run_lease
 from noesis_accel.rundir.volumes import Committer, LocalCommitter, MirroringCommitter
+from noesis_accel.training.oom import OutOfMemory, OutOfMemoryCrash
 from noesis_accel.training.trackers import TrackerRun, forget_tracker_run, start_tracker
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ def tracker_logs_dir(cfg: DictConfig, rundir: RunDir) -> Path:
     (its files stay open there); each commit copies them in."""
     tracker_dir = cfg.train.tracker_dir
     return Path(tracker_dir).expanduser() / rundir.path.name if tracker_dir else rundir.logs
+
+
+def device_name(accelerator: Any) -> str | None:
+    """The CUDA device name this process trains on (what prices the attempt); None on the CPU."""
+    if accelerator.device.type != "cuda":
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_name(accelerator.device))
 
 
 def mirroring_committer(committer: Committer | None, tracker_logs: Path, rundir: RunDir) -> MirroringCommitter:
@@ -242,6 +252,7 @@ class RunSession:
             pid=os.getpid(),
             every_step_durable=_durable_as_written(self.committer) and int(self.cfg.train.log_every) == 1,
             previous=previous,
+            gpu=device_name(self.accelerator),
         )
         append_event(rundir, starting)
         self.commit_progress()
@@ -289,6 +300,10 @@ class RunSession:
             append_event(self.rundir, checkpoint)
             write_status(self.rundir, state=RunState.RUNNING, step=step, latest_checkpoint=str(path))
 
+    def record_first_step(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            write_status(self.rundir, **record)
+
     def record_completed(self, step: int, eval_before: float | None, eval_after: float | None) -> None:
         if self.is_main:
             write_status(self.rundir, eval_loss_before=eval_before, eval_loss_after=eval_after)
@@ -298,11 +313,13 @@ class RunSession:
         """How this attempt ended, for an attempt ended by `err` at `step` (default: the step it started from)."""
         record = exit_record(err)
         if record is not None:
-            self.record_stop(*record, step=step)
+            self.record_stop(*record, step=step, out_of_memory=isinstance(err, (OutOfMemory, OutOfMemoryCrash)))
 
-    def record_stop(self, state: RunState, reason: str, step: int | None = None) -> None:
+    def record_stop(
+        self, state: RunState, reason: str, step: int | None = None, out_of_memory: bool = False, **status: Any
+    ) -> None:
         if self.is_main:
-            record_stop(self.rundir, state, self.step if step is None else step, reason)
+            record_stop(self.rundir, state, self.step if step is None else step, reason, out_of_memory, **status)
 
     def record_forced_exit(self, signum: int, step: int | None = None) -> None:
         reason = f"{signal.Signals(signum).name} again: stopped at once, before a checkpoint"
@@ -310,7 +327,7 @@ class RunSession:
 
     # ------------------------------------------------------------ progress commits (main process only)
 
-    def progress_commit_hook(self, step: int) -> None:
+    def progress_commit_hook(self, step: int, **status: Any) -> None:
         """Every `ckpt.progress_commit_s`: status.json's step, then a commit of the small progress files.
 
         So a hard kill's cost is known to within that period: the next attempt reads how far this
@@ -321,7 +338,7 @@ class RunSession:
             return
         if time.monotonic() - self._last_progress_commit < float(period):
             return
-        write_status(self.rundir.path, step=step)
+        write_status(self.rundir.path, step=step, **status)
         self.commit_progress()
 
     def commit_progress(self) -> None:

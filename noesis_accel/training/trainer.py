@@ -4,8 +4,10 @@ I/O policy lives in checkpoint/metrics/status."""
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,15 +28,24 @@ from noesis_accel.core.signals import (
     deadline_reached,
 )
 from noesis_accel.rundir.checkpoint import Checkpoint, CheckpointManager, register_trainable_only_hooks
-from noesis_accel.rundir.history import RunState
+from noesis_accel.rundir.history import RunState, history, out_of_memory_stops
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.volumes import Committer
 from noesis_accel.training import data as data_mod
 from noesis_accel.training import losses, modeling, optim, packing, probes
 from noesis_accel.training.distributed import build_accelerator
 from noesis_accel.training.metrics import MetricsLogger, truncate_metrics_after
+from noesis_accel.training.oom import out_of_memory
+from noesis_accel.training.plan import make_plan, write_plan
 from noesis_accel.training.sampling import LengthBucketBatchSampler, planned_steps
-from noesis_accel.training.session import RunSession, already_completed, mirroring_committer, tracker_logs_dir
+from noesis_accel.training.session import (
+    RunSession,
+    already_completed,
+    device_name,
+    mirroring_committer,
+    tracker_logs_dir,
+)
+from noesis_accel.training.spend import Spend
 from noesis_accel.training.trackers import require_installed
 
 log = logging.getLogger(__name__)
@@ -75,6 +86,17 @@ class RunResult:
     def from_dict(cls, fields: dict[str, Any]) -> RunResult:
         """A result reported by a training process as JSON (see worker.py)."""
         return cls(**{**fields, "run_dir": Path(fields["run_dir"])})
+
+
+class BudgetReached(Exception):
+    """One more step and a checkpoint would pass `budget.usd`: the run stops (after a checkpoint, when it trained)."""
+
+    def __init__(self, step: int, total_steps: int, spent: float, cap: float) -> None:
+        super().__init__(
+            f"stopped at step {step} before passing the budget: ${spent:,.2f} spent of budget.usd=${cap:,.2f}; "
+            "restart with a higher budget.usd to continue from here"
+        )
+        self.step, self.total_steps, self.spent, self.cap = step, total_steps, spent, cap
 
 
 class Trainer:
@@ -160,7 +182,13 @@ class Trainer:
             cfg.train.print_every,
             tracker_run=session.tracker_run,
         )
+        self.plan = self._write_plan()
+        self.spend = self._spend()
+        self._step_seconds: deque[float] = deque(maxlen=10)  # the newest optimizer steps' wall times
+        self._last_step_end = time.monotonic()
+        self.attempt_start_step = self.progress.step
         self._announce(model)
+        self._refuse_start_over_budget()
 
     @classmethod
     def run_config(
@@ -204,6 +232,8 @@ class Trainer:
                 if watcher.requested:  # while it loaded: nothing new to save, the resume point stands
                     raise InterruptedBySignal(watcher.received or signal.SIGTERM)
                 return trainer.run()
+            except BudgetReached as stop:  # at the start: the resume point stands, the stop is recorded
+                return RunResult(rundir.path, RunState.BUDGET, stop.step, stop.total_steps)
             except BaseException as err:
                 session.record_exit(err, trainer.progress.step if trainer is not None else None)
                 raise
@@ -320,7 +350,10 @@ class Trainer:
             # Counted on the host before the copy, so the loop never waits for the GPU to report them.
             samples, tokens = packing.records_and_tokens(batch)
             batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
-            loss, grad_norm = self._micro_step(batch, label_tokens)
+            try:
+                loss, grad_norm = self._micro_step(batch, label_tokens)
+            except torch.OutOfMemoryError:
+                raise self._out_of_memory(batch) from None
             step_loss = loss if step_loss is None else step_loss + loss
             step_samples += samples
             step_tokens += tokens
@@ -348,6 +381,7 @@ class Trainer:
         of the global batch): the shares of every micro-batch on every rank add up to the loss.
         """
         accelerator, grad_norm = self.accelerator, None
+        faults.maybe_inject("oom", self.progress.step + 1)
         with accelerator.accumulate(self.model):
             loss = losses.micro_batch_loss(self.model, batch, label_tokens)
             # Accelerate (or DeepSpeed) divides by the accumulation steps and DDP/ZeRO average over the
@@ -368,6 +402,11 @@ class Trainer:
         progress, cfg = self.progress, self.cfg
         progress.step += 1
         self.sampler.advance()
+        now = time.monotonic()
+        self._step_seconds.append(now - self._last_step_end)
+        self._last_step_end = now
+        if progress.step == self.attempt_start_step + 1:
+            self._record_first_step_memory()
         world = self.accelerator.num_processes
         if world > 1:
             reduced = self.accelerator.reduce(
@@ -394,7 +433,7 @@ class Trainer:
             if self.accelerator.device.type == "cuda":  # the allocator's own counter: no device sync
                 values["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             self.metrics.log(progress.step, values)
-            self.metrics.progress(progress.step, loss, lr, tokens_per_s)
+            self.metrics.progress(progress.step, loss, lr, tokens_per_s, self._money_words())
         if (
             self.eval_interval
             and len(self.data.eval)
@@ -406,7 +445,7 @@ class Trainer:
             self.metrics.write(f"step {progress.step}: held-out loss {eval_loss:.4f}")
             self.model.train()
         self._checkpoint_hook()
-        self.session.progress_commit_hook(self.progress.step)
+        self.session.progress_commit_hook(self.progress.step, **self._money_status())
 
     def _checkpoint_hook(self) -> None:
         """Save when due (interval, minutes, signal, deadline, final); after a stop request, stop once saved."""
@@ -414,8 +453,10 @@ class Trainer:
         faults.maybe_inject("term", self.progress.step)
         faults.maybe_inject("usr1", self.progress.step)
         self.session.check_lease()
-        signal_received, minutes_due, deadline_due = self._agreed_flags()
+        signal_received, minutes_due, deadline_due, budget_due = self._agreed_flags()
         reason = self.checkpoints.due(self.progress.step, signal_received, minutes_due, deadline_due)
+        if budget_due and reason in (None, "interval") and self.progress.step < self.total_steps:
+            reason = "budget"
         if reason is None:
             return
         progress = {
@@ -438,18 +479,24 @@ class Trainer:
             raise InterruptedBySignal(self.watcher.received or 15)
         if reason == "deadline":
             raise StoppedAtDeadline()
+        if reason == "budget":
+            raise BudgetReached(
+                self.progress.step, self.total_steps, self.spend.spent(), float(self.spend.cap_usd or 0.0)
+            )
 
-    def _agreed_flags(self) -> tuple[bool, bool, bool]:
-        """Signal, wall-clock and deadline triggers, agreed across ranks so every rank saves at the same step."""
+    def _agreed_flags(self) -> tuple[bool, bool, bool, bool]:
+        """Signal, wall-clock, deadline and budget triggers, agreed across ranks so every rank saves at the
+        same step (the budget is the main process's judgement: it reads the run's history)."""
         flags = [
             float(self.watcher.requested),
             float(self.checkpoints.minutes_elapsed_due()),
             float(deadline_reached(self.deadline)),
+            float(self.accelerator.is_main_process and self.spend.would_pass_cap(self._seconds_to_next_checkpoint())),
         ]
         if self.accelerator.num_processes > 1:
             tensor = torch.tensor(flags, device=self.accelerator.device)
             flags = self.accelerator.reduce(tensor, reduction="sum").tolist()
-        return flags[0] > 0, flags[1] > 0, flags[2] > 0
+        return flags[0] > 0, flags[1] > 0, flags[2] > 0, flags[3] > 0
 
     def evaluate(self) -> float:
         """Held-out loss (token-weighted, the quantity the training loss logs), sharded across ranks."""
@@ -511,9 +558,140 @@ class Trainer:
     # ================================================================ lifecycle
 
     def run(self) -> RunResult:
-        """train -> finish (the caller records how the run ended: see `run_config`)."""
-        self.train()
+        """train -> finish (the caller records how the run ended: see `run_config`); a run stopped by
+        its budget ends here too, after its checkpoint, with state `budget`."""
+        try:
+            self.train()
+        except BudgetReached as stop:
+            return self._stop_for_budget(stop)
         return self.finish()
+
+    # ================================================================ money and memory
+
+    def _write_plan(self) -> dict[str, Any] | None:
+        """This run's plan (plan.json) from the data and model just loaded, for status and the report.
+
+        An estimate only: a plan that cannot be made is a warning, never the end of a run.
+        """
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            plan = make_plan(self.cfg, prepared=self.data, vocab_size=len(self.tokenizer))
+        except Exception as err:  # any library's failure on the meta device
+            log.warning("no plan.json for this run (%s: %s)", err.__class__.__name__, err)
+            return None
+        write_plan(self.rundir.path, plan)
+        return plan.to_json()
+
+    def _spend(self) -> Spend:
+        attempts = history(self.rundir) if self.accelerator.is_main_process else []
+        return Spend.for_attempt(
+            self.cfg,
+            attempts,
+            self.accelerator.num_processes,
+            self.accelerator.device.type,
+            device_name(self.accelerator),
+        )
+
+    def _planned(self, key: str) -> float | None:
+        """A figure of this run's plan for the device it trains on (the first entry)."""
+        if not self.plan or not self.plan.get("gpus"):
+            return None
+        value = self.plan["gpus"][0].get(key) if key != "checkpoint_seconds" else self.plan.get(key)
+        return None if value is None else float(value)
+
+    def _seconds_per_step(self) -> float | None:
+        """The newest steps' slowest wall time (a slow step is the one that could pass the cap); before
+        any step of this attempt, the previous attempt's measure, then the plan's."""
+        if self._step_seconds:
+            return max(self._step_seconds)
+        recorded = (self.rundir.status() or {}).get("seconds_per_step")
+        return float(recorded) if recorded else self._planned("seconds_per_step")
+
+    def _seconds_to_next_checkpoint(self) -> float:
+        """One more step and a checkpoint: how far the run could go and still stop at a checkpoint."""
+        saves = [e["seconds"] for e in self.rundir.events() if e.get("event") == "checkpoint" and e.get("seconds")]
+        save = max(saves[-1] if saves else 0.0, self._planned("checkpoint_seconds") or 0.0, 1.0)
+        return (self._seconds_per_step() or 0.0) + save
+
+    def _refuse_start_over_budget(self) -> None:
+        """At the start of an attempt: a budget already spent (or that one step would pass) stops it here,
+        on every rank (the main process decides)."""
+        over = main_decides(self.accelerator, lambda: self.spend.would_pass_cap(self._seconds_to_next_checkpoint()))
+        if over:
+            stop = BudgetReached(
+                self.progress.step, self.total_steps, self.spend.spent(), float(self.spend.cap_usd or 0.0)
+            )
+            if self.accelerator.is_main_process:
+                self.session.record_stop(RunState.BUDGET, str(stop), self.progress.step, **self._money_status())
+                self.metrics.write(f"budget: {stop}")
+            raise stop
+
+    def _stop_for_budget(self, stop: BudgetReached) -> RunResult:
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            self.session.record_stop(RunState.BUDGET, str(stop), self.progress.step, **self._money_status())
+            self.metrics.write(f"budget: {stop}")
+        self.metrics.close()
+        accelerator.wait_for_everyone()
+        self.session.close_tracker()
+        accelerator.end_training()
+        return RunResult(
+            self.rundir.path,
+            RunState.BUDGET,
+            self.progress.step,
+            self.total_steps,
+            self.progress.initial_eval_loss,
+            None,
+            list(self.step_losses),
+        )
+
+    def _money_status(self) -> dict[str, Any]:
+        """Spent so far, the projected total and the ETA, from the measured step time (status.json)."""
+        per_step = self._seconds_per_step()
+        left = (self.total_steps - self.progress.step) * per_step if per_step else None
+        status: dict[str, Any] = {"seconds_per_step": round(per_step, 4) if per_step else None}
+        status["eta_s"] = round(left) if left is not None else None
+        if self.spend.price is not None:
+            status["spent_usd"] = round(self.spend.spent(), 4)
+            status["projected_usd"] = round(self.spend.projected(left), 4) if left is not None else None
+        status["budget_usd"] = self.spend.cap_usd
+        return status
+
+    def _money_words(self) -> str:
+        """', $1.23 spent, ~$4.56 in all (cap $10.00)' for a progress line; '' with no price."""
+        if self.spend.price is None:
+            return ""
+        money = self._money_status()
+        projected = money.get("projected_usd")
+        cap = f" (cap ${self.spend.cap_usd:,.2f})" if self.spend.cap_usd is not None else ""
+        total = f", ~${projected:,.2f} in all" if projected is not None else ""
+        return f", ${money['spent_usd']:,.2f} spent{total}{cap}"
+
+    def _record_first_step_memory(self) -> None:
+        """The first step's measured peak beside the plan's estimate (metrics.jsonl and status.json)."""
+        if self.accelerator.device.type == "cuda":
+            measured = torch.cuda.max_memory_allocated(self.accelerator.device)
+            how = "torch.cuda.max_memory_allocated"
+        else:  # the process's peak resident memory: Linux reports kilobytes
+            measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            how = "process peak RSS (getrusage)"
+        planned = self._planned("total_bytes")
+        record = {
+            "first_step_peak_memory_gib": round(measured / 2**30, 3),
+            "first_step_peak_memory_measure": how,
+            "planned_memory_gib": round(planned / 2**30, 3) if planned else None,
+        }
+        self.metrics.log(self.progress.step, record)
+        if self.accelerator.is_main_process:
+            self.session.record_first_step(record)
+
+    def _out_of_memory(self, batch: dict[str, torch.Tensor]) -> Exception:
+        """The out-of-memory error as a user error (batch shape) or a crash to retry (see oom.py)."""
+        previous = out_of_memory_stops(self.rundir.events())
+        return out_of_memory(
+            self.progress.step, batch, self.accelerator.device, previous, int(self.cfg.ckpt.oom_retries)
+        )
 
 
 def _build_accelerator(cfg: DictConfig, tracker_logs: Path) -> Any:

@@ -1,0 +1,93 @@
+"""What a run has spent over all its attempts, what finishing will cost, and whether `budget.usd` allows one more step.
+
+Every attempt is priced by the device it actually got (events.jsonl records the GPU each attempt saw):
+`budget.gpu_hour_usd` when set (on the CPU it prices process-hours), else the GPU type's list price
+(config/gpus.py). A killed attempt counts up to its last committed record, so its cost is a lower bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from noesis_accel.config.gpus import GPU_TYPES, type_of_device
+from noesis_accel.rundir.history import Attempt
+
+
+def price_per_device_hour(gpu_hour_usd: float | None, device: str, gpu_name: str | None) -> float | None:
+    """One device-hour of an attempt: the price given for the run, else the list price of the GPU it got."""
+    if gpu_hour_usd is not None:
+        return float(gpu_hour_usd)
+    if device != "cuda":
+        return None
+    kind = type_of_device(gpu_name)
+    return GPU_TYPES[kind].usd_per_hour if kind else None
+
+
+def attempt_usd(attempt: Attempt, gpu_hour_usd: float | None, until: float | None = None) -> float | None:
+    """What one attempt cost (None: no price known for its device); `until` closes an attempt still running."""
+    price = price_per_device_hour(gpu_hour_usd, attempt.device, attempt.gpu)
+    if price is None:
+        return None
+    end = until if until is not None and attempt.ended is None else (attempt.ended or attempt.started)
+    hours = max(0.0, (end - attempt.started) / 3600)
+    return hours * max(1, attempt.processes) * price
+
+
+def spent_usd(attempts: list[Attempt], gpu_hour_usd: float | None, now: float | None = None) -> float | None:
+    """Every attempt's cost added up; None when no attempt has a price."""
+    costs = [attempt_usd(a, gpu_hour_usd, now if a is attempts[-1] else None) for a in attempts]
+    known = [c for c in costs if c is not None]
+    return sum(known) if known else None
+
+
+@dataclass
+class Spend:
+    """The running attempt's view of the money: what is spent, and whether the cap allows going on.
+
+    `previous_usd` is what earlier attempts cost (fixed when this one starts); this attempt costs its
+    device-hours since `started` at `price` per device-hour.
+    """
+
+    cap_usd: float | None
+    price: float | None  # per device-hour, this attempt
+    devices: int
+    started: float  # this attempt's start (its `starting` event), time.time()
+    previous_usd: float = 0.0
+
+    @classmethod
+    def for_attempt(
+        cls, cfg: DictConfig, attempts: list[Attempt], devices: int, device: str, gpu_name: str | None
+    ) -> Spend:
+        """The spend of the newest of `attempts` (this one: its start is the last attempt's)."""
+        gpu_hour_usd = cfg.budget.gpu_hour_usd
+        started = attempts[-1].started if attempts else time.time()
+        previous = spent_usd(attempts[:-1], gpu_hour_usd) if len(attempts) > 1 else None
+        return cls(
+            cap_usd=None if cfg.budget.usd is None else float(cfg.budget.usd),
+            price=price_per_device_hour(gpu_hour_usd, device, gpu_name),
+            devices=max(1, devices),
+            started=started,
+            previous_usd=previous or 0.0,
+        )
+
+    def cost_of(self, seconds: float) -> float:
+        return (self.price or 0.0) * self.devices * seconds / 3600
+
+    def spent(self, now: float | None = None) -> float:
+        return self.previous_usd + self.cost_of((now or time.time()) - self.started)
+
+    def would_pass_cap(self, seconds_ahead: float, now: float | None = None) -> bool:
+        """Whether `seconds_ahead` more of this attempt (a step and a checkpoint) would take it past the cap.
+
+        No cap, or no price for this device: never.
+        """
+        if self.cap_usd is None or self.price is None:
+            return False
+        return self.spent(now) + self.cost_of(seconds_ahead) > self.cap_usd
+
+    def projected(self, seconds_left: float, now: float | None = None) -> float:
+        """The whole run's cost if the rest takes `seconds_left` at this attempt's price."""
+        return self.spent(now) + self.cost_of(seconds_left)

@@ -1,0 +1,122 @@
+"""`noesis plan`: the 8B recipe counted on the meta device, and the plan held against the tensors of a real first step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from noesis_accel.config import compose
+from noesis_accel.training import footprint
+from noesis_accel.training.plan import PLAN_FILE, fit_problem, make_plan, read_plan
+
+LLAMA3_8B_PARAMS = 8.03e9
+# LoRA r16 on every linear layer of Llama-3-8B but the LM head, by hand: per layer q, o 16 x (4096 + 4096);
+# k, v 16 x (4096 + 1024); gate, up, down 16 x (4096 + 14336); 32 layers.
+LLAMA3_8B_LORA16 = 32 * (2 * 16 * 8192 + 2 * 16 * 5120 + 3 * 16 * 18432)
+
+
+def test_the_8b_recipe_is_planned_without_weights_and_a_t4_is_refused_for_its_base_weights(tmp_path: Path) -> None:
+    cfg = compose(["+experiment=noesis", f"run.root={tmp_path}", "modal.gpu=[H100:8,T4:8]"])
+    plan = make_plan(cfg)
+    params = plan.model.params
+    assert abs(params.base_params - LLAMA3_8B_PARAMS) / LLAMA3_8B_PARAMS < 0.005
+    assert params.trainable_params == LLAMA3_8B_LORA16
+    # What peft itself reports for the adapter, built on the meta device.
+    model = footprint.meta_model(cfg, footprint.model_shape(cfg.model))
+    assert model.get_nb_trainable_parameters() == (
+        params.trainable_params,
+        params.base_params + params.trainable_params,
+    )
+    h100, t4 = plan.gpus
+    names = [term.name for term in h100.terms]
+    for name in ("base weights", "trainable weights", "gradients", "optimizer state", "activations", "logits"):
+        assert name in names
+    assert h100.fits and h100.usd and h100.usd > 0 and h100.device_hours and plan.data.steps == 750
+    assert not t4.fits and t4.largest.name == "base weights"
+    problem = fit_problem(plan, cfg)
+    assert problem is not None and problem.startswith("plan: T4:8 does not fit") and "base weights" in problem
+
+
+@pytest.mark.slow
+def test_noesis_plan_refuses_a_t4_in_one_line_with_exit_2_and_fits_an_h100(tmp_path: Path) -> None:
+    refused = run_cli(
+        ["+experiment=noesis", f"run.root={tmp_path}", "modal.gpu=T4:8"], module="noesis_accel.training.plancli"
+    )
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "base weights" in errors[0] and "Traceback" not in refused.stderr
+    fits = run_cli(["+experiment=noesis", f"run.root={tmp_path}"], module="noesis_accel.training.plancli")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "8,030,261,248 in the base" in fits.stdout and "fits" in fits.stdout and "$" in fits.stdout
+    assert read_plan(tmp_path / "noesis") is not None
+
+
+def _first_step_against_plan(tmp_path: Path, experiment: str, extra: list[str] = ()) -> None:
+    """Train one optimizer step of `experiment` and compare its tensors and its allocation peak with the plan.
+
+    The peak is the profiler's running sum of the CPU allocator's allocations and frees: tensor bytes, the
+    CPU's counterpart of torch.cuda.max_memory_allocated (process RSS would add Python and allocator caches).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from noesis_accel.training.trainer import Trainer
+
+    overrides = [f"+experiment={experiment}", f"run.root={tmp_path}", "train.tracker=none", "train.eval_every=0"]
+    cfg = compose([*overrides, "data.eval_fraction=0", "train.progress_bar=false", *extra])
+    trainer = Trainer.for_config(cfg)
+    try:
+        plan = make_plan(cfg, prepared=trainer.data, vocab_size=len(trainer.tokenizer))
+        terms = {term.name: term.bytes for term in plan.first.terms}
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        grads: dict[int, int] = {}
+        for param in model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(
+                    lambda p: grads.__setitem__(id(p), p.grad.numel() * p.grad.element_size())
+                )
+        trainer.total_steps = 1
+        trainer.model.train()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer._train_epoch()
+        frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        assert terms["base weights"] == frozen
+        assert terms["trainable weights"] == trainable
+        assert terms["gradients"] == sum(grads.values())
+        assert terms["optimizer state"] == footprint.actual_state_bytes(trainer.optimizer)
+        events = sorted(
+            (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+        )
+        level = peak = 0
+        for event in events:
+            level += event.nbytes()
+            peak = max(peak, level)
+        # What the step adds besides the activations is exact (gradients and the optimizer's new state).
+        activations = peak - terms["gradients"] - terms["optimizer state"]
+        planned = terms["activations"] + terms["logits"]
+        assert abs(planned - activations) / activations <= 0.30, (planned, activations)
+        assert read_plan(trainer.rundir.path) is not None  # the trainer wrote its plan.json
+        assert (trainer.rundir.path / PLAN_FILE).is_file()
+    finally:
+        trainer.session.close()
+
+
+def test_the_plan_of_the_tiny_model_equals_its_tensors_and_its_first_step(tmp_path: Path) -> None:
+    _first_step_against_plan(tmp_path, "tiny")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["model.gradient_checkpointing=true"]], ids=["plain", "checkpointing"])
+def test_the_plan_of_the_demo_model_equals_its_tensors_and_its_first_step(tmp_path: Path, extra: list[str]) -> None:
+    _first_step_against_plan(tmp_path, "demo", extra)
+
+
+def test_a_plan_of_local_data_counts_its_records_and_steps_exactly(tmp_path: Path) -> None:
+    cfg = compose(["+experiment=tiny", f"run.root={tmp_path}"])
+    plan = make_plan(cfg)
+    assert plan.data.exact and plan.data.records == 162 and plan.data.steps == 20
+    assert plan.first.device == "cpu" and plan.first.fits
+    assert torch.is_tensor(torch.zeros(1))  # the plan left torch usable (nothing stays on the meta device)
