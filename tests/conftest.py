@@ -55,7 +55,7 @@ def demo_result(tmp_path_factory):
 def run_cli(
     args: list[str], timeout: int = 600, env: dict | None = None, module: str = "noesis_accel.processes.train"
 ) -> subprocess.CompletedProcess:
-    """`python -m noesis_accel.processes.train ARGS` (or another command's `module`) in a subprocess, as a user would run it."""
+    """`python -m noesis_accel.processes.train ARGS` (or another `module`) in a subprocess, as a user would run it."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,

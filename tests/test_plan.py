@@ -1,4 +1,4 @@
-"""`noesis plan`: the 8B recipe counted on the meta device, and the plan held against the tensors of a real first step."""
+"""`noesis plan`: the 8B recipe counted on the meta device, and the plan against the tensors of a real first step."""
 
 from __future__ import annotations
 

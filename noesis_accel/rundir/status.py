@@ -14,6 +14,7 @@ from typing import Any
 
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
+from noesis_accel.rundir.costs import attempt_usd, spent_usd
 from noesis_accel.rundir.history import Attempt, RunState, format_duration, history, redone_words
 from noesis_accel.rundir.layout import RunDir
 
@@ -29,8 +30,47 @@ def _steps(attempt: Attempt) -> str:
     return f"steps {first} -> {'' if attempt.reached_exact else 'at least '}{last}"
 
 
+def _money_lines(status: dict[str, Any], plan: dict[str, Any] | None) -> list[str]:
+    """Spent against the budget, the ETA and projected total from the measured step time, and the plan beside them."""
+    lines = []
+    if status.get("spent_usd") is not None or status.get("budget_usd") is not None:
+        cap = status.get("budget_usd")
+        projected = status.get("projected_usd")
+        lines.append(
+            f"budget:      ${status.get('spent_usd') or 0:,.2f} spent"
+            + (f" of ${cap:,.2f} (budget.usd)" if cap is not None else " (no budget.usd)")
+            + (
+                f"; ~${projected:,.2f} projected in all"
+                if projected is not None and status.get("state") == "running"
+                else ""
+            )
+        )
+    if status.get("eta_s") is not None and status.get("state") == "running":
+        lines.append(f"eta:         {format_duration(status['eta_s'] / 3600)} at the measured step time")
+    if plan and plan.get("gpus"):
+        first = plan["gpus"][0]
+        per_step, usd, memory = first.get("seconds_per_step"), first.get("usd"), first.get("total_bytes")
+        planned = [
+            f"{per_step:.2f} s/step" if per_step else "s/step unknown",
+            f"{memory / 2**30:.2f} GiB per {first.get('device')}" if memory else "",
+            f"${usd:,.2f}" if usd is not None else "",
+        ]
+        peak, measure = status.get("first_step_peak_memory_gib"), status.get("first_step_peak_memory_measure")
+        actual = [
+            f"{status['seconds_per_step']:.2f} s/step" if status.get("seconds_per_step") else "",
+            f"first step peak {peak:.2f} GiB ({measure})" if peak is not None else "",
+        ]
+        lines.append(f"plan:        {', '.join(p for p in planned if p)} ({first.get('spec')})")
+        if any(actual):
+            lines.append(f"actual:      {', '.join(a for a in actual if a)}")
+    return lines
+
+
 def format_status(
-    status: dict[str, Any], attempts: list[Attempt] | None = None, price_per_gpu_hour: float | None = None
+    status: dict[str, Any],
+    attempts: list[Attempt] | None = None,
+    price_per_gpu_hour: float | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> str:
     step, total = status.get("step", 0), status.get("total_steps") or 0
     percent = f" ({100 * step / total:.0f}%)" if total else ""
@@ -51,20 +91,40 @@ def format_status(
         for attempt in attempts:
             ended = attempt.stop_reason or (RunState.RUNNING.value if attempt is attempts[-1] else "killed")
             cost = f"; {attempt.lost}" if attempt.lost else ""
+            usd = attempt_usd(attempt, price_per_gpu_hour)
+            device = f"{attempt.device}, {attempt.gpu}" if attempt.gpu else attempt.device
             lines.append(
                 f"  #{attempt.number}: {_steps(attempt)}, "
-                f"{format_duration(attempt.hours)} on {attempt.processes} x {attempt.device} ({attempt.host}); "
-                f"{ended}{cost}"
+                f"{format_duration(attempt.hours)} on {attempt.processes} x {device} ({attempt.host})"
+                + (f", ${usd:,.2f}" if usd is not None else "")
+                + f"; {ended}{cost}"
             )
         gpu_hours = sum(a.gpu_hours for a in attempts)
+        spent = spent_usd(attempts, price_per_gpu_hour)
         price = (
-            f" (~${gpu_hours * price_per_gpu_hour:,.2f} at ${price_per_gpu_hour:g}/GPU-hour)"
-            if price_per_gpu_hour
-            else ""
+            f" (${spent:,.2f}" + (f" at ${price_per_gpu_hour:g}/hour)" if price_per_gpu_hour else ")") if spent else ""
         )
         lines.append(f"gpu-hours:   {gpu_hours:.2f}{price}")
+    lines += _money_lines(status, plan)
     lines.append(f"updated:     {status.get('updated_at', '-')}")
     return "\n".join(lines)
+
+
+def _configured_price(rundir: RunDir) -> float | None:
+    """The run's own `budget.gpu_hour_usd` (what priced its budget), when `price=` is not given."""
+    try:
+        return (rundir.saved_config().get("budget") or {}).get("gpu_hour_usd")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _plan(rundir: RunDir) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads((rundir.path / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def verify_checkpoints(rundir: RunDir) -> list[tuple[Path, str | None]]:
@@ -99,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    print(format_status(status, history(rundir), parsed.options["price"]))
+    print(format_status(status, history(rundir), parsed.options["price"] or _configured_price(rundir), _plan(rundir)))
     if not parsed.options["verify"]:
         return 0
     results = verify_checkpoints(rundir)

@@ -12,35 +12,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from noesis_accel.config.gpus import GPU_TYPES, type_of_device
+from noesis_accel.rundir.costs import price_per_device_hour, spent_usd
 from noesis_accel.rundir.history import Attempt
-
-
-def price_per_device_hour(gpu_hour_usd: float | None, device: str, gpu_name: str | None) -> float | None:
-    """One device-hour of an attempt: the price given for the run, else the list price of the GPU it got."""
-    if gpu_hour_usd is not None:
-        return float(gpu_hour_usd)
-    if device != "cuda":
-        return None
-    kind = type_of_device(gpu_name)
-    return GPU_TYPES[kind].usd_per_hour if kind else None
-
-
-def attempt_usd(attempt: Attempt, gpu_hour_usd: float | None, until: float | None = None) -> float | None:
-    """What one attempt cost (None: no price known for its device); `until` closes an attempt still running."""
-    price = price_per_device_hour(gpu_hour_usd, attempt.device, attempt.gpu)
-    if price is None:
-        return None
-    end = until if until is not None and attempt.ended is None else (attempt.ended or attempt.started)
-    hours = max(0.0, (end - attempt.started) / 3600)
-    return hours * max(1, attempt.processes) * price
-
-
-def spent_usd(attempts: list[Attempt], gpu_hour_usd: float | None, now: float | None = None) -> float | None:
-    """Every attempt's cost added up; None when no attempt has a price."""
-    costs = [attempt_usd(a, gpu_hour_usd, now if a is attempts[-1] else None) for a in attempts]
-    known = [c for c in costs if c is not None]
-    return sum(known) if known else None
 
 
 @dataclass
