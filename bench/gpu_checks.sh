@@ -9,16 +9,18 @@
 # 4. DeepSpeed ZeRO-2 + AdamW8bit in bf16: kill -9 mid-run, restart, compare bit for bit.
 # 5. bf16 throughput on the SmolLM2-135M shape, ours against the length-grouped Trainer.
 # 6. QLoRA (4-bit base) + gradient checkpointing + AdamW8bit, 10 steps.
+# 7. noesis plan's memory against one real optimizer step of the recipe on the 8B shape (bench/plan_vs_measured.py).
 # Each part has a time cap inside a total budget (GPU_CHECKS_BUDGET_S, default 560 s); PARTS picks parts
-# (default "bench8b recipe gputests zero2 throughput qlora"). Six files under $OUT: gpu.txt
-# (versions, per-part exit codes and seconds), gpu_checks.log (all output), llama8b.json, recipe.json,
-# zero2_exactness.json, throughput.json.
+# (default "bench8b recipe gputests zero2 throughput qlora plan"; part 7 comes last, so a tight budget skips
+# it first: PARTS=plan runs it alone). Seven files under $OUT: gpu.txt (versions, per-part exit codes and
+# seconds, the plan's verdict), gpu_checks.log (all output), llama8b.json, recipe.json, zero2_exactness.json,
+# throughput.json, plan_vs_measured.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
 DEADLINE=$((SECONDS + ${GPU_CHECKS_BUDGET_S:-560}))
-PARTS=${PARTS:-"bench8b recipe gputests zero2 throughput qlora"}
+PARTS=${PARTS:-"bench8b recipe gputests zero2 throughput qlora plan"}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -91,5 +93,16 @@ part qlora 60 python3 -m noesis_accel.processes.train +experiment=tiny $MODEL tr
   train.max_steps=10 train.eval_every=0.5 run.root=/tmp/qlora
 [ -f /tmp/qlora/tiny/metrics.jsonl ] && python3 -c "import json; m=[json.loads(l) for l in open('/tmp/qlora/tiny/metrics.jsonl')]; \
 print('qlora losses', [round(x['loss'],3) for x in m if 'loss' in x])" 2>&1 | tee -a "$LOG"
+
+# 7. ~1 min: the 8B shape built on the GPU, its plan made from the data it loaded, one optimizer step (the
+#    largest micro-batch, trained first). Compares torch.cuda.max_memory_allocated with the plan's total per
+#    GPU: PASS within ±15% (exit 1 on FAIL); the table also sets each plan term beside its measured bytes.
+#    Uses part 2's data (400 synthetic records), writing it first when part 2 did not run.
+part plan 120 bash -c "set -o pipefail; [ -f /tmp/recipe_data.jsonl ] || \
+  python3 bench/llama8b.py --write-data /tmp/recipe_data.jsonl --records 400 || exit 1; \
+  python3 bench/plan_vs_measured.py --experiment noesis model=llama3_8b_arch +debug=gpu \
+  model.name_or_path='$TOKENIZER' model.gguf_file=null data.path=/tmp/recipe_data.jsonl \
+  | tee '$OUT/plan_vs_measured.txt'"
+[ -f "$OUT/plan_vs_measured.txt" ] && grep "^total per GPU" "$OUT/plan_vs_measured.txt" | sed 's/^/plan: /' | tee -a "$OUT/gpu.txt"
 
 echo "total ${SECONDS} s" | tee -a "$OUT/gpu.txt"
