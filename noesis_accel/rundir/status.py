@@ -112,6 +112,8 @@ def format_status(
 
 def _configured_price(rundir: RunDir) -> float | None:
     """The run's own `budget.gpu_hour_usd` (what priced its budget), when `price=` is not given."""
+    if not rundir.config_file.is_file():  # a run dir written before its config (or by an older version)
+        return None
     try:
         return (rundir.saved_config().get("budget") or {}).get("gpu_hour_usd")
     except (OSError, ValueError, AttributeError):
