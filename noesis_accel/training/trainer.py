@@ -186,6 +186,15 @@ class Trainer:
         self.spend = self._spend()
         self._step_seconds: deque[float] = deque(maxlen=10)  # the newest optimizer steps' wall times
         self._last_step_end = time.monotonic()
+        # Read once here, not at every step: before this attempt measures its own, the step time the
+        # previous attempt recorded (else the plan's), and the newest save's time (at least the plan's).
+        main = accelerator.is_main_process  # the one that judges the budget
+        recorded = (self.rundir.status() or {}).get("seconds_per_step") if main else None
+        self._earlier_step_seconds = float(recorded) if recorded else self._planned("seconds_per_step")
+        events = self.rundir.events() if main else []
+        saves = [e["seconds"] for e in events if e.get("event") == "checkpoint" and e.get("seconds")]
+        self._planned_save_seconds = self._planned("checkpoint_seconds") or 0.0
+        self._save_seconds = max(saves[-1] if saves else 0.0, self._planned_save_seconds, 1.0)
         self.attempt_start_step = self.progress.step
         self._announce(model)
         self._refuse_start_over_budget()
@@ -472,7 +481,9 @@ class Trainer:
             path = self.checkpoints.save(self.progress.step, reason, progress)
         finally:
             self.watcher.saving = False
-        self.session.record_checkpoint(self.progress.step, reason, path, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        self._save_seconds = max(seconds, self._planned_save_seconds, 1.0)
+        self.session.record_checkpoint(self.progress.step, reason, path, seconds)
         if self.accelerator.is_main_process:
             self.metrics.write(f"step {self.progress.step}: checkpoint {path.name} ({reason})")
         if reason == "signal":
@@ -480,9 +491,7 @@ class Trainer:
         if reason == "deadline":
             raise StoppedAtDeadline()
         if reason == "budget":
-            raise BudgetReached(
-                self.progress.step, self.total_steps, self.spend.spent(), float(self.spend.cap_usd or 0.0)
-            )
+            raise self._budget_reached()
 
     def _agreed_flags(self) -> tuple[bool, bool, bool, bool]:
         """Signal, wall-clock, deadline and budget triggers, agreed across ranks so every rank saves at the
@@ -491,7 +500,7 @@ class Trainer:
             float(self.watcher.requested),
             float(self.checkpoints.minutes_elapsed_due()),
             float(deadline_reached(self.deadline)),
-            float(self.accelerator.is_main_process and self.spend.would_pass_cap(self._seconds_to_next_checkpoint())),
+            float(self.accelerator.is_main_process and self._over_budget()),
         ]
         if self.accelerator.num_processes > 1:
             tensor = torch.tensor(flags, device=self.accelerator.device)
@@ -603,35 +612,33 @@ class Trainer:
     def _seconds_per_step(self) -> float | None:
         """The newest steps' slowest wall time (a slow step is the one that could pass the cap); before
         any step of this attempt, the previous attempt's measure, then the plan's."""
-        if self._step_seconds:
-            return max(self._step_seconds)
-        recorded = (self.rundir.status() or {}).get("seconds_per_step")
-        return float(recorded) if recorded else self._planned("seconds_per_step")
+        return max(self._step_seconds) if self._step_seconds else self._earlier_step_seconds
 
-    def _seconds_to_next_checkpoint(self) -> float:
-        """One more step and a checkpoint: how far the run could go and still stop at a checkpoint."""
-        saves = [e["seconds"] for e in self.rundir.events() if e.get("event") == "checkpoint" and e.get("seconds")]
-        save = max(saves[-1] if saves else 0.0, self._planned("checkpoint_seconds") or 0.0, 1.0)
-        return (self._seconds_per_step() or 0.0) + save
+    def _over_budget(self) -> bool:
+        """Whether one more step and a checkpoint would pass `budget.usd` (main process; False with no cap)."""
+        if self.spend.cap_usd is None:
+            return False
+        return self.spend.would_pass_cap((self._seconds_per_step() or 0.0) + self._save_seconds)
+
+    def _budget_reached(self) -> BudgetReached:
+        return BudgetReached(self.progress.step, self.total_steps, self.spend.spent(), float(self.spend.cap_usd or 0.0))
+
+    def _record_budget_stop(self, stop: BudgetReached) -> None:
+        if self.accelerator.is_main_process:
+            self.session.record_stop(RunState.BUDGET, str(stop), self.progress.step, **self._money_status())
+            self.metrics.write(f"budget: {stop}")
 
     def _refuse_start_over_budget(self) -> None:
         """At the start of an attempt: a budget already spent (or that one step would pass) stops it here,
         on every rank (the main process decides)."""
-        over = main_decides(self.accelerator, lambda: self.spend.would_pass_cap(self._seconds_to_next_checkpoint()))
-        if over:
-            stop = BudgetReached(
-                self.progress.step, self.total_steps, self.spend.spent(), float(self.spend.cap_usd or 0.0)
-            )
-            if self.accelerator.is_main_process:
-                self.session.record_stop(RunState.BUDGET, str(stop), self.progress.step, **self._money_status())
-                self.metrics.write(f"budget: {stop}")
+        if main_decides(self.accelerator, self._over_budget):
+            stop = self._budget_reached()
+            self._record_budget_stop(stop)
             raise stop
 
     def _stop_for_budget(self, stop: BudgetReached) -> RunResult:
         accelerator = self.accelerator
-        if accelerator.is_main_process:
-            self.session.record_stop(RunState.BUDGET, str(stop), self.progress.step, **self._money_status())
-            self.metrics.write(f"budget: {stop}")
+        self._record_budget_stop(stop)
         self.metrics.close()
         accelerator.wait_for_everyone()
         self.session.close_tracker()
