@@ -146,11 +146,78 @@ def test_data_on_the_volume_is_checked_by_the_cpu_function_first(tmp_path, monke
     assert len(fakes["train"].spawned) == 1  # no second training call
 
 
-def test_a_hub_dataset_is_left_to_training(monkeypatch) -> None:
+def test_a_hub_dataset_is_left_to_training(monkeypatch, capsys) -> None:
     app = load_app(TINY, monkeypatch)
     fakes = _functions(app, monkeypatch=monkeypatch)
     app.main.info.raw_f(*TINY, "data.path=someone/some-dataset")
     assert len(fakes["train"].spawned) == 1 and not fakes["check_data"].remote_calls
+    assert "no plan for tiny before its GPUs start" in capsys.readouterr().out  # and says how to have one
+
+
+# ---------------------------------------------------------------- the plan, before any GPU
+
+
+def _volume_data(tmp_path, records: int) -> tuple[list[str], str]:
+    mount = tmp_path / "vol"
+    (mount / "data").mkdir(parents=True)
+    data = write_jsonl(mount / "data" / "train.jsonl", chat_records(records))
+    return [*TINY, f"modal.mount={mount}", f"data.path={data}"], str(data)
+
+
+def _with_real_check(app: ModuleType, monkeypatch: pytest.MonkeyPatch) -> dict[str, RecordingFunction]:
+    real_check = app.check_data  # the CPU function's body, in-process: it counts the records on the Volume
+    return _functions(
+        app, check=RecordingFunction("check", lambda overrides: real_check.local(overrides)), monkeypatch=monkeypatch
+    )
+
+
+# Each row of the largest micro-batch holds data.max_length tokens (the Volume's data is not tokenised
+# here): 16 x 2048 tokens of tiny's 49,152-word logits are ~18 GiB, past a T4's 15 GiB.
+UNFIT = ["modal.gpu=T4", "data.max_length=2048", "train.micro_batch_size=16", "train.global_batch_size=16"]
+
+
+def test_a_run_that_does_not_fit_its_gpu_is_refused_before_any_call(tmp_path, monkeypatch, capsys) -> None:
+    args, _ = _volume_data(tmp_path, 200)
+    app = load_app(args, monkeypatch)
+    fakes = _with_real_check(app, monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        app.main.info.raw_f(*args, *UNFIT)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: plan: T4 does not fit" in err and "the largest term is logits" in err and "Traceback" not in err
+    assert "would fit: train.micro_batch_size=8, data.max_length=1024, modal.gpu=L40S:1" in err
+    assert not fakes["train"].spawned and len(fakes["check_data"].remote_calls) == 1
+
+
+def test_a_run_over_its_budget_is_refused_unless_the_preflight_only_warns(tmp_path, monkeypatch, capsys) -> None:
+    """The Volume's record count sizes the plan; 1,000 epochs of 180 records of 2,048 tokens on an H100."""
+    args, _ = _volume_data(tmp_path, 200)
+    costly = [*args, "modal.gpu=H100", "data.max_length=2048", "train.max_steps=null", "train.epochs=1000"]
+    app = load_app(costly, monkeypatch)
+    fakes = _with_real_check(app, monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        app.main.info.raw_f(*costly, "budget.usd=0.01")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "budget.usd: the plan for H100 is $" in err and "over the budget of $0.01" in err
+    assert "budget.preflight=warn" in err and not fakes["train"].spawned
+
+    app.main.info.raw_f(*costly, "budget.usd=0.01", "budget.preflight=warn")
+    out = capsys.readouterr().out
+    assert "modal: tiny: plan: H100" in out and "(data assumed: plan.records)" in out and "budget $0.01" in out
+    assert "modal: warning: budget.usd: the plan for H100" in out and len(fakes["train"].spawned) == 1
+
+
+def test_a_sweep_with_one_unfit_job_starts_nothing(tmp_path, monkeypatch, capsys) -> None:
+    args, _ = _volume_data(tmp_path, 200)
+    app = load_app(args, monkeypatch)
+    fakes = _with_real_check(app, monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        app.main.info.raw_f("-m", *args, *UNFIT[:3], "train.global_batch_size=16", "train.micro_batch_size=1,16")
+    assert stopped.value.code == 2
+    assert "plan: T4 does not fit" in capsys.readouterr().err
+    assert not fakes["sweep"].spawned and not fakes["train"].spawned
+    assert len(fakes["check_data"].remote_calls) == 1  # one data config: read once for both jobs
 
 
 # ---------------------------------------------------------------- a sweep
@@ -231,7 +298,8 @@ def test_the_coordinator_spawns_one_call_per_job_and_gathers_every_outcome(tmp_p
     monkeypatch.setattr(sys, "argv", ["python"])
     result = app.sweep.local(["-m", *args, "optim.lr=1e-3,2e-3,3e-3"])
     assert len(train.spawned) == 3 and all(call.gets == 1 for call in train.calls)
-    assert [r["overrides"][-1] for r in train.spawned] == ["optim.lr=0.001", "optim.lr=0.002", "optim.lr=0.003"]
+    # spawned from a thread pool, so in whatever order the threads ran
+    assert sorted(r["overrides"][-1] for r in train.spawned) == ["optim.lr=0.001", "optim.lr=0.002", "optim.lr=0.003"]
     jobs = {job["job_num"]: job for job in result["jobs"]}
     assert [jobs[n]["state"] for n in (0, 1, 2)] == ["completed", "failed", "completed"]
     assert jobs[1]["error"] == "RuntimeError: the container was lost 11 times" and jobs[0]["value"] == 0.25

@@ -11,6 +11,7 @@ starts one call of the app's coordinator, which runs the whole sweep inside Moda
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import sys
@@ -86,25 +87,29 @@ def _refuse_laptop_only(key: str, path: str, settings: ModalSettings) -> None:
     )
 
 
+def _data_key(cfg: DictConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
+
+
 def check_data_before_gpu(
     jobs: Sequence[tuple[list[str], DictConfig]], settings: ModalSettings, volume_check: Any
-) -> None:
+) -> dict[str, int]:
     """Every job's data read and validated before a GPU starts; raises DataError with the file:line.
 
     Data in the image or on this machine is checked here. Data on the Volume is checked by the
     app's CPU function (`volume_check`), which composes the job's config where the data is. Hub
-    datasets are left to training (reading one here could mean downloading all of it).
+    datasets are left to training (reading one here could mean downloading all of it). Returns the
+    training records counted, by data config, for the plan.
     """
-    from omegaconf import OmegaConf
-
     from noesis_accel.training.data import check_data
 
-    seen: set[str] = set()
+    records: dict[str, int] = {}
     for overrides, cfg in jobs:
-        data_key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
-        if data_key in seen:  # a sweep over the learning rate reads the same file once
+        data_key = _data_key(cfg)
+        if data_key in records:  # a sweep over the learning rate reads the same file once
             continue
-        seen.add(data_key)
         paths = _data_paths(cfg)
         for key, path in paths.items():
             _refuse_laptop_only(key, path, settings)
@@ -113,8 +118,61 @@ def check_data_before_gpu(
             found = volume_check.remote(list(overrides))
             if found.get("error"):
                 raise DataError(found["error"])
+            records[data_key] = int(found.get("train_records") or 0)
             continue
-        check_data(cfg.data)
+        records[data_key] = check_data(cfg.data).train_records
+    return records
+
+
+def _plan_key(cfg: DictConfig) -> str:
+    """All a plan depends on: a sweep over the learning rate (or the run's name) plans once."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("run", None)
+    plain.get("optim", {}).pop("lr", None)
+    return json.dumps(plain, sort_keys=True, default=str)
+
+
+def plan_before_gpu(
+    jobs: Sequence[tuple[list[str], DictConfig]], settings: ModalSettings, records: dict[str, int]
+) -> None:
+    """Every job's plan before a GPU starts: one that does not fit its GPU, or is over its `budget.usd`
+    (unless budget.preflight=warn), stops the command with the plan's line (ConfigError).
+
+    Data on this machine (carried by the image) is read and tokenised here, as `noesis plan` does.
+    Data on the Volume is counted by the data check; its tokens are assumed to be data.max_length
+    each (plan.mean_tokens says otherwise), the worst case for memory and time. A hub dataset is
+    planned only when plan.records gives its size: reading it here could mean downloading all of it.
+    """
+    from noesis_accel.training.data import is_hub_dataset
+    from noesis_accel.training.plan import budget_problem, check_before_gpu, plan_line
+
+    planned: set[str] = set()
+    for _, cfg in jobs:
+        key = _plan_key(cfg)
+        if key in planned:
+            continue
+        planned.add(key)
+        paths = _data_paths(cfg).values()
+        read_here = not any(on_volume(path, settings) or is_hub_dataset(path) for path in paths)
+        if not read_here and cfg.plan.records is None:
+            counted = records.get(_data_key(cfg))
+            if not counted:
+                print(
+                    f"modal: no plan for {cfg.run.name} before its GPUs start: {cfg.data.path} is not read here; "
+                    "give its size (plan.records=N) to have the memory and the budget checked first",
+                    flush=True,
+                )
+                continue
+            cfg = copy.deepcopy(cfg)  # the job's own config travels as its overrides, unchanged
+            cfg.plan.records = counted
+        plan = check_before_gpu(cfg, read_data=read_here, host_bytes=settings.memory_mib * 2**20)
+        over = budget_problem(plan)
+        print(f"modal: {cfg.run.name}: {plan_line(plan)}", flush=True)
+        if over:  # budget.preflight=warn: said, then started; the cap still stops it at a checkpoint
+            print(f"modal: warning: {over}", flush=True)
 
 
 def check_data_in_container(overrides: Sequence[str]) -> dict[str, Any]:
@@ -128,7 +186,7 @@ def check_data_in_container(overrides: Sequence[str]) -> dict[str, Any]:
         stats = check_data(compose_for_modal(list(overrides)).data)
     except UserError as err:
         return {"error": redact(str(err))}
-    return {"error": None, "records": stats.records, "format": stats.format}
+    return {"error": None, "records": stats.records, "train_records": stats.train_records, "format": stats.format}
 
 
 # ---------------------------------------------------------------- starting the calls
@@ -187,7 +245,8 @@ def submit(args: Sequence[str], functions: AppFunctions, settings: ModalSettings
     args = list(args)
     try:
         jobs = job_configs(args)
-        check_data_before_gpu(jobs, settings, functions.check_data)
+        records = check_data_before_gpu(jobs, settings, functions.check_data)
+        plan_before_gpu(jobs, settings, records)
     except UserError as err:
         print(f"error: {redact(str(err))}", file=sys.stderr, flush=True)
         raise SystemExit(err.exit_code) from None

@@ -154,15 +154,17 @@ class Plan:
 # ---------------------------------------------------------------- the data
 
 
-def data_figures(cfg: DictConfig, prepared: Any | None = None) -> tuple[DataFigures, LengthBucketBatchSampler | None]:
+def data_figures(
+    cfg: DictConfig, prepared: Any | None = None, read_data: bool = True
+) -> tuple[DataFigures, LengthBucketBatchSampler | None]:
     """The data as training will see it: `prepared` (training's own), else prepared here, else assumed.
 
-    Assumed only when the data cannot be read here (it lies on a Modal Volume, or the tokenizer is a
-    hub model this machine cannot reach): then `plan.records` records of `plan.mean_tokens` tokens,
-    and the largest micro-batch is the worst case, micro_batch_size x data.max_length.
+    Assumed when the data cannot be read here (it lies on a Modal Volume, or the tokenizer is a hub
+    model this machine cannot reach) or `read_data` is false: then `plan.records` records of
+    `plan.mean_tokens` tokens, and the largest micro-batch is the worst case, micro_batch_size x data.max_length.
     """
-    why = None
-    if prepared is None:
+    why = None if read_data else "the data is read where it lies, not here"
+    if prepared is None and read_data:
         try:
             prepared = _prepare(cfg)
         except UserError as err:
@@ -450,9 +452,19 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def make_plan(cfg: DictConfig, prepared: Any | None = None, vocab_size: int | None = None) -> Plan:
-    """Everything `noesis plan` prints, for `cfg` (validated); `prepared`: training's own data, if loaded."""
-    data, _ = data_figures(cfg, prepared)
+def make_plan(
+    cfg: DictConfig,
+    prepared: Any | None = None,
+    vocab_size: int | None = None,
+    read_data: bool = True,
+    host_bytes: int | None = None,
+) -> Plan:
+    """Everything `noesis plan` prints, for `cfg` (validated); `prepared`: training's own data, if loaded.
+
+    `read_data=False` plans from `plan.records` without reading the data here; `host_bytes` is the
+    memory a CPU run will have (a Modal container's, not this machine's).
+    """
+    data, _ = data_figures(cfg, prepared, read_data)
     if vocab_size is None and cfg.model.architecture and "vocab_size" not in cfg.model.architecture:
         from noesis_accel.training import modeling
 
@@ -463,7 +475,7 @@ def make_plan(cfg: DictConfig, prepared: Any | None = None, vocab_size: int | No
         on_gpu = device != "cpu"
         rate, source, hours = _time(cfg, model, data, device, devices)
         price, price_source = _price(cfg, device)
-        capacity = gpu_type(device).memory_bytes if on_gpu else host_memory_bytes()
+        capacity = gpu_type(device).memory_bytes if on_gpu else (host_bytes or host_memory_bytes())
         gpus.append(
             GpuPlan(
                 spec,
@@ -582,9 +594,9 @@ def refuse_if_unfit(plan: Plan, cfg: DictConfig) -> None:
         raise ConfigError(over)
 
 
-def check_before_gpu(cfg: DictConfig) -> Plan:
+def check_before_gpu(cfg: DictConfig, read_data: bool = True, host_bytes: int | None = None) -> Plan:
     """`make_plan` + `refuse_if_unfit`: what `modal run` and a sweep run for every job."""
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, read_data=read_data, host_bytes=host_bytes)
     refuse_if_unfit(plan, cfg)
     return plan
 
@@ -622,6 +634,21 @@ def _count(value: int) -> str:
         if value >= size:
             return f"{value / size:.2f} {unit}"
     return str(value)
+
+
+def plan_line(plan: Plan) -> str:
+    """One line: the first entry's memory, the steps, the time and the cost, against the budget."""
+    gpu = plan.first
+    parts = [
+        f"{gpu.spec} {_gib(gpu.total_bytes)} of {_gib(gpu.capacity_bytes) if gpu.capacity_bytes else 'unknown'}",
+        f"{plan.data.steps:,} steps" + ("" if plan.data.exact else " (data assumed: plan.records)"),
+    ]
+    if gpu.hours is not None:
+        parts.append(f"~{gpu.hours:.2f} h")
+    parts.append(f"~${gpu.usd:,.2f}" if gpu.usd is not None else "cost unknown")
+    if plan.budget_usd is not None:
+        parts.append(f"budget ${plan.budget_usd:,.2f}")
+    return "plan: " + ", ".join(parts)
 
 
 def format_plan(plan: Plan) -> str:
