@@ -202,6 +202,41 @@ def test_a_bad_config_is_one_line_and_a_result_not_a_failure(tmp_path, layout: s
     ]
 
 
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow  # tests/test_spend.py has the same stop as a plain run, in the default suite
+def test_an_out_of_memory_error_at_the_first_step_is_a_result_not_a_retry(tmp_path) -> None:
+    """The batch shape does not fit: ten more attempts would fail the same way, each paying start-up."""
+    container = Container(tmp_path, TINY, env={"NOESIS_FAULT": "oom:1"})
+    code, output = container.finish()
+    assert [o["status"] for o in container.outputs] == ["SUCCESS"], output[-3000:]  # terminal: no retry
+    value = container.outputs[0]["value"]
+    assert value["state"] == "failed" and code == 2 and "Traceback" not in output
+    assert _error_lines(output) == [f"error: {value['error']}"] and "out of memory at step 1" in value["error"]
+
+
+@pytest.mark.slow
+def test_an_out_of_memory_error_later_spends_one_retry_then_is_a_result(tmp_path) -> None:
+    """After the largest batch fitted, an OOM may be fragmentation: one retry (ckpt.oom_retries=1) from the
+    committed checkpoint, and the same OOM again ends the run as a result, not nine more attempts."""
+    oom = {"NOESIS_FAULT": "oom:8"}
+    first = Container(tmp_path, TINY, env=oom)
+    code, output = first.finish()
+    assert [o["status"] for o in first.outputs] == ["FAILURE"], output[-3000:]  # Modal retries it
+    assert "OutOfMemoryCrash" in first.outputs[0]["exception"] or "out of memory" in first.outputs[0]["exception"]
+    committed = sorted(path.name for path in (_run_dir(first.remote) / "checkpoints").glob("step-*"))
+    assert committed[-1] == "step-000006"  # the last checkpoint (every 3 steps) is on the Volume for the retry
+    retry = Container(tmp_path, TINY, env=oom)
+    code, output = retry.finish()
+    assert [o["status"] for o in retry.outputs] == ["SUCCESS"], output[-3000:]
+    value = retry.outputs[0]["value"]
+    assert value["state"] == "failed" and code == 2 and "1 earlier attempt" in value["error"]
+    stops = [e for e in RunDir(_run_dir(retry.remote)).events() if e["event"] == "stop"]
+    assert [e.get("out_of_memory", False) for e in stops] == [True, True]
+
+
 def test_the_fake_volume_refuses_a_reload_while_a_file_under_it_is_open_or_mapped(tmp_path) -> None:
     """Modal's rule (`Volume.reload`: "will fail if there are open files for the volume"), mapped files
     included: what `datasets` loads from disk stays memory-mapped, with no descriptor left open."""
