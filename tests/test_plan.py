@@ -120,3 +120,56 @@ def test_a_plan_of_local_data_counts_its_records_and_steps_exactly(tmp_path: Pat
     assert plan.data.exact and plan.data.records == 162 and plan.data.steps == 20
     assert plan.first.device == "cpu" and plan.first.fits
     assert torch.is_tensor(torch.zeros(1))  # the plan left torch usable (nothing stays on the meta device)
+
+
+def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, patched: bool, gpu: bool) -> int:
+    """Bytes autograd keeps for one training forward (each storage once, parameters left out)."""
+    params = {id(p) for p in model.parameters()}
+    kept: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # so that no two saved tensors share an id
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in params:
+            kept[id(base)] = base.numel() * base.element_size()
+            alive.append(base)
+        return tensor
+
+    model.train()
+    kernels = (
+        footprint._kernels_on_meta(model, gpu)
+        if patched
+        else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    )
+    with kernels, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = model(input_ids=ids, labels=ids, attention_mask=mask)
+    del outputs
+    return sum(kept.values())
+
+
+def test_attention_and_dropout_are_counted_as_the_training_device_keeps_them(tmp_path: Path) -> None:
+    """On the meta device torch runs the math attention, which keeps rows x heads x L x L probabilities that
+    the fused kernels never store (1 GiB a layer for the 8B recipe), and dropout with a mask in the input's
+    dtype where CUDA keeps one byte a value. The meta count must equal the CPU's real kernels, and differ
+    on a GPU by exactly the dropout masks' three bytes a value."""
+    cfg = compose(["+experiment=tiny", f"run.root={tmp_path}", "model.attn_implementation=sdpa", "peft.dropout=0.1"])
+    shape = footprint.model_shape(cfg.model, vocab_size=1000)
+    rows, length = 2, 256  # long enough that probabilities (2 x 4 x 256 x 256 x 4 bytes a layer) would show
+    torch.manual_seed(0)
+    real = footprint.meta_model(cfg, shape).to_empty(device="cpu")
+    ids = torch.randint(0, 100, (rows, length))
+    mask = torch.ones(rows, 1, length, length, dtype=torch.bool)
+    on_cpu = _saved_bytes(real, ids, mask, patched=False, gpu=False)
+    meta = footprint.meta_model(cfg, shape)
+    meta_ids, meta_mask = ids.to("meta"), mask.to("meta")
+    assert _saved_bytes(meta, meta_ids, meta_mask, patched=True, gpu=False) == on_cpu
+    assert _saved_bytes(meta, meta_ids, meta_mask, patched=False, gpu=False) > on_cpu  # the math kernel's extra
+    # Dropout keeps a mask only where its input needs a gradient: not for the first layer's q, k and v,
+    # whose input (the frozen embeddings, through a frozen norm) needs none.
+    first_qkv = {f"layers.0.self_attn.{proj}.lora_A.default" for proj in ("q_proj", "k_proj", "v_proj")}
+    masks = sum(
+        rows * length * module.in_features
+        for name, module in meta.named_modules()
+        if name.endswith("lora_A.default") and not any(name.endswith(skip) for skip in first_qkv)
+    )
+    assert on_cpu - _saved_bytes(meta, meta_ids, meta_mask, patched=True, gpu=True) == 3 * masks

@@ -288,8 +288,77 @@ def actual_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 # ---------------------------------------------------------------- activations
 
 
-def activation_profile(model: torch.nn.Module, rows: int, length: int) -> ActivationProfile:
-    """Run one training forward on the meta device and count, per decoder layer, what autograd saves.
+class _FusedAttention(torch.autograd.Function):
+    """What the fused attention kernels (flash and memory-efficient, CUDA's and the CPU's) keep for the
+    backward: q, k, v, the output, a float32 log-sum-exp per query row, and a boolean mask converted to
+    the query's dtype (a new tensor at each layer). On the meta device torch falls back to the math
+    kernel, which would keep the rows x heads x L x L probabilities: 1 GiB a layer for the 8B recipe,
+    that no fused kernel stores."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any) -> torch.Tensor:
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        kept = [query, key, value, out, log_sum_exp]
+        if mask is not None:
+            kept.append(mask.new_empty(mask.shape, dtype=query.dtype) if mask.dtype == torch.bool else mask)
+        ctx.save_for_backward(*kept)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # never run: the profile only counts what is saved
+        raise NotImplementedError
+
+
+def _fused_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None, *_: Any, **__: Any
+) -> torch.Tensor:
+    return _FusedAttention.apply(query, key, value, attn_mask)
+
+
+class _FusedDropout(torch.autograd.Function):
+    """CUDA's dropout (native_dropout) keeps a one-byte boolean mask for the backward; the CPU's, and
+    the meta device's, multiply by a mask in the input's dtype (4 bytes a value for LoRA's float32
+    input). With dropout on all seven LoRA modules of a Llama layer that is 0.5 GiB a layer apart."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(value.new_empty(value.shape, dtype=torch.bool))
+        return value.new_empty(value.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # never run: the profile only counts what is saved
+        raise NotImplementedError
+
+
+def _cuda_dropout(value: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    if not training or p == 0.0:
+        return value
+    return _FusedDropout.apply(value)
+
+
+@contextmanager
+def _kernels_on_meta(model: torch.nn.Module, gpu: bool) -> Iterator[None]:
+    """The meta device runs torch's reference kernels; the saved tensors are counted as the kernels of
+    the device that trains keep them: sdpa as the fused attention kernels (both devices; eager
+    attention does keep its probabilities), and dropout with CUDA's boolean mask when `gpu`."""
+    functional = torch.nn.functional
+    originals = {"scaled_dot_product_attention": functional.scaled_dot_product_attention, "dropout": functional.dropout}
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "eager") == "sdpa":
+        functional.scaled_dot_product_attention = _fused_attention  # type: ignore[assignment]
+    if gpu:
+        functional.dropout = _cuda_dropout  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(functional, name, original)
+
+
+def activation_profile(model: torch.nn.Module, rows: int, length: int, gpu: bool = False) -> ActivationProfile:
+    """Run one training forward on the meta device and count, per decoder layer, what autograd saves
+    (as the kernels of a GPU, `gpu`, or of the CPU keep it: `_kernels_on_meta`).
 
     Parameters saved for backward (a linear layer keeps its weight) are not activations and are left
     out; views of one tensor count once. The loss runs as in training (labels given), so the float32
@@ -300,11 +369,13 @@ def activation_profile(model: torch.nn.Module, rows: int, length: int) -> Activa
     params = {id(p) for p in model.parameters()}
     current: list[int | None] = [None]
     saved: dict[int, tuple[int | None, int]] = {}
+    kept: list[Any] = []  # the outputs and the saved tensors, alive until counted: a freed one could reuse an id
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         base = tensor._base if tensor._base is not None else tensor
         if id(base) not in params and id(tensor) not in params and id(base) not in saved:
             saved[id(base)] = (current[0], base.numel() * base.element_size())
+            kept.append(base)  # its Python object alive: a tensor made inside a kernel could free it and reuse its id
         return tensor
 
     handles = []
@@ -312,10 +383,13 @@ def activation_profile(model: torch.nn.Module, rows: int, length: int) -> Activa
         handles.append(layer.register_forward_pre_hook(lambda _m, _a, i=index: current.__setitem__(0, i)))
         handles.append(layer.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, None)))
     ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
-    kept: list[Any] = []  # the outputs, alive until counted: a freed base could reuse an id
     try:
         model.train()
-        with _quiet_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            _quiet_meta(),
+            _kernels_on_meta(model, gpu),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             kept.append(model(input_ids=ids, labels=ids, **_mask_for(model, ids)))
     finally:
         for handle in handles:
@@ -356,8 +430,9 @@ def _mask_for(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tens
 # ---------------------------------------------------------------- all of it
 
 
-def footprint(cfg: DictConfig, rows: int, length: int, vocab_size: int | None = None) -> Footprint:
-    """The model of `cfg` counted on the meta device, with activations for one `rows` x `length` micro-batch."""
+def footprint(cfg: DictConfig, rows: int, length: int, vocab_size: int | None = None, gpu: bool = False) -> Footprint:
+    """The model of `cfg` counted on the meta device, with activations for one `rows` x `length` micro-batch
+    as a GPU (`gpu`) or the CPU trains it."""
     shape = model_shape(cfg.model, vocab_size)
     model = meta_model(cfg, shape)
     params = parameter_bytes(model, bool(cfg.model.load_in_4bit))
@@ -372,7 +447,7 @@ def footprint(cfg: DictConfig, rows: int, length: int, vocab_size: int | None = 
         params=params,
         optimizer_state_bytes=state,
         optimizer_state_by=how,
-        activations=activation_profile(model, rows, length) if rows and length else None,
+        activations=activation_profile(model, rows, length, gpu) if rows and length else None,
     )
 
 

@@ -469,9 +469,11 @@ def make_plan(
         from noesis_accel.training import modeling
 
         vocab_size = len(modeling.load_tokenizer(cfg.model))
-    model = fp.footprint(cfg, data.micro_batch_rows, data.micro_batch_length, vocab_size)
+    planned = targets(cfg)
+    on_gpu = planned[0][1] != "cpu"  # every entry is a GPU type, or the one entry is the CPU
+    model = fp.footprint(cfg, data.micro_batch_rows, data.micro_batch_length, vocab_size, gpu=on_gpu)
     gpus = []
-    for spec, device, devices in targets(cfg):
+    for spec, device, devices in planned:
         on_gpu = device != "cpu"
         rate, source, hours = _time(cfg, model, data, device, devices)
         price, price_source = _price(cfg, device)
