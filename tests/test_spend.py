@@ -13,9 +13,10 @@ from helpers import assert_same_adapter
 from noesis_accel.config import compose
 from noesis_accel.core.errors import UserError
 from noesis_accel.processes.train import run
-from noesis_accel.rundir.costs import attempt_usd, spent_usd
+from noesis_accel.rundir.costs import attempt_usd, format_usd, spent_usd
 from noesis_accel.rundir.history import history_of
 from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.status import format_status
 from noesis_accel.rundir.status import main as status_main
 from noesis_accel.training.oom import OutOfMemory, OutOfMemoryCrash
 from noesis_accel.training.spend import Spend
@@ -39,6 +40,21 @@ def test_each_attempt_is_priced_by_the_gpu_it_got() -> None:
     assert spent_usd(attempts, 2.0) == pytest.approx(8 * 2.0 * 1.5)  # budget.gpu_hour_usd prices every attempt
     cpu = history_of(_events((0, 7200, None, 2)))
     assert attempt_usd(cpu[0], None) is None and attempt_usd(cpu[0], 0.5) == pytest.approx(2 * 2 * 0.5)
+
+
+def test_an_amount_under_a_cent_is_never_shown_as_free() -> None:
+    assert [format_usd(x) for x in (0.0, 0.0042, 0.01, 1234.5)] == ["$0.00", "$0.0042", "$0.01", "$1,234.50"]
+    assert format_usd(0.00001) == "<$0.0001"
+
+
+def test_a_stopped_runs_budget_line_is_its_history_not_its_last_progress_record() -> None:
+    """status.json's spent_usd dates from the last progress record; once the run has ended, the attempts'
+    own start and stop times are the whole bill."""
+    attempts = history_of(_events((0, 3600, "NVIDIA H100 80GB HBM3", 1)))
+    stale = {"state": "completed", "spent_usd": 0.5, "budget_usd": 10.0}
+    assert "budget:      $3.95 spent of $10.00 (budget.usd)" in format_status(stale, attempts)
+    running = {**stale, "state": "running"}  # while it runs, the last record is the newest figure there is
+    assert "budget:      $0.50 spent of $10.00 (budget.usd)" in format_status(running, attempts)
 
 
 def test_the_cap_allows_a_step_only_when_a_checkpoint_after_it_stays_under_it() -> None:

@@ -11,6 +11,14 @@ from noesis_accel.config.gpus import GPU_TYPES, type_of_device
 from noesis_accel.rundir.history import Attempt
 
 
+def format_usd(amount: float) -> str:
+    """'$1,234.56'; an amount under a cent keeps its first figures ('$0.0042'), so a short CPU or debug
+    run never reads as free ('$0.00') while it spends."""
+    if 0 < abs(amount) < 0.01:
+        return f"${amount:.2g}" if abs(amount) >= 1e-4 else "<$0.0001"
+    return f"${amount:,.2f}"
+
+
 def price_per_device_hour(gpu_hour_usd: float | None, device: str, gpu_name: str | None) -> float | None:
     """One device-hour of an attempt: the price given for the run, else the list price of the GPU it got."""
     if gpu_hour_usd is not None:

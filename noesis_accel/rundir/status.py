@@ -14,7 +14,7 @@ from typing import Any
 
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
-from noesis_accel.rundir.costs import attempt_usd, spent_usd
+from noesis_accel.rundir.costs import attempt_usd, format_usd, spent_usd
 from noesis_accel.rundir.history import Attempt, RunState, format_duration, history, redone_words
 from noesis_accel.rundir.layout import RunDir
 
@@ -30,17 +30,24 @@ def _steps(attempt: Attempt) -> str:
     return f"steps {first} -> {'' if attempt.reached_exact else 'at least '}{last}"
 
 
-def _money_lines(status: dict[str, Any], plan: dict[str, Any] | None) -> list[str]:
-    """Spent against the budget, the ETA and projected total from the measured step time, and the plan beside them."""
+def _money_lines(status: dict[str, Any], plan: dict[str, Any] | None, spent: float | None = None) -> list[str]:
+    """Spent against the budget, the ETA and projected total from the measured step time, and the plan beside them.
+
+    `spent`: the attempts' cost from the history. Once the run has stopped it is final, while
+    status.json's figure dates from the last progress record before the end.
+    """
     lines = []
+    running = status.get("state") == "running"
+    if not running and spent is not None:
+        status = {**status, "spent_usd": spent}
     if status.get("spent_usd") is not None or status.get("budget_usd") is not None:
         cap = status.get("budget_usd")
         projected = status.get("projected_usd")
         lines.append(
-            f"budget:      ${status.get('spent_usd') or 0:,.2f} spent"
-            + (f" of ${cap:,.2f} (budget.usd)" if cap is not None else " (no budget.usd)")
+            f"budget:      {format_usd(status.get('spent_usd') or 0)} spent"
+            + (f" of {format_usd(cap)} (budget.usd)" if cap is not None else " (no budget.usd)")
             + (
-                f"; ~${projected:,.2f} projected in all"
+                f"; ~{format_usd(projected)} projected in all"
                 if projected is not None and status.get("state") == "running"
                 else ""
             )
@@ -53,7 +60,7 @@ def _money_lines(status: dict[str, Any], plan: dict[str, Any] | None) -> list[st
         planned = [
             f"{per_step:.2f} s/step" if per_step else "s/step unknown",
             f"{memory / 2**30:.2f} GiB per {first.get('device')}" if memory else "",
-            f"${usd:,.2f}" if usd is not None else "",
+            f"{format_usd(usd)}" if usd is not None else "",
         ]
         peak, measure = status.get("first_step_peak_memory_gib"), status.get("first_step_peak_memory_measure")
         actual = [
@@ -96,16 +103,15 @@ def format_status(
             lines.append(
                 f"  #{attempt.number}: {_steps(attempt)}, "
                 f"{format_duration(attempt.hours)} on {attempt.processes} x {device} ({attempt.host})"
-                + (f", ${usd:,.2f}" if usd is not None else "")
+                + (f", {format_usd(usd)}" if usd is not None else "")
                 + f"; {ended}{cost}"
             )
         gpu_hours = sum(a.gpu_hours for a in attempts)
         spent = spent_usd(attempts, price_per_gpu_hour)
-        price = (
-            f" (${spent:,.2f}" + (f" at ${price_per_gpu_hour:g}/hour)" if price_per_gpu_hour else ")") if spent else ""
-        )
+        at_price = f" at ${price_per_gpu_hour:g}/hour" if price_per_gpu_hour else ""
+        price = f" ({format_usd(spent)}{at_price})" if spent else ""
         lines.append(f"gpu-hours:   {gpu_hours:.2f}{price}")
-    lines += _money_lines(status, plan)
+    lines += _money_lines(status, plan, spent_usd(attempts, price_per_gpu_hour) if attempts else None)
     lines.append(f"updated:     {status.get('updated_at', '-')}")
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ from noesis_accel.config import accumulation_steps, uses_deepspeed, world_size
 from noesis_accel.config.gpus import GIB, PRICES_AS_OF, gpu_type
 from noesis_accel.config.modal_gpu import gpu_specs, parse_gpu_spec
 from noesis_accel.core.errors import ConfigError, DataError, UserError
+from noesis_accel.rundir.costs import format_usd
 from noesis_accel.training import footprint as fp
 from noesis_accel.training.sampling import LengthBucketBatchSampler, planned_steps
 
@@ -578,10 +579,10 @@ def budget_problem(plan: Plan) -> str | None:
     for gpu in plan.gpus:
         if gpu.usd is not None and gpu.usd > plan.budget_usd:
             return (
-                f"budget.usd: the plan for {gpu.spec} is ${gpu.usd:,.2f} ({gpu.device_hours:,.2f} "
+                f"budget.usd: the plan for {gpu.spec} is {format_usd(gpu.usd)} ({gpu.device_hours:,.2f} "
                 f"{'GPU' if gpu.device != 'cpu' else 'process'}-hours at ${gpu.usd_per_device_hour:g}), over the "
-                f"budget of ${plan.budget_usd:,.2f}; raise budget.usd, or set budget.preflight=warn to start anyway "
-                "(the cap still stops the run at a checkpoint)"
+                f"budget of {format_usd(plan.budget_usd)}; raise budget.usd, or set budget.preflight=warn to start "
+                "anyway (the cap still stops the run at a checkpoint)"
             )
     return None
 
@@ -647,9 +648,9 @@ def plan_line(plan: Plan) -> str:
     ]
     if gpu.hours is not None:
         parts.append(f"~{gpu.hours:.2f} h")
-    parts.append(f"~${gpu.usd:,.2f}" if gpu.usd is not None else "cost unknown")
+    parts.append(f"~{format_usd(gpu.usd)}" if gpu.usd is not None else "cost unknown")
     if plan.budget_usd is not None:
-        parts.append(f"budget ${plan.budget_usd:,.2f}")
+        parts.append(f"budget {format_usd(plan.budget_usd)}")
     return "plan: " + ", ".join(parts)
 
 
@@ -692,7 +693,11 @@ def format_plan(plan: Plan) -> str:
         )
         lines.append(
             "  cost:  "
-            + (f"${gpu.usd:,.2f} at ${gpu.usd_per_device_hour:g} ({gpu.price_source})" if gpu.usd is not None else "-")
+            + (
+                f"{format_usd(gpu.usd)} at ${gpu.usd_per_device_hour:g} ({gpu.price_source})"
+                if gpu.usd is not None
+                else "-"
+            )
             + (f"; {gpu.price_source}" if gpu.usd is None else "")
         )
     lines.append(
@@ -700,5 +705,5 @@ def format_plan(plan: Plan) -> str:
         f"ckpt.keep_last={plan.keep_last} needs {_gib(plan.storage_bytes)} (one more while the next is written)"
     )
     if plan.budget_usd is not None:
-        lines.append(f"budget:      ${plan.budget_usd:,.2f} (budget.usd)")
+        lines.append(f"budget:      {format_usd(plan.budget_usd)} (budget.usd)")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from noesis_accel.core.signals import (
     deadline_reached,
 )
 from noesis_accel.rundir.checkpoint import Checkpoint, CheckpointManager, register_trainable_only_hooks
+from noesis_accel.rundir.costs import format_usd
 from noesis_accel.rundir.history import RunState, history, out_of_memory_stops
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.volumes import Committer
@@ -93,8 +94,8 @@ class BudgetReached(Exception):
 
     def __init__(self, step: int, total_steps: int, spent: float, cap: float) -> None:
         super().__init__(
-            f"stopped at step {step} before passing the budget: ${spent:,.2f} spent of budget.usd=${cap:,.2f}; "
-            "restart with a higher budget.usd to continue from here"
+            f"stopped at step {step} before passing the budget: {format_usd(spent)} spent of "
+            f"budget.usd={format_usd(cap)}; restart with a higher budget.usd to continue from here"
         )
         self.step, self.total_steps, self.spent, self.cap = step, total_steps, spent, cap
 
@@ -671,9 +672,9 @@ class Trainer:
             return ""
         money = self._money_status()
         projected = money.get("projected_usd")
-        cap = f" (cap ${self.spend.cap_usd:,.2f})" if self.spend.cap_usd is not None else ""
-        total = f", ~${projected:,.2f} in all" if projected is not None else ""
-        return f", ${money['spent_usd']:,.2f} spent{total}{cap}"
+        cap = f" (cap {format_usd(self.spend.cap_usd)})" if self.spend.cap_usd is not None else ""
+        total = f", ~{format_usd(projected)} in all" if projected is not None else ""
+        return f", {format_usd(money['spent_usd'])} spent{total}{cap}"
 
     def _record_first_step_memory(self) -> None:
         """The first step's measured peak beside the plan's estimate (metrics.jsonl and status.json)."""
