@@ -31,6 +31,7 @@ from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline
 
 from noesis_accel.config import compose
 from noesis_accel.training.metrics import read_metrics
+from noesis_accel.training.plan import THROUGHPUT_TABLE, record_measured
 from noesis_accel.training.trainer import Trainer
 
 _WORDS = (
@@ -136,6 +137,13 @@ def main() -> None:
         help="rounds of every runner, the order reversed every other round; tok/s pools the rounds",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--record",
+        nargs="?",
+        const=THROUGHPUT_TABLE,
+        type=Path,
+        help="add ours' tokens/s (padding included) to the table noesis plan reads (default: the package's)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.mixed_precision=bf16")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,6 +206,16 @@ def main() -> None:
             f"ratio {r.name} / HF Trainer: {r.tokens_per_s / baseline.tokens_per_s:.2f}x; "
             f"/ ours: {r.tokens_per_s / ours.tokens_per_s:.2f}x"
         )
+    if args.record:
+        rate = ours.tokens_per_s / (1 - ours.padding)  # what the plans count: padded tokens
+        row = record_measured(
+            compose(overrides),
+            rate,
+            f"bench/throughput.py on {device}, micro {args.micro_batch}, {' '.join(args.overrides) or 'fp32'}: "
+            f"{ours.tokens_per_s:.1f} non-pad tok/s at {100 * ours.padding:.1f}% padding",
+            table=args.record,
+        )
+        print(f"recorded in {args.record}: {row}")
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -47,3 +48,19 @@ def test_cpu_smoke_runs_ours_and_the_trainer_on_the_same_records(tmp_path, capsy
     assert [r.variant for r in reread] == [r.variant for r in rows]
     printed = capsys.readouterr().out
     assert "HF Trainer (gc on)" in printed and "ours / HF Trainer" not in printed  # no gc-on pair of ours here
+
+
+def test_record_puts_the_recipes_configuration_in_the_table_the_plan_reads(tmp_path, monkeypatch) -> None:
+    """`--record`: the measured time replaces the plan's FLOPs estimate for this shape on this device."""
+    from noesis_accel.training import plan
+
+    table = tmp_path / "throughput.json"
+    rows = llama8b.main(["--cpu-smoke", "--only", "ours-gc", "--record", str(table)])
+    measured = next(r for r in rows if r.variant == "ours (gc on)")
+    assert measured.status == "ok"
+    (row,) = json.loads(table.read_text())
+    assert row["device"] == "cpu" and row["shape"].startswith("llama-L2-h64-") and row["shape"].endswith("-lora16")
+    assert row["tokens_per_s_per_device"] == round(measured.tokens_per_s / (1 - measured.padding), 2)
+    assert row["source"].startswith("bench/llama8b.py on cpu, ours (gc on)")
+    monkeypatch.setattr(plan, "THROUGHPUT_TABLE", table)
+    assert plan.measured_throughput(row["shape"], "cpu") == row

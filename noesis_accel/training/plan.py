@@ -362,14 +362,47 @@ def host_memory_bytes() -> int | None:
 
 def shape_key(model: fp.Footprint, cfg: DictConfig) -> str:
     """What a throughput measurement is valid for: the model's shape and whether it trains LoRA."""
+    return _shape_key(model.model_type, model.layers, model.hidden_size, model.vocab_size, cfg)
+
+
+def _shape_key(model_type: str, layers: int, hidden: int, vocab: int, cfg: DictConfig) -> str:
     peft = f"lora{int(cfg.peft.r)}" if cfg.peft.enabled else "full"
-    return f"{model.model_type}-L{model.layers}-h{model.hidden_size}-v{model.vocab_size}-{peft}"
+    return f"{model_type}-L{layers}-h{hidden}-v{vocab}-{peft}"
 
 
-def measured_throughput(key: str, device: str, table: Path = THROUGHPUT_TABLE) -> dict[str, Any] | None:
+def record_measured(
+    cfg: DictConfig, tokens_per_s: float, source: str, vocab_size: int | None = None, table: Path = THROUGHPUT_TABLE
+) -> dict[str, Any]:
+    """A bench's measurement of `cfg` training on this machine's device (its GPU type, or "cpu"), added
+    to the table the plans read; returns the row.
+
+    `tokens_per_s`: tokens one device pushes through the model a second, padding included (what a
+    plan's compute tokens count: padded rows, or the records' own tokens when packed).
+    """
+    from noesis_accel.config.gpus import type_of_device
+
+    config = fp.model_shape(cfg.model, vocab_size).config
+    key = _shape_key(
+        str(config.model_type),
+        int(config.num_hidden_layers),
+        int(config.hidden_size),
+        int(config.vocab_size),
+        cfg,
+    )
+    device = "cpu"
+    if _cuda() and cfg.train.device != "cpu":
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        device = type_of_device(name) or name
+    record_throughput(key, device, tokens_per_s, source, table)
+    return {"shape": key, "device": device, "tokens_per_s_per_device": round(tokens_per_s, 2)}
+
+
+def measured_throughput(key: str, device: str, table: Path | None = None) -> dict[str, Any] | None:
     """The newest measurement of `key` on `device` (a GPU type, or "cpu"), or None."""
     try:
-        rows = json.loads(table.read_text())
+        rows = json.loads((table or THROUGHPUT_TABLE).read_text())
     except (OSError, ValueError):
         return None
     found = [row for row in rows if row.get("shape") == key and row.get("device") == device]
@@ -377,7 +410,8 @@ def measured_throughput(key: str, device: str, table: Path = THROUGHPUT_TABLE) -
 
 
 def record_throughput(key: str, device: str, tokens_per_s: float, source: str, table: Path = THROUGHPUT_TABLE) -> None:
-    """Add a measurement (bench/ calls this with what it measured) to the table the plans read."""
+    """Add a measurement (bench/ calls this with what it measured) to the table the plans read; the newest
+    row of a shape and device is the one a plan uses."""
     rows = json.loads(table.read_text()) if table.is_file() else []
     rows.append(
         {
@@ -388,7 +422,9 @@ def record_throughput(key: str, device: str, tokens_per_s: float, source: str, t
             "date": time.strftime("%Y-%m-%d"),
         }
     )
-    table.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp = table.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(tmp, table)
 
 
 def flops_per_token(model: fp.Footprint, cfg: DictConfig, length: int) -> float:
