@@ -346,7 +346,7 @@ def _kernels_on_meta(model: torch.nn.Module, gpu: bool) -> Iterator[None]:
     originals = {"scaled_dot_product_attention": functional.scaled_dot_product_attention, "dropout": functional.dropout}
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", "eager") == "sdpa":
-        functional.scaled_dot_product_attention = _fused_attention  # type: ignore[assignment]
+        functional.scaled_dot_product_attention = _fused_attention
     if gpu:
         functional.dropout = _cuda_dropout  # type: ignore[assignment]
     try:
