@@ -96,6 +96,23 @@ def test_every_file_the_code_reads_is_uploaded(monkeypatch) -> None:
         assert uploads(function).keys() == files.keys()
 
 
+def test_the_image_carries_our_hydra_plugin_and_no_one_elses(tmp_path, monkeypatch) -> None:
+    """`hydra_plugins` is a namespace package: every installed plugin shares it, and uploading the whole
+    namespace would ship their code without their dependencies."""
+    foreign = tmp_path / "site" / "hydra_plugins" / "someone_elses_launcher"
+    foreign.mkdir(parents=True)
+    (foreign / "__init__.py").write_text("import a_dependency_the_image_lacks\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m == "hydra_plugins" or m.startswith("hydra_plugins.")]:
+        monkeypatch.delitem(sys.modules, name)  # the namespace is found again, with the foreign folder in it
+    import importlib
+
+    importlib.invalidate_caches()
+    app = load_app(["+experiment=noesis"], monkeypatch)
+    plugins = sorted(remote for remote in uploads(app.train) if "/hydra_plugins/" in remote)
+    assert plugins and all(p.startswith("/root/hydra_plugins/noesis_modal_launcher/") for p in plugins), plugins
+
+
 def test_the_image_installs_the_project_without_modal_and_the_extras_the_config_needs(monkeypatch) -> None:
     def project_install(overrides: list[str]) -> str:
         app = load_app(overrides, monkeypatch)

@@ -30,7 +30,9 @@ PYPROJECT = CONF_DIR.parent / "pyproject.toml"
 # a second copy from PyPI could shadow it with another version.
 RUNTIME_PROVIDED = ("modal",)
 # Packages the image carries as /root/<name>, their data files included, beside conf/ (/root/conf).
-IMAGE_PACKAGES = ("noesis_accel", "hydra_plugins")
+# Our Hydra plugin by its own name: `hydra_plugins` is a namespace package that every installed Hydra
+# plugin shares, so naming it would upload theirs too, without the dependencies they import.
+IMAGE_PACKAGES = ("noesis_accel", "hydra_plugins.noesis_modal_launcher")
 # What `add_local_python_source` must still leave out once it uploads more than .py files (its
 # default skips these too): bytecode, caches, dot-files. A list: Modal turns only a list into patterns.
 NOT_SHIPPED = ["**/__pycache__", "**/*.pyc", "**/.*"]
@@ -44,7 +46,7 @@ TRACKERS_IN_IMAGE = ("tensorboard", "none", *EXTRAS_FOR_TRACKERS)
 def carried_by_image(path: Path) -> bool:
     """A local file the image carries: under the project's conf/ or one of its packages."""
     resolved = path.expanduser().resolve()
-    roots = [CONF_DIR, *(CONF_DIR.parent / package for package in IMAGE_PACKAGES)]
+    roots = [CONF_DIR, *(CONF_DIR.parent.joinpath(*package.split(".")) for package in IMAGE_PACKAGES)]
     return any(resolved.is_relative_to(root.resolve()) for root in roots)
 
 
