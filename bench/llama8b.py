@@ -195,7 +195,8 @@ class SharedBase:
             raise RuntimeError("Liger kernels already patch the shared model; run Liger variants last")
         if self.peft_model is not None:
             raise RuntimeError("the shared model still carries the previous configuration's LoRA")
-        self.model.gradient_checkpointing_disable()
+        disable = getattr(self.model, "activation_checkpointing_disable", None)  # its name from transformers 5.2x
+        (disable or self.model.gradient_checkpointing_disable)()
         self.liger_applied = self.liger_applied or bool(model_cfg.liger)
         return self.model
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 from packaging.version import Version
+
+from noesis_accel.core import deprecations
 
 # torch >= 2.10 reads PYTORCH_ALLOC_CONF; older releases read PYTORCH_CUDA_ALLOC_CONF.
 # Setting the wrong one is silently ignored, and setting both makes 2.9 warn.
@@ -65,5 +66,4 @@ def quiet_known_noise() -> None:
 
     datasets.disable_progress_bars()  # "Saving the dataset" bars for a few-ms cache write
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; the train bar stays
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
+    deprecations.apply_policy()  # the libraries' own deprecations, listed with why; ours are errors in the tests

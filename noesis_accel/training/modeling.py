@@ -209,6 +209,20 @@ def apply_lora(model: torch.nn.Module, model_cfg: DictConfig, peft_cfg: DictConf
         raise ConfigError(f"peft.target_modules: {err}") from None
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Gradient (activation) checkpointing on every decoder layer, by its current name.
+
+    Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+    transformers renamed `gradient_checkpointing_enable` (deprecated, removed in v6); releases before
+    the rename have only the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_model(model_cfg: DictConfig, peft_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> torch.nn.Module:
     model = load_base_model(model_cfg, vocab_size, device_is_cuda)
     # The KV cache is useless in training, clashes with checkpointing, and (present) hides packed
@@ -217,8 +231,7 @@ def build_model(model_cfg: DictConfig, peft_cfg: DictConfig, vocab_size: int, de
     if model_cfg.liger:
         apply_liger(model, device_is_cuda)  # before LoRA: it patches the base model's own forward
     if model_cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if peft_cfg.enabled:
         model = apply_lora(model, model_cfg, peft_cfg)
     if model_cfg.compile:
