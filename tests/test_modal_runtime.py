@@ -190,6 +190,38 @@ def test_the_deadline_commits_its_checkpoint_and_ends_as_one_failure(tmp_path, l
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["1-process", "2-process"])
+def test_a_stop_signal_after_the_deadline_is_the_time_limit_and_is_retried(tmp_path, layout: str) -> None:
+    """No margin (modal.deadline_margin_s=0) and a step still running at the deadline: the SIGUSR1 that
+    comes then is the attempt's time limit, whatever its number, so one FAILURE (a retry resumes), not
+    TERMINATED (a cancellation, never retried). The container is held (SIGSTOP) from a logged step until
+    the deadline has passed, so the signal lands after it however fast the machine starts."""
+    timeout_s = 45
+    started = time.time()
+    timed = TINY + LAYOUTS[layout] + [f"modal.timeout_s={timeout_s}", "modal.deadline_margin_s=0"]
+    container = Container(
+        tmp_path, timed, env={"NOESIS_STEP_DELAY_S": "0.5"}, sim_args=["--attempt-started", str(started)]
+    )
+    run_dir = _run_dir(container.view)
+    wait_until(lambda: logged_step(run_dir) >= 1 or container.process.poll() is not None, 240, "step 1")
+    assert time.time() < started + timeout_s, "the first step came after the deadline: raise timeout_s"
+    container.signal(signal.SIGSTOP, every_process=True)
+    try:
+        time.sleep(max(0.0, started + timeout_s - time.time()) + 0.5)
+        container.signal(signal.SIGUSR1, every_process=False)  # delivered when it runs again, after the deadline
+    finally:
+        container.signal(signal.SIGCONT, every_process=True)
+    code, output = container.finish()
+    assert [o["status"] for o in container.outputs] == ["FAILURE"], output[-3000:]
+    # Read as the time limit either way: the signal after the deadline, or (when the workers reach the step
+    # boundary before the launcher's request does) the deadline itself.
+    exception = container.outputs[0]["exception"]
+    assert "at or after this attempt's deadline" in exception or "before this attempt's time limit" in exception
+    stopped_at, manifest = _stopped_checkpoint(_run_dir(container.remote))
+    assert manifest["reason"] in ("signal", "deadline") and 0 < stopped_at < STEPS  # committed for the retry
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [pytest.param("1-process"), pytest.param("2-process", marks=pytest.mark.slow)])
 def test_a_bad_config_is_one_line_and_a_result_not_a_failure(tmp_path, layout: str) -> None:
     container = Container(tmp_path, TINY + LAYOUTS[layout] + [f"data.path={tmp_path / 'missing.jsonl'}"])

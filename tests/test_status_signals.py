@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -74,3 +75,23 @@ def test_a_launched_process_ignores_direct_signals_and_counts_each_launcher_requ
     assert "while saving, a second request waits; requested True" in result.stdout
     assert "still alive" not in result.stdout
     assert result.returncode == 128 + signal.SIGINT
+
+
+@pytest.mark.parametrize("deadline_in_s, ends_as", [(-1.0, "SignalledAfterDeadline"), (60.0, "InputCancellation")])
+def test_sigusr1_is_the_time_limit_at_or_after_the_deadline_and_a_cancellation_before(
+    monkeypatch, deadline_in_s: float, ends_as: str
+) -> None:
+    """The signal's number cannot tell a cancellation from the timeout; its time against NOESIS_DEADLINE can."""
+    from noesis_accel.cloud.modal_job import end_as_modal_expects
+    from noesis_accel.core import signals
+    from noesis_accel.core.protocol import DEADLINE_ENV
+
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + deadline_in_s))
+    signals.forget_stop_signals()
+    signals.note_stop_signal()
+    try:
+        with pytest.raises(BaseException) as ended:
+            end_as_modal_expects(signals.InterruptedBySignal(signal.SIGUSR1), {})
+    finally:
+        signals.forget_stop_signals()
+    assert type(ended.value).__name__ == ends_as

@@ -33,7 +33,12 @@ from noesis_accel.config import (
 from noesis_accel.core.cli import Arguments, Command, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, redact
 from noesis_accel.core.protocol import DEADLINE_ENV, LEASE_GROUP_ENV, MODAL_OVERRIDES_ENV
-from noesis_accel.core.signals import FORWARDED_SIGNALS
+from noesis_accel.core.signals import (
+    FORWARDED_SIGNALS,
+    SignalledAfterDeadline,
+    forget_stop_signals,
+    signalled_after_deadline,
+)
 from noesis_accel.rundir.history import RunState
 from noesis_accel.rundir.layout import runs_root
 from noesis_accel.rundir.volumes import Committer, ModalVolumeCommitter
@@ -274,6 +279,7 @@ def _prepare_attempt(settings: ModalSettings, volume: Volume, attempt_started: f
     inherit them.
     """
     started = attempt_started if attempt_started is not None else time.time()
+    forget_stop_signals()
     os.environ[DEADLINE_ENV] = str(started + settings.timeout_s - settings.deadline_margin_s)
     os.environ.setdefault("HF_HOME", f"{settings.mount}/hf-cache")  # models download once per Volume
     # Hub datasets are memory-mapped from their cache while read: never from the Volume.
@@ -345,6 +351,11 @@ def end_as_modal_expects(stop: BaseException, modal_handlers: dict[int, Any]) ->
     """
     signum = getattr(stop, "signum", None)
     print(f"modal: {redact(str(stop))}", file=sys.stderr, flush=True)
+    if signum is not None and signalled_after_deadline():
+        # Any signal at or after our deadline is the attempt's time limit (a slow step or save overran
+        # the margin): a FAILURE, so Modal retries and the next attempt resumes. Read as a cancellation,
+        # a run that only needed its next attempt would end for good.
+        raise SignalledAfterDeadline(signum) from None
     if signum == signal.SIGUSR1:  # Modal's input cancellation: the input stays cancelled
         handler = modal_handlers.get(signal.SIGUSR1)
         if callable(handler):

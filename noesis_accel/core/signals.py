@@ -31,6 +31,35 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DEADLINE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early on purpose, a retry continues
 
 
+# When this process first received a stop signal: one at or after the attempt's deadline is its time
+# limit, whatever its number (a run that overran its deadline must be retried, not read as cancelled).
+_first_stop_signal_at: float | None = None
+
+
+def note_stop_signal() -> None:
+    """Called by every handler of a stop signal in this process (the first one's time is kept)."""
+    global _first_stop_signal_at
+    if _first_stop_signal_at is None:
+        _first_stop_signal_at = time.time()
+
+
+def first_stop_signal_at() -> float | None:
+    return _first_stop_signal_at
+
+
+def forget_stop_signals() -> None:
+    """A new attempt in the same process (tests, an in-process sweep job) starts with none."""
+    global _first_stop_signal_at
+    _first_stop_signal_at = None
+
+
+def signalled_after_deadline() -> bool:
+    """Whether this process's first stop signal came at or after NOESIS_DEADLINE (now, if none yet)."""
+    deadline = attempt_deadline()
+    received = _first_stop_signal_at if _first_stop_signal_at is not None else time.time()
+    return deadline is not None and received >= deadline
+
+
 class ForcedStop(BaseException):
     """A second stop request before the checkpoint: the run stops now, at its newest complete checkpoint.
 
@@ -83,6 +112,7 @@ class PreemptionWatcher:
         raise ForcedStop(signum)  # from a signal handler: raised in the main thread, where training runs
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        note_stop_signal()
         self.request(signum)
 
     def install(self) -> PreemptionWatcher:
@@ -120,6 +150,18 @@ class InterruptedBySignal(RunInterrupted):
         super().__init__(f"stopped by {signal.Signals(signum).name} after a checkpoint; restart to resume")
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class SignalledAfterDeadline(RuntimeError):
+    """A stop signal at or after the attempt's deadline: the attempt's time limit, not a cancellation or a
+    preemption. Raised to Modal as a failure, so the input is retried and resumes from the checkpoint."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(
+            f"{signal.Signals(signum).name} at or after this attempt's deadline (modal.timeout_s less "
+            "modal.deadline_margin_s): its time limit, not a cancellation; the retry resumes from the checkpoint"
+        )
+        self.exit_code = DEADLINE_EXIT_CODE
 
 
 class StoppedAtDeadline(RunInterrupted):

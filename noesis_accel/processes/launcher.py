@@ -50,7 +50,13 @@ from noesis_accel.core.protocol import (
     encode_line,
     encode_stop_request,
 )
-from noesis_accel.core.signals import FORWARDED_SIGNALS, InterruptedBySignal, RunInterrupted, StoppedAtDeadline
+from noesis_accel.core.signals import (
+    FORWARDED_SIGNALS,
+    InterruptedBySignal,
+    RunInterrupted,
+    StoppedAtDeadline,
+    note_stop_signal,
+)
 from noesis_accel.rundir.history import RunState, record_stop
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.lease import LeaseHeld, RunLease, take_run_lease
@@ -250,6 +256,7 @@ class Launcher:
         self._previous_handlers.clear()
 
     def _forward(self, signum: int, _frame: Any) -> None:
+        note_stop_signal()
         self.signals_received.append(signum)
         for worker in self.workers:
             if worker.process.poll() is None:
