@@ -5,11 +5,16 @@ refused before any GPU starts. The app is loaded as `modal run` declares it; fun
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from types import ModuleType
 
 import pytest
 from conftest import SAMPLE, chat_records, write_jsonl
+from helpers import wait_until
 from hydra.core.utils import JobReturn, JobStatus
 from modal_fakes import FakeCall, RecordingFunction, completed_run
 from test_modal_entry import load_app
@@ -75,6 +80,26 @@ def test_a_call_that_fails_after_its_retries_is_one_line_and_its_exit_code(monke
     err = capsys.readouterr().err
     assert "error: call fc-train-1 failed after its retries: Crashed: training process exited with code -9" in err
     assert "Traceback" not in err and "more detail" not in err
+
+
+def test_a_lost_connection_says_the_detached_app_keeps_running_and_is_left_to_modals_runner(
+    monkeypatch, capsys
+) -> None:
+    """Not "failed after its retries": the call goes on. Modal's runner (`_run_app` in modal/runner.py) catches
+    the ConnectionError of a detached app and prints how to follow it, so it must reach the runner as it is."""
+    from modal.exception import ConnectionError as ModalConnectionError
+
+    def lost(args):
+        raise ModalConnectionError("Deadline exceeded")
+
+    app = load_app(TINY, monkeypatch)
+    _functions(app, train=RecordingFunction("train", lost), monkeypatch=monkeypatch)
+    with pytest.raises(ModalConnectionError):
+        app.main.info.raw_f(*TINY)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("modal:") or line.startswith("error:")]
+    assert len(lines) == 1 and "the detached app keeps running" in lines[0] and "failed after" not in err
+    assert "modal app logs noesis-accel --function-call fc-train-1 --follow" in lines[0]
 
 
 def test_a_user_error_from_the_container_keeps_its_exit_code(monkeypatch) -> None:
@@ -304,6 +329,61 @@ def test_the_coordinator_spawns_one_call_per_job_and_gathers_every_outcome(tmp_p
     assert [jobs[n]["state"] for n in (0, 1, 2)] == ["completed", "failed", "completed"]
     assert jobs[1]["error"] == "RuntimeError: the container was lost 11 times" and jobs[0]["value"] == 0.25
     assert result["exit_code"] != 0
+
+
+class SlowCall:
+    """A job's call that runs `seconds`, unless cancelled (then its `.get()` fails, as a cancelled call's does)."""
+
+    def __init__(self, object_id: str, seconds: float) -> None:
+        self.object_id, self.seconds = object_id, seconds
+        self.cancelled = threading.Event()
+
+    def get(self, timeout: float | None = None) -> JobReturn:
+        if self.cancelled.wait(self.seconds):
+            raise RuntimeError("the call was cancelled")
+        return JobReturn(overrides=[], status=JobStatus.COMPLETED, _return_value=0.25)
+
+    def cancel(self, terminate_containers: bool = False) -> None:
+        self.cancelled.set()
+
+
+class SlowJobs:
+    """The app's training function for a sweep of jobs that each take `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, []
+        self._lock = threading.Lock()
+
+    def spawn(self, request: dict) -> SlowCall:
+        with self._lock:
+            call = SlowCall(f"fc-job-{len(self.calls) + 1}", self.seconds)
+            self.calls.append(call)
+        return call
+
+
+def test_a_cancelled_coordinator_cancels_every_job_and_ends_within_seconds(tmp_path, monkeypatch) -> None:
+    """`modal app stop` (or `.cancel()`) on the sweep: Modal's runtime raises its InputCancellation in the
+    coordinator, which must cancel the jobs it started (nothing else stops them) and not wait for them."""
+    from modal_sim import describe, run_in_modal_runtime
+
+    args = [*TINY, f"modal.mount={tmp_path}/vol"]
+    app = load_app(args, monkeypatch)
+    jobs = SlowJobs(seconds=15)
+    monkeypatch.setattr(app, "training_function", lambda: jobs)
+    monkeypatch.setattr(sys, "argv", ["python"])
+    sent: list[float] = []
+
+    def cancel_once_every_job_runs() -> None:
+        wait_until(lambda: len(jobs.calls) == 3, 120, "3 jobs started")
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGUSR1)  # what Modal's runtime does to cancel the input
+
+    threading.Thread(target=cancel_once_every_job_runs, daemon=True).start()
+    outputs, client = run_in_modal_runtime(app.sweep.local, (["-m", *args, "optim.lr=1e-3,2e-3,3e-3"],))
+    ended = time.monotonic()
+    assert [o["status"] for o in describe(outputs, client)] == ["TERMINATED"]
+    assert sent and ended - sent[0] < 5, f"ended {ended - sent[0]:.1f} s after the cancellation"
+    assert len(jobs.calls) == 3 and all(call.cancelled.is_set() for call in jobs.calls)
 
 
 def test_a_restarted_coordinator_attaches_to_the_calls_it_started(tmp_path) -> None:

@@ -226,10 +226,25 @@ def _started(function: Any, argument: Any, settings: ModalSettings, app_id: str 
     return call
 
 
-def _result_of(call: Any) -> Any:
-    """The call's result; a call that failed after all its retries is one line and its exit code."""
+def _result_of(call: Any, settings: ModalSettings, app_id: str | None) -> Any:
+    """The call's result; a call that failed after all its retries is one line and its exit code.
+
+    A lost connection is this laptop's, not the call's: said in one line, then left to Modal's runner,
+    which keeps a detached app running (`modal run --detach`) and says so itself.
+    """
+    from modal.exception import ConnectionError as ModalConnectionError
+
     try:
         return call.get()
+    except ModalConnectionError:
+        print(
+            f"modal: lost the connection to Modal while waiting for call {call.object_id}; the call itself goes "
+            f"on under `modal run --detach` (the detached app keeps running): follow it with modal app logs "
+            f"{app_id or settings.app_name} --function-call {call.object_id} --follow",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
     except Exception as err:  # the container's own exception, re-raised here by Modal
         line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(
@@ -258,7 +273,7 @@ def submit(args: Sequence[str], functions: AppFunctions, settings: ModalSettings
 
 def _submit_run(args: list[str], cfg: DictConfig, functions: AppFunctions, settings: ModalSettings) -> None:
     print(describe_submission(settings, cfg), flush=True)
-    result = _result_of(_started(functions.train, args, settings, functions.app_id))
+    result = _result_of(_started(functions.train, args, settings, functions.app_id), settings, functions.app_id)
     if result.get("state") == RunState.FAILED:
         raise SystemExit(int(result.get("exit_code", 2)))  # the container printed its one line
     print(
@@ -278,7 +293,7 @@ def _submit_sweep(
     print(
         f"modal: a sweep of {len(jobs)} jobs, each on {_where(settings)}, run by a coordinator inside Modal", flush=True
     )
-    result = _result_of(_started(functions.sweep, args, settings, functions.app_id))
+    result = _result_of(_started(functions.sweep, args, settings, functions.app_id), settings, functions.app_id)
     outcomes = [JobOutcome(**outcome) for outcome in result["jobs"]]
     for outcome in outcomes:
         print(f"modal: {outcome.line()}", flush=True)

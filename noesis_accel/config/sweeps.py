@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -34,6 +35,7 @@ from typing import Any, Protocol, cast
 from hydra.errors import CompactHydraException
 
 # Hydra overrides that only concern the launching side: the receiving side launches nothing.
+log = logging.getLogger(__name__)
 _LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher")
 
 
@@ -61,6 +63,15 @@ class JobRequest:
 class Backend(Protocol):
     def run(self, request: JobRequest) -> Any:  # a hydra JobReturn
         ...
+
+
+def _is_cancellation(stop: BaseException) -> bool:
+    """Modal's InputCancellation: the coordinator's own call was cancelled (`modal app stop`, `.cancel()`)."""
+    try:
+        from modal.exception import InputCancellation
+    except ImportError:  # no Modal here: nothing of Modal's to cancel
+        return False
+    return isinstance(stop, InputCancellation)
 
 
 def _unwrap(task_function: Callable) -> Callable:
@@ -155,9 +166,22 @@ def run_all(backend: Backend, requests: list[JobRequest], max_parallel: int) -> 
     A job that raised (a Modal call that spent its retries, a local process that died) becomes a
     failed result instead of ending the batch: the other jobs' results are never thrown away.
     """
-    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(requests)))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(requests))))
+    try:
         futures = [pool.submit(backend.run, request) for request in requests]
-        return [_result_or_failure(request, future) for request, future in zip(requests, futures)]
+        results = [_result_or_failure(request, future) for request, future in zip(requests, futures)]
+    except BaseException as stop:
+        # The coordinator itself stopped while its jobs ran. Cancelled: its jobs are cancelled too (they
+        # checkpoint and end; nothing else would stop them). Preempted or timed out: they go on, and the
+        # restarted coordinator attaches to them (CallBook). Either way, nothing waits here for them.
+        if _is_cancellation(stop):
+            cancel_all = getattr(backend, "cancel_all", None)
+            if cancel_all is not None:
+                cancel_all()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 
 def _result_or_failure(request: JobRequest, future: Any) -> Any:
@@ -392,10 +416,25 @@ class ModalBackend:
 
     def __init__(self, function: Any, calls: CallBook | None = None) -> None:
         self.function, self.calls = function, calls
+        self.started: list[Any] = []  # every call this coordinator started or attached to
+        self._lock = threading.Lock()
 
     def run(self, request: JobRequest) -> Any:
         call = self.calls.call_for(request, self.function) if self.calls else self.function.spawn(asdict(request))
+        with self._lock:
+            self.started.append(call)
         return call.get()
+
+    def cancel_all(self) -> None:
+        """Cancel every job's call (each one checkpoints and ends, as a cancelled run does); one that
+        cannot be reached is named, and the others are still cancelled."""
+        with self._lock:
+            calls = list(self.started)
+        for call in calls:
+            try:
+                call.cancel()
+            except Exception as err:  # a call already finished, or a lost connection
+                log.warning("could not cancel call %s: %s", getattr(call, "object_id", "?"), err)
 
 
 def main(argv: list[str] | None = None) -> int:
