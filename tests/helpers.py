@@ -196,14 +196,21 @@ class FakeVolume:
     cwd; the commit's files have reached the remote by then, as Modal's commit RPC precedes its
     reload. A background thread can commit every `background_s` seconds, as Modal does, so
     half-written files reach the remote too. A container that dies takes its uncommitted changes
-    with it: restart from `FakeVolume.mount(remote)` alone.
+    with it: restart from `FakeVolume.mount(remote)` alone. `commit_s`: each commit's server side takes
+    this long first (a slow Volume); the background snapshots are not slowed.
     """
 
     def __init__(
-        self, view: Path, remote: Path, background_s: float | None = None, container_pid: int | None = None
+        self,
+        view: Path,
+        remote: Path,
+        background_s: float | None = None,
+        container_pid: int | None = None,
+        commit_s: float = 0.0,
     ) -> None:
         import threading
 
+        self.commit_s = commit_s
         self.view, self.remote = Path(view), Path(remote)
         self.container_pid = container_pid or os.getpid()
         self.commits = 0
@@ -215,14 +222,14 @@ class FakeVolume:
             threading.Thread(target=self._background, args=(background_s,), daemon=True).start()
 
     @classmethod
-    def mount(cls, view: Path, remote: Path, background_s: float | None = None) -> FakeVolume:
+    def mount(cls, view: Path, remote: Path, background_s: float | None = None, commit_s: float = 0.0) -> FakeVolume:
         """A fresh container: its view is exactly what was committed."""
         import shutil
 
         shutil.rmtree(view, ignore_errors=True)
         Path(remote).mkdir(parents=True, exist_ok=True)
         shutil.copytree(remote, view)
-        return cls(view, remote, background_s)
+        return cls(view, remote, background_s, commit_s=commit_s)
 
     @staticmethod
     def _files(root: Path) -> dict[str, tuple[int, int]]:
@@ -237,6 +244,8 @@ class FakeVolume:
         return found
 
     def commit(self) -> None:
+        if self.commit_s:
+            time.sleep(self.commit_s)
         self._persist()
         self.reload()
 

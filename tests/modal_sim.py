@@ -13,6 +13,7 @@ KeyboardInterrupt leaves it, as the real `__main__` catches it), the container e
 and Modal commits the Volume once more. The outputs go to `--outputs` as JSON.
 
 Background commits every half second, as Modal does (`NOESIS_SIM_BACKGROUND_S` changes it; 0: none).
+`NOESIS_SIM_COMMIT_S=S`: every commit (ours and the exit's) takes S seconds, as a slow Volume's would.
 Kill it with SIGKILL to lose the container; send SIGINT (preemption) or SIGUSR1 (cancellation).
 
 Exit codes, for the tests: 0 a SUCCESS output of a finished run, 2 a SUCCESS output of a refused
@@ -138,7 +139,10 @@ def main() -> int:
     if os.environ.get("NOESIS_FAULT_KILL_PID") == "container":  # a fault that takes the whole container down
         os.environ["NOESIS_FAULT_KILL_PID"] = str(os.getpid())
     volume = FakeVolume.mount(
-        args.view, args.remote, background_s=float(os.environ.get("NOESIS_SIM_BACKGROUND_S", "0.5")) or None
+        args.view,
+        args.remote,
+        background_s=float(os.environ.get("NOESIS_SIM_BACKGROUND_S", "0.5")) or None,
+        commit_s=float(os.environ.get("NOESIS_SIM_COMMIT_S", "0")),
     )
     local_disk = args.view.parent / (args.view.name + "-local")
     shutil.rmtree(local_disk, ignore_errors=True)  # a new container's own disk starts empty

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.config import compose
@@ -178,3 +179,66 @@ def test_a_checkpoint_from_other_math_another_format_or_another_zero_world_is_re
     assert manager._world_size_changed(zero) is True
     manager.is_deepspeed = False  # DDP and single-process checkpoints hold the whole optimizer: any count loads
     assert manager._world_size_changed(zero) is False
+
+
+def test_a_commit_still_running_when_its_time_is_up_is_given_up_on_and_the_next_waits_for_it() -> None:
+    """A Volume commit that hangs must not hold a stop past Modal's grace; it goes on in the background,
+    and a later commit does not start over it."""
+    import threading
+
+    from noesis_accel.rundir.volumes import CommitStillRunning, commit_within
+
+    class Slow:
+        def __init__(self) -> None:
+            self.release, self.done = threading.Event(), []
+
+        def commit(self) -> None:
+            self.release.wait(10)
+            self.done.append(True)
+
+    slow = Slow()
+    with pytest.raises(CommitStillRunning, match="still running after 0 s"):
+        commit_within(slow, 0.2)
+    with pytest.raises(CommitStillRunning, match="an earlier commit is still running"):
+        commit_within(slow, 0.1)  # the first one has not finished: no second commit over it
+    slow.release.set()
+    commit_within(slow, 5.0)  # waits for the first, then commits again
+    assert slow.done == [True, True]
+
+
+def test_a_held_out_pass_gives_up_at_the_next_batch_when_asked_to_stop() -> None:
+    from noesis_accel.training.losses import heldout_loss, heldout_loss_unless_stopped
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches = 0
+
+        def forward(self, input_ids, labels=None, **_):
+            self.batches += 1
+            return type("Out", (), {"loss": torch.tensor(float(input_ids.sum()))})()
+
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "length": 4, "label_count": 3} for _ in range(6)]
+    dataset = {"length": [4] * 6}
+
+    class Rows(dict):
+        def __getitem__(self, key):
+            return dataset[key] if isinstance(key, str) else rows[key]
+
+    def collate(batch):
+        return {k: torch.tensor([row[k] for row in batch]) for k in ("input_ids", "labels")}
+
+    model = Model()
+    full = heldout_loss(model, Rows(), collate, 2, "cpu")
+    assert model.batches == 3 and full > 0
+    asked: list[bool] = []
+
+    def stop_after_one() -> bool:
+        asked.append(True)
+        return len(asked) > 1
+
+    model.batches = 0
+    assert heldout_loss_unless_stopped(model, Rows(), collate, 2, "cpu", stop=stop_after_one) is None
+    assert model.batches == 1  # the batch under way finished; the next one never started
+    model.batches = 0
+    assert heldout_loss_unless_stopped(model, Rows(), collate, 2, "cpu", stop=lambda: False) == full

@@ -190,6 +190,26 @@ def test_the_deadline_commits_its_checkpoint_and_ends_as_one_failure(tmp_path, l
 
 
 @pytest.mark.slow
+def test_a_preemption_during_evaluation_on_a_slow_volume_ends_within_the_grace(tmp_path) -> None:
+    """SIGINT as the held-out pass after step 3 starts, and every commit (ours and Modal's exit commit) takes
+    15 s: the pass is given up at its next batch, the checkpoint comes first, our commit of it is waited for
+    only until ckpt.stop_commit_s (10 s) after the signal, and the container is gone before Modal's SIGKILL
+    (30 s); the checkpoint reaches the Volume (our commit, going on in the background, or the exit's)."""
+    evaluated = TINY + ["train.eval_every=3"]
+    container = Container(tmp_path, evaluated, env={"NOESIS_FAULT": "eval:3", "NOESIS_SIM_COMMIT_S": "15"})
+    run_dir = _run_dir(container.view)
+    wait_until(lambda: logged_step(run_dir) >= 3 or container.process.poll() is not None, 240, "step 3")
+    signalled = time.monotonic()  # the signal comes as the pass after step 3's log line starts: no later than now
+    code, output = container.finish(timeout=120)
+    ended = time.monotonic() - signalled
+    assert ended < GRACE_S, f"the container lasted {ended:.1f} s after the preemption"
+    assert container.outputs == [] and code == 3, output[-3000:]  # a preemption: restarted for free
+    assert "held-out pass given up for the stop request's checkpoint" in output
+    stopped_at, manifest = _stopped_checkpoint(_run_dir(container.remote))
+    assert stopped_at == 3 and manifest["reason"] == "signal"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["1-process", "2-process"])
 def test_a_stop_signal_after_the_deadline_is_the_time_limit_and_is_retried(tmp_path, layout: str) -> None:
     """No margin (modal.deadline_margin_s=0) and a step still running at the deadline: the SIGUSR1 that

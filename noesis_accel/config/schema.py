@@ -211,6 +211,10 @@ class CkptConfig:
     # within its grace (Modal's SIGKILL comes 30 s after SIGINT). A commit still failing is reported
     # and the run goes on: the next commit, or the exit's, carries what it missed.
     commit_budget_s: float = 20.0
+    # After a stop signal, the checkpoint's commit is waited for until this long after the signal at
+    # most (commits themselves included): Modal's own exit commit, which carries whatever ours did not
+    # finish, needs the rest of the 30 s grace.
+    stop_commit_s: float = 10.0
     # Also commit the small progress files (metrics, events, status) this often, and at each start:
     # a hard kill, which commits nothing, then costs steps known to within this period. 0: never.
     progress_commit_s: float = 60.0

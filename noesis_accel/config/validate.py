@@ -137,6 +137,7 @@ def validate(cfg: DictConfig) -> None:
     check(ckpt.keep_last >= 1, "ckpt.keep_last", "must be >= 1 (the newest complete checkpoint is always kept)")
     check(ckpt.commit_retries >= 0, "ckpt.commit_retries", "must be >= 0")
     check(ckpt.commit_budget_s >= 0, "ckpt.commit_budget_s", "must be >= 0 seconds")
+    check(ckpt.stop_commit_s >= 0, "ckpt.stop_commit_s", "must be >= 0 seconds")
     check(ckpt.progress_commit_s >= 0, "ckpt.progress_commit_s", "must be >= 0 seconds (0: no progress commits)")
     check(
         0 < ckpt.lease_heartbeat_s < ckpt.lease_stale_s,

@@ -4,7 +4,8 @@ Points: `step` (SIGKILL right after optimizer step N), `save` (SIGKILL inside th
 after Accelerate wrote its files and before the manifest), `term` / `usr1` (SIGTERM / SIGUSR1 to
 ourselves, or to our launcher, after step N: the preemption and timeout paths), `enospc` (the save of step N fails as a
 full disk would, for machines where a small filesystem cannot be mounted), `oom` (the forward of step N raises
-torch.OutOfMemoryError, as a GPU out of memory does). `NOESIS_STEP_DELAY_S=S`
+torch.OutOfMemoryError, as a GPU out of memory does), `eval` (SIGINT, Modal's preemption, as the held-out pass
+after step N starts; 0: the pass before training). `NOESIS_STEP_DELAY_S=S`
 sleeps S seconds after every step, so a test can act while a run is in progress. `NOESIS_FAULT_KILL_PID=PID` sends the
 SIGKILL of `step`/`save` to that process first: a whole container dying, not just this process.
 Unset in normal runs, where this costs a few environment lookups per step (microseconds).
@@ -19,7 +20,13 @@ import time
 
 from noesis_accel.core.protocol import FAULT_ENV, FAULT_KILL_PID_ENV, LAUNCHER_PID_ENV, STEP_DELAY_ENV
 
-_SIGNALS = {"step": signal.SIGKILL, "save": signal.SIGKILL, "term": signal.SIGTERM, "usr1": signal.SIGUSR1}
+_SIGNALS = {
+    "step": signal.SIGKILL,
+    "save": signal.SIGKILL,
+    "term": signal.SIGTERM,
+    "usr1": signal.SIGUSR1,
+    "eval": signal.SIGINT,
+}
 
 
 def maybe_inject(point: str, step: int) -> None:

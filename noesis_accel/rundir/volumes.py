@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ class Committer(Protocol):
 
 class LocalCommitter:
     """The local filesystem needs no commit: fsync in the checkpoint writer already made it durable."""
+
+    instant = True  # nothing to wait for: no thread, no time limit
 
     def commit(self) -> None:
         return None
@@ -54,6 +57,7 @@ class MirroringCommitter:
 
     def __init__(self, inner: Committer, mirrors: list[tuple[Path, Path]]) -> None:
         self.inner = inner
+        self.instant = bool(getattr(inner, "instant", False))  # copying files is quick; the inner commit decides
         self.mirrors = [(Path(source), Path(target)) for source, target in mirrors if Path(source) != Path(target)]
         self._copied: dict[Path, tuple[int, int]] = {}
 
@@ -135,6 +139,50 @@ class LauncherCommitter:
             raise OSError(f"the launcher could not commit: {why}")
 
 
+class CommitStillRunning(TimeoutError):
+    """A commit not done when its time was up. It goes on in the background; the caller does not wait."""
+
+
+# A commit given up on, per committer, still running: the next commit waits for it first (two at once
+# could interleave their requests, or reload under each other).
+_in_flight: dict[int, threading.Thread] = {}
+
+
+def commit_within(committer: Committer, seconds: float | None) -> None:
+    """`committer.commit()`, waited for at most `seconds` (None: as long as it takes).
+
+    A Volume commit is a server call that can hang; during a stop, the grace before Modal's SIGKILL
+    does not wait for it. The commit then goes on in a background thread, and the exit commit (Modal's
+    own, after the function returns) carries the files if it never completes.
+    """
+    if seconds is None or getattr(committer, "instant", False):
+        committer.commit()
+        return
+    started = time.monotonic()
+    earlier = _in_flight.get(id(committer))
+    if earlier is not None and earlier.is_alive():
+        earlier.join(max(0.0, seconds))
+        if earlier.is_alive():
+            raise CommitStillRunning("an earlier commit is still running; not waited for any longer")
+    failure: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            committer.commit()
+        except BaseException as err:  # handed to the waiting thread, which raises it
+            failure.append(err)
+
+    thread = threading.Thread(target=commit, name="volume-commit", daemon=True)
+    thread.start()
+    thread.join(max(0.0, seconds - (time.monotonic() - started)))
+    if thread.is_alive():
+        _in_flight[id(committer)] = thread
+        raise CommitStillRunning(f"still running after {max(0.0, seconds):.0f} s; not waited for any longer")
+    _in_flight.pop(id(committer), None)
+    if failure:
+        raise failure[0]
+
+
 def commit_with_retry(
     committer: Committer,
     retries: int,
@@ -144,15 +192,20 @@ def commit_with_retry(
 ) -> int:
     """Commit, retrying with exponential backoff; returns the attempts used. Raises after the last.
 
-    `budget_s` bounds the time spent waiting between attempts: a commit during a preemption must
-    be done within the grace before the SIGKILL (Modal's is 30 s). Each retried failure is logged;
-    the last one is raised for the caller to report (`commit_or_report`), once.
+    `budget_s` bounds the whole: the commits themselves (each waited for at most what is left of it)
+    and the waits between attempts. A commit during a preemption must be done within the grace before
+    the SIGKILL (Modal's is 30 s). Each retried failure is logged; the last one is raised for the
+    caller to report (`commit_or_report`), once. A commit still running when the budget is spent is
+    not retried: the time is up.
     """
-    waited = 0.0
+    started, waited = time.monotonic(), 0.0
     for attempt in range(1, retries + 2):
+        left = None if budget_s is None else budget_s - waited - (time.monotonic() - started)
         try:
-            committer.commit()
+            commit_within(committer, left)
             return attempt
+        except CommitStillRunning:
+            raise
         except Exception as err:  # any backend error; retried, then re-raised
             delay = backoff_s * 2 ** (attempt - 1)
             if attempt > retries or (budget_s is not None and waited + delay > budget_s):
@@ -163,15 +216,26 @@ def commit_with_retry(
     raise AssertionError("unreachable")
 
 
-def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str) -> bool:
-    """Commit within `ckpt.commit_budget_s`; on failure say so and carry on: the files stay on local
-    disk (nothing is deleted because a commit failed) and the next commit, or the exit's, carries them."""
+def stop_commit_budget(ckpt_cfg: Any) -> float:
+    """The commit of a stop's checkpoint: what is left of `ckpt.stop_commit_s` since this process's
+    stop signal (from now, in a process that did not receive it itself), within `ckpt.commit_budget_s`."""
+    from noesis_accel.core.signals import first_stop_signal_at
+
+    signalled = first_stop_signal_at()
+    since = time.time() - signalled if signalled is not None else 0.0
+    return max(0.0, min(float(ckpt_cfg.commit_budget_s), float(ckpt_cfg.stop_commit_s) - since))
+
+
+def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str, budget_s: float | None = None) -> bool:
+    """Commit within `budget_s` (default `ckpt.commit_budget_s`); on failure say so and carry on: the files
+    stay on local disk (nothing is deleted because a commit failed) and the next commit, or the exit's,
+    carries them."""
     try:
         commit_with_retry(
             committer,
             int(ckpt_cfg.commit_retries),
             float(ckpt_cfg.commit_backoff_s),
-            budget_s=float(ckpt_cfg.commit_budget_s),
+            budget_s=float(ckpt_cfg.commit_budget_s) if budget_s is None else budget_s,
         )
         return True
     except Exception as err:  # a checkpoint that never reaches the volume must never go unnoticed

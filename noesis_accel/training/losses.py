@@ -51,21 +51,57 @@ def heldout_loss(
     Longest records first, so the first batch shows at once whether the longest one fits in memory.
     `reduce_sum` adds the ranks' partial sums (omit it in a single process).
     """
+    loss = heldout_loss_unless_stopped(
+        model,
+        dataset,
+        collate,
+        micro_batch_size,
+        device,
+        rank=rank,
+        world_size=world_size,
+        autocast=autocast,
+        reduce_sum=reduce_sum,
+    )
+    assert loss is not None  # nothing can stop it
+    return loss
+
+
+def heldout_loss_unless_stopped(
+    model: torch.nn.Module,
+    dataset: Any,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    micro_batch_size: int,
+    device: torch.device | str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> float | None:
+    """`heldout_loss`, given up (None) when `stop()` turns true before a batch: a stop request's checkpoint
+    must not wait for a whole held-out pass. Every rank still reaches the one reduction, with a flag that
+    says whether any of them stopped, so all of them give up together and none waits in a collective."""
     was_training = model.training
     model.eval()
     lengths = dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, label tokens, stopped ranks
     for indices in batches[rank::world_size]:
+        if stop is not None and stop():
+            total[2] = 1
+            break
         rows = [dataset[i] for i in indices]
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         with autocast():
             summed = summed_token_loss(model, batch)
-        total += torch.tensor(
+        total[:2] += torch.tensor(
             [float(summed), sum(int(row["label_count"]) for row in rows)], dtype=torch.float64, device=device
         )
     if reduce_sum is not None:
         total = reduce_sum(total)
     model.train(was_training)
+    if total[2] > 0:
+        return None
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")

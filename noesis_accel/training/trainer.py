@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from omegaconf import DictConfig
@@ -334,12 +334,19 @@ class Trainer:
         progress = self.progress
         if progress.step == 0 and progress.initial_eval_loss is None and len(self.data.eval):
             progress.initial_eval_loss = self.evaluate()
+            if progress.initial_eval_loss is None:  # stopped before the first step: nothing to save or lose
+                self._stop_before_the_first_step()
             self.metrics.write(f"held-out loss before training: {progress.initial_eval_loss:.4f}")
         self.model.train()
         while progress.step < self.total_steps:
             finished_epoch = self._train_epoch()
             if finished_epoch:
                 self.sampler.set_epoch(self.sampler.epoch + 1, 0)
+
+    def _stop_before_the_first_step(self) -> NoReturn:
+        if self.watcher.requested:
+            raise InterruptedBySignal(self.watcher.received or signal.SIGTERM)
+        raise StoppedAtDeadline()
 
     def _train_epoch(self) -> bool:
         """Train from the sampler's position; True if the epoch's batches ran out."""
@@ -451,8 +458,11 @@ class Trainer:
             and progress.step < self.total_steps
         ):  # no held-out set, no held-out loss (not a NaN)
             eval_loss = self.evaluate()
-            self.metrics.log(progress.step, {"eval_loss": eval_loss})
-            self.metrics.write(f"step {progress.step}: held-out loss {eval_loss:.4f}")
+            if eval_loss is not None:
+                self.metrics.log(progress.step, {"eval_loss": eval_loss})
+                self.metrics.write(f"step {progress.step}: held-out loss {eval_loss:.4f}")
+            else:
+                self.metrics.write(f"step {progress.step}: held-out pass given up for the stop request's checkpoint")
             self.model.train()
         self._checkpoint_hook()
         self.session.progress_commit_hook(self.progress.step, **self._money_status())
@@ -508,12 +518,14 @@ class Trainer:
             flags = self.accelerator.reduce(tensor, reduction="sum").tolist()
         return flags[0] > 0, flags[1] > 0, flags[2] > 0, flags[3] > 0
 
-    def evaluate(self) -> float:
-        """Held-out loss (token-weighted, the quantity the training loss logs), sharded across ranks."""
+    def evaluate(self) -> float | None:
+        """Held-out loss (token-weighted, the quantity the training loss logs), sharded across ranks; None
+        when a stop request (a signal, the deadline) came during the pass: its checkpoint comes first."""
         accelerator = self.accelerator
         reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
+        faults.maybe_inject("eval", self.progress.step)
         # The unwrapped model: no collectives inside an eval forward.
-        return losses.heldout_loss(
+        return losses.heldout_loss_unless_stopped(
             accelerator.unwrap_model(self.model),
             self.data.eval,
             self.collate,
@@ -523,6 +535,7 @@ class Trainer:
             world_size=accelerator.num_processes,
             autocast=accelerator.autocast,
             reduce_sum=reduce_sum,
+            stop=lambda: self.watcher.requested or deadline_reached(self.deadline),
         )
 
     # ================================================================ finish
