@@ -181,6 +181,58 @@ def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_p
     assert "random_states_1.pkl is missing" in checkpoint_problem(RunDir(remote_run).step_dirs()[0][1])
 
 
+PEER_TIMEOUT_S = 20  # distributed.peer_timeout_s for these tests (60 s by default)
+PEER_LOST_BOUND_S = PEER_TIMEOUT_S + 20  # a heartbeat, stopping the workers, the exit commit, the process exit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["frozen", "killed"])
+def test_a_lost_cluster_peer_ends_the_other_container_within_the_bound_and_the_restart_is_exact(
+    tmp_path, tmp_path_factory, how: str
+) -> None:
+    """Container 1 frozen (SIGSTOP: a lost machine that keeps its connections open) or killed at step 5:
+    container 0 must not idle in the collective for torch's timeout (30 min of GPUs): it ends within
+    distributed.peer_timeout_s and a little, names the lost peer, and the restarted cluster resumes
+    from the newest committed checkpoint to exactly the uninterrupted run."""
+    from noesis_accel.training.distributed import free_port
+
+    reference = uninterrupted_run(
+        tmp_path_factory.mktemp("cluster_reference"), TINY + ["distributed=ddp", "distributed.num_processes=2"]
+    )
+    watched = {"NOESIS_STEP_DELAY_S": "0.3"}
+    timeout = [f"distributed.peer_timeout_s={PEER_TIMEOUT_S}"]
+    port = free_port()
+    containers = [
+        _container(
+            tmp_path / f"container{rank}",
+            tmp_path / "remote",
+            _cluster_overrides(rank, port) + timeout,
+            env=watched,
+            rank=rank,
+        )
+        for rank in (0, 1)
+    ]
+    wait_until(lambda: logged_step(_run_dir(tmp_path / "container0")) >= 5, 300, "step 5 on rank 0")
+    kill_group(containers[1], signal.SIGSTOP if how == "frozen" else signal.SIGKILL)
+    lost_at = time.monotonic()
+    try:
+        code, output = _finish(containers[0], timeout=PEER_LOST_BOUND_S + 60)
+        ended = time.monotonic() - lost_at
+    finally:
+        kill_group(containers[1], signal.SIGKILL)  # a frozen container is Modal's to tear down
+        _finish(containers[1], timeout=30)
+    assert ended < PEER_LOST_BOUND_S, f"container 0 lasted {ended:.0f} s after losing its peer"
+    assert code == 5, output[-3000:]  # a FAILURE: Modal restarts the cluster's input
+    status = RunDir(_run_dir(tmp_path / "remote")).status()
+    assert "machine 1 of the cluster stopped answering" in (status.get("exit_reason") or ""), status
+    restarted = _cluster(tmp_path, free_port())
+    results = [_finish(container) for container in restarted]
+    assert all(code == 0 for code, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
+    remote_run = _run_dir(tmp_path / "remote")
+    assert_same_adapter(remote_run, reference)
+    assert step_losses(remote_run) == step_losses(reference)
+
+
 @pytest.mark.slow
 def test_a_sweep_from_the_modal_entrypoint_runs_each_job_in_its_own_container(tmp_path) -> None:
     """`modal run launch/modal_entry.py -m ...`: the entrypoint's and the coordinator's real bodies; the

@@ -247,6 +247,13 @@ class DistributedConfig:
     main_process_port: int = 29500
     # DeepSpeed JSON (zero2); micro batch, accumulation and clipping are filled in from train/optim.
     deepspeed_config: Optional[str] = None
+    # On a cluster, a machine whose launcher has not answered for this long is lost: the others stop
+    # and the attempt ends as a crash (retried), instead of idling in a collective (processes/cluster_watch.py).
+    peer_timeout_s: float = 60.0
+    # Every process group's own timeout for one collective, stated rather than torch's default (30 min
+    # for gloo, 10 for NCCL): the backstop for a peer whose launcher answers while its GPU work hangs.
+    # Long enough for rank 0 to prepare the data while the others wait at a barrier.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

@@ -138,6 +138,8 @@ def validate(cfg: DictConfig) -> None:
     check(ckpt.commit_retries >= 0, "ckpt.commit_retries", "must be >= 0")
     check(ckpt.commit_budget_s >= 0, "ckpt.commit_budget_s", "must be >= 0 seconds")
     check(ckpt.stop_commit_s >= 0, "ckpt.stop_commit_s", "must be >= 0 seconds")
+    check(cfg.distributed.peer_timeout_s > 0, "distributed.peer_timeout_s", "must be > 0 seconds")
+    check(cfg.distributed.collective_timeout_s > 0, "distributed.collective_timeout_s", "must be > 0 seconds")
     check(ckpt.progress_commit_s >= 0, "ckpt.progress_commit_s", "must be >= 0 seconds (0: no progress commits)")
     check(
         0 < ckpt.lease_heartbeat_s < ckpt.lease_stale_s,

@@ -57,7 +57,8 @@ from noesis_accel.core.signals import (
     StoppedAtDeadline,
     note_stop_signal,
 )
-from noesis_accel.rundir.history import RunState, record_stop
+from noesis_accel.processes.cluster_watch import ClusterWatch
+from noesis_accel.rundir.history import RunState, record_stop, write_status
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.lease import LeaseHeld, RunLease, take_run_lease
 from noesis_accel.rundir.volumes import Committer
@@ -83,6 +84,11 @@ class TrainingProcessFailed(Exception):
     def __init__(self, message: str, signum: int | None = None) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class PeerLost(TrainingProcessFailed):
+    """Another machine of the cluster stopped answering (cluster_watch.py): a crash, so the cluster is
+    started again and resumes from the newest committed checkpoint."""
 
 
 class WorkerUserError(UserError):
@@ -134,6 +140,9 @@ class Launcher:
         self.lease: RunLease | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="noesis-launch-"))
         self._previous_handlers: dict[int, Any] = {}
+        self.watch: ClusterWatch | None = None
+        self.peer_lost: str | None = None
+        self._first_failure: float | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -141,10 +150,13 @@ class Launcher:
         """Start the workers, supervise them to the end, and return rank 0's result (or raise)."""
         try:
             self._take_lease()
+            self._watch_the_cluster()
             self._start_workers()
             self._supervise()
             return self._result()
         finally:
+            if self.watch is not None:
+                self.watch.stop()
             self._restore_signal_handlers()
             self._stop_all(signal.SIGKILL)  # only reached with workers alive if we failed ourselves
             if self.lease is not None:
@@ -156,6 +168,19 @@ class Launcher:
         # Only the first machine owns the run dir; on a cluster the others write only their shards.
         if self.node_rank == 0:
             self.lease = take_run_lease(self.rundir, self.cfg.ckpt)
+
+    def _watch_the_cluster(self) -> None:
+        """On a cluster, this machine's side of the watch (cluster_watch.py), on the port after the
+        rendezvous port of the first machine."""
+        dist = self.cfg.distributed
+        if int(dist.num_machines) > 1:
+            self.watch = ClusterWatch(
+                self.node_rank,
+                int(dist.num_machines),
+                str(dist.main_process_ip),
+                int(dist.main_process_port) + 1,
+                float(dist.peer_timeout_s),
+            ).start()
 
     def _start_workers(self) -> None:
         config_file = self._workdir / "config.yaml"
@@ -219,9 +244,15 @@ class Launcher:
                     self._serve(decode_line(line))
                 if self.lease is not None and self.lease.lost:
                     self._stop_all(signal.SIGKILL)  # another process owns the run dir now: write nothing more
+                if self.watch is not None and self.watch.lost and self.peer_lost is None:
+                    # Our workers wait in a collective that will never complete: a checkpoint needs the lost
+                    # peer too, so the newest committed one stands, and the attempt ends now.
+                    self.peer_lost = self.watch.lost
+                    log.error("%s; stopping this machine's training processes", self.peer_lost)
+                    self._stop_all(signal.SIGKILL)
                 failed = [w for w in self.workers if w.process.poll() not in (None, 0)]
                 if failed and first_failure is None:
-                    first_failure = time.monotonic()
+                    first_failure = self._first_failure = time.monotonic()
                 if first_failure is not None and time.monotonic() - first_failure > FAILURE_GRACE_S:
                     self._stop_all(signal.SIGKILL)
         finally:
@@ -289,6 +320,14 @@ class Launcher:
         workers' outcomes become what the caller sees."""
         if self.lease is not None and self.lease.lost:
             return LeaseHeld(f"{self.lease.lost}; this start stopped its training processes and wrote nothing more")
+        if self.watch is not None and self.peer_lost is None and not self.signals_received:
+            # Our workers failed: if a peer went silent as they did, it is the cause (its connections reset).
+            self.peer_lost = self.watch.silent_peer(self._first_failure or time.monotonic())
+        if self.peer_lost is not None:
+            return PeerLost(
+                f"{self.peer_lost}; this machine's training processes were stopped, and the cluster's next "
+                "attempt resumes from the newest committed checkpoint"
+            )
         outcomes = {w.rank: w.outcome() for w in self.workers}
 
         def kind(worker: _Worker) -> OutcomeKind | None:
@@ -341,6 +380,9 @@ class Launcher:
         for partial in self.rundir.partial_checkpoints():
             shutil.rmtree(partial, ignore_errors=True)
         status = self.rundir.status()
+        if status is not None and isinstance(failure, PeerLost) and status.get("state") != RunState.RUNNING:
+            # Rank 0 recorded the collective's error; what happened is the lost peer.
+            write_status(self.rundir, exit_reason=str(failure))
         if status is not None and status.get("state") == RunState.RUNNING:
             state = RunState.INTERRUPTED if isinstance(failure, RunInterrupted) else RunState.FAILED
             record_stop(self.rundir, state, int(status.get("step", 0)), str(failure))

@@ -78,6 +78,8 @@ def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
 
 def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Accelerator
     """The Accelerator for this config: precision, accumulation, CPU/GPU, DDP or DeepSpeed, tracker."""
+    import datetime
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import (
@@ -89,6 +91,7 @@ def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Acce
 
     world = launched_world_size() or 1
     accumulation = accumulation_steps(cfg, world)
+    timeout = datetime.timedelta(seconds=float(cfg.distributed.collective_timeout_s))
     kwargs: dict[str, Any] = {
         "mixed_precision": cfg.train.mixed_precision,
         "gradient_accumulation_steps": accumulation,
@@ -108,8 +111,13 @@ def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Acce
             # backend named Accelerate reports one process on every rank while torch.distributed runs
             # two; naming gloo makes both agree.
             kwargs["cpu"] = False
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+        else:
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timeout)]
     else:
         # LoRA on a model with gradient checkpointing has no unused parameters; searching costs a pass.
-        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+        kwargs["kwargs_handlers"] = [
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            InitProcessGroupKwargs(timeout=timeout),
+        ]
     return Accelerator(**kwargs)
