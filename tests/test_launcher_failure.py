@@ -27,6 +27,7 @@ def _launcher(tmp_path: Path, ends: Sequence[tuple[int, dict | None]], signals: 
     """A launcher whose workers ended as `ends` says: (exit code, outcome written or None), by rank."""
     launcher = Launcher.__new__(Launcher)  # no lease, no temporary dir: only what `_failure` reads
     launcher.lease = None
+    launcher.watch, launcher.peer_lost, launcher._first_failure = None, None, None  # one machine: no cluster watch
     launcher.signals_received = signals or []
     launcher.workers = []
     tmp_path = tmp_path / f"launch-{next(_launches)}"  # each launcher its own outcome files
