@@ -66,6 +66,7 @@ def heldout_loss(
     return loss
 
 
+@torch.no_grad()
 def heldout_loss_unless_stopped(
     model: torch.nn.Module,
     dataset: Any,
