@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from noesis_accel.config import accumulation_steps, uses_deepspeed, world_size
 from noesis_accel.config.gpus import GIB, PRICES_AS_OF, gpu_type
 from noesis_accel.config.modal_gpu import gpu_specs, parse_gpu_spec
-from noesis_accel.core.errors import ConfigError, DataError, UserError
+from noesis_accel.core.errors import ConfigError, DataError, UserError, redact_tree
 from noesis_accel.rundir.costs import format_usd
 from noesis_accel.training import footprint as fp
 from noesis_accel.training.sampling import LengthBucketBatchSampler, planned_steps
@@ -647,7 +647,7 @@ def write_plan(run_dir: Path, plan: Plan) -> Path:
     path = run_dir / PLAN_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    tmp.write_text(json.dumps(redact_tree(plan.to_json()), indent=2) + "\n")  # paths can hold a token
     os.replace(tmp, path)
     return path
 

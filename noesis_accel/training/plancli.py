@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from noesis_accel.core.cli import Command, Option, command_line, parse
-from noesis_accel.core.errors import ConfigError, exit_on_user_error, safe_for_pipes
+from noesis_accel.core.errors import ConfigError, exit_on_user_error, redact, safe_for_pipes
 
 PLAN_COMMAND = Command(
     name="plan",
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(PLAN_COMMAND, command_line(argv))
     cfg = compose_checked(args.overrides)
     plan = make_plan(cfg)
-    print(json.dumps(plan.to_json(), indent=2) if args.options["json"] else format_plan(plan), flush=True)
+    print(redact(json.dumps(plan.to_json(), indent=2) if args.options["json"] else format_plan(plan)), flush=True)
     if args.options["write"]:
         write_plan(RunDir.of(cfg).path, plan)
     problem = fit_problem(plan, cfg)
