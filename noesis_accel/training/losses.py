@@ -33,35 +33,21 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], glo
     return model(**batch, num_items_in_batch=global_label_tokens).loss
 
 
-@torch.no_grad()
 def heldout_loss(
     model: torch.nn.Module,
     dataset: Any,
     collate: Callable[[list[dict]], dict[str, torch.Tensor]],
     micro_batch_size: int,
     device: torch.device | str,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **sharding: Any,
 ) -> float:
     """Token-weighted loss over `dataset` (summed token losses / label tokens), sharded across ranks.
 
     Longest records first, so the first batch shows at once whether the longest one fits in memory.
-    `reduce_sum` adds the ranks' partial sums (omit it in a single process).
+    `sharding`: `rank`, `world_size`, `autocast` and `reduce_sum` (which adds the ranks' partial sums;
+    omit it in a single process), as `heldout_loss_unless_stopped` takes them.
     """
-    loss = heldout_loss_unless_stopped(
-        model,
-        dataset,
-        collate,
-        micro_batch_size,
-        device,
-        rank=rank,
-        world_size=world_size,
-        autocast=autocast,
-        reduce_sum=reduce_sum,
-    )
+    loss = heldout_loss_unless_stopped(model, dataset, collate, micro_batch_size, device, **sharding)
     assert loss is not None  # nothing can stop it
     return loss
 
