@@ -50,6 +50,7 @@ from noesis_accel.training.spend import Spend
 from noesis_accel.training.trackers import require_installed
 
 log = logging.getLogger(__name__)
+BUDGET_MARGIN = 2.0  # the next step and save are priced at twice their slowest recent time (_over_budget)
 
 # Work a higher wing runs on the trained model while it is still in memory (eval.after_training):
 # called on the main process as (cfg, unwrapped model, tokenizer, held-out records).
@@ -93,8 +94,10 @@ class BudgetReached(Exception):
     """One more step and a checkpoint would pass `budget.usd`: the run stops (after a checkpoint, when it trained)."""
 
     def __init__(self, step: int, total_steps: int, spent: float, cap: float) -> None:
+        # Over already: the start-up (or a save slower than any before it) cost more than was left.
+        how = "before passing the budget" if spent <= cap else "at the budget (start-up and saves included)"
         super().__init__(
-            f"stopped at step {step} before passing the budget: {format_usd(spent)} spent of "
+            f"stopped at step {step} {how}: {format_usd(spent)} spent of "
             f"budget.usd={format_usd(cap)}; restart with a higher budget.usd to continue from here"
         )
         self.step, self.total_steps, self.spent, self.cap = step, total_steps, spent, cap
@@ -493,7 +496,7 @@ class Trainer:
         finally:
             self.watcher.saving = False
         seconds = time.monotonic() - started
-        self._save_seconds = max(seconds, self._planned_save_seconds, 1.0)
+        self._save_seconds = max(seconds, self._save_seconds, self._planned_save_seconds, 1.0)  # the slowest
         self.session.record_checkpoint(self.progress.step, reason, path, seconds)
         if self.accelerator.is_main_process:
             self.metrics.write(f"step {self.progress.step}: checkpoint {path.name} ({reason})")
@@ -629,10 +632,16 @@ class Trainer:
         return max(self._step_seconds) if self._step_seconds else self._earlier_step_seconds
 
     def _over_budget(self) -> bool:
-        """Whether one more step and a checkpoint would pass `budget.usd` (main process; False with no cap)."""
+        """Whether one more step and a checkpoint would pass `budget.usd` (main process; False with no cap).
+
+        Both at twice their slowest recent time: on a busy machine a step and the save after it were seen
+        to take twice as long as the ones before, and the cap is a promise, while stopping a step early
+        costs one step of a restart.
+        """
         if self.spend.cap_usd is None:
             return False
-        return self.spend.would_pass_cap((self._seconds_per_step() or 0.0) + self._save_seconds)
+        ahead = (self._seconds_per_step() or 0.0) + self._save_seconds
+        return self.spend.would_pass_cap(BUDGET_MARGIN * ahead)
 
     def _budget_reached(self) -> BudgetReached:
         return BudgetReached(self.progress.step, self.total_steps, self.spend.spent(), float(self.spend.cap_usd or 0.0))
