@@ -36,7 +36,6 @@ from noesis_accel.core.protocol import DEADLINE_ENV, LEASE_GROUP_ENV, MODAL_OVER
 from noesis_accel.core.signals import (
     FORWARDED_SIGNALS,
     SignalledAfterDeadline,
-    forget_stop_signals,
     signalled_after_deadline,
 )
 from noesis_accel.rundir.history import RunState
@@ -279,7 +278,6 @@ def _prepare_attempt(settings: ModalSettings, volume: Volume, attempt_started: f
     inherit them.
     """
     started = attempt_started if attempt_started is not None else time.time()
-    forget_stop_signals()
     os.environ[DEADLINE_ENV] = str(started + settings.timeout_s - settings.deadline_margin_s)
     os.environ.setdefault("HF_HOME", f"{settings.mount}/hf-cache")  # models download once per Volume
     # Hub datasets are memory-mapped from their cache while read: never from the Volume.

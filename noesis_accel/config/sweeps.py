@@ -34,8 +34,8 @@ from typing import Any, Protocol, cast
 
 from hydra.errors import CompactHydraException
 
-# Hydra overrides that only concern the launching side: the receiving side launches nothing.
 log = logging.getLogger(__name__)
+# Hydra overrides that only concern the launching side: the receiving side launches nothing.
 _LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher")
 
 

@@ -31,13 +31,14 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 DEADLINE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped early on purpose, a retry continues
 
 
-# When this process first received a stop signal: one at or after the attempt's deadline is its time
-# limit, whatever its number (a run that overran its deadline must be retried, not read as cancelled).
+# When this process first received a stop request (its own signal, or its launcher's request): one at or
+# after the attempt's deadline is its time limit, whatever its number (a run that overran its deadline
+# must be retried, not read as cancelled), and commits after it get only the stop's share of the grace.
 _first_stop_signal_at: float | None = None
 
 
 def note_stop_signal() -> None:
-    """Called by every handler of a stop signal in this process (the first one's time is kept)."""
+    """Called by every receiver of a stop request in this process (the first one's time is kept)."""
     global _first_stop_signal_at
     if _first_stop_signal_at is None:
         _first_stop_signal_at = time.time()
@@ -48,7 +49,7 @@ def first_stop_signal_at() -> float | None:
 
 
 def forget_stop_signals() -> None:
-    """A new attempt in the same process (tests, an in-process sweep job) starts with none."""
+    """A new run in the same process (an in-process sweep job, a test) starts with none."""
     global _first_stop_signal_at
     _first_stop_signal_at = None
 
@@ -99,6 +100,7 @@ class PreemptionWatcher:
 
     def request(self, signum: int) -> None:
         """One stop request: the first asks for a checkpoint, a later one forces the stop."""
+        note_stop_signal()
         if self.received is None:
             self.received = signum
             return
@@ -112,7 +114,6 @@ class PreemptionWatcher:
         raise ForcedStop(signum)  # from a signal handler: raised in the main thread, where training runs
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        note_stop_signal()
         self.request(signum)
 
     def install(self) -> PreemptionWatcher:

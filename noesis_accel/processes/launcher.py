@@ -233,7 +233,6 @@ class Launcher:
         selector = selectors.DefaultSelector()
         selector.register(self._request_read, selectors.EVENT_READ)
         requests = os.fdopen(self._request_read, "rb", buffering=0)
-        first_failure: float | None = None
         try:
             while any(w.process.poll() is None for w in self.workers):
                 for _key, _ in selector.select(timeout=POLL_S):
@@ -251,9 +250,9 @@ class Launcher:
                     log.error("%s; stopping this machine's training processes", self.peer_lost)
                     self._stop_all(signal.SIGKILL)
                 failed = [w for w in self.workers if w.process.poll() not in (None, 0)]
-                if failed and first_failure is None:
-                    first_failure = self._first_failure = time.monotonic()
-                if first_failure is not None and time.monotonic() - first_failure > FAILURE_GRACE_S:
+                if failed and self._first_failure is None:
+                    self._first_failure = time.monotonic()
+                if self._first_failure is not None and time.monotonic() - self._first_failure > FAILURE_GRACE_S:
                     self._stop_all(signal.SIGKILL)
         finally:
             selector.close()

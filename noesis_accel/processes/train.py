@@ -26,10 +26,10 @@ from noesis_accel.config import CONF_DIR, RESTART_SAFE_PREFIXES, compose, order_
 from noesis_accel.config.sweeps import override_words, sweep_jobs
 from noesis_accel.core import env
 from noesis_accel.core.errors import UserError, one_line, redact, safe_for_pipes
-from noesis_accel.core.signals import ForcedStop, RunInterrupted, first_stop_signal_at
+from noesis_accel.core.signals import ForcedStop, RunInterrupted, forget_stop_signals
 from noesis_accel.processes.launcher import TrainingProcessFailed, launch, needs_launch
 from noesis_accel.rundir.layout import RunDir, runs_root
-from noesis_accel.rundir.volumes import Committer, LocalCommitter, commit_or_report, stop_commit_budget
+from noesis_accel.rundir.volumes import Committer, LocalCommitter, commit_or_report
 from noesis_accel.training.oom import OutOfMemoryCrash
 from noesis_accel.training.trackers import require_installed
 from noesis_accel.training.trainer import AfterTraining, RunResult, Trainer
@@ -63,6 +63,7 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     supervises them; either way it returns the run's result or raises one of `STOPS`.
     """
     env.quiet_known_noise()
+    forget_stop_signals()  # a stop request of an earlier run in this process is not this run's
     validate(cfg)
     require_installed(cfg)  # the tracker's package, before any process starts
     after_training_for(cfg)  # a judge or prompt file that cannot load fails before any process starts
@@ -74,11 +75,8 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     finally:
         # What reached the run dir (status.json included) is made durable on every exit path; a
         # failure is reported, never raised over the error that ended the run.
-        # After a stop signal, only within the stop's share of the grace (Modal's exit commit follows).
-        stopping = first_stop_signal_at() is not None
-        commit_or_report(
-            committer, cfg.ckpt, "the run dir's final state", stop_commit_budget(cfg.ckpt) if stopping else None
-        )
+        # After a stop request, within what is left of its share of the grace (volumes.commit_budget).
+        commit_or_report(committer, cfg.ckpt, "the run dir's final state")
 
 
 def stop_line(stop: BaseException) -> str:

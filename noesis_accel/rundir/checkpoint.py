@@ -27,7 +27,7 @@ from noesis_accel.core import faults
 from noesis_accel.core.collective import main_decides
 from noesis_accel.core.errors import ResumeError, UserError
 from noesis_accel.rundir.layout import RunDir, step_dir_name
-from noesis_accel.rundir.volumes import Committer, commit_or_report, stop_commit_budget
+from noesis_accel.rundir.volumes import Committer, commit_or_report
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,7 @@ class CheckpointManager:
             raise self._write_failure(err, target, needed) from None
         listings = self._gather(listing)
         if multi_machine and accelerator.is_local_main_process:  # each machine's own files reach the Volume
-            budget = stop_commit_budget(self.cfg) if reason == "signal" else None
-            commit_or_report(self.committer, self.cfg, f"this machine's part of checkpoint {final.name}", budget)
+            commit_or_report(self.committer, self.cfg, f"this machine's part of checkpoint {final.name}")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files: dict[str, Any] = {}
@@ -277,9 +276,7 @@ class CheckpointManager:
             except Exception as err:
                 raise self._write_failure(err, target, needed) from None
             self.prune()
-            # A stop's checkpoint is committed within the stop's share of the grace; others within the budget.
-            budget = stop_commit_budget(self.cfg) if reason == "signal" else None
-            committed = commit_or_report(self.committer, self.cfg, f"checkpoint {final.name}", budget)
+            committed = commit_or_report(self.committer, self.cfg, f"checkpoint {final.name}")
             log.debug(
                 "checkpoint %s (%s) saved in %.2fs, committed: %s",
                 final.name,

@@ -60,7 +60,7 @@ def _money_lines(status: dict[str, Any], plan: dict[str, Any] | None, spent: flo
         planned = [
             f"{per_step:.2f} s/step" if per_step else "s/step unknown",
             f"{memory / 2**30:.2f} GiB per {first.get('device')}" if memory else "",
-            f"{format_usd(usd)}" if usd is not None else "",
+            format_usd(usd) if usd is not None else "",
         ]
         peak, measure = status.get("first_step_peak_memory_gib"), status.get("first_step_peak_memory_measure")
         actual = [
@@ -89,6 +89,7 @@ def format_status(
     ]
     if status.get("error"):
         lines.append(f"error:       {status['error']}")
+    spent = spent_usd(attempts, price_per_gpu_hour) if attempts else None
     if attempts:
         interruptions = attempts[:-1]
         costs = [(a.lost_steps, a.lost_steps_exact) for a in interruptions if a.lost_steps is not None]
@@ -107,11 +108,10 @@ def format_status(
                 + f"; {ended}{cost}"
             )
         gpu_hours = sum(a.gpu_hours for a in attempts)
-        spent = spent_usd(attempts, price_per_gpu_hour)
         at_price = f" at ${price_per_gpu_hour:g}/hour" if price_per_gpu_hour else ""
         price = f" ({format_usd(spent)}{at_price})" if spent else ""
         lines.append(f"gpu-hours:   {gpu_hours:.2f}{price}")
-    lines += _money_lines(status, plan, spent_usd(attempts, price_per_gpu_hour) if attempts else None)
+    lines += _money_lines(status, plan, spent)
     lines.append(f"updated:     {status.get('updated_at', '-')}")
     return "\n".join(lines)
 

@@ -216,26 +216,27 @@ def commit_with_retry(
     raise AssertionError("unreachable")
 
 
-def stop_commit_budget(ckpt_cfg: Any) -> float:
-    """The commit of a stop's checkpoint: what is left of `ckpt.stop_commit_s` since this process's
-    stop signal (from now, in a process that did not receive it itself), within `ckpt.commit_budget_s`."""
+def commit_budget(ckpt_cfg: Any) -> float:
+    """How long a commit may take: `ckpt.commit_budget_s`; once this process has a stop request, only
+    what is left of `ckpt.stop_commit_s` since it came (Modal's exit commit needs the rest of the grace)."""
     from noesis_accel.core.signals import first_stop_signal_at
 
     signalled = first_stop_signal_at()
-    since = time.time() - signalled if signalled is not None else 0.0
+    if signalled is None:
+        return float(ckpt_cfg.commit_budget_s)
+    since = time.time() - signalled
     return max(0.0, min(float(ckpt_cfg.commit_budget_s), float(ckpt_cfg.stop_commit_s) - since))
 
 
-def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str, budget_s: float | None = None) -> bool:
-    """Commit within `budget_s` (default `ckpt.commit_budget_s`); on failure say so and carry on: the files
-    stay on local disk (nothing is deleted because a commit failed) and the next commit, or the exit's,
-    carries them."""
+def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str) -> bool:
+    """Commit within `commit_budget`; on failure say so and carry on: the files stay on local disk
+    (nothing is deleted because a commit failed) and the next commit, or the exit's, carries them."""
     try:
         commit_with_retry(
             committer,
             int(ckpt_cfg.commit_retries),
             float(ckpt_cfg.commit_backoff_s),
-            budget_s=float(ckpt_cfg.commit_budget_s) if budget_s is None else budget_s,
+            budget_s=commit_budget(ckpt_cfg),
         )
         return True
     except Exception as err:  # a checkpoint that never reaches the volume must never go unnoticed
