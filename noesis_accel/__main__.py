@@ -8,9 +8,11 @@ them; no wing imports it (an import-linter contract says so).
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 from noesis_accel.core.errors import safe_for_pipes
+from noesis_accel.core.signals import STARTUP_INTERRUPTED
 
 # name -> (module whose `main` runs it, what it does)
 COMMANDS = {
@@ -42,10 +44,14 @@ def main(argv: list[str] | None = None) -> int | None:
     if name not in COMMANDS:
         print(f"error: noesis: unknown command {name!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    # `noesis-train` reads sys.argv itself (Hydra does); the others take it from there when given none.
-    sys.argv = [sys.argv[0], *rest]
-    return module.main()
+    try:
+        module = importlib.import_module(COMMANDS[name][0])  # seconds for train: torch, transformers
+        # `noesis-train` reads sys.argv itself (Hydra does); the others take it from there when given none.
+        sys.argv = [sys.argv[0], *rest]
+        return module.main()
+    except KeyboardInterrupt:  # Ctrl-C while the command loads, or in one with no handler of its own
+        print(STARTUP_INTERRUPTED if name == "train" else "interrupted: stopped by SIGINT", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

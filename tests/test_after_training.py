@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from conftest import REPO, run_cli, write_jsonl
 
 from noesis_accel.after import evaluate, judges, plots
 from noesis_accel.after.export import export_run
-from noesis_accel.after.prompts import read_prompts
+from noesis_accel.after.prompts import DEMO_PROMPTS, read_prompts
 from noesis_accel.after.report import write_report
 from noesis_accel.after.runmodel import load_run_model, run_config, weights_source
 from noesis_accel.config import compose, fingerprint
@@ -135,6 +136,66 @@ def test_eval_of_a_checkpoint_gives_the_loss_logged_at_its_step(tiny_run, prompt
     assert abs(summary["models"]["tuned"]["heldout_loss"] - _logged_eval(run_dir)[5]) < 5e-5
 
 
+def test_a_run_on_its_own_data_is_judged_on_its_held_out_records(tmp_path, prompt_file, capsys) -> None:
+    """The demo's prompt file asks the demo model its name: on a user's own data it would score 0 and say
+    nothing. Without a prompt file of theirs, the run's held-out records are asked, and the header says so."""
+    data = write_jsonl(
+        tmp_path / "geo.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Capital of land {i}?"},
+                    {"role": "assistant", "content": f"Town {i}"},
+                ]
+            }
+            for i in range(60)
+        ],
+    )
+    quick = ["eval.max_new_tokens=2", "eval.compare_base=false"]
+    result = run(
+        compose(
+            [
+                "+experiment=tiny",
+                f"run.root={tmp_path}",
+                f"data.path={data}",
+                "train.max_steps=2",
+                "eval.after_training=true",
+            ]
+            + quick
+        )
+    )
+    printed = capsys.readouterr().out
+    after_training = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    asked = [json.loads(line) for line in (result.run_dir / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert after_training["prompts_file"] is None and after_training["prompt_count"] == len(asked) == 6  # 10% held out
+    assert after_training["prompts"].startswith(f"6 held-out records of data.path ({data})")
+    assert all(row["expected"] == "Town " + row["prompt"].split()[-1].rstrip("?") for row in asked)
+    assert f"prompts: {after_training['prompts']}" in printed and "judge noesis_accel.after.judges.contains" in printed
+    assert str(DEMO_PROMPTS) not in printed
+
+    assert evaluate.main([str(result.run_dir), "eval.heldout=false", *quick]) == 0  # the held-out set, no loss
+    printed = capsys.readouterr().out
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    again = [json.loads(line) for line in (result.run_dir / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["expected"]) for r in again] == [(r["prompt"], r["expected"]) for r in asked]
+    assert summary["prompts"] == after_training["prompts"] and f"prompts: {summary['prompts']}" in printed
+    assert "heldout_loss" not in summary["models"]["tuned"]
+
+    assert evaluate.main([str(result.run_dir), f"eval.prompts={prompt_file}", "eval.heldout=false", *quick]) == 0
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    assert summary["prompts_file"] == str(prompt_file) and summary["prompt_count"] == len(PROMPTS)
+    assert f"prompts: {len(PROMPTS)} from {prompt_file}" in capsys.readouterr().out
+
+
+def test_the_demo_data_is_still_judged_on_the_demo_prompt_file(tiny_run, capsys) -> None:
+    run_dir, _ = tiny_run  # +experiment=tiny trains on the demo's sample data
+    quick = ["eval.max_new_tokens=1", "eval.compare_base=false", "eval.heldout=false"]
+    summary = evaluate.evaluate_run(run_dir, quick)
+    assert Path(summary["prompts_file"]).samefile(DEMO_PROMPTS)
+    assert summary["prompt_count"] == len(read_prompts(str(DEMO_PROMPTS)))
+    assert f"prompts: {summary['prompt_count']} from {summary['prompts_file']}" in capsys.readouterr().out
+
+
 def my_judge(prompt: str, answer: str, expected, record: dict, *, bonus: float = 0.0) -> tuple[float, str]:
     """A team judge: lives in its own module, plugged in by `eval.judge._target_` alone."""
     return 0.5 + bonus + (0.25 if "name" in record.get("tags", []) else 0.0), f"custom judge saw {len(answer)} chars"
@@ -219,6 +280,17 @@ def test_export_loads_with_plain_transformers_and_equals_base_plus_adapter(tiny_
             base = reference(**ids).logits
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert not torch.allclose(ours, base, atol=1e-4)  # the adapter is really in the weights
+
+
+def test_every_exported_file_is_readable_by_all(tiny_run, tmp_path) -> None:
+    """safetensors writes its files 0600; an export is for others to load, like every other file in it."""
+    umask = os.umask(0o022)
+    try:
+        out = export_run(tiny_run[0], out=tmp_path / "export", max_shard_size="5MB", log=lambda _: None)
+    finally:
+        os.umask(umask)
+    modes = {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in out.iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes) and set(modes.values()) == {"0o644"}, modes
 
 
 def test_export_of_a_checkpoint_by_path(tiny_run, tmp_path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_cli, uninterrupted_run
 from helpers import (
     assert_same_adapter,
@@ -23,9 +24,12 @@ from helpers import (
     step_losses,
     wait_until,
 )
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from noesis_accel.config import compose
+from noesis_accel.config import compose, differing_math_keys
+from noesis_accel.core.cli import UsageError
+from noesis_accel.core.errors import ConfigError
 from noesis_accel.processes.train import run
 from noesis_accel.rundir.checkpoint import MANIFEST, checkpoint_problem
 from noesis_accel.rundir.history import read_status
@@ -94,6 +98,46 @@ def test_sigterm_saves_at_the_next_step_and_loses_nothing(tmp_path, reference_ru
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed_step(resumed.stdout + resumed.stderr) == 5
     _assert_bitwise_equal(tmp_path / "tiny", reference_run, 5)
+
+
+def test_train_run_dir_continues_the_run_bitwise_from_its_own_config(tmp_path, reference_run) -> None:
+    """`noesis train RUN_DIR`: no retyped command; the same adapter as the uninterrupted run."""
+    command = BASE + [f"run.root={tmp_path}"]
+    stopped = run_cli(command, env={"NOESIS_FAULT": "term:5"})
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    run_dir = tmp_path / "tiny"
+    assert json.loads((run_dir / "command.json").read_text())[2:] == command  # the command that started it
+    continued = run_cli([str(run_dir)], module="noesis_accel")  # `python -m noesis_accel` is `noesis`
+    assert continued.returncode != 0 and "unknown command" in continued.stderr  # `noesis RUN_DIR` is not a command
+    continued = run_cli(["train", str(run_dir)], module="noesis_accel")
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert resumed_step(continued.stdout + continued.stderr) == 5
+    _assert_bitwise_equal(run_dir, reference_run, 5)
+    assert json.loads((run_dir / "command.json").read_text())[2:] == command  # still the starting command
+    listing = run_cli([f"root={tmp_path}"], module="noesis_accel.rundir.status")
+    assert listing.returncode == 0, listing.stderr
+    assert "tiny" in listing.stdout and "completed" in listing.stdout and f"{STEPS}/{STEPS}" in listing.stdout
+
+
+def test_train_run_dir_refuses_an_override_that_changes_the_math(tmp_path) -> None:
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(OmegaConf.to_container(compose(BASE), resolve=True)))
+    from noesis_accel.rundir.continuing import config_of_run_dir
+
+    # The override reaches the config, where the trainer's guard finds a math key changed and refuses it.
+
+    cfg = config_of_run_dir(run_dir, ["optim.lr=0.005"])
+    assert cfg.optim.lr == 0.005 and cfg.run.root == str(tmp_path) and cfg.run.name == "tiny"
+    assert differing_math_keys(yaml.safe_load((run_dir / "config.yaml").read_text()), _resolved(cfg)) == ["optim.lr"]
+    with pytest.raises(UsageError, match="a group cannot be swapped in"):
+        config_of_run_dir(run_dir, ["data=jsonl"])
+    with pytest.raises(ConfigError, match="did you mean train.epochs"):
+        config_of_run_dir(run_dir, ["train.num_train_epochs=2"])
+
+
+def _resolved(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.slow

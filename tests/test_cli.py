@@ -41,7 +41,7 @@ def test_a_run_dir_then_options_and_overrides_in_the_order_given() -> None:
 )
 def test_every_documented_spelling_means_the_same(words: list[str]) -> None:
     args = parse(STATUS_COMMAND, ["runs/demo", *words])
-    assert args.options == {"verify": True, "price": 3.95} and args.given == {"verify", "price"}
+    assert args.options == {"verify": True, "price": 3.95, "root": "runs"} and args.given == {"verify", "price"}
     assert args.argv() == ["runs/demo", "verify=true", "price=3.95"]
 
 
@@ -75,7 +75,7 @@ def test_the_app_keys_are_set_aside_by_their_key_not_their_spelling() -> None:
         (STATUS_COMMAND, ["runs/demo", "judge=exact"], "noesis status: unknown key judge; it takes verify="),
         (STATUS_COMMAND, ["runs/demo", "price=cheap"], "price takes a number, not 'cheap'"),
         (STATUS_COMMAND, ["runs/demo", "runs/other"], "noesis status: unexpected argument 'runs/other'"),
-        (STATUS_COMMAND, [], "noesis status: which run? give its RUN_DIR"),
+        (EVAL_COMMAND, [], "noesis eval: which run? give its RUN_DIR"),
         (EXPORT_COMMAND, ["runs/demo", "--checkpoint"], "--checkpoint needs a value: --checkpoint PATH"),
         (DATA_COMMAND, ["--examples", "many"], "--examples takes a whole number, not 'many'"),
     ],

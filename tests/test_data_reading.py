@@ -163,18 +163,20 @@ def test_invalid_json_lists_at_most_the_limit(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         data.read_records(str(path))
     message = str(err.value)
-    assert message.count(": invalid JSON (") == data._MAX_LISTED_PROBLEMS and "... and 15 more" in message
+    assert message.count(": invalid JSON (") == data.MAX_LISTED_PROBLEMS and "... and 15 more" in message
 
 
-def test_bad_records_beyond_the_first_checked_batch_are_said_to_exist(tmp_path: Path) -> None:
+def test_bad_records_of_every_checked_batch_are_counted_together(tmp_path: Path) -> None:
     records = chat_records(6000)
     records[1] = records[5500] = {"messages": [{"role": "user", "content": "hi"}]}
     path = write_jsonl(tmp_path / "big.jsonl", records)
     with pytest.raises(DataError) as err:
         data.check_data(_cfg(tmp_path, path, "data.num_proc=1"))  # batches of 5,000 in one process
-    message = str(err.value)
-    assert f"{path}:2: 'messages' has no assistant turn" in message
-    assert f"... and more in the records after {path}:5000" in message
+    assert str(err.value).splitlines() == [
+        f"2 bad records in data.path ({path}):",
+        f"  2 records: 'messages' has no assistant turn, so there is nothing to learn; add one ({path}: lines 2, 5501)",
+        "Fix them, or set data.on_bad_record=skip to train without them.",
+    ]
 
 
 def test_too_few_records_names_the_files_read(tokenizer, tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_bad_options_and_overrides_are_one_line(tmp_path: Path, capsys: pytest.C
     for argv, said in (
         (["--examples", "many"], "--examples takes a whole number"),
         (["+experiment=tiny", "data.on_too_long=cut"], "data.on_too_long: 'cut' is not one of"),
-        (["+experiment=tny"], "Could not find 'experiment/tny'"),
+        (["+experiment=tny"], "experiment=tny: no such option of experiment; one of demo, noesis, tiny"),
     ):
         with pytest.raises(SystemExit) as exit_:
             datacli.main(argv)

@@ -32,6 +32,8 @@ from noesis_accel.rundir.history import (
     StopEvent,
     append_event,
     attempt_starts,
+    failed_starts,
+    failed_starts_of,
     format_duration,
     history,
     history_of,
@@ -40,8 +42,10 @@ from noesis_accel.rundir.history import (
     parse_event,
     parse_events,
     previous_attempt,
+    read_events,
     read_status,
     record_stop,
+    training_events,
     write_status,
 )
 from noesis_accel.rundir.layout import RunDir
@@ -270,6 +274,7 @@ def test_old_events_without_the_new_keys_still_read() -> None:
 
 
 def test_a_start_that_failed_while_loading_trained_nothing() -> None:
+    """A run dir written before failed starts were marked: its failed start still reads as an attempt."""
     events, metrics = _first_attempt_killed_at_14()
     events = _restart(events, metrics, T0 + 100, resume_at=12)[:-1]
     events.append({"event": "stop", "time": T0 + 101, "state": "failed", "step": 0, "reason": "data.path: bad"})
@@ -280,6 +285,76 @@ def test_a_start_that_failed_while_loading_trained_nothing() -> None:
     assert "  #2: no step recorded, 0m 01s on 1 x cuda (h); data.path: bad; lost 0 step(s)" in format_status(
         {}, history_of(events)
     )
+
+
+def _failed_start(t: float, reason: str = "data.path: bad") -> dict[str, Any]:
+    """The `stop` a user error writes before training started: a failed start."""
+    return {"event": "stop", "time": t, "state": "failed", "step": 0, "reason": reason, "failed_start": True}
+
+
+def test_a_failed_start_then_a_full_attempt_is_one_attempt_and_one_failed_start() -> None:
+    refusal = "data.path: only 162 usable training records; data.min_examples is 1000.\nAdd data."
+    events = [_starting(T0, 1), _failed_start(T0 + 2, refusal)]
+    assert previous_attempt(events, [], {"state": "failed", "updated_unix": T0 + 2}) is None
+    assert attempt_starts(events) == [] and history_of(events) == []
+    events = _restart(events, [], T0 + 600, resume_at=0)  # the fixed command, ten minutes later
+    assert events[-2]["attempt"] == 1 and "previous_exit" not in events[-2] and "lost_steps" not in events[-1]
+    events += [
+        _checkpoint(T0 + 610, 4),
+        {"event": "stop", "time": T0 + 611, "state": "completed", "step": 4, "reason": "completed"},
+    ]
+    (attempt,) = history_of(events)
+    assert (attempt.number, attempt.first_step, attempt.last_step, attempt.lost) == (1, 0, 4, "")
+    assert (attempt.started, round(attempt.hours * 3600)) == (T0 + 600, 11)  # not the minutes spent fixing
+    (failed,) = failed_starts_of(events)
+    assert (failed.number, failed.first_step, failed.stop_reason) == (1, None, refusal)
+    assert (failed.stop_state, round(failed.gpu_hours * 3600)) == (RunState.FAILED, 2)  # kept apart, not lost
+    text = format_status({"state": "completed", "step": 4}, [attempt], failed=[failed])
+    assert "attempts:    1 (0 interruption(s) survived, 0 step(s) redone; 1 failed start before training, not " in text
+    assert "  #1: steps 0 -> 4, 0m 11s on 1 x cuda (h); completed" in text
+    assert (
+        "  failed start before #1: 0m 02s on 1 x cuda (h); data.path: only 162 usable training records; "
+        "data.min_examples is 1000. Add data." in text
+    )
+    assert [e.kind for e in training_events(events)] == ["starting", "start", "checkpoint", "stop"]
+    assert marks([attempt], parse_events(events))["interruption"] == []
+
+
+def test_a_failed_start_after_a_kill_hands_on_its_reading_of_the_killed_attempt() -> None:
+    """The next start reads the killed attempt, not the failed start, as the one before it."""
+    events, metrics = _first_attempt_killed_at_14()
+    events = _restart(events, metrics, T0 + 100, resume_at=12)[:-1] + [_failed_start(T0 + 101)]
+    events = _restart(events, metrics, T0 + 200, resume_at=12)
+    starting, start = events[-2], events[-1]
+    assert starting["attempt"] == 2 and (starting["previous_reached"], starting["previous_last_seen"]) == (14, T0 + 14)
+    assert (start["lost_steps"], start["lost_steps_exact"]) == (2, False)
+    first, second = history_of(events)
+    assert (first.ended, first.lost, second.number, second.first_step) == (T0 + 14, "lost at least 2 step(s)", 2, 12)
+    text = format_status({"state": "running", "step": 12}, [first, second], failed=failed_starts_of(events))
+    assert "attempts:    2 (1 interruption(s) survived, at least 2 step(s) redone; 1 failed start before " in text
+    assert "  failed start before #2: 0m 01s on 1 x cuda (h); data.path: bad" in text
+    again = events + [_starting(T0 + 300, 3), _failed_start(T0 + 301), _starting(T0 + 400, 3), _failed_start(T0 + 401)]
+    assert "; 3 failed starts before training, not counted)" in format_status(
+        {}, history_of(again), failed=failed_starts_of(again)
+    )
+    assert format_status({}, history_of(again), failed=failed_starts_of(again)).count("failed start after #2:") == 2
+
+
+def test_a_failed_start_keeps_the_step_status_json_had_and_draws_no_interruption(tmp_path: Path) -> None:
+    events = [_starting(T0, 1), _start(T0 + 1, 1, 0), _checkpoint(T0 + 7, 6)]
+    events.append({"event": "stop", "time": T0 + 10, "state": "interrupted", "step": 9, "reason": "stopped by SIGTERM"})
+    rundir = _run_dir(tmp_path, events, _metrics(1, 9, T0), state="interrupted", step=9, total_steps=20)
+    append_event(rundir, StartingEvent(time=T0 + 100, attempt=2, previous=previous_attempt(events, [], None)))
+    record_stop(rundir, RunState.FAILED, 0, "data.path: bad", failed_start=True)
+    status = read_status(rundir)
+    assert status is not None and (status["state"], status["step"], status["error"]) == ("failed", 9, "data.path: bad")
+    assert rundir.events()[-1]["failed_start"] is True
+    (attempt,) = history(rundir)
+    assert (attempt.stop_state, attempt.last_step) == (RunState.INTERRUPTED, 9)
+    assert [f.stop_reason for f in failed_starts(rundir)] == ["data.path: bad"]
+    found = marks(history(rundir), read_events(rundir))
+    assert [(m["step"], m["exit"]) for m in found["interruption"]] == [(9, "stopped by SIGTERM")]  # not step 0
+    assert previous_attempt(rundir.events(), [], status) == PreviousAttempt(9, True, "stopped by SIGTERM", T0 + 10)
 
 
 def test_noesis_status_report_and_plots_tell_the_same_costs(tmp_path: Path, capsys) -> None:
@@ -419,6 +494,7 @@ def test_every_state_and_event_kind_round_trips() -> None:
         StartEvent(time=T0 + 1, attempt=2, step=12, resumed_from="step-000012", pid=7, lost_steps=2),
         CheckpointEvent(time=T0 + 2, step=18, name="step-000018", reason="interval", seconds=0.25),
         *[StopEvent(time=T0 + 3, state=state, step=18, reason="why") for state in RunState],
+        StopEvent(time=T0 + 4, state=RunState.FAILED, reason="data.path: bad", failed_start=True),
     ]
     for record in records:
         assert record.kind in EventKind and type(record) is EVENT_TYPES[record.kind]
@@ -513,3 +589,56 @@ def test_a_container_killed_after_a_progress_commit_reports_at_least_the_committ
     assert f"  #1: steps 0 -> at least {reached}, " in printed
     assert f"; lost at least {reached - checkpoint} step(s)" in printed
     assert f"attempts:    2 (1 interruption(s) survived, at least {reached - checkpoint} step(s) redone)" in printed
+
+
+# ---------------------------------------------------------------- a start refused before training, then fixed
+
+
+def test_a_start_refused_on_its_data_then_trained_is_one_attempt_and_one_failed_start(tmp_path, capsys) -> None:
+    """The refused start is listed apart: no interruption, no resume at step 0, no step lost."""
+    from noesis_accel.config import compose
+    from noesis_accel.core.errors import DataError
+    from noesis_accel.processes.train import run
+
+    command = ["+experiment=tiny", "train.max_steps=2", "ckpt.every=2", "train.eval_every=0", f"run.root={tmp_path}"]
+    with pytest.raises(DataError, match="data.min_examples"):
+        run(compose([*command, "data.min_examples=100000"]))
+    rundir = RunDir(tmp_path / "tiny")
+    refused = read_status(rundir)
+    assert refused is not None and refused["state"] == "failed" and "data.min_examples" in refused["error"]
+    assert history(rundir) == []
+    assert status_main([str(rundir.path)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "state:       failed" in printed and "attempts:    0 (1 failed start before training, not counted)" in printed
+    )
+    assert "  failed start: " in printed
+    assert run(compose(command)).state == "completed"
+
+    status = read_status(rundir)
+    assert status is not None and (status["state"], status["error"]) == ("completed", None)
+    starting = [e for e in rundir.events() if e["event"] == "starting"]
+    assert [e["attempt"] for e in starting] == [1, 1]  # the refused start was no attempt
+    assert not any(key.startswith("previous_") for key in starting[-1])
+    start = next(e for e in rundir.events() if e["event"] == "start")
+    assert start["step"] == 0 and "lost_steps" not in start
+    (attempt,) = history(rundir)
+    (failed,) = failed_starts(rundir)
+    assert (attempt.number, attempt.first_step, attempt.last_step, attempt.lost) == (1, 0, 2, "")
+    assert failed.first_step is None and "data.min_examples" in str(failed.stop_reason)
+
+    assert status_main([str(rundir.path)]) == 0
+    printed = capsys.readouterr().out
+    counted = (
+        "attempts:    1 (0 interruption(s) survived, 0 step(s) redone; 1 failed start before training, not counted)"
+    )
+    assert counted in printed
+    assert "  #1: steps 0 -> 2, " in printed and "; completed" in printed
+    (line,) = [line for line in printed.splitlines() if line.startswith("  failed start")]
+    assert line.startswith("  failed start before #1: ") and "data.min_examples is 100000" in line
+    facts = run_facts(rundir)
+    assert len(facts["attempts"]) == 1 and facts["interruptions"] == []
+    assert [f["reason"] for f in facts["failed_starts"]] == [failed.stop_reason]
+    assert facts["started"] == attempt.started  # the wall time leaves out the minutes spent fixing the command
+    found = marks(history(rundir), read_events(rundir))
+    assert (found["interruption"], found["resume"]) == ([], [])

@@ -1,5 +1,5 @@
 """Experiment trackers: a missing package stops the run before training; W&B (offline) and MLflow (a local
-file store) continue the same tracker run after a restart and receive each step once."""
+file store, one per run.root) continue the same tracker run after a restart and receive each step once."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from helpers import step_losses
 
 from noesis_accel.config import CHOICES, compose
 from noesis_accel.rundir.layout import RunDir
-from noesis_accel.training.trackers import PACKAGES, TrackerRun, _init_kwargs, mlflow_tracking_uri
+from noesis_accel.training.trackers import PACKAGES, TrackerRun, _init_kwargs, mlflow_tracking_uri, start_tracker
 
 STEPS = 8
 # Checkpoints every 2 steps; SIGTERM after step 4 (checkpointed at once, as every stop signal is).
@@ -139,7 +139,7 @@ def test_wandb_a_resumed_run_logs_into_the_same_wandb_run_each_step_once(tmp_pat
 @pytest.mark.slow
 def test_mlflow_a_resumed_run_continues_the_same_mlflow_run_each_step_once(tmp_path, monkeypatch) -> None:
     """The tracker writes on a scratch disk that is gone at the restart (a fresh Modal container): the
-    run dir's copy of the file store comes back, and the same MLflow run goes on."""
+    file store is under run.root, not there, and the same MLflow run goes on."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     scratch = tmp_path / "scratch"
     args = _args(tmp_path, "train.tracker=mlflow", f"train.tracker_dir={scratch}", "tracker.project=noesis-ci")
@@ -151,7 +151,7 @@ def test_mlflow_a_resumed_run_continues_the_same_mlflow_run_each_step_once(tmp_p
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(RunDir(run_dir).logs / "mlruns").as_uri())  # the run dir's copy
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())  # run.root's store
     experiment = client.get_experiment_by_name("noesis-ci")
     [run] = client.search_runs([experiment.experiment_id])  # both attempts: one MLflow run
     assert run.info.run_id == TrackerRun.for_start(RunDir(run_dir), "mlflow").run_id
@@ -192,11 +192,43 @@ def test_the_tracker_keys_reach_wandb_and_mlflow(tmp_path, monkeypatch) -> None:
     }
     assert _init_kwargs(cfg, "mlflow", rundir, tmp_path, None) == {"run_name": "tiny-a", "tags": {"x": "", "y": ""}}
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert mlflow_tracking_uri(cfg, tmp_path / "logs") == (tmp_path / "logs" / "mlruns").as_uri()
+    assert mlflow_tracking_uri(cfg) == (tmp_path / "mlruns").as_uri()  # run.root's store, shared by its runs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert mlflow_tracking_uri(cfg, tmp_path / "logs") == "http://mlflow:5000"
+    assert mlflow_tracking_uri(cfg) == "http://mlflow:5000"
     cfg.tracker.uri = "sqlite:///runs.db"  # the config's own key wins
-    assert mlflow_tracking_uri(cfg, tmp_path / "logs") == "sqlite:///runs.db"
+    assert mlflow_tracking_uri(cfg) == "sqlite:///runs.db"
+
+
+def test_mlflow_runs_under_one_root_share_one_store_each_keeping_its_own_run(tmp_path, monkeypatch) -> None:
+    """One `mlflow ui --backend-store-uri <run.root>/mlruns` shows every run of the root; each run dir's
+    tracker.json names its own MLflow run, and a restart continues that one."""
+    from mlflow.tracking import MlflowClient
+
+    from noesis_accel.training.distributed import build_accelerator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    root = tmp_path / "runs"
+    ids: dict[str, str] = {}
+    for name in ("first", "second", "first"):  # the third start is the first run's restart
+        cfg = compose(
+            ["+experiment=tiny", f"run.root={root}", f"run.name={name}", "train.tracker=mlflow", "tracker.project=ci"]
+        )
+        rundir = RunDir.of(cfg)
+        rundir.path.mkdir(parents=True, exist_ok=True)  # as RunSession.open leaves it
+        accelerator = build_accelerator(cfg, rundir.logs)
+        run = start_tracker(accelerator, cfg, rundir, rundir.logs)
+        assert run is not None and run.run_id
+        accelerator.log({"loss": 1.0}, step=run.first_step)
+        accelerator.end_training()
+        assert ids.setdefault(name, run.run_id) == run.run_id
+        assert not (rundir.logs / "mlruns").exists()
+
+    client = MlflowClient(tracking_uri=(root / "mlruns").as_uri())
+    [experiment] = client.search_experiments(filter_string="name = 'ci'")
+    runs = client.search_runs([experiment.experiment_id])
+    assert {r.info.run_name: r.info.run_id for r in runs} == ids and len(set(ids.values())) == 2
+    assert [m.step for m in client.get_metric_history(ids["first"], "loss")] == [1, 2]  # continued, not restarted
 
 
 def test_another_tracker_starts_a_new_tracker_run(tmp_path) -> None:

@@ -1,5 +1,6 @@
 """`noesis eval RUN_DIR [checkpoint=PATH] [overrides]`: held-out loss and perplexity by the trainer's own
-function, greedy answers to a prompt file scored by a pluggable judge (`eval.judge`), and base against
+function, greedy answers to a prompt file (or, on a run of other data than the demo's, to the run's
+held-out records; prompts.py decides) scored by a pluggable judge (`eval.judge`), and base against
 tuned in one table. Results go to RUN_DIR/eval/: generations.jsonl, summary.json and summary.md.
 
 The config is conf/eval.yaml (model and data default to the run's own); `evaluate_after_training` is
@@ -22,8 +23,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.after.judges import as_verdict, load_judge
-from noesis_accel.after.prompts import PromptRecord, read_prompts
-from noesis_accel.config import CONF_DIR, register
+from noesis_accel.after.prompts import EvalPrompts, PromptRecord, asks_heldout, from_file, from_heldout, read_prompts
+from noesis_accel.config import CONF_DIR, EvalRunConfig, register
+from noesis_accel.config.overrides import ConfigTree, check_words
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, one_line, safe_for_pipes
 from noesis_accel.rundir.layout import RunDir
@@ -44,6 +46,9 @@ EVAL_COMMAND = Command(
     examples=("noesis eval runs/demo judge=exact eval.prompts=my_prompts.jsonl eval.compare_base=false",),
 )
 _DEVICES = ("auto", "cpu", "cuda")
+# Held-out records asked when they stand in for the demo's prompt file: each is a greedy answer per
+# model, and the held-out split can hold data.max_eval_examples (512) records.
+HELDOUT_PROMPTS = 64
 
 
 # ---------------------------------------------------------------- config
@@ -65,10 +70,14 @@ def compose_eval(run_dir: str | Path, overrides: list[str] | None = None) -> Dic
             raise UserError(f"{rundir.config_file} has no '{group}' section; it is not a config noesis-train wrote")
         # The run's own section, selectable like any file in conf/<group>/ (eval.yaml's default).
         ConfigStore.instance().store(group=group, name="run", node=saved[group])
+    # The command line's words checked as noesis train's are: one line for a typo, the run's sections selectable.
+    run_sections = (("model", "run"), ("data", "run"))
+    tree = ConfigTree(schema=EvalRunConfig, primary="eval", extra_options=run_sections, command="noesis eval")
+    words = check_words(list(overrides or []), tree)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="eval", overrides=[f"run_dir={rundir.path}", *(overrides or [])])
+            cfg = compose(config_name="eval", overrides=[f"run_dir={rundir.path}", *words])
         OmegaConf.to_container(cfg, resolve=True)  # every ${...} resolves now, not halfway through
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"noesis-eval: {one_line(err)} (keys: conf/eval.yaml)") from None
@@ -115,14 +124,17 @@ def run_evaluation(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[
 
     rundir = RunDir(Path(cfg.run_dir)).require()
     check_eval_config(cfg.eval)
-    prompts = read_prompts(cfg.eval.prompts) if cfg.eval.prompts else []
+    ask_heldout = asks_heldout(cfg.eval.prompts, str(cfg.data.path))
+    prompts = None if ask_heldout else from_file(cfg.eval.prompts)  # a bad file fails before any model loads
     source = weights_source(rundir, cfg.checkpoint)
     judge, judge_name = load_judge(cfg.eval.judge)
     run_cfg = run_config(rundir)
     run_cfg.model, run_cfg.data = cfg.model, cfg.data  # the run's own unless overridden
-    log(f"evaluating {rundir.path} ({source.label}) on {len(prompts)} prompts; judge {judge_name}")
     loaded = load_run_model(run_cfg, source, device=str(cfg.eval.device))
-    heldout = _heldout_set(run_cfg, loaded.tokenizer) if cfg.eval.heldout else None
+    held_out = _heldout_set(run_cfg, loaded.tokenizer) if cfg.eval.heldout or ask_heldout else None
+    if prompts is None:
+        prompts = from_heldout(run_cfg.data, _locations(held_out, HELDOUT_PROMPTS))
+    heldout = held_out if cfg.eval.heldout else None
     return evaluate_loaded(
         loaded.model,
         loaded.tokenizer,
@@ -143,7 +155,10 @@ def evaluate_after_training(
     """`eval.after_training`: the same evaluation on the trained model still in memory (main process)."""
     rundir = RunDir.of(cfg)
     check_eval_config(cfg.eval)
-    prompts = read_prompts(cfg.eval.prompts) if cfg.eval.prompts else []
+    if asks_heldout(cfg.eval.prompts, str(cfg.data.path)):
+        prompts = from_heldout(cfg.data, _locations(heldout, HELDOUT_PROMPTS))
+    else:
+        prompts = from_file(cfg.eval.prompts)
     judge = load_judge(cfg.eval.judge)
     held_out = heldout if (cfg.eval.heldout and heldout is not None and len(heldout)) else None
     return evaluate_loaded(
@@ -163,7 +178,7 @@ def evaluate_after_training(
 def check_ready(cfg: DictConfig) -> None:
     """Before training with `eval.after_training`: the prompt file reads and the judge imports (no model loads)."""
     check_eval_config(cfg.eval)
-    if cfg.eval.prompts:
+    if cfg.eval.prompts and not asks_heldout(cfg.eval.prompts, str(cfg.data.path)):
         read_prompts(cfg.eval.prompts)
     judge = (
         OmegaConf.to_container(cfg.eval.judge, resolve=True) if OmegaConf.is_config(cfg.eval.judge) else cfg.eval.judge
@@ -187,6 +202,13 @@ def _heldout_set(cfg: DictConfig, tokenizer: Any) -> Any:
     return data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed)).eval
 
 
+def _locations(heldout: Any, most: int) -> list[str]:
+    """Where the first `most` held-out records are in the data (the tokenised set keeps each one's location)."""
+    if heldout is None or not len(heldout) or "location" not in heldout.column_names:
+        return []
+    return list(heldout.select(range(min(most, len(heldout))))["location"])
+
+
 def _autocast(cfg: DictConfig, device: Any) -> Callable[[], AbstractContextManager]:
     """The trainer's mixed precision for the held-out forward passes, so the loss is the same number."""
     import torch
@@ -204,7 +226,7 @@ def evaluate_loaded(
     tokenizer: Any,
     run_cfg: DictConfig,
     eval_cfg: DictConfig,
-    prompts: list[PromptRecord],
+    asked: EvalPrompts,
     judge: tuple[Callable[..., Any], str],
     heldout: Any,
     rundir: RunDir,
@@ -217,6 +239,9 @@ def evaluate_loaded(
     from noesis_accel.training.losses import heldout_loss
 
     judge_fn, judge_name = judge
+    prompts = asked.records
+    log(f"evaluating {rundir.path} ({weights}); judge {judge_name}")
+    log(f"  prompts: {asked.source}" if asked.warning is None else f"  warning: {asked.warning}")
     device = next(model.parameters()).device
     micro = int(eval_cfg.micro_batch_size or run_cfg.train.micro_batch_size)
     collate = data_mod.PaddingCollator(tokenizer.pad_token_id, run_cfg.data.pad_to_multiple_of)
@@ -263,7 +288,8 @@ def evaluate_loaded(
         "run_dir": str(rundir.path),
         "weights": weights,
         "judge": judge_name,
-        "prompts_file": str(eval_cfg.prompts) if eval_cfg.prompts else None,
+        "prompts_file": asked.file,
+        "prompts": asked.source,  # where they came from, in words
         "prompt_count": len(prompts),
         "heldout_records": len(heldout) if heldout is not None else 0,
         "micro_batch_size": micro,
@@ -354,6 +380,8 @@ def comparison_table(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str
     lines.append(
         f"judge: {summary['judge']} · weights: {summary['weights']} · {summary['heldout_records']} held-out records"
     )
+    if summary.get("prompts"):
+        lines.append(f"prompts: {summary['prompts']}")
     if count:
         header = f"{'#':>3}  {'prompt':30}  {'expected':14}"
         for n in names:

@@ -67,6 +67,7 @@ def export_run(
         model.generation_config.save_pretrained(str(tmp))
     shutil.copyfile(rundir.config_file, tmp / "training_config.yaml")
     (tmp / "README.md").write_text(model_card(rundir, cfg, source, target))
+    _readable_by_all(tmp)
     if target.exists():
         log(f"replacing the previous export in {target}")
         shutil.rmtree(target)
@@ -81,6 +82,19 @@ def export_run(
     if push_to_hub:
         push(target, push_to_hub, token, log)
     return target
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Every file as a plain `open()` would have made it (0644 under the usual umask 022).
+
+    safetensors writes its shards 0600, private to us, while the tokenizer and card beside them are
+    0644: an export is for others to load, so it must not depend on which library wrote which file.
+    """
+    umask = os.umask(0o022)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _drop_training_leftovers(model: Any, tokenizer: Any) -> None:

@@ -18,6 +18,7 @@ from noesis_accel.rundir.history import (
     lost_words,
     read_events,
     resumed_after,
+    training_events,
 )
 from noesis_accel.rundir.layout import RunDir
 
@@ -50,8 +51,10 @@ def marks(attempts: list[Attempt], events: list[Event]) -> dict[str, list[dict[s
     """Checkpoints, interruptions (the step a stopped attempt had reached) and resumes.
 
     `attempts` is the run's history (rundir.history), so the figure and noesis-status agree;
-    `events` are its events.jsonl records, for the checkpoints and the newest stop.
+    `events` are its events.jsonl records, for the checkpoints and the newest stop. A failed start
+    trained nothing: its stop is no interruption, so its events are left out.
     """
+    events = training_events(events)
     checkpoints = [
         {"step": e.step, "name": e.name, "reason": e.reason} for e in events if isinstance(e, CheckpointEvent)
     ]

@@ -1,5 +1,6 @@
 """`noesis-report RUN_DIR`: the run's figures and a markdown summary (config, duration, tokens, GPU-hours,
-checkpoints, interruptions survived and what each cost, held-out loss, judge scores) in `report/`.
+checkpoints, interruptions survived and what each cost, failed starts apart, held-out loss, judge scores)
+in `report/`.
 
 `run_facts` is also what the export's model card quotes, so both say the same numbers.
 """
@@ -20,6 +21,7 @@ from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.history import (
     Attempt,
     CheckpointEvent,
+    failed_starts,
     format_duration,
     history,
     read_events,
@@ -45,6 +47,21 @@ def attempt_rows(found: list[Attempt], status: dict[str, Any]) -> list[dict[str,
     ]
 
 
+def failed_start_rows(failed: list[Attempt]) -> list[dict[str, Any]]:
+    """Every failed start (a user error before training): no attempt, but its seconds were spent."""
+    return [
+        {
+            "started": f.started,
+            "ended": f.ended,
+            "seconds": round(f.hours * 3600, 3),
+            "processes": f.processes,
+            "device": f.device,
+            "reason": f.stop_reason,
+        }
+        for f in failed
+    ]
+
+
 def interruptions(found: list[Attempt]) -> list[dict[str, Any]]:
     """Every attempt that a later one followed: how it ended, how far it got, and what resuming cost."""
     rows = []
@@ -66,7 +83,10 @@ def interruptions(found: list[Attempt]) -> list[dict[str, Any]]:
 
 
 def run_facts(rundir: RunDir) -> dict[str, Any]:
-    """The figures a person asks about a run, from its files alone."""
+    """The figures a person asks about a run, from its files alone.
+
+    Its times and GPU-hours are the training attempts'; failed starts are listed apart.
+    """
     status, metrics = rundir.status() or {}, rundir.metrics()
     steps = [m for m in metrics if "loss" in m]
     runs = history(rundir)
@@ -103,6 +123,7 @@ def run_facts(rundir: RunDir) -> dict[str, Any]:
             if isinstance(e, CheckpointEvent)
         ],
         "interruptions": interruptions(runs),
+        "failed_starts": failed_start_rows(failed_starts(rundir)),
     }
 
 
@@ -217,6 +238,14 @@ def markdown(rundir: RunDir, facts: dict[str, Any], figure: str | None, evaluati
             f"| {a['number']} | {_when(a['started'])} | {_when(a['ended'])} | {first} | "
             f"{a['processes']} x {a['device']} | {a['exit']} |"
         )
+    failed = facts["failed_starts"]
+    if failed:
+        lines += ["", f"{len(failed)} failed start(s) before training, not counted as attempts:", ""]
+        lines += [
+            f"- {_when(f['started'])}, {f['seconds']:.0f} s on {f['processes']} x {f['device']}: "
+            + " ".join(str(f["reason"] or "failed").split())
+            for f in failed
+        ]
     lines += ["", "## Checkpoints", ""]
     if facts["checkpoints"]:
         lines += ["| step | name | reason | seconds to save |", "| --- | --- | --- | --- |"]
@@ -244,7 +273,8 @@ def evaluation_lines(summary: dict[str, Any]) -> list[str]:
     models = summary.get("models", {})
     names = [n for n in ("base", "tuned") if n in models]
     lines = [
-        f"Judge `{summary.get('judge')}` on {summary.get('prompts_file')} "
+        # `prompts` says where they came from (a file, or the run's held-out records); older summaries name the file.
+        f"Judge `{summary.get('judge')}` on {summary.get('prompts') or summary.get('prompts_file')} "
         f"({summary.get('prompt_count')} prompts), weights `{summary.get('weights')}`.",
         "",
         "| | " + " | ".join(names) + " |",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -25,8 +26,9 @@ from omegaconf import DictConfig
 
 from noesis_accel.cloud.modal_image import carried_by_image
 from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal
-from noesis_accel.config.sweeps import override_words, sweep_jobs
+from noesis_accel.config.sweeps import override_words, sweep_jobs, varying_keys
 from noesis_accel.core.errors import DataError, UserError, redact
+from noesis_accel.core.protocol import SWEEP_KEYS_ENV
 from noesis_accel.rundir.history import RunState
 from noesis_accel.rundir.layout import RunDir
 
@@ -56,6 +58,8 @@ def job_configs(args: Sequence[str]) -> list[tuple[list[str], DictConfig]]:
     Each is composed and checked here, so a bad value in any job fails before a container starts.
     """
     jobs = sweep_jobs(args) if is_sweep(args) else [override_words(args)]
+    if is_sweep(args):  # the keys the jobs differ in name their run dirs, here as in the coordinator
+        os.environ[SWEEP_KEYS_ENV] = json.dumps(varying_keys(jobs))
     return [(job, compose_for_modal(job)) for job in jobs]
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from noesis_accel.config.overrides import check_words
+from noesis_accel.config.paths import CONF_DIR
 from noesis_accel.config.schema import Config, EvalRunConfig
 from noesis_accel.core.errors import ConfigError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _package_dir(name: str) -> str:
@@ -66,8 +66,9 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     register()
+    words = check_words(list(overrides or []))  # one line for a first guess Hydra would answer in several
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=order_overrides(list(overrides or [])))
+        cfg = hydra_compose(config_name="config", overrides=order_overrides(words))
     GlobalHydra.instance().clear()
     return cfg

@@ -21,6 +21,9 @@ RESTART_SAFE_PREFIXES = (
     "data.num_proc",
     "data.cache_dir",
     "data.persistent_cache_dir",
+    # The shape the data group's own file has: other data is read as what it is either way (a restart
+    # reads the same file the same way), so a group that learns to declare it does not stop a resume.
+    "data.group_format",
     "model.cache_dir",
     "env.",
     "modal.",
@@ -58,6 +61,7 @@ ADDED_KEY_DEFAULTS: dict[str, Any] = {
     "data.chat_template": None,
     "data.role_key": None,
     "data.content_key": None,
+    "data.on_bad_record": "error",
 }
 
 

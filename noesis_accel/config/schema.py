@@ -24,6 +24,7 @@ DataFormat = Literal[
 ]
 TrainOn = Literal["assistant", "last_assistant", "all"]
 OnTooLong = Literal["truncate", "drop", "error"]
+OnBadRecord = Literal["error", "skip"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Attention implementations that keep packed records apart from their positions alone (transformers
 # detects the restarts: a block-diagonal mask for eager/sdpa, the variable-length kernel for flash).
@@ -101,6 +102,10 @@ class DataConfig:
     path: str = MISSING  # JSONL/JSON/Parquet file, a directory of them, or a hub dataset name
     split: str = "train"
     format: Annotated[str, DataFormat] = "auto"  # the record shape (see formats.py)
+    # The shape of the data group's own file (conf/data/sample.yaml sets it to its `format`). While `format`
+    # equals it, a data.path whose first record has another shape is read as that shape, with one line saying
+    # so: the group's format describes its own file, not yours. A `format` set to anything else is kept.
+    group_format: Optional[str] = None
     # The dataset's own field names, {canonical: yours}: +data.columns={prompt: question, completion: answer}.
     # Canonical: messages, conversations, prompt, completion, text, instruction, input, output, system, tools.
     columns: dict[str, str] = field(default_factory=dict)
@@ -127,6 +132,9 @@ class DataConfig:
     # A record longer than max_length: truncate (cut it; a record with no learned token left is dropped), drop
     # it, or error (list them). Every truncated or dropped record is counted on the console with where it is.
     on_too_long: Annotated[str, OnTooLong] = "truncate"
+    # A record that cannot be read (invalid JSON, an unknown shape, an empty field): error (list them and stop) or
+    # skip it (counted on the console with where the first ones are). Every record bad is an error either way.
+    on_bad_record: Annotated[str, OnBadRecord] = "error"
     # Batch by token budget (padded tokens per micro-batch) instead of a fixed count.
     max_tokens_per_batch: Optional[int] = None
     # Length buckets are sorted within mega-batches of this many global batches.
@@ -339,8 +347,8 @@ class TrackerConfig:
     # W&B mode; null: $WANDB_MODE, else online. An offline run is uploaded
     # later with `wandb sync <run dir>/logs/wandb/offline-run-*` (every attempt of the run, one W&B run).
     mode: Annotated[Optional[str], WandbMode] = None
-    # MLflow tracking URI (a server, a database); null: $MLFLOW_TRACKING_URI, else a file store in the
-    # tracker's directory, copied into the run dir (`mlflow ui --backend-store-uri <run dir>/logs/mlruns`).
+    # MLflow tracking URI (a server, a database); null: $MLFLOW_TRACKING_URI, else one file store for every
+    # run under run.root (`mlflow ui --backend-store-uri <run.root>/mlruns`); the run dir keeps its run id.
     uri: Optional[str] = None
     # More keyword arguments for the tracker's start (wandb.init, MLflow's run, TensorBoard's
     # SummaryWriter, ...), over those derived from the keys above.
@@ -360,7 +368,9 @@ class EvalConfig:
 
     # Run the evaluation on the main process once training has finished and the adapter is saved.
     after_training: bool = False
-    # JSONL, one object per line: {"prompt": ..., "expected": ... (optional), "tags": [...] (optional)}.
+    # JSONL, one object per line: {"prompt": ..., "expected": ... (optional), "tags": [...] (optional)}; null: none.
+    # The default, the demo's file, asks the demo model its name: a run of other data is asked (up to 64 of)
+    # its held-out records instead, the user turn with its reference answer expected (after/prompts.py).
     prompts: Optional[str] = "${package_dir:noesis_accel}/assets/noesis_eval_prompts.jsonl"
     # A `_target_` callable (prompt, answer, expected, record) -> (score, reason); see judges.py.
     judge: Any = field(default_factory=lambda: {"_target_": "noesis_accel.after.judges.contains"})

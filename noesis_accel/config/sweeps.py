@@ -34,6 +34,9 @@ from typing import Any, Protocol, cast
 
 from hydra.errors import CompactHydraException
 
+from noesis_accel.core.prefixed_output import labelled_output
+from noesis_accel.core.protocol import SWEEP_KEYS_ENV
+
 log = logging.getLogger(__name__)
 # Hydra overrides that only concern the launching side: the receiving side launches nothing.
 _LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher")
@@ -53,6 +56,9 @@ class JobRequest:
     config_module: str | None = None  # or a package holding the configs
     python_path: list[str] = field(default_factory=list)  # where the task's module is, if not installed
     version_base: str = "1.3"  # the launching app's Hydra version base (it decides, e.g., whether jobs chdir)
+    # The keys whose values differ between the sweep's jobs: they alone name each job's run dir.
+    sweep_keys: list[str] | None = None
+    label: str | None = None  # prefixed to the job's output lines when jobs run side by side
     task_pickle: str | None = None  # base64 cloudpickle of a task that cannot be imported by name
     resolvers_pickle: str | None = None  # base64 cloudpickle of resolvers registered at run time
 
@@ -141,6 +147,9 @@ def requests_for(
 
     base = version.getbase()
     version_base = f"{base.major}.{base.minor}" if base is not None and hasattr(base, "major") else "1.1"
+    # `noesis train -m` set the whole sweep's keys (this batch may be only part of it); otherwise this batch's.
+    given_keys = os.environ.get(SWEEP_KEYS_ENV)
+    keys = json.loads(given_keys) if given_keys else varying_keys(job_overrides)
     return [
         JobRequest(
             task=task,
@@ -155,9 +164,45 @@ def requests_for(
             version_base=version_base,
             task_pickle=task_pickle,
             resolvers_pickle=resolvers_pickle,
+            sweep_keys=keys,
+            label=job_label(overrides, keys) or f"job{initial_job_idx + i}",
         )
         for i, overrides in enumerate(job_overrides)
     ]
+
+
+def varying_keys(jobs: Sequence[Sequence[str]]) -> list[str]:
+    """The keys (and groups) whose values differ between `jobs`, in the order they first appear."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for word in job:
+            key, _, value = word.lstrip("+~").partition("=")
+            values.setdefault(key, set()).add(value)
+    for job in jobs:  # a key set by some jobs only differs too
+        for key in values:
+            if not any(w.lstrip("+~").partition("=")[0] == key for w in job):
+                values[key].add("<unset>")
+    return [key for key, seen in values.items() if len(seen) > 1]
+
+
+def job_label(overrides: Sequence[str], keys: Sequence[str]) -> str:
+    """`lr0.001`, `lr0.001_r16`, `optim-adamw8bit`: a job's values of the sweep's varying keys, for a path.
+
+    Each key is shortened to its last part (`optim.lr` -> `lr`) unless two varying keys share it.
+    """
+    import re
+
+    leaves = [key.rsplit(".", 1)[-1] for key in keys]
+    parts = []
+    for word in overrides:
+        key, _, value = word.lstrip("+~").partition("=")
+        if key not in keys:
+            continue
+        name = leaves[list(keys).index(key)] if leaves.count(key.rsplit(".", 1)[-1]) == 1 else key
+        joiner = "" if re.match(r"[-0-9.]", value) else "-"
+        # Only characters that need no quoting in an override or a path.
+        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}{joiner}{value}").strip("-"))
+    return "_".join(parts)
 
 
 def run_all(backend: Backend, requests: list[JobRequest], max_parallel: int) -> list[Any]:
@@ -166,7 +211,11 @@ def run_all(backend: Backend, requests: list[JobRequest], max_parallel: int) -> 
     A job that raised (a Modal call that spent its retries, a local process that died) becomes a
     failed result instead of ending the batch: the other jobs' results are never thrown away.
     """
-    pool = ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(requests))))
+    workers = max(1, min(max_parallel, len(requests)))
+    if workers == 1:  # one at a time: nothing interleaves, so no line needs its job's label
+        for request in requests:
+            request.label = None
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
         futures = [pool.submit(backend.run, request) for request in requests]
         results = [_result_or_failure(request, future) for request, future in zip(requests, futures)]
@@ -319,6 +368,8 @@ def run_sweep_job(
     for path in request.python_path:
         if path not in sys.path:
             sys.path.insert(0, path)
+    if request.sweep_keys is not None:  # the task names the job's run dir by them
+        os.environ[SWEEP_KEYS_ENV] = json.dumps(request.sweep_keys)
     if task_function is None:
         task_function = _unpickled(request.task_pickle) if request.task_pickle else import_object(request.task)
     for name, resolver in (_unpickled(request.resolvers_pickle) if request.resolvers_pickle else {}).items():
@@ -349,13 +400,14 @@ def run_sweep_job(
         with open_dict(config):
             config.hydra.job.id = request.job_num
             config.hydra.job.num = request.job_num
-        return run_job(
-            hydra_context=HydraContext(config_loader=loader, callbacks=_callbacks(config)),
-            task_function=task_function,
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
+        with labelled_output(request.label):
+            return run_job(
+                hydra_context=HydraContext(config_loader=loader, callbacks=_callbacks(config)),
+                task_function=task_function,
+                config=config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
 
 
 def _callbacks(config: Any) -> Any:

@@ -2,69 +2,27 @@
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import is_dataclass
-
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from noesis_accel.config.batch import accumulation_steps, world_size
 from noesis_accel.config.cadence import valid_every
+from noesis_accel.config.keys import is_declared, unknown_key_line
 from noesis_accel.config.modal_gpu import modal_gpu_problems
 from noesis_accel.config.schema import CHOICES, PACKING_ATTENTION, WANDB_MODES, Config
 from noesis_accel.config.strategy import Strategy
 from noesis_accel.core.errors import ConfigError
-
-# Names people bring from Hugging Face's TrainingArguments and TRL, and where that setting lives here.
-_KNOWN_ELSEWHERE = {
-    "learning_rate": "optim.lr",
-    "num_train_epochs": "train.epochs",
-    "per_device_train_batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size (accumulation is derived)",
-    "max_seq_length": "data.max_length",
-    "lora_r": "peft.r",
-    "lora_alpha": "peft.alpha",
-    "lora_dropout": "peft.dropout",
-    "save_steps": "ckpt.every",
-    "logging_steps": "train.log_every",
-    "bf16": "train.mixed_precision",
-    "report_to": "train.tracker",
-}
-
-
-def _declared_keys(schema: DictConfig, prefix: str = "") -> dict[str, bool]:
-    """Every key the schema declares, dotted, each with whether its value is free-form (a dict or Any)."""
-    declared: dict[str, bool] = {}
-    for key in schema:
-        node = schema._get_node(key)
-        dotted = prefix + str(key)
-        structured = isinstance(node, DictConfig) and is_dataclass(OmegaConf.get_type(node))
-        declared[dotted] = not structured
-        if structured and isinstance(node, DictConfig):
-            declared.update(_declared_keys(node, f"{dotted}."))
-    return declared
 
 
 def undeclared_keys(cfg: DictConfig, schema_type: type | None = None) -> list[str]:
     """Keys the schema does not declare, each with the nearest declared one.
 
     Hydra accepts `+train.lerning_rate=1e-4` (the `+` its own error suggests for an unknown key)
-    even on a typed config; the run would then train without it and record it as if applied.
+    even on a typed config; the run would then train without it and record it as if applied. The
+    command line is checked before Hydra (overrides.py); this catches what config files bring.
     """
-    declared = _declared_keys(OmegaConf.structured(schema_type or Config))
-    free_form = tuple(f"{key}." for key, is_free in declared.items() if is_free)
-    problems = []
-    for key in flatten_keys(cfg):
-        if key in declared or key.startswith(free_form):
-            continue
-        leaf = key.rsplit(".", 1)[-1]
-        by_leaf = {**{k.rsplit(".", 1)[-1]: k for k in declared}, **_KNOWN_ELSEWHERE}
-        near = difflib.get_close_matches(key, list(declared), n=1, cutoff=0.75) or [
-            by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
-        ]
-        hint = f"did you mean {near[0]}?" if near else "no key of that name exists (noesis-train --cfg job lists them)"
-        problems.append(f"{key}: not a key of the config schema; {hint}")
-    return problems
+    schema = schema_type or Config
+    return [unknown_key_line(key, schema) for key in flatten_keys(cfg) if not is_declared(key, schema)]
 
 
 def flatten_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

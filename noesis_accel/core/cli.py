@@ -65,6 +65,7 @@ class Command:
     summary: str
     options: tuple[Option, ...] = ()
     run_dir: bool = True
+    run_dir_optional: bool = False  # the command does something without one (`noesis status` lists the runs)
     overrides: str | None = None  # what the Hydra overrides are overrides of; None: the command takes none
     examples: tuple[str, ...] = ()
 
@@ -73,7 +74,7 @@ class Command:
         return f"noesis {self.name}"
 
     def usage(self) -> str:
-        words = ["RUN_DIR"] if self.run_dir else []
+        words = (["[RUN_DIR]"] if self.run_dir_optional else ["RUN_DIR"]) if self.run_dir else []
         words += [f"[{option.key}={option.metavar}]" for option in self.options]
         if self.overrides:
             words.append("[overrides]")
@@ -158,7 +159,7 @@ def parse(command: Command, argv: Sequence[str], app_keys: Sequence[str] = ()) -
             args.run_dir = word
         else:
             raise UsageError(f"{command.prog}: unexpected argument {word!r}; it takes {command.accepted()}")
-    if command.run_dir and args.run_dir is None:
+    if command.run_dir and args.run_dir is None and not command.run_dir_optional:
         raise UsageError(
             f"{command.prog}: which run? give its RUN_DIR, e.g. {command.prog} runs/demo ({command.usage()})"
         )

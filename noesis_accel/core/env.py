@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from packaging.version import Version
 
@@ -53,9 +54,33 @@ def quiet_libraries() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def progress_bars_off_unless_terminal() -> None:
+    """No library's progress bar where the output is not a terminal (a pipe, a file, Modal's logs).
+
+    A bar redraws itself with `\r` frames: in a piped log they pile up on one line thousands of
+    characters long. Every library bar here is tqdm's, so tqdm is switched off: through its own
+    `TQDM_DISABLE` for processes started from here (tqdm reads it once, when it is imported), and in
+    its default for this process, which imported it already. The trainer's progress prints plain lines
+    off a terminal by itself (train.progress_bar). An explicit `TQDM_DISABLE` of the user's wins.
+    """
+    if sys.stderr.isatty() or "TQDM_DISABLE" in os.environ:
+        return
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import functools
+
+    import tqdm.std
+
+    if not getattr(tqdm.std.tqdm.__init__, "_noesis_off", False):
+        off = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
+        off._noesis_off = True  # type: ignore[attr-defined]
+        tqdm.std.tqdm.__init__ = off
+
+
 def quiet_known_noise() -> None:
     """Silence warnings that say nothing actionable to a user of this tool."""
     quiet_libraries()
+    progress_bars_off_unless_terminal()
     # bitsandbytes looks for an optional CPU 4-bit kernel package we never use.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Accelerate narrates every file of every save_state; our own line per checkpoint says enough.

@@ -38,6 +38,10 @@ LEASE_HELD_ENV = "NOESIS_LEASE_HELD"
 # overrides (JSON list) the app is declared for (cloud/modal_job.py overrides_at_import).
 MODAL_OVERRIDES_ENV = "NOESIS_MODAL_OVERRIDES"
 
+# `noesis train -m` -> each job (in-process, a local process, or a Modal container via its JobRequest): the
+# keys whose values differ between the sweep's jobs (JSON list), which alone name each job's run dir.
+SWEEP_KEYS_ENV = "NOESIS_SWEEP_KEYS"
+
 # Set by tests and benchmarks, read by core/faults.py and training/probes.py; unset in real runs.
 FAULT_ENV = "NOESIS_FAULT"  # `point:step[,point:step]`: the fault to inject, and where
 FAULT_KILL_PID_ENV = "NOESIS_FAULT_KILL_PID"  # a process SIGKILLed with a `step`/`save` fault (the container)

@@ -138,6 +138,13 @@ def deadline_reached(deadline: float | None) -> bool:
     return deadline is not None and time.time() >= deadline
 
 
+# Ctrl-C before the trainer's own handler is in place (imports, composing, loading): what `noesis train` says.
+STARTUP_INTERRUPTED = (
+    "interrupted: stopped by SIGINT during start-up, before step 1; no checkpoint was written by this command "
+    "(run it again to start)"
+)
+
+
 class RunInterrupted(Exception):
     """The run stopped on purpose after a complete checkpoint; the same command resumes it."""
 
@@ -147,10 +154,19 @@ class RunInterrupted(Exception):
 class InterruptedBySignal(RunInterrupted):
     """Stopped by a signal after the checkpoint it asked for; exits 128 + signal, so supervisors retry."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after a checkpoint; restart to resume")
-        self.signum = signum
+    def __init__(self, signum: int, checkpointed: bool = True) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after a checkpoint; restart to resume"
+            if checkpointed
+            # A stop before the first step of a fresh run: nothing was saved, so nothing may claim it was.
+            else f"stopped by {name} before step 1; no checkpoint exists yet, so the same command starts over"
+        )
+        self.signum, self.checkpointed = signum, checkpointed
         self.exit_code = 128 + signum
+
+    def __reduce__(self) -> tuple:  # it crosses process boundaries pickled (sweep jobs)
+        return (InterruptedBySignal, (self.signum, self.checkpointed))
 
 
 class SignalledAfterDeadline(RuntimeError):

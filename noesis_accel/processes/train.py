@@ -8,9 +8,10 @@ console script, turns an outcome into an exit code: its `TrainCommand` keeps wha
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +24,18 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from noesis_accel.config import CONF_DIR, RESTART_SAFE_PREFIXES, compose, order_overrides, register, validate
-from noesis_accel.config.sweeps import override_words, sweep_jobs
+from noesis_accel.config.keyhelp import help_text
+from noesis_accel.config.overrides import check_words, positional_words
+from noesis_accel.config.sweeps import job_label, override_words, sweep_jobs, varying_keys
 from noesis_accel.core import env
+from noesis_accel.core.cli import UsageError
 from noesis_accel.core.errors import UserError, one_line, redact, safe_for_pipes
-from noesis_accel.core.signals import ForcedStop, RunInterrupted, forget_stop_signals
+from noesis_accel.core.protocol import SWEEP_KEYS_ENV
+from noesis_accel.core.signals import STARTUP_INTERRUPTED, ForcedStop, RunInterrupted, forget_stop_signals
 from noesis_accel.processes.launcher import TrainingProcessFailed, launch, needs_launch
-from noesis_accel.rundir.layout import RunDir, runs_root
+from noesis_accel.rundir.continuing import config_of_run_dir, is_run_dir
+from noesis_accel.rundir.layout import COMMAND_VARIABLE, RunDir, runs_root
+from noesis_accel.rundir.sweep_table import format_table, remove_empty_dirs, sweep_row, write_csv
 from noesis_accel.rundir.volumes import Committer, LocalCommitter, commit_or_report
 from noesis_accel.training.oom import OutOfMemoryCrash
 from noesis_accel.training.trackers import require_installed
@@ -110,23 +117,23 @@ class JobStopped(CompactHydraException):
         return (JobStopped, (str(self), self.exit_code, self.retryable, self.signum))
 
 
-def sweep_job_run_name(name: str, job_overrides: Sequence[str]) -> str:
+def sweep_job_run_name(name: str, job_overrides: Sequence[str], sweep_keys: Sequence[str] | None = None) -> str:
     """In a multirun sweep each job needs its own stable run dir, or the jobs would resume each other.
 
-    Unless the sweep sets run.name itself, the job's overrides name it: stable across restarts of
-    the same sweep (unlike the job number), and readable. Keys a restart may change (where files
-    go, checkpoint cadence, process layout) are left out, so changing them still resumes.
+    Unless the sweep sets run.name itself, the job's values of the keys the sweep varies name it
+    (`tiny-lr0.001`): stable across restarts of the same sweep (unlike the job number), and short.
+    `sweep_keys`: those keys (None: the sweep's, from SWEEP_KEYS_ENV; unset there, every key the job
+    sets). Keys a restart may change (where files go, checkpoint cadence, process layout) are left out,
+    so changing them still resumes.
     """
     if any(o.lstrip("+").startswith("run.name=") for o in job_overrides):
         return name
-    parts = []
-    for override in sorted(job_overrides):
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith(RESTART_SAFE_PREFIXES) or key.startswith(("hydra.", "modal.")):
-            continue
-        # Only characters that need no quoting in an override or a path.
-        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", override.lstrip("+~")).strip("-"))
-    return f"{name}__{'_'.join(parts)}" if parts else name
+    if sweep_keys is None:
+        given = os.environ.get(SWEEP_KEYS_ENV)
+        sweep_keys = json.loads(given) if given else [o.lstrip("+~").split("=", 1)[0] for o in job_overrides]
+    keys = [k for k in sweep_keys if not k.startswith(RESTART_SAFE_PREFIXES) and not k.startswith(("hydra", "modal."))]
+    label = job_label(sorted(job_overrides), keys)
+    return f"{name}-{label}" if label else name
 
 
 def _name_sweep_job(cfg: DictConfig) -> None:
@@ -156,6 +163,8 @@ class TrainCommand:
         exit code (raising would make Hydra add its own lines around ours).
         """
         _name_sweep_job(cfg)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # each job's run dir records the job's own command
+            record_command(["noesis", "train", *HydraConfig.get().overrides.task])
         try:
             result = run(cfg, self.committer)
         except STOPS as stop:
@@ -191,19 +200,23 @@ def task(cfg: DictConfig) -> float | None:
 TASK_REFERENCE = f"{task.__module__}:{task.__qualname__}"  # how a sweep's job request names `task`
 
 
-def preflight(args: list[str]) -> None:
+def preflight(args: list[str]) -> list[tuple[list[str], DictConfig]]:
     """Before Hydra starts (and writes anything), each a one-line error with exit code 2:
 
     - the config of every job composes (a typo'd group option is Hydra's several-line error, exit 1,
       which a supervisor would take for a crash and retry forever);
     - no two jobs of a sweep share a run dir (the second would resume or skip the first's run);
     - the run root is writable.
+
+    Returns each job's overrides and config. For a sweep, the keys it varies are set for its jobs
+    (SWEEP_KEYS_ENV): they name each job's run dir.
     """
+    multirun = is_multirun(args)
     jobs = (
-        sweep_jobs(args)
-        if ("-m" in args or "--multirun" in args)
-        else [[w for w in override_words(args) if not w.lstrip("+~").startswith("hydra")]]
+        sweep_jobs(args) if multirun else [[w for w in override_words(args) if not w.lstrip("+~").startswith("hydra")]]
     )
+    if multirun:
+        os.environ[SWEEP_KEYS_ENV] = json.dumps(varying_keys(jobs))
     configs = []
     for job in jobs:
         try:
@@ -216,6 +229,28 @@ def preflight(args: list[str]) -> None:
         refuse_shared_run_dirs(configs)
     for _, cfg in configs:
         refuse_unwritable_run_root(cfg)
+    return configs
+
+
+def is_multirun(args: Sequence[str]) -> bool:
+    return "-m" in args or "--multirun" in args
+
+
+def close_sweep(args: Sequence[str], configs: Sequence[tuple[list[str], DictConfig]]) -> None:
+    """After a sweep: the table of its jobs (also `sweep.csv` beside them), and no empty Hydra job folders."""
+    keys = json.loads(os.environ.get(SWEEP_KEYS_ENV) or "[]")
+    rows = []
+    for job, cfg in configs:
+        cfg = cfg.copy()
+        cfg.run.name = sweep_job_run_name(str(cfg.run.name), job)
+        rows.append(sweep_row(RunDir.of(cfg), job, keys))
+    root = runs_root(configs[0][1])
+    if root.is_dir():
+        write_csv(rows, keys, root / "sweep.csv")
+    print(f"sweep: {len(rows)} jobs (also in {root / 'sweep.csv'}):", flush=True)
+    print(format_table(rows, keys), flush=True)
+    given = next((w.split("=", 1)[1] for w in args if w.lstrip("+").startswith("hydra.sweep.dir=")), None)
+    remove_empty_dirs(Path(given) if given else root / "multirun")
 
 
 def refuse_shared_run_dirs(configs: Sequence[tuple[Sequence[str], DictConfig]]) -> None:
@@ -264,21 +299,47 @@ def _read_only_mount(path: Path) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     """`noesis-train ARGS`: the command line's, or `argv` (without the program's name) if given."""
     if argv is None:
-        _main()
+        _main_quietly_interrupted()
         return
     # Hydra's app reads its arguments from sys.argv and takes them from nowhere else: they go there
     # while it runs.
     saved, sys.argv = sys.argv, ["noesis-train", *argv]
     try:
-        _main()
+        _main_quietly_interrupted()
     finally:
         sys.argv = saved
 
 
+def _main_quietly_interrupted() -> None:
+    """Ctrl-C before the trainer's own handler is in place (imports, composing, loading) is one line, not a
+    traceback; from then on the trainer handles the signal and says itself whether a checkpoint exists."""
+    try:
+        _main()
+    except KeyboardInterrupt:
+        print(STARTUP_INTERRUPTED, file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
+
+
 def _main() -> None:
     env.quiet_known_noise()
-    sys.argv[1:] = order_overrides(sys.argv[1:])  # `+debug=` wins wherever it stands
-    preflight(sys.argv[1:])
+    words = typed = sys.argv[1:]
+    if "--hydra-help" in words:  # Hydra's own help, as `--help` gave it before ours
+        sys.argv[1:] = ["--help" if word == "--hydra-help" else word for word in words]
+    elif any(word in ("-h", "--help") for word in words):
+        _print_help(words)
+        return
+    else:
+        try:
+            words = check_words(words)
+            positional = positional_words(words)
+            if positional:
+                _continue_run_dir(positional, [w for w in words if w not in positional])
+                return
+        except UserError as err:
+            _exit_with_line(str(err))
+        sys.argv[1:] = order_overrides(words)  # `+debug=` wins wherever it stands
+    configs = preflight(sys.argv[1:])
+    record_command(["noesis", "train", *typed])
     command = TrainCommand()
     try:
         command.hydra_main()
@@ -287,9 +348,50 @@ def _main() -> None:
         if exit_.code == 1 and command.stops:
             sys.exit(command.stops[0].exit_code)
         raise
+    finally:
+        if is_multirun(sys.argv[1:]) and "--cfg" not in sys.argv and "-c" not in sys.argv:
+            close_sweep(sys.argv[1:], configs)
     if command.stops:  # a single run that stopped: its one line, and the code a supervisor acts on
         print(str(command.stops[0]), file=sys.stderr, flush=True)
         sys.exit(command.stops[0].exit_code)
+
+
+def _print_help(words: list[str]) -> None:
+    """`--help [SECTION]`: our keys and groups (a UsageError for a section that does not exist)."""
+    after = words[[w in ("-h", "--help") for w in words].index(True) + 1 :]
+    topic = next((w for w in after if not w.startswith("-") and "=" not in w), None)
+    try:
+        print(help_text(topic), flush=True)
+    except UserError as err:
+        _exit_with_line(str(err))
+
+
+def _continue_run_dir(positional: list[str], overrides: list[str]) -> None:
+    """`noesis train RUN_DIR [key=value ...]`: the run from its own config.yaml, to completion or its next stop."""
+    run_dir = positional[0]
+    if len(positional) > 1 or not is_run_dir(run_dir):
+        why = "is not a run directory (no config.yaml in it)" if Path(run_dir).exists() else "does not exist"
+        raise UsageError(
+            f"{' '.join(positional)}: not an override (key=value), and {run_dir} {why}; "
+            "give overrides, or one RUN_DIR of a run to continue (noesis status lists them)"
+        )
+    if any(word in ("-m", "--multirun") or word.startswith("--cfg") for word in overrides):
+        raise UsageError(f"{run_dir}: continuing a run dir runs that one run; -m and --cfg do not apply")
+    cfg = config_of_run_dir(Path(run_dir), overrides)
+    os.environ.pop(COMMAND_VARIABLE, None)  # the run dir keeps the command that started it
+    refuse_unwritable_run_root(cfg)
+    print(f"continuing {run_dir} from its config.yaml", flush=True)
+    try:
+        run(cfg)
+    except STOPS as stop:
+        stopped = JobStopped.of(stop)
+        print(str(stopped), file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
+
+
+def record_command(words: Sequence[str]) -> None:
+    """The command line that starts a run, for the run dir's command file (written with its config.yaml)."""
+    os.environ[COMMAND_VARIABLE] = json.dumps(list(words))
 
 
 if __name__ == "__main__":

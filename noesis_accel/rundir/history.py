@@ -1,8 +1,9 @@
 """The run's history: status.json, events.jsonl, and the attempts they describe.
 
 The one owner of both files: the states a run is in (`RunState`), the events it appends
-(`EventKind` and one record type each), the writers, and `history()`, which `noesis-status`,
-`noesis-report` and its figure all read, so they tell the same attempts and costs.
+(`EventKind` and one record type each), the writers, and `history()` (with `failed_starts()`, the starts
+that never trained), which `noesis-status`, `noesis-report` and its figure all read, so they tell the
+same attempts and costs.
 
 events.jsonl, one line each:
   starting    an attempt began; appended and committed before the model loads, so an attempt killed
@@ -16,8 +17,12 @@ events.jsonl, one line each:
               interruption before cost (exact, or a lower bound where 0 means unknown)
   checkpoint  step, name, reason, seconds
   stop        state, step, reason (a graceful stop; a killed attempt has none); out_of_memory when an
-              out-of-memory error ended it (ckpt.oom_retries counts them)
-Older run dirs have no `starting`: their one `start` per attempt also holds the previous_* keys.
+              out-of-memory error ended it (ckpt.oom_retries counts them); failed_start when a user error
+              (config, data, resume refusal) ended it before its `start`: a failed start, which trained
+              nothing and is no attempt (its `starting` and `stop` are listed apart by `failed_starts()`;
+              the next start takes its attempt number and reads the attempt before it as its previous)
+Older run dirs have no `starting`: their one `start` per attempt also holds the previous_* keys; nor do they
+mark failed starts, so theirs read as attempts, as they always did.
 """
 
 from __future__ import annotations
@@ -260,12 +265,16 @@ class StopEvent:
     step: int = 0
     reason: str | None = None
     out_of_memory: bool = False
+    # A user error ended it before training started: a failed start, not an attempt (its step is 0).
+    failed_start: bool = False
 
     def to_json(self) -> dict[str, Any]:
         state = None if self.state is None else self.state.value
         record = {"event": self.kind.value, "time": self.time, "state": state, "step": self.step, "reason": self.reason}
         if self.out_of_memory:
             record["out_of_memory"] = True
+        if self.failed_start:
+            record["failed_start"] = True
         return record
 
     @classmethod
@@ -276,6 +285,7 @@ class StopEvent:
             step=int(raw.get("step") or 0),
             reason=raw.get("reason"),
             out_of_memory=bool(raw.get("out_of_memory", False)),
+            failed_start=bool(raw.get("failed_start", False)),
         )
 
 
@@ -355,21 +365,33 @@ def append_event(rundir: RunDir, event: Event) -> dict[str, Any]:
 
 
 def record_stop(
-    rundir: RunDir, state: RunState | str, step: int, reason: str, out_of_memory: bool = False, **status: Any
+    rundir: RunDir,
+    state: RunState | str,
+    step: int,
+    reason: str,
+    out_of_memory: bool = False,
+    failed_start: bool = False,
+    **status: Any,
 ) -> None:
     """How a run stopped, in status.json (with any further `status` fields) and events.jsonl; if even that
-    cannot be written, say so."""
+    cannot be written, say so.
+
+    A failed start (`failed_start`: a user error before training started) trained nothing, so status.json
+    keeps the step the run had reached: it still resumes from there once the start is fixed.
+    """
     state, reason = RunState(state), redact(reason)
+    if not failed_start:
+        status = {"step": step, **status}
     try:
         write_status(
             rundir,
             state=state.value,
-            step=step,
             exit_reason=reason,
             error=reason if state is RunState.FAILED else None,
             **status,
         )
-        append_event(rundir, StopEvent(state=state, step=step, reason=reason, out_of_memory=out_of_memory))
+        stop = StopEvent(state=state, step=step, reason=reason, out_of_memory=out_of_memory, failed_start=failed_start)
+        append_event(rundir, stop)
     except OSError as err:
         print(
             f"warning: could not record the stop in {rundir.status_file} ({err.strerror or err}); "
@@ -398,10 +420,14 @@ def previous_attempt(
     step to storage that needs no commit (`every_step_durable`).
     """
     typed = parse_events(events)
-    starts = attempt_starts(typed)
-    if not starts:
+    spans = _spans(typed)
+    if not spans:
         return None
-    start, own = typed[starts[-1]], typed[starts[-1] + 1 :]
+    begin, end, failed = spans[-1]
+    start, own = typed[begin], typed[begin + 1 : end]
+    if failed and isinstance(start, StartingEvent):
+        # A failed start trained nothing: the previous attempt is still the one it read (None: none yet).
+        return start.previous
     stops = [e for e in own if isinstance(e, StopEvent)]
     if stops:
         stop = stops[-1]
@@ -420,17 +446,38 @@ def previous_attempt(
 
 
 def attempt_starts(events: Sequence[Event | dict[str, Any]]) -> list[int]:
-    """The index (among known events) of each attempt's first: its `starting`, or (older run dirs) its `start`."""
-    starts, awaiting_start = [], False
-    for i, event in enumerate(parse_events(events)):
+    """The index (among known events) of each attempt's first: its `starting`, or (older run dirs) its `start`.
+
+    Failed starts are no attempts and are left out.
+    """
+    return [begin for begin, _, failed in _spans(parse_events(events)) if not failed]
+
+
+def _spans(typed: list[Event]) -> list[tuple[int, int, bool]]:
+    """(first index, end index, is a failed start) of every start's events, attempts and failed starts alike."""
+    openings, awaiting_start = [], False
+    for i, event in enumerate(typed):
         if isinstance(event, StartingEvent):
-            starts.append(i)
+            openings.append(i)
             awaiting_start = True
         elif isinstance(event, StartEvent):
             if not awaiting_start:  # no `starting` before it: an older run dir's attempt
-                starts.append(i)
+                openings.append(i)
             awaiting_start = False
-    return starts
+    if not openings:
+        return []
+    ends = [*openings[1:], len(typed)]
+    return [
+        (begin, end, any(isinstance(e, StopEvent) and e.failed_start for e in typed[begin:end]))
+        for begin, end in zip(openings, ends, strict=True)
+    ]
+
+
+def training_events(events: Sequence[Event | dict[str, Any]]) -> list[Event]:
+    """The known events without those of failed starts (their `starting` and `stop`): what attempts wrote."""
+    typed = parse_events(events)
+    failed = {i for begin, end, is_failed in _spans(typed) if is_failed for i in range(begin, end)}
+    return [e for i, e in enumerate(typed) if i not in failed]
 
 
 def lost_steps(reached: int | None, exact: bool, resumed_at: int) -> tuple[int, bool]:
@@ -478,23 +525,61 @@ class Attempt:
 
 
 def history(rundir: RunDir) -> list[Attempt]:
-    """The run's attempts from events.jsonl: each start, what ended it, and the steps that cost."""
+    """The run's attempts from events.jsonl: each start, what ended it, and the steps that cost.
+
+    Failed starts are not among them (`failed_starts` lists them).
+    """
     return history_of(rundir.events(), rundir.status())
 
 
+def failed_starts(rundir: RunDir) -> list[Attempt]:
+    """The run's failed starts: each ended by a user error before training started, so no attempt."""
+    return failed_starts_of(rundir.events())
+
+
 def history_of(events: Sequence[Event | dict[str, Any]], status: dict[str, Any] | None = None) -> list[Attempt]:
-    """The attempts these events (and status.json, for the newest one) describe, old formats included."""
+    """The attempts these events (and status.json, for the newest one) describe, old formats included.
+
+    A failed start is no attempt: not counted, no interruption, its seconds in no attempt's time.
+    """
+    return _attempts_and_failed_starts(events, status)[0]
+
+
+def failed_starts_of(events: Sequence[Event | dict[str, Any]]) -> list[Attempt]:
+    """The failed starts these events describe, in order: when, where, how long, and the error (`stop_reason`)."""
+    return _attempts_and_failed_starts(events, None)[1]
+
+
+def _attempts_and_failed_starts(
+    events: Sequence[Event | dict[str, Any]], status: dict[str, Any] | None
+) -> tuple[list[Attempt], list[Attempt]]:
     typed = parse_events(events)
     attempts: list[Attempt] = []
-    starts = set(attempt_starts(typed))
-    for i, event in enumerate(typed):
-        if i in starts and isinstance(event, (StartingEvent, StartEvent)):
-            if attempts:
-                _close_with(attempts[-1], event)
-            attempts.append(_opened_by(event, len(attempts) + 1))
-        if not attempts:
-            continue
-        current = attempts[-1]
+    failed: list[Attempt] = []
+    for begin, end, failed_start in _spans(typed):
+        opening = typed[begin]
+        assert isinstance(opening, (StartingEvent, StartEvent))
+        if attempts:  # whatever start came next read how the attempt before it ended
+            _close_with(attempts[-1], opening)
+        if failed_start:
+            failed.append(_failed_start(opening, typed[begin:end], len(failed) + 1))
+        else:
+            attempts.append(_opened_by(opening, len(attempts) + 1))
+            _follow(attempts[-1], typed[begin:end])
+    if attempts and attempts[-1].ended is None:
+        _newest_so_far(attempts[-1], status or {})
+    for i, attempt in enumerate(attempts[:-1]):
+        after = resumed_after(attempts, i)
+        if after is not None:
+            attempt.lost_steps, attempt.lost_steps_exact = lost_steps(
+                attempt.last_step, attempt.reached_exact, int(after.first_step or 0)
+            )
+    return attempts, failed
+
+
+def _follow(current: Attempt, own: list[Event]) -> None:
+    """An attempt's course from its own events: where it trained from, how far, how it stopped."""
+    for event in own:
         if isinstance(event, StartEvent):
             current.first_step, current.resumed_from = event.step, event.resumed_from
             current.last_step = max(current.last_step or 0, event.step)
@@ -505,15 +590,6 @@ def history_of(events: Sequence[Event | dict[str, Any]], status: dict[str, Any] 
             current.stop_reason, current.reached_exact = event.reason, True
             if current.first_step is not None:  # a stop while loading trained nothing: no step to show
                 current.last_step = event.step
-    if attempts and attempts[-1].ended is None:
-        _newest_so_far(attempts[-1], status or {})
-    for i, attempt in enumerate(attempts[:-1]):
-        after = resumed_after(attempts, i)
-        if after is not None:
-            attempt.lost_steps, attempt.lost_steps_exact = lost_steps(
-                attempt.last_step, attempt.reached_exact, int(after.first_step or 0)
-            )
-    return attempts
 
 
 def resumed_after(attempts: list[Attempt], index: int) -> Attempt | None:
@@ -533,6 +609,15 @@ def _opened_by(event: StartingEvent | StartEvent, number: int) -> Attempt:
         host=event.host,
         gpu=event.gpu if isinstance(event, StartingEvent) else None,
     )
+
+
+def _failed_start(opening: StartingEvent | StartEvent, own: list[Event], number: int) -> Attempt:
+    """A failed start as an `Attempt` record (numbered among failed starts), so its time and price read alike."""
+    failed = _opened_by(opening, number)
+    failed.number = number  # its place among failed starts: the `attempt` it wrote went on to the next start
+    stop = next(e for e in reversed(own) if isinstance(e, StopEvent))
+    failed.ended, failed.stop_state, failed.stop_reason = stop.time, stop.state, stop.reason
+    return failed
 
 
 def _close_with(previous: Attempt, opening: StartingEvent | StartEvent) -> None:

@@ -1,7 +1,9 @@
 """The layout of a run directory and the readers that need no Accelerator.
 
     <run.root>/<run.name>/
-      config.yaml        resolved config of the run (a restart compares its math keys against it)
+      config.yaml        resolved config of the run (a restart compares its math keys against it;
+                         `noesis train RUN_DIR` continues the run from it)
+      command.json       the command line that started the run, shown by `noesis status`
       status.json        state, progress, newest checkpoint, exit reason
       events.jsonl       one line per attempt starting, start, checkpoint and stop: the run's history
       metrics.jsonl      per-step loss, lr, tokens/s, grad norm; held-out loss
@@ -10,7 +12,7 @@
       checkpoints/step-000123/   accelerate save_state output + manifest.json (written last)
       adapter/ or model/ final LoRA adapter (or full weights) + tokenizer
       eval/ export/ report/      written by noesis-eval, noesis-export and noesis-report
-      logs/              the tracker's files (TensorBoard events, W&B's wandb/, MLflow's mlruns/)
+      logs/              the tracker's files (TensorBoard events, W&B's wandb/); MLflow's store is <run.root>/mlruns
 
 The trainer, `noesis-status`, `noesis-eval`, `noesis-export` and `noesis-report` all find files
 through `RunDir`, so the layout is written down once.
@@ -29,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from noesis_accel.core.errors import UserError
+from noesis_accel.core.errors import UserError, redact
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -51,6 +53,11 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+# The command line that starts a run, as a JSON list of words: set by `noesis train` (and by each job of a
+# sweep), read where config.yaml is written; an environment variable, so launched processes see it too.
+COMMAND_VARIABLE = "NOESIS_COMMAND"
 
 
 def runs_root(cfg: Any) -> Path:
@@ -79,6 +86,10 @@ class RunDir:
     @property
     def status_file(self) -> Path:
         return self.path / "status.json"
+
+    @property
+    def command_file(self) -> Path:
+        return self.path / "command.json"
 
     @property
     def events_file(self) -> Path:
@@ -156,6 +167,23 @@ class RunDir:
         if not isinstance(saved, dict):
             raise UserError(f"{self.config_file} does not hold a config mapping; restore it or delete it")
         return saved
+
+    def command(self) -> list[str] | None:
+        """The command line that started the run (None: started before runs recorded it, or not by `noesis`)."""
+        try:
+            words = json.loads(self.command_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return [str(word) for word in words] if isinstance(words, list) else None
+
+    def write_command(self) -> None:
+        """The starting command (from COMMAND_VARIABLE) beside config.yaml, atomically; nothing if none was set."""
+        words = os.environ.get(COMMAND_VARIABLE)
+        if not words:
+            return
+        tmp = self.command_file.with_suffix(".json.tmp")
+        tmp.write_text(redact(words) + "\n")
+        os.replace(tmp, self.command_file)
 
     def status(self) -> dict[str, Any] | None:
         try:

@@ -8,6 +8,8 @@ Volume, from any machine.
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,9 @@ from typing import Any
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.costs import attempt_usd, format_usd, spent_usd
-from noesis_accel.rundir.history import Attempt, RunState, format_duration, history, redone_words
+from noesis_accel.rundir.history import Attempt, RunState, failed_starts, format_duration, history, redone_words
 from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.listing import runs_table
 
 # ---------------------------------------------------------------- printing
 
@@ -28,6 +31,26 @@ def _steps(attempt: Attempt) -> str:
     first = "?" if attempt.first_step is None else attempt.first_step
     last = "?" if attempt.last_step is None else attempt.last_step
     return f"steps {first} -> {'' if attempt.reached_exact else 'at least '}{last}"
+
+
+def _device(attempt: Attempt, price_per_gpu_hour: float | None) -> str:
+    """'0m 14s on 1 x cuda, NVIDIA H100 (host), $0.02': where a start ran, for how long, at what cost."""
+    usd = attempt_usd(attempt, price_per_gpu_hour)
+    device = f"{attempt.device}, {attempt.gpu}" if attempt.gpu else attempt.device
+    return f"{format_duration(attempt.hours)} on {attempt.processes} x {device} ({attempt.host})" + (
+        f", {format_usd(usd)}" if usd is not None else ""
+    )
+
+
+def _failed_start_lines(failed: list[Attempt], attempts: list[Attempt], price_per_gpu_hour: float | None) -> list[str]:
+    """One line per failed start: which attempt it came before (or after), what it spent apart, and its error."""
+    lines = []
+    for start in failed:
+        later = next((a for a in attempts if a.started >= start.started), None)
+        where = f" before #{later.number}" if later else (f" after #{attempts[-1].number}" if attempts else "")
+        reason = " ".join(str(start.stop_reason or "failed").split())  # one line, whatever the error's shape
+        lines.append(f"  failed start{where}: {_device(start, price_per_gpu_hour)}; {reason}")
+    return lines
 
 
 def _money_lines(status: dict[str, Any], plan: dict[str, Any] | None, spent: float | None = None) -> list[str]:
@@ -78,7 +101,10 @@ def format_status(
     attempts: list[Attempt] | None = None,
     price_per_gpu_hour: float | None = None,
     plan: dict[str, Any] | None = None,
+    failed: list[Attempt] | None = None,
 ) -> str:
+    """What `noesis status` prints. `attempts` and their time and cost are training attempts only;
+    `failed` (starts a user error ended before training) are counted and listed apart."""
     step, total = status.get("step", 0), status.get("total_steps") or 0
     percent = f" ({100 * step / total:.0f}%)" if total else ""
     lines = [
@@ -90,28 +116,30 @@ def format_status(
     if status.get("error"):
         lines.append(f"error:       {status['error']}")
     spent = spent_usd(attempts, price_per_gpu_hour) if attempts else None
-    if attempts:
+    attempts, failed = attempts or [], failed or []
+    if attempts or failed:
         interruptions = attempts[:-1]
         costs = [(a.lost_steps, a.lost_steps_exact) for a in interruptions if a.lost_steps is not None]
-        lines.append(
-            f"attempts:    {len(attempts)} ({len(interruptions)} interruption(s) survived, {redone_words(costs)})"
-        )
+        survived = [f"{len(interruptions)} interruption(s) survived, {redone_words(costs)}"] if attempts else []
+        if failed:
+            survived.append(f"{len(failed)} failed start{'s' if len(failed) > 1 else ''} before training, not counted")
+        lines.append(f"attempts:    {len(attempts)} ({'; '.join(survived)})")
         for attempt in attempts:
             ended = attempt.stop_reason or (RunState.RUNNING.value if attempt is attempts[-1] else "killed")
             cost = f"; {attempt.lost}" if attempt.lost else ""
-            usd = attempt_usd(attempt, price_per_gpu_hour)
-            device = f"{attempt.device}, {attempt.gpu}" if attempt.gpu else attempt.device
             lines.append(
-                f"  #{attempt.number}: {_steps(attempt)}, "
-                f"{format_duration(attempt.hours)} on {attempt.processes} x {device} ({attempt.host})"
-                + (f", {format_usd(usd)}" if usd is not None else "")
-                + f"; {ended}{cost}"
+                f"  #{attempt.number}: {_steps(attempt)}, {_device(attempt, price_per_gpu_hour)}; {ended}{cost}"
             )
+        lines += _failed_start_lines(failed, attempts, price_per_gpu_hour)
         gpu_hours = sum(a.gpu_hours for a in attempts)
         at_price = f" at ${price_per_gpu_hour:g}/hour" if price_per_gpu_hour else ""
         price = f" ({format_usd(spent)}{at_price})" if spent else ""
         lines.append(f"gpu-hours:   {gpu_hours:.2f}{price}")
-    lines += _money_lines(status, plan, spent)
+    # The budget counts every start's machine time, a failed start's too: it was paid for.
+    failed_usd = spent_usd(failed, price_per_gpu_hour) if failed else None
+    lines += _money_lines(
+        status, plan, None if spent is None and failed_usd is None else (spent or 0) + (failed_usd or 0)
+    )
     lines.append(f"updated:     {status.get('updated_at', '-')}")
     return "\n".join(lines)
 
@@ -135,6 +163,15 @@ def _plan(rundir: RunDir) -> dict[str, Any] | None:
         return None
 
 
+def command_lines(rundir: RunDir, status: dict[str, Any]) -> list[str]:
+    """The command that started the run, and the one that continues it when it has not completed."""
+    words = rundir.command()
+    lines = [f"command:     {shlex.join(words)}"] if words else []
+    if status.get("state") not in (RunState.COMPLETED, RunState.RUNNING):
+        lines.append(f"continue:    noesis train {shlex.quote(str(rundir.path))}")
+    return lines
+
+
 def verify_checkpoints(rundir: RunDir) -> list[tuple[Path, str | None]]:
     """Every kept checkpoint with its problem (None when every file matches its checksum)."""
     from noesis_accel.rundir.checkpoint import checkpoint_problem
@@ -148,8 +185,10 @@ STATUS_COMMAND = Command(
     options=(
         Option("verify", "check every kept checkpoint against its manifest", bool, "true", False, ("--verify",)),
         Option("price", "price of one GPU-hour, for a cost estimate", float, "USD", None, ("--price",)),
+        Option("root", "with no RUN_DIR, list the runs under this directory (run.root)", str, "DIR", "runs"),
     ),
-    examples=("noesis status runs/demo", "noesis status runs/demo verify=true price=3.95"),
+    run_dir_optional=True,
+    examples=("noesis status", "noesis status runs/demo", "noesis status runs/demo verify=true price=3.95"),
 )
 
 
@@ -158,6 +197,9 @@ STATUS_COMMAND = Command(
 def main(argv: list[str] | None = None) -> int:
     """`noesis status RUN_DIR [verify=true] [price=USD]`: print a run's status and history."""
     parsed = parse(STATUS_COMMAND, command_line(argv))
+    if parsed.run_dir is None:
+        print(runs_table(Path(os.path.expanduser(parsed.options["root"]))))
+        return 0
     run_dir = Path(str(parsed.run_dir))
     rundir = RunDir(run_dir)
     status = rundir.status()
@@ -167,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    print(format_status(status, history(rundir), parsed.options["price"] or _configured_price(rundir), _plan(rundir)))
+    price = parsed.options["price"] or _configured_price(rundir)
+    print(format_status(status, history(rundir), price, _plan(rundir), failed_starts(rundir)))
+    print("\n".join(command_lines(rundir, status)))
     if not parsed.options["verify"]:
         return 0
     results = verify_checkpoints(rundir)

@@ -1,7 +1,8 @@
-"""Training data: validate with file:line errors, format, tokenise with loss masks, truncate, split off
-a held-out set, count what was truncated or dropped and why, and cache by fingerprint.
+"""Training data: tokenise with loss masks, truncate, split off a held-out set, count what was
+truncated, dropped or skipped and why, and cache by fingerprint.
 
-The files are read by data_sources.py (splits, streaming). Records go to an Arrow file, are tokenised
+The files are read by data_sources.py (splits, streaming) and checked by record_checks.py (the shape,
+file:line errors, data.on_bad_record). Records go to an Arrow file, are tokenised
 by `data.num_proc` processes (`datasets.map`, one `tokenize_record` per record) into Arrow again, and
 every count comes from those columns: no Python list of every record or token is built."""
 
@@ -22,18 +23,17 @@ import torch
 from omegaconf import DictConfig
 
 from noesis_accel.core.errors import DataError
-from noesis_accel.training import data_sources, formats, templates
+from noesis_accel.training import data_sources, formats, record_checks, templates
 from noesis_accel.training.data_sources import is_hub_dataset  # noqa: F401  (callers import it from here)
+from noesis_accel.training.record_checks import (
+    MAX_LISTED_PROBLEMS,
+    RawRecord,
+    detect_format,  # noqa: F401  (callers import it from here)
+    validate_records,  # noqa: F401  (callers import it from here)
+)
 
 IGNORE_INDEX = -100  # labels with this value take no part in the loss
 _CACHE_VERSION = "4"  # bump when tokenisation, masking or the stored columns change (4: location column)
-_MAX_LISTED_PROBLEMS = 10
-
-
-@dataclass(frozen=True)
-class RawRecord:
-    location: str  # "file.jsonl:12" or "file.parquet: row 3": where a user finds it
-    fields: Any
 
 
 @dataclass
@@ -53,6 +53,11 @@ class SourceStats:
     learned_tokens: int = 0  # of those, the ones in the loss
     lengths: dict[str, int] = field(default_factory=dict)  # min/p50/p90/p99/max tokens, before truncation
     ignored: list[str] = field(default_factory=list)  # files beside it whose names match no split
+    key: str = "data.path"  # the config key that names it
+    skipped: int = 0  # bad records left out (data.on_bad_record=skip); where["skipped"]: the first ones
+    skipped_problem: str = ""  # the first of their problems
+    without_system: int | None = None  # chat records that open without a system turn (None: not counted)
+    read_as: str = ""  # the line saying the data group's format gave way to the records' own shape
 
 
 @dataclass
@@ -90,11 +95,8 @@ DROP_REASONS = {
 }
 
 
-# ------------------------------------------------ reading and validating (data_sources.py reads the files)
+# ------------------------------------------------ reading and checking (data_sources.py reads, record_checks.py checks)
 
-# Records validated at once (each worker's batches): a bad file's problems are listed together, and a
-# batch's parsed records are all a process holds.
-_VALIDATION_BATCH = 5_000
 _WRITE_BATCH = 1_000  # records written to the Arrow file at once
 
 
@@ -104,7 +106,7 @@ def read_records(path_spec: str, split: str = "train") -> list[RawRecord]:
     Each record has the location a user can open. Holds them all: training streams them instead.
     """
     source = data_sources.source_for("data.path", path_spec, split)
-    return [RawRecord(where, fields) for where, fields in data_sources.rows(source, _MAX_LISTED_PROBLEMS)]
+    return [RawRecord(where, fields) for where, fields in data_sources.rows(source, MAX_LISTED_PROBLEMS)]
 
 
 def _write_raw(source: data_sources.Source, path: Path) -> int:
@@ -130,91 +132,6 @@ def _write_raw(source: data_sources.Source, path: Path) -> int:
     return count
 
 
-def _validate_raw(raw: Any, source: data_sources.Source, data_cfg: Any, processes: int, work: Path) -> str:
-    """Validate every record of a raw Arrow dataset in `processes` processes; the format, or one DataError.
-
-    Each batch is validated together with the source's first record, so the format is the first
-    record's, as `validate_records` decides it for a whole file. Every line of invalid JSON is
-    listed first; otherwise the first bad batch's problems, saying whether later records hold more.
-    """
-    if not len(raw):
-        raise DataError(f"{source.key}: no records in {source.describe()}; the file is empty")
-    outcomes = raw.map(
-        _check_batch,
-        batched=True,
-        batch_size=_VALIDATION_BATCH,
-        num_proc=processes if processes > 1 else None,
-        remove_columns=raw.column_names,
-        features=_check_features(),
-        cache_file_name=str(work / "checked.arrow"),
-        fn_kwargs={"first": _first_record(raw), "declared": str(data_cfg.format), "data_cfg": _plain(data_cfg)},
-        load_from_cache_file=False,
-        new_fingerprint=f"check-{work.name}-{len(raw)}",
-        desc=f"checking {source.split} ({processes} process{'es' if processes > 1 else ''})",
-    )[:]
-    if sum(outcomes["bad_json"]):
-        listed = [line for lines in outcomes["bad_json_first"] for line in lines][:_MAX_LISTED_PROBLEMS]
-        raise data_sources.invalid_json_error(sum(outcomes["bad_json"]), listed)
-    bad = [(problem, last) for problem, last in zip(outcomes["problem"], outcomes["last"]) if problem]
-    if len(bad) > 1:
-        raise DataError(
-            f"{bad[0][0]}\n  ... and more in the records after {bad[0][1]} (listed above: the records "
-            "up to it); fix these and run again"
-        )
-    if bad:
-        raise DataError(bad[0][0])
-    return outcomes["format"][0]
-
-
-def _first_record(raw: Any) -> RawRecord | None:
-    """The source's first record that is valid JSON (None when no line is)."""
-    for batch in raw.iter(batch_size=_WRITE_BATCH):
-        for where, text in zip(batch["location"], batch["record"]):
-            try:
-                return RawRecord(where, json.loads(text))
-            except json.JSONDecodeError:
-                continue
-    return None
-
-
-def _check_batch(batch: dict[str, list], first: RawRecord | None, declared: str, data_cfg: Any) -> dict[str, list]:
-    """One batch validated (in a worker): its lines of invalid JSON and its problems, as one row."""
-    records, bad_json = [], []
-    for where, text in zip(batch["location"], batch["record"]):
-        try:
-            records.append(RawRecord(where, json.loads(text)))
-        except json.JSONDecodeError as err:
-            bad_json.append(data_sources.json_problem(where, err))
-    fmt = problem = ""
-    if records:
-        head = [first] if first is not None and first.location != records[0].location else []
-        try:
-            fmt = validate_records(head + records, declared, data_cfg=data_cfg)
-        except DataError as err:
-            problem = str(err)
-    return {
-        "bad_json": [len(bad_json)],
-        "bad_json_first": [bad_json[:_MAX_LISTED_PROBLEMS]],
-        "problem": [problem],
-        "format": [fmt],
-        "last": [batch["location"][-1]],
-    }
-
-
-def _check_features() -> Any:
-    import datasets
-
-    return datasets.Features(
-        {
-            "bad_json": datasets.Value("int64"),
-            "bad_json_first": datasets.Sequence(datasets.Value("string")),
-            "problem": datasets.Value("string"),
-            "format": datasets.Value("string"),
-            "last": datasets.Value("string"),
-        }
-    )
-
-
 def _plain(data_cfg: Any) -> SimpleNamespace:
     """The `data` config as resolved plain values: workers need none of this process's resolvers, and
     reading a key per record costs an attribute lookup, not OmegaConf's."""
@@ -223,79 +140,29 @@ def _plain(data_cfg: Any) -> SimpleNamespace:
     return SimpleNamespace(**cast(dict[str, Any], OmegaConf.to_container(data_cfg, resolve=True)))
 
 
-def _raw_validated(source: data_sources.Source, data_cfg: Any, work: Path) -> tuple[Any, str, int]:
-    """The source written to `work`/raw.arrow and validated: (raw dataset, format, processes to use)."""
+def _raw_checked(source: data_sources.Source, data_cfg: Any, work: Path) -> tuple[Any, record_checks.Checked, int]:
+    """The source written to `work`/raw.arrow and checked: (its good records, what the check found, processes)."""
     import datasets
 
     count = _write_raw(source, work / "raw.arrow")
     processes = worker_processes(data_cfg, count)
     raw = datasets.Dataset.from_file(str(work / "raw.arrow"))
-    return raw, _validate_raw(raw, source, data_cfg, processes, work), processes
+    checked = record_checks.check_raw(raw, source, _plain(data_cfg), processes, work)
+    if checked.skipped.records:  # data.on_bad_record=skip: the bad ones take no further part
+        raw = raw.select(checked.keep)
+    return raw, checked, processes
 
 
-# ---------------------------------------------------------------- validation
-
-
-def detect_format(record: RawRecord, declared: str, options: formats.Options | None = None) -> str:
-    """The record's shape (see formats.py): `declared` unless it is auto, else what its fields say."""
-    fields = record.fields
-    if not isinstance(fields, dict):
-        raise DataError(f"{record.location}: a record must be a JSON object, found {type(fields).__name__}")
-    if declared != "auto":
-        return formats.canonical_shape(declared)
-    shape = formats.detect_shape(fields, options or formats.Options.from_config())
-    if shape is None:
-        raise formats.unknown_shape(fields, record.location)
-    return shape
-
-
-def record_problems(record: RawRecord, fmt: str, options: formats.Options | None = None) -> list[str]:
-    """Everything wrong with one record, each naming its field and the fix."""
-    return formats.parse(record.fields, fmt, options or formats.Options.from_config(), record.location)[1]
-
-
-def _with_shape_hint(
-    problems: list[str], record: RawRecord, fmt: str, declared: str, options: formats.Options
-) -> list[str]:
-    """`problems`, the first one saying which shape the record has when data.format names another."""
-    looks = formats.detect_shape(record.fields, options) if declared != "auto" and problems else None
-    if looks is None or looks == fmt:
-        return problems
-    return [
-        f"{problems[0]} (the record looks like {looks}: set data.format=auto or data.format={looks})",
-        *problems[1:],
-    ]
-
-
-def validate_records(records: list[RawRecord], declared_format: str, data_cfg: Any = None) -> str:
-    """Check every record; raise one DataError listing the first problems. Returns the shape.
-
-    `data_cfg` (the `data` config) gives the mapping (data.columns, data.roles, ...); without it
-    the defaults apply.
-    """
-    if not records:
-        raise DataError("data.path: no records found; the file is empty")
-    options = formats.Options.from_config(data_cfg)
-    if options.problems():
-        raise DataError("; ".join(options.problems()))
-    fmt = detect_format(records[0], declared_format, options)
-    problems: list[str] = []
-    for record in records:
-        record_fmt = detect_format(record, declared_format, options)
-        if record_fmt != fmt:
-            problems.append(
-                f"{record.location}: record is {record_fmt} but the first record is {fmt}; use one shape per file"
-            )
-            continue
-        found = record_problems(record, fmt, options)
-        problems.extend(_with_shape_hint(found, record, fmt, declared_format, options))
-    if problems:
-        shown = "\n  ".join(problems[:_MAX_LISTED_PROBLEMS])
-        more = (
-            f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
-        )
-        raise DataError(f"{len(problems)} bad record(s) in the training data:\n  {shown}{more}")
-    return fmt
+def _checked_stats(stats: SourceStats, source: data_sources.Source, checked: record_checks.Checked) -> SourceStats:
+    """`stats` with what the check said: the records skipped as bad, the data group's format given way."""
+    stats.key = source.key
+    stats.skipped = checked.skipped.records
+    stats.skipped_problem = checked.skipped.first()
+    if checked.skipped.records:
+        stats.where["skipped"] = checked.skipped.places
+    stats.without_system = checked.without_system
+    stats.read_as = checked.shape.note(source.key) or ""
+    return stats
 
 
 def check_data(data_cfg: Any) -> DataStats:
@@ -308,10 +175,10 @@ def check_data(data_cfg: Any) -> DataStats:
     stats = DataStats(max_length=int(data_cfg.max_length), on_too_long=str(data_cfg.on_too_long))
     source = None if data_sources.is_hub_dataset(str(data_cfg.path)) else data_sources.training_source(data_cfg)
     if source is not None:
-        stats.format, stats.records = _count_valid(source, data_cfg)
-        stats.sources.append(
-            SourceStats(_source_name(source, False), source.describe(), stats.format, records=stats.records)
-        )
+        checked, stats.records = _count_valid(source, data_cfg)
+        stats.format = checked.shape.name
+        counted = SourceStats(_source_name(source, False), source.describe(), stats.format, records=stats.records)
+        stats.sources.append(_checked_stats(counted, source, checked))
     held_out = None
     if not data_sources.is_hub_dataset(str(data_cfg.eval_path or data_cfg.path)):
         held_out = data_sources.eval_source(data_cfg)
@@ -332,15 +199,15 @@ def check_data(data_cfg: Any) -> DataStats:
     return stats
 
 
-def _count_valid(source: data_sources.Source, data_cfg: Any) -> tuple[str, int]:
-    """(format, records) of a source, every record read and validated (in a temporary directory)."""
+def _count_valid(source: data_sources.Source, data_cfg: Any) -> tuple[record_checks.Checked, int]:
+    """(what the check found, valid records) of a source, every record read and checked (in a temporary directory)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="noesis-check-") as work:
-        raw, fmt, _ = _raw_validated(source, data_cfg, Path(work))
+        raw, checked, _ = _raw_checked(source, data_cfg, Path(work))
         count = len(raw)
         del raw  # memory-mapped from `work`
-    return fmt, count
+    return checked, count
 
 
 def _fraction_held_out(records: int, data_cfg: Any) -> int:
@@ -434,11 +301,20 @@ def tokenize_record(
     return input_ids[:max_length], labels[:max_length], truncated
 
 
-def template_notes(tokenizer: Any, data_cfg: Any, fmt: str) -> list[str]:
-    """Lines for the start-up summary about how records are rendered (the template's default system prompt)."""
+def template_notes(tokenizer: Any, data_cfg: Any, prepared: DataStats | str) -> list[str]:
+    """Lines for the start-up summary about how records are rendered (the template's default system prompt).
+
+    `prepared`: the data's stats, so the note is said only when some record opens without a system
+    turn; or only its format, when the note is said whatever the records hold.
+    """
+    fmt = prepared if isinstance(prepared, str) else prepared.format
     if formats.canonical_shape(fmt) not in formats.CHAT_SHAPES:
         return []
-    note = templates.system_prompt_note(tokenizer, formats.Options.from_config(data_cfg).chat_template)
+    counts = [] if isinstance(prepared, str) else [source.without_system for source in prepared.sources]
+    lacking = None if not counts or None in counts else sum(c or 0 for c in counts)  # None: not counted
+    if lacking == 0:
+        return []
+    note = templates.system_prompt_note(tokenizer, formats.Options.from_config(data_cfg).chat_template, lacking)
     return [note] if note else []
 
 
@@ -486,6 +362,15 @@ def _cache_key(data_cfg: Any, tokenizer: Any, seed: int) -> str:
         fingerprint(data_cfg.eval_path or data_cfg.path, lambda: data_sources.eval_source(data_cfg)),
         tokenizer_fingerprint(tokenizer),
     ]
+    # Added keys enter the key only away from their defaults, so data prepared before they existed is reused.
+    on_bad_record = str(getattr(data_cfg, "on_bad_record", "error"))
+    if on_bad_record != "error":
+        parts.append(f"on_bad_record={on_bad_record}")
+    # A data.format the user set is kept where the data group's own gives way to the records' shape
+    # (record_checks.py): the same file read under the group's may not be readable under the user's.
+    declared = str(data_cfg.format)
+    if declared != "auto" and not record_checks.is_group_default(declared, getattr(data_cfg, "group_format", None)):
+        parts.append("data.format kept")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -625,7 +510,8 @@ def _tokenized(
     The dataset has input_ids, labels, length, label_count, location and full_length (tokens before
     truncation); records that cannot train are still in it, and left out of the row numbers.
     """
-    raw, fmt, processes = _raw_validated(source, data_cfg, work)
+    raw, checked, processes = _raw_checked(source, data_cfg, work)
+    fmt = checked.shape.name
     tokenized = raw.map(
         _tokenize_batch,
         batched=True,
@@ -645,12 +531,8 @@ def _tokenized(
         new_fingerprint=f"{key}-{'eval' if held_out else 'train'}",
         desc=f"tokenising {source.split} ({processes} process{'es' if processes > 1 else ''})",
     )
-    stats, keep = _count_outcomes(
-        tokenized,
-        SourceStats(_source_name(source, held_out), source.describe(), fmt, held_out, ignored=list(source.ignored)),
-        source,
-        data_cfg,
-    )
+    stats = SourceStats(_source_name(source, held_out), source.describe(), fmt, held_out, ignored=list(source.ignored))
+    stats, keep = _count_outcomes(tokenized, _checked_stats(stats, source, checked), source, data_cfg)
     return tokenized, fmt, stats, keep
 
 
@@ -727,7 +609,7 @@ def _length_summary(full_length: Any) -> dict[str, int]:
 
 
 def _too_long_error(tokenized: Any, rows: Any, full_length: Any, max_length: int) -> DataError:
-    shown = rows[:_MAX_LISTED_PROBLEMS]
+    shown = rows[:MAX_LISTED_PROBLEMS]
     lines = [f"{where} ({int(full_length[row])} tokens)" for where, row in zip(_locations(tokenized, shown), shown)]
     more = f"\n  ... and {len(rows) - len(shown)} more" if len(rows) > len(shown) else ""
     return DataError(
@@ -752,6 +634,8 @@ def describe(stats: DataStats) -> list[str]:
     lines: list[str] = []
     ignored: set[str] = set()
     for source in stats.sources:
+        if source.read_as and source.read_as not in lines:  # a directory's splits: said once for data.path
+            lines.append(source.read_as)
         lines.append(
             f"data: {source.name} ({source.source}, {source.format}): {_records(source.records)} read, "
             f"{_used_as(source, stats)}; {source.tokens:,} tokens, {source.learned_tokens:,} learned"
@@ -781,6 +665,13 @@ def _used_as(source: SourceStats, stats: DataStats) -> str:
 def _outcome_lines(source: SourceStats, max_length: int, on_too_long: str) -> list[str]:
     """One line per outcome other than "kept whole": how many records, why, and the first ones' locations."""
     lines = []
+    if source.skipped:
+        shown = record_checks.places(source.where["skipped"], source.skipped)
+        lines.append(
+            f"data: {source.name}: {source.skipped:,} bad record{'s' if source.skipped != 1 else ''} skipped "
+            f"(data.on_bad_record=skip): {shown}{': ' if source.skipped == 1 else '; the first: '}"
+            f"{source.skipped_problem}"
+        )
     kept_truncated = source.too_long - source.dropped.get("truncated_away", 0) - source.dropped.get("too_long", 0)
     if kept_truncated:
         lines.append(

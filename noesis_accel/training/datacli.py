@@ -114,7 +114,7 @@ def report(cfg: DictConfig, examples: int, out: TextIO) -> None:
     stats = prepared.stats
     lines = [f"noesis-data: {cfg.data.path} with the tokenizer of {cfg.model.name_or_path}"]
     lines += data_mod.describe(stats)
-    lines += data_mod.template_notes(tokenizer, cfg.data, stats.format)
+    lines += data_mod.template_notes(tokenizer, cfg.data, stats)  # only if some record lacks a system turn
     lines += length_lines(stats)
     lines += example_lines(tokenizer, prepared.train, examples, colour=out.isatty())
     print("\n".join(lines), file=out, flush=True)

@@ -154,6 +154,7 @@ def _guard_run_dir_config(cfg: DictConfig, accelerator: Any, rundir: RunDir) -> 
             tmp = rundir.config_file.with_suffix(".yaml.tmp")
             tmp.write_text(yaml.safe_dump(current, sort_keys=False))
             os.replace(tmp, rundir.config_file)
+            rundir.write_command()  # the command that started this config; a continuation keeps it
 
 
 # ---------------------------------------------------------------- the session
@@ -201,6 +202,7 @@ class RunSession:
         self.lease = lease  # held by this process when no launcher holds it for us
         self.is_main = bool(accelerator.is_main_process)
         self.step = 0  # the step this attempt starts from (known once a checkpoint is chosen), for a stop record
+        self.training_started = False  # its `start` recorded: from then on a stop ends an attempt, not a failed start
         self._last_progress_commit = 0.0  # time.monotonic() of the newest progress commit
         self._closed = False
         try:
@@ -234,7 +236,8 @@ class RunSession:
     # ------------------------------------------------------------ attempts
 
     def _record_starting(self) -> tuple[int, PreviousAttempt | None]:
-        """A `starting` event, committed at once: which attempt this is, and how far the one before got.
+        """A `starting` event, committed at once: which attempt this is, and how far the one before got
+        (failed starts are no attempts: the one before is the last that was one).
 
         Read from the committed files before this attempt writes anything: the previous attempt's
         newest records, and whether it stopped gracefully (exact) or was killed (a lower bound,
@@ -274,6 +277,7 @@ class RunSession:
         if previous is not None:
             start.lost_steps, start.lost_steps_exact = lost_steps(previous.reached, previous.exact, step)
         append_event(self.rundir, start)
+        self.training_started = True
 
     def check_lease(self) -> None:
         """Stop before writing more once another process has taken the run dir over."""
@@ -310,16 +314,32 @@ class RunSession:
             record_stop(self.rundir, RunState.COMPLETED, step, "completed")
 
     def record_exit(self, err: BaseException, step: int | None = None) -> None:
-        """How this attempt ended, for an attempt ended by `err` at `step` (default: the step it started from)."""
+        """How this attempt ended, for an attempt ended by `err` at `step` (default: the step it started from).
+
+        A user error before training started (bad config or data, a refused resume) makes it a failed
+        start: the user fixes the command, and the run's history counts no attempt and no interruption.
+        """
         record = exit_record(err)
         if record is not None:
-            self.record_stop(*record, step=step, out_of_memory=isinstance(err, (OutOfMemory, OutOfMemoryCrash)))
+            self.record_stop(
+                *record,
+                step=step,
+                out_of_memory=isinstance(err, (OutOfMemory, OutOfMemoryCrash)),
+                failed_start=isinstance(err, UserError) and not self.training_started,
+            )
 
     def record_stop(
-        self, state: RunState, reason: str, step: int | None = None, out_of_memory: bool = False, **status: Any
+        self,
+        state: RunState,
+        reason: str,
+        step: int | None = None,
+        out_of_memory: bool = False,
+        failed_start: bool = False,
+        **status: Any,
     ) -> None:
         if self.is_main:
-            record_stop(self.rundir, state, self.step if step is None else step, reason, out_of_memory, **status)
+            at = self.step if step is None else step
+            record_stop(self.rundir, state, at, reason, out_of_memory, failed_start, **status)
 
     def record_forced_exit(self, signum: int, step: int | None = None) -> None:
         reason = f"{signal.Signals(signum).name} again: stopped at once, before a checkpoint"

@@ -32,12 +32,23 @@ class Spend:
 
     @classmethod
     def for_attempt(
-        cls, cfg: DictConfig, attempts: list[Attempt], devices: int, device: str, gpu_name: str | None
+        cls,
+        cfg: DictConfig,
+        attempts: list[Attempt],
+        devices: int,
+        device: str,
+        gpu_name: str | None,
+        failed_starts: list[Attempt] | None = None,
     ) -> Spend:
-        """The spend of the newest of `attempts` (this one: its start is the last attempt's)."""
+        """The spend of the newest of `attempts` (this one: its start is the last attempt's).
+
+        `failed_starts` (starts refused before training) are no attempts, but their machine time was paid
+        for: the budget counts it.
+        """
         gpu_hour_usd = cfg.budget.gpu_hour_usd
         started = attempts[-1].started if attempts else time.time()
-        previous = spent_usd(attempts[:-1], gpu_hour_usd) if len(attempts) > 1 else None
+        earlier = attempts[:-1] + list(failed_starts or [])
+        previous = spent_usd(earlier, gpu_hour_usd) if earlier else None
         return cls(
             cap_usd=None if cfg.budget.usd is None else float(cfg.budget.usd),
             price=price_per_device_hour(gpu_hour_usd, device, gpu_name),

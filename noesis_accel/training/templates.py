@@ -147,7 +147,8 @@ def render_turns(
             raise DataError(
                 f"{where}: the chat template's generation prompt for messages[{k}] is not how it "
                 "renders the assistant turn itself, so the turn cannot be told from its prompt; "
-                "set data.chat_template to a template whose generation prompt starts the turn"
+                "set data.chat_template to a template whose generation prompt starts the turn; "
+                + first_difference(("generation prompt", prompt), ("assistant turn", through))
             )
         turns.append(Turn(prompt[_end_of(earlier, prompt, k, where) :], None))
         turns.append(Turn(through[len(prompt) :], k))
@@ -176,8 +177,39 @@ def _end_of(earlier: str, later: str, turn: int, where: str) -> int:
     raise DataError(
         f"{where}: the chat template rewrites the end of an earlier turn once messages[{turn}] "
         "follows, so the turns cannot be told apart; set data.chat_template to a template "
-        "that keeps each turn's ending"
+        "that keeps each turn's ending; " + first_difference(("before", earlier), (f"with messages[{turn}]", later))
     )
+
+
+_CONTEXT = 30  # characters shown on each side of the first difference
+
+
+def _escaped(text: str) -> str:
+    """`text` as repr writes it, without the quotes, so whitespace and control characters show; escaped
+    character by character, so a piece's escaping never depends on what surrounds it (the ^ lines up)."""
+    return "".join(repr(char)[1:-1] for char in text)
+
+
+def first_difference(first: tuple[str, str], second: tuple[str, str]) -> str:
+    """Two labelled renderings one above the other, around their first differing character, marked with ^.
+
+    A window of `_CONTEXT` characters on each side, escaped (a space, a tab and a newline look different);
+    `…` where a rendering is cut.
+    """
+    (label_a, a), (label_b, b) = first, second
+    at = len(os.path.commonprefix([a, b]))
+    start = max(0, at - _CONTEXT)
+    width = max(len(label_a), len(label_b)) + 1
+
+    def shown(label: str, text: str) -> tuple[str, int]:
+        head = ("…" if start else "") + _escaped(text[start:at])
+        tail = _escaped(text[at : at + _CONTEXT]) + ("…" if len(text) > at + _CONTEXT else "")
+        prefix = f"  {label + ':':<{width}} '"
+        return f"{prefix}{head}{tail}'", len(prefix) + len(head)
+
+    line_a, column = shown(label_a, a)
+    line_b, _ = shown(label_b, b)
+    return f"they first differ at character {at + 1}:\n{line_a}\n{line_b}\n{' ' * column}^"
 
 
 def _check_tools_rendered(
@@ -225,15 +257,19 @@ def default_system_prompt(tokenizer: Any, template: str) -> str | None:
     return added or None
 
 
-def system_prompt_note(tokenizer: Any, spec: str | None) -> str | None:
-    """The start-up line that names the template's default system prompt; None when it has none."""
+def system_prompt_note(tokenizer: Any, spec: str | None, lacking: int | None = None) -> str | None:
+    """The start-up line that names the template's default system prompt; None when it has none.
+
+    `lacking`: how many records open without a system turn, said in the line (None: not counted).
+    """
     try:
         default = default_system_prompt(tokenizer, resolve(tokenizer, spec))
     except DataError:  # a template that refuses the probe (no system role, say) adds none we can name
         return None
     if default is None:
         return None
+    here = f" ({lacking:,} here)" if lacking is not None else ""
     return (
-        f'data: the chat template adds a default system prompt to records without one: "{default}"; '
+        f'data: the chat template adds a default system prompt to records without one{here}: "{default}"; '
         "add a system turn to your records or set data.chat_template to change it"
     )

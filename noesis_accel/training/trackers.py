@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.config import flatten
 from noesis_accel.core.errors import ConfigError, UserError, redact
-from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.layout import RunDir, runs_root
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _init_tracker(
     name = run.tracker
     tracker_logs.mkdir(parents=True, exist_ok=True)
     if name == "mlflow":
-        _use_mlflow_store(cfg, tracker_logs)
+        _use_mlflow_store(cfg)
     kwargs = {
         **_init_kwargs(cfg, name, rundir, tracker_logs, run.run_id),
         **cast(dict[str, Any], OmegaConf.to_container(cfg.tracker.init_kwargs, resolve=True)),
@@ -200,20 +200,25 @@ def _init_kwargs(cfg: DictConfig, name: str, rundir: RunDir, tracker_logs: Path,
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def mlflow_tracking_uri(cfg: DictConfig, tracker_logs: Path) -> str:
-    """`tracker.uri`, else $MLFLOW_TRACKING_URI, else a file store beside the tracker's other files.
+def mlflow_tracking_uri(cfg: DictConfig) -> str:
+    """`tracker.uri`, else $MLFLOW_TRACKING_URI, else a file store shared by every run under `run.root`.
 
-    The file store appends to small files it closes again, so it lives in the tracker's directory and
-    reaches the run dir's logs/ (`mlflow ui --backend-store-uri <run dir>/logs/mlruns`) like any
-    tracker file. MLflow's own default would be a database in the working directory.
+    One store per root, so one `mlflow ui --backend-store-uri <run.root>/mlruns` compares every run
+    in it; each run dir's tracker.json names its own MLflow run there, which a restart continues.
+    The store sits on run.root itself, not in the tracker's directory (`train.tracker_dir`, a scratch
+    disk on Modal, copied into one run dir): it is no one run's, and the file store closes each small
+    file it appends to, so none stays open. MLflow's own default would be a database in the working
+    directory.
     """
-    return str(cfg.tracker.uri or os.environ.get("MLFLOW_TRACKING_URI") or (tracker_logs / "mlruns").resolve().as_uri())
+    return str(
+        cfg.tracker.uri or os.environ.get("MLFLOW_TRACKING_URI") or (runs_root(cfg) / "mlruns").resolve().as_uri()
+    )
 
 
-def _use_mlflow_store(cfg: DictConfig, tracker_logs: Path) -> None:
+def _use_mlflow_store(cfg: DictConfig) -> None:
     import mlflow
 
-    uri = mlflow_tracking_uri(cfg, tracker_logs)
+    uri = mlflow_tracking_uri(cfg)
     if uri.startswith("file:") or "://" not in uri:
         # MLflow 3 refuses a file store unless told otherwise; it is the store that needs no server
         # and no database package (mlflow-skinny has none).

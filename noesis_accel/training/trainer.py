@@ -29,7 +29,7 @@ from noesis_accel.core.signals import (
 )
 from noesis_accel.rundir.checkpoint import Checkpoint, CheckpointManager, register_trainable_only_hooks
 from noesis_accel.rundir.costs import format_usd
-from noesis_accel.rundir.history import RunState, history, out_of_memory_stops
+from noesis_accel.rundir.history import RunState, failed_starts, history, out_of_memory_stops
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.volumes import Committer
 from noesis_accel.training import data as data_mod
@@ -243,7 +243,7 @@ class Trainer:
             try:
                 trainer = cls(session, watcher, after_training)
                 if watcher.requested:  # while it loaded: nothing new to save, the resume point stands
-                    raise InterruptedBySignal(watcher.received or signal.SIGTERM)
+                    raise InterruptedBySignal(watcher.received or signal.SIGTERM, trainer.resumed_from is not None)
                 return trainer.run()
             except BudgetReached as stop:  # at the start: the resume point stands, the stop is recorded
                 return RunResult(rundir.path, RunState.BUDGET, stop.step, stop.total_steps)
@@ -324,7 +324,7 @@ class Trainer:
         )
         for line in data_mod.describe(stats):  # every split's counts, and each record truncated or dropped
             self.metrics.write(line)
-        for note in data_mod.template_notes(self.tokenizer, self.cfg.data, stats.format):
+        for note in data_mod.template_notes(self.tokenizer, self.cfg.data, stats):
             self.metrics.write(note)
         self.session.record_running(
             self.progress.step, self.total_steps, self.resumed_from.path if self.resumed_from else None
@@ -348,7 +348,7 @@ class Trainer:
 
     def _stop_before_the_first_step(self) -> NoReturn:
         if self.watcher.requested:
-            raise InterruptedBySignal(self.watcher.received or signal.SIGTERM)
+            raise InterruptedBySignal(self.watcher.received or signal.SIGTERM, self.resumed_from is not None)
         raise StoppedAtDeadline()
 
     def _train_epoch(self) -> bool:
@@ -610,13 +610,14 @@ class Trainer:
         return plan.to_json()
 
     def _spend(self) -> Spend:
-        attempts = history(self.rundir) if self.accelerator.is_main_process else []
+        main = self.accelerator.is_main_process
         return Spend.for_attempt(
             self.cfg,
-            attempts,
+            history(self.rundir) if main else [],
             self.accelerator.num_processes,
             self.accelerator.device.type,
             device_name(self.accelerator),
+            failed_starts(self.rundir) if main else [],
         )
 
     def _planned(self, key: str) -> float | None:
