@@ -104,7 +104,7 @@ def test_a_sweep_survives_a_failing_job_and_reports_it(tmp_path) -> None:
     assert result.returncode == 2, result.stderr[-3000:]
     assert "job 0 (" in result.stderr and "missing.jsonl does not exist" in result.stderr
     states = {
-        p.name.split("data.path-")[1]: read_status(p)["state"]
+        p.name.split("path-")[1]: read_status(p)["state"]  # tiny-path-missing.jsonl: the file names it
         for p in (tmp_path / "runs").iterdir()
         if (p / "status.json").is_file()
     }
@@ -129,7 +129,9 @@ def test_a_sweep_on_the_modal_launcher_returns_each_jobs_held_out_loss(tmp_path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name for p in tmp_path.iterdir() if (p / "status.json").is_file())
-    assert [name.split("_optim.lr-")[1].split("_")[0] for name in runs] == ["0.001", "0.002"]  # a stable dir per job
+    assert runs == ["tiny-lr0.001", "tiny-lr0.002"]  # a stable dir per job, named by what the sweep varies
+    # The two jobs ran side by side: each line of theirs carries the job's name.
+    assert "[lr0.001] " in result.stdout + result.stderr and "[lr0.002] " in result.stdout + result.stderr
     for name in runs:
         status = read_status(tmp_path / name)
         assert status["state"] == "completed" and status["eval_loss_after"] is not None

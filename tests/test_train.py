@@ -103,7 +103,7 @@ def test_multirun_sweep_gives_each_job_its_own_run_dir(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = sorted(p.name for p in tmp_path.iterdir() if (p / "status.json").is_file())
-    assert len(run_dirs) == 2 and all(d.startswith("tiny__") for d in run_dirs)
+    assert len(run_dirs) == 2 and sorted(run_dirs) == ["tiny-lr0.001", "tiny-lr0.002"]
     assert all(read_status(tmp_path / d)["state"] == "completed" for d in run_dirs)
 
 

@@ -199,6 +199,8 @@ def job_label(overrides: Sequence[str], keys: Sequence[str]) -> str:
         if key not in keys:
             continue
         name = leaves[list(keys).index(key)] if leaves.count(key.rsplit(".", 1)[-1]) == 1 else key
+        if "/" in value:  # a path: its file names the job (two alike in different folders share a dir: refused)
+            value = value.rstrip("/").rsplit("/", 1)[-1]
         joiner = "" if re.match(r"[-0-9.]", value) else "-"
         # Only characters that need no quoting in an override or a path.
         parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}{joiner}{value}").strip("-"))

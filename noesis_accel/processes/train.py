@@ -351,6 +351,9 @@ def _main() -> None:
     finally:
         if is_multirun(sys.argv[1:]) and "--cfg" not in sys.argv and "-c" not in sys.argv:
             close_sweep(sys.argv[1:], configs)
+        # This command's, not a later one's in the same process (tests, notebooks).
+        os.environ.pop(COMMAND_VARIABLE, None)
+        os.environ.pop(SWEEP_KEYS_ENV, None)
     if command.stops:  # a single run that stopped: its one line, and the code a supervisor acts on
         print(str(command.stops[0]), file=sys.stderr, flush=True)
         sys.exit(command.stops[0].exit_code)
