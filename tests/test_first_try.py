@@ -349,3 +349,20 @@ def test_continuing_refuses_a_sweep(tmp_path, capsys) -> None:
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("run: {root: x, name: tiny}\n")
     assert "-m and --cfg do not apply" in _refused([str(run_dir), "-m"], capsys)
+
+
+def test_a_stop_claims_a_checkpoint_only_when_one_exists() -> None:
+    """One process (the trainer) or many (rebuilt by the launcher from a worker's outcome): the same words."""
+    import pickle
+
+    from noesis_accel.core.protocol import OutcomeKind, WorkerOutcome
+    from noesis_accel.core.signals import InterruptedBySignal
+    from noesis_accel.processes.launcher import _interruption
+
+    outcome = WorkerOutcome(OutcomeKind.INTERRUPTED, "stopped", 130, signum=signal.SIGINT)
+    before = _interruption(outcome, checkpointed=False)
+    assert str(before) == "stopped by SIGINT before step 1; no checkpoint exists yet, so the same command starts over"
+    assert str(_interruption(outcome, checkpointed=True)) == "stopped by SIGINT after a checkpoint; restart to resume"
+    assert before.exit_code == 130
+    again = pickle.loads(pickle.dumps(before))  # a sweep job sends it back pickled
+    assert isinstance(again, InterruptedBySignal) and str(again) == str(before)

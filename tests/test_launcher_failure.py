@@ -19,6 +19,7 @@ import pytest
 from noesis_accel.core.signals import InterruptedBySignal, StoppedAtDeadline
 from noesis_accel.processes.launcher import Launcher, TrainingProcessFailed, WorkerUserError, _Worker
 from noesis_accel.processes.worker import outcome_of
+from noesis_accel.rundir.layout import RunDir
 
 _launches = count()
 
@@ -29,6 +30,7 @@ def _launcher(tmp_path: Path, ends: Sequence[tuple[int, dict | None]], signals: 
     launcher.lease = None
     launcher.watch, launcher.peer_lost, launcher._first_failure = None, None, None  # one machine: no cluster watch
     launcher.signals_received = signals or []
+    launcher.rundir = RunDir(tmp_path / "run")  # no checkpoint in it
     launcher.workers = []
     tmp_path = tmp_path / f"launch-{next(_launches)}"  # each launcher its own outcome files
     tmp_path.mkdir()
@@ -79,6 +81,7 @@ def test_every_rank_interrupted_is_the_interruption_itself(tmp_path) -> None:
     by_signal = _outcome(InterruptedBySignal(signal.SIGTERM))
     failure = _launcher(tmp_path, [(143, by_signal), (143, by_signal)])._failure()
     assert isinstance(failure, InterruptedBySignal) and failure.exit_code == 143
+    assert "before step 1; no checkpoint exists yet" in str(failure)  # the run dir holds none
     deadline = _outcome(StoppedAtDeadline())
     assert isinstance(_launcher(tmp_path, [(1, deadline), (1, deadline)])._failure(), StoppedAtDeadline)
 

@@ -58,6 +58,7 @@ from noesis_accel.core.signals import (
     note_stop_signal,
 )
 from noesis_accel.processes.cluster_watch import ClusterWatch
+from noesis_accel.rundir.checkpoint import any_complete_checkpoint
 from noesis_accel.rundir.history import RunState, record_stop, write_status
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.lease import LeaseHeld, RunLease, take_run_lease
@@ -342,7 +343,7 @@ class Launcher:
             return WorkerUserError(user_errors[0].message, user_errors[0].exit_code)
         interrupted = [outcomes[w.rank] for w in self.workers if kind(w) is OutcomeKind.INTERRUPTED]
         if len(interrupted) == len(self.workers) and interrupted[0] is not None:
-            return _interruption(interrupted[0])
+            return _interruption(interrupted[0], any_complete_checkpoint(self.rundir))
         errors = [w for w in self.workers if kind(w) is OutcomeKind.ERROR]
         if errors:
             # The first rank to fail is the cause; the others failed in a collective with it.
@@ -387,10 +388,13 @@ class Launcher:
             record_stop(self.rundir, state, int(status.get("step", 0)), str(failure))
 
 
-def _interruption(outcome: WorkerOutcome) -> RunInterrupted:
-    """A worker's interruption rebuilt in the parent, so callers see the exception a single process raises."""
+def _interruption(outcome: WorkerOutcome, checkpointed: bool) -> RunInterrupted:
+    """A worker's interruption rebuilt in the parent, so callers see the exception a single process raises.
+
+    `checkpointed`: the run dir holds a complete checkpoint (a stop before the first one must not claim one).
+    """
     if outcome.signum:
-        return InterruptedBySignal(outcome.signum)
+        return InterruptedBySignal(outcome.signum, checkpointed)
     if outcome.deadline:
         return StoppedAtDeadline()
     interruption = RunInterrupted(outcome.message or "stopped")
