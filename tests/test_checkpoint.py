@@ -117,7 +117,8 @@ def test_train_run_dir_refuses_an_override_that_changes_the_math(tmp_path) -> No
     # The override reaches the config, where the trainer's guard finds a math key changed and refuses it.
 
     cfg = config_of_run_dir(run_dir, ["optim.lr=0.005"])
-    assert cfg.optim.lr == 0.005 and cfg.run.root == str(tmp_path) and cfg.run.name == "tiny"
+    assert cfg.optim.lr == 0.005 and cfg.run.root == str(tmp_path.resolve()) and cfg.run.name == "tiny"
+    assert cfg.ckpt.resume == "auto"  # continuing resumes the newest checkpoint, whatever the first start said
     assert differing_math_keys(yaml.safe_load((run_dir / "config.yaml").read_text()), _resolved(cfg)) == ["optim.lr"]
     with pytest.raises(UsageError, match="a group cannot be swapped in"):
         config_of_run_dir(run_dir, ["data=jsonl"])

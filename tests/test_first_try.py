@@ -29,7 +29,7 @@ from noesis_accel.rundir.history import write_status
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.rundir.listing import runs_table
 from noesis_accel.rundir.status import main as status_main
-from noesis_accel.rundir.sweep_table import SweepRow, format_table, remove_empty_dirs, write_csv
+from noesis_accel.rundir.sweep_table import SweepRow, format_table, remove_empty_job_dirs, write_csv
 
 
 def _refused(words: list[str], capsys) -> str:
@@ -115,6 +115,16 @@ def test_a_word_that_is_not_an_override_is_one_line(capsys) -> None:
     line = _refused(["runs/nowhere"], capsys)
     assert "runs/nowhere: not an override (key=value), and runs/nowhere does not exist" in line
     assert "EQUAL" not in line
+
+
+def test_hydras_own_words_pass(monkeypatch) -> None:
+    assert check_words(["-m", "optim=glob(*)", "judge=null", "-sc", "install=bash"]) == [
+        "-m",
+        "optim=glob(*)",
+        "judge=null",
+        "-sc",
+        "install=bash",
+    ]
 
 
 def test_hydra_full_error_leaves_the_words_to_hydra(monkeypatch) -> None:
@@ -244,7 +254,8 @@ def test_sweep_jobs_are_named_by_what_differs_between_them() -> None:
     alike = [["peft.dropout=0.1", "model.architecture.dropout=0"], ["peft.dropout=0", "model.architecture.dropout=0.1"]]
     assert job_label(alike[0], varying_keys(alike)) == "peft.dropout0.1_model.architecture.dropout0"
     assert sweep_job_run_name("tiny", ["run.name=mine", "optim.lr=1"], ["optim.lr"]) == "tiny"
-    assert job_label(["data.path=/data/v2/train.jsonl"], ["data.path"]) == "path-train.jsonl"
+    v1, v2 = (job_label([f"data.path=/data/{v}/train.jsonl"], ["data.path"]) for v in ("v1", "v2"))
+    assert v1.startswith("path-train.jsonl-") and v2.startswith("path-train.jsonl-") and v1 != v2
     # A key a restart may change never names a run dir (changing it must still resume).
     assert sweep_job_run_name("tiny", ["ckpt.every=0.2", "optim.lr=1"], ["ckpt.every", "optim.lr"]) == "tiny-lr1"
 
@@ -269,14 +280,16 @@ def test_the_sweep_table_and_csv(tmp_path) -> None:
 def test_empty_hydra_job_folders_are_removed_and_nothing_else(tmp_path) -> None:
     sweep = tmp_path / "multirun"
     (sweep / "0").mkdir(parents=True)
-    (sweep / "1" / "deeper").mkdir(parents=True)
-    (sweep / "2").mkdir()
-    (sweep / "2" / "kept.txt").write_text("x")
-    remove_empty_dirs(sweep)
-    assert sorted(p.name for p in sweep.iterdir()) == ["2"]
-    (sweep / "2" / "kept.txt").unlink()
-    remove_empty_dirs(sweep)
-    assert not sweep.exists()
+    (sweep / "1").mkdir()
+    (sweep / "2" / "kept").mkdir(parents=True)  # a job folder with something in it stays
+    (sweep / "mine").mkdir()  # not a job folder of this sweep: the user's, even empty
+    remove_empty_job_dirs(sweep, jobs=3)
+    assert sorted(p.name for p in sweep.iterdir()) == ["2", "mine"]
+    # hydra.sweep.dir=. : only this sweep's job folders go, never the user's own empty ones (.git/refs).
+    (tmp_path / ".git" / "refs").mkdir(parents=True)
+    (tmp_path / "0").mkdir()
+    remove_empty_job_dirs(tmp_path, jobs=1)
+    assert (tmp_path / ".git" / "refs").is_dir() and not (tmp_path / "0").exists()
 
 
 def test_lines_of_jobs_side_by_side_carry_the_job_label() -> None:
@@ -348,7 +361,8 @@ def test_continuing_refuses_a_sweep(tmp_path, capsys) -> None:
     run_dir = tmp_path / "tiny"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("run: {root: x, name: tiny}\n")
-    assert "-m and --cfg do not apply" in _refused([str(run_dir), "-m"], capsys)
+    assert "flags (-m, --cfg, ...) do not apply" in _refused([str(run_dir), "-m"], capsys)
+    assert "flags (-m, --cfg, ...) do not apply" in _refused([str(run_dir), "-c", "job"], capsys)
 
 
 def test_a_stop_claims_a_checkpoint_only_when_one_exists() -> None:

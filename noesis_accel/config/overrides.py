@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Glob, Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import AnyNode, DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
@@ -33,7 +33,7 @@ from noesis_accel.core.errors import ConfigError
 
 # Hydra's flags that take the next word as their value (`--cfg job`, `-p train`).
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
-FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--experimental-rerun"}
+FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
 # `--info` takes one of these, or nothing.
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 _KINDS = {"IntegerNode": "a whole number", "FloatNode": "a number", "BooleanNode": "true or false"}
@@ -146,8 +146,8 @@ def parse_word(word: str, command: str = "noesis train") -> Override:
 def values_of(override: Override) -> list[Any]:
     """The value, or each value of a sweep (`optim.lr=1e-3,3e-4`)."""
     if override.is_sweep_override():
-        if override.is_interval_sweep():
-            return []  # a sweeper's interval: bounds, not values
+        if override.is_interval_sweep() or isinstance(override.value(), Glob):
+            return []  # a sweeper's interval (bounds), a group's glob (its options, listed by Hydra's loader)
         return list(override.sweep_iterator())
     return [override.value()]
 
@@ -161,7 +161,7 @@ def _group_word(word: str, override: Override, tree: ConfigTree) -> str:
     options = tree.groups()[group]
     if not override.is_delete():
         for value in values_of(override):
-            if str(value) not in options:
+            if value is not None and str(value) not in options:  # null: Hydra drops the group's default
                 raise ConfigError(
                     f"{group}={value}: no such option of {group}; one of {', '.join(options)} "
                     f"(files in {tree.conf_dir.name}/{group}/)"

@@ -18,6 +18,7 @@ Hydra's own launcher test suite uses both.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import json
 import logging
@@ -199,8 +200,8 @@ def job_label(overrides: Sequence[str], keys: Sequence[str]) -> str:
         if key not in keys:
             continue
         name = leaves[list(keys).index(key)] if leaves.count(key.rsplit(".", 1)[-1]) == 1 else key
-        if "/" in value:  # a path: its file names the job (two alike in different folders share a dir: refused)
-            value = value.rstrip("/").rsplit("/", 1)[-1]
+        if "/" in value:  # a path: its file names the job, and a short hash of the whole path tells two alike apart
+            value = f"{value.rstrip('/').rsplit('/', 1)[-1]}-{hashlib.sha1(value.encode()).hexdigest()[:6]}"
         joiner = "" if re.match(r"[-0-9.]", value) else "-"
         # Only characters that need no quoting in an override or a path.
         parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", f"{name}{joiner}{value}").strip("-"))
@@ -370,7 +371,7 @@ def run_sweep_job(
     for path in request.python_path:
         if path not in sys.path:
             sys.path.insert(0, path)
-    if request.sweep_keys is not None:  # the task names the job's run dir by them
+    if request.sweep_keys is not None:  # the task names the job's run dir by them (this process runs one job)
         os.environ[SWEEP_KEYS_ENV] = json.dumps(request.sweep_keys)
     if task_function is None:
         task_function = _unpickled(request.task_pickle) if request.task_pickle else import_object(request.task)

@@ -54,6 +54,9 @@ def quiet_libraries() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+_bars_off = False  # this process's tqdm default is switched off already
+
+
 def progress_bars_off_unless_terminal() -> None:
     """No library's progress bar where the output is not a terminal (a pipe, a file, Modal's logs).
 
@@ -61,9 +64,11 @@ def progress_bars_off_unless_terminal() -> None:
     characters long. Every library bar here is tqdm's, so tqdm is switched off: through its own
     `TQDM_DISABLE` for processes started from here (tqdm reads it once, when it is imported), and in
     its default for this process, which imported it already. The trainer's progress prints plain lines
-    off a terminal by itself (train.progress_bar). An explicit `TQDM_DISABLE` of the user's wins.
+    off a terminal by itself (train.progress_bar). An explicit `TQDM_DISABLE` of the user's wins, and a
+    notebook (IPython) keeps its bars: there they draw in place, and they are the user's own too.
     """
-    if sys.stderr.isatty() or "TQDM_DISABLE" in os.environ:
+    global _bars_off
+    if _bars_off or sys.stderr.isatty() or "TQDM_DISABLE" in os.environ or "IPython" in sys.modules:
         return
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -71,10 +76,8 @@ def progress_bars_off_unless_terminal() -> None:
 
     import tqdm.std
 
-    if not getattr(tqdm.std.tqdm.__init__, "_noesis_off", False):
-        off = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
-        off._noesis_off = True  # type: ignore[attr-defined]
-        tqdm.std.tqdm.__init__ = off
+    tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
+    _bars_off = True
 
 
 def quiet_known_noise() -> None:

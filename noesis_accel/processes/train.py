@@ -35,7 +35,7 @@ from noesis_accel.core.signals import STARTUP_INTERRUPTED, ForcedStop, RunInterr
 from noesis_accel.processes.launcher import TrainingProcessFailed, launch, needs_launch
 from noesis_accel.rundir.continuing import config_of_run_dir, is_run_dir
 from noesis_accel.rundir.layout import COMMAND_VARIABLE, RunDir, runs_root
-from noesis_accel.rundir.sweep_table import format_table, remove_empty_dirs, sweep_row, write_csv
+from noesis_accel.rundir.sweep_table import format_table, remove_empty_job_dirs, sweep_row, write_csv
 from noesis_accel.rundir.volumes import Committer, LocalCommitter, commit_or_report
 from noesis_accel.training.oom import OutOfMemoryCrash
 from noesis_accel.training.trackers import require_installed
@@ -236,8 +236,24 @@ def is_multirun(args: Sequence[str]) -> bool:
     return "-m" in args or "--multirun" in args
 
 
+# Hydra's flags that print instead of running jobs: a sweep with them has no table to show.
+_NO_JOBS_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc")
+
+
+def ran_jobs_here(args: Sequence[str]) -> bool:
+    """Whether this command's sweep ran its jobs where their run dirs can be read: not a printing flag, and not
+    Modal's launcher (its jobs' run dirs are on the Volume, and the launcher reports each job's outcome)."""
+    if any(word.startswith(flag) for word in args for flag in _NO_JOBS_FLAGS):
+        return False
+    to_modal = any(w.lstrip("+") == "hydra/launcher=modal" for w in args)
+    return not to_modal or "hydra.launcher.backend=local" in args
+
+
 def close_sweep(args: Sequence[str], configs: Sequence[tuple[list[str], DictConfig]]) -> None:
-    """After a sweep: the table of its jobs (also `sweep.csv` beside them), and no empty Hydra job folders."""
+    """After a sweep: the table of its jobs (also `sweep.csv` beside them), and no empty Hydra job folders.
+
+    A table that cannot be written is a warning: the jobs' own outcome and exit code stand.
+    """
     keys = json.loads(os.environ.get(SWEEP_KEYS_ENV) or "[]")
     rows = []
     for job, cfg in configs:
@@ -245,12 +261,16 @@ def close_sweep(args: Sequence[str], configs: Sequence[tuple[list[str], DictConf
         cfg.run.name = sweep_job_run_name(str(cfg.run.name), job)
         rows.append(sweep_row(RunDir.of(cfg), job, keys))
     root = runs_root(configs[0][1])
-    if root.is_dir():
-        write_csv(rows, keys, root / "sweep.csv")
     print(f"sweep: {len(rows)} jobs (also in {root / 'sweep.csv'}):", flush=True)
     print(format_table(rows, keys), flush=True)
     given = next((w.split("=", 1)[1] for w in args if w.lstrip("+").startswith("hydra.sweep.dir=")), None)
-    remove_empty_dirs(Path(given) if given else root / "multirun")
+    try:
+        if root.is_dir():
+            write_csv(rows, keys, root / "sweep.csv")
+        # Only the job folders Hydra made for this sweep (`hydra.sweep.subdir` is the job number), if empty.
+        remove_empty_job_dirs(Path(given) if given else root / "multirun", len(configs))
+    except OSError as err:
+        print(f"warning: the sweep's table or folders: {err}", file=sys.stderr, flush=True)
 
 
 def refuse_shared_run_dirs(configs: Sequence[tuple[Sequence[str], DictConfig]]) -> None:
@@ -302,25 +322,44 @@ def main(argv: Sequence[str] | None = None) -> None:
         _main_quietly_interrupted()
         return
     # Hydra's app reads its arguments from sys.argv and takes them from nowhere else: they go there
-    # while it runs.
+    # while it runs. Called in-process (a sweep's coordinator on Modal), a KeyboardInterrupt stays one:
+    # Modal's preemption arrives as SIGINT, and the coordinator's restart depends on it leaving the call.
     saved, sys.argv = sys.argv, ["noesis-train", *argv]
     try:
-        _main_quietly_interrupted()
+        _main()
     finally:
         sys.argv = saved
 
 
 def _main_quietly_interrupted() -> None:
-    """Ctrl-C before the trainer's own handler is in place (imports, composing, loading) is one line, not a
-    traceback; from then on the trainer handles the signal and says itself whether a checkpoint exists."""
+    """The console script: Ctrl-C before the trainer's own handler is in place (imports, composing, loading)
+    is one line, not a traceback; from then on the trainer handles the signal and says whether a checkpoint
+    exists. In a sweep, jobs already run may have checkpointed, so the line claims nothing about them."""
     try:
         _main()
     except KeyboardInterrupt:
-        print(STARTUP_INTERRUPTED, file=sys.stderr, flush=True)
+        if is_multirun(sys.argv[1:]):
+            print(
+                "interrupted: stopped by SIGINT; a job that had started keeps its checkpoints "
+                "(the same sweep resumes it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(STARTUP_INTERRUPTED, file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
 
 
 def _main() -> None:
+    try:
+        _run_command()
+    finally:
+        # This command's, not a later one's in the same process (tests, notebooks, a sweep's coordinator).
+        os.environ.pop(COMMAND_VARIABLE, None)
+        os.environ.pop(SWEEP_KEYS_ENV, None)
+
+
+def _run_command() -> None:
     env.quiet_known_noise()
     words = typed = sys.argv[1:]
     if "--hydra-help" in words:  # Hydra's own help, as `--help` gave it before ours
@@ -349,11 +388,8 @@ def _main() -> None:
             sys.exit(command.stops[0].exit_code)
         raise
     finally:
-        if is_multirun(sys.argv[1:]) and "--cfg" not in sys.argv and "-c" not in sys.argv:
+        if is_multirun(sys.argv[1:]) and ran_jobs_here(sys.argv[1:]):
             close_sweep(sys.argv[1:], configs)
-        # This command's, not a later one's in the same process (tests, notebooks).
-        os.environ.pop(COMMAND_VARIABLE, None)
-        os.environ.pop(SWEEP_KEYS_ENV, None)
     if command.stops:  # a single run that stopped: its one line, and the code a supervisor acts on
         print(str(command.stops[0]), file=sys.stderr, flush=True)
         sys.exit(command.stops[0].exit_code)
@@ -378,8 +414,8 @@ def _continue_run_dir(positional: list[str], overrides: list[str]) -> None:
             f"{' '.join(positional)}: not an override (key=value), and {run_dir} {why}; "
             "give overrides, or one RUN_DIR of a run to continue (noesis status lists them)"
         )
-    if any(word in ("-m", "--multirun") or word.startswith("--cfg") for word in overrides):
-        raise UsageError(f"{run_dir}: continuing a run dir runs that one run; -m and --cfg do not apply")
+    if any(word.startswith("-") for word in overrides):
+        raise UsageError(f"{run_dir}: continuing a run dir runs that one run; flags (-m, --cfg, ...) do not apply")
     cfg = config_of_run_dir(Path(run_dir), overrides)
     os.environ.pop(COMMAND_VARIABLE, None)  # the run dir keeps the command that started it
     refuse_unwritable_run_root(cfg)

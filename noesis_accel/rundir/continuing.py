@@ -38,9 +38,9 @@ def config_of_run_dir(run_dir: Path, overrides: list[str]) -> DictConfig:
             "noesis_accel?); start it with the full command instead"
         ) from None
     assert isinstance(cfg, DictConfig)
-    for word in overrides:
-        _apply(cfg, word)
     _locate(cfg, run_dir)
+    for word in overrides:  # after: a `ckpt.resume=` of this command's wins
+        _apply(cfg, word)
     return cfg
 
 
@@ -65,7 +65,13 @@ def _apply(cfg: DictConfig, word: str) -> None:
 
 
 def _locate(cfg: DictConfig, run_dir: Path) -> None:
-    """Point run.root and run.name at `run_dir` itself: it may have been moved or reached by another path."""
+    """Point run.root and run.name at `run_dir` itself: it may have been moved or reached by another path (`.`).
+
+    Continuing means resuming the newest checkpoint, whatever `ckpt.resume` the first start was given
+    (`never` would refuse the checkpoints it wrote, a path would go back to that one).
+    """
+    run_dir = run_dir.resolve()
     cfg.run.root = str(run_dir.parent)
     cfg.run.name = run_dir.name
     cfg.run.tag = None
+    cfg.ckpt.resume = "auto"

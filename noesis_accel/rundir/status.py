@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     price = parsed.options["price"] or _configured_price(rundir)
     print(format_status(status, history(rundir), price, _plan(rundir), failed_starts(rundir)))
-    print("\n".join(command_lines(rundir, status)))
+    for line in command_lines(rundir, status):
+        print(line)
     if not parsed.options["verify"]:
         return 0
     results = verify_checkpoints(rundir)

@@ -71,7 +71,7 @@ def format_table(rows: Sequence[SweepRow], keys: Sequence[str]) -> str:
 
 def write_csv(rows: Sequence[SweepRow], keys: Sequence[str], path: Path) -> None:
     """The table as CSV, atomically (a reader never sees half of it)."""
-    partial = path.with_name(path.name + ".tmp")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two sweeps ending at once: their own
     with partial.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["run_dir", *keys, "state", "step", "total_steps", "heldout_loss", "overrides"])
@@ -84,12 +84,14 @@ def write_csv(rows: Sequence[SweepRow], keys: Sequence[str], path: Path) -> None
     os.replace(partial, path)
 
 
-def remove_empty_dirs(root: Path) -> None:
-    """Folders under `root` (and `root`) left empty, deepest first: what Hydra made for jobs that wrote nothing."""
-    if not root.is_dir():
-        return
-    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(folder.iterdir()):
+def remove_empty_job_dirs(sweep_dir: Path, jobs: int) -> None:
+    """The job folders `0`..`jobs-1` Hydra made in `sweep_dir` and left empty, then `sweep_dir` if empty.
+
+    Nothing else: `hydra.sweep.dir` may be any folder of the user's (`.`), where an empty folder is theirs.
+    """
+    for number in range(jobs):
+        folder = sweep_dir / str(number)
+        if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-    if not any(root.iterdir()):
-        root.rmdir()
+    if sweep_dir.is_dir() and not any(sweep_dir.iterdir()):
+        sweep_dir.rmdir()
