@@ -380,3 +380,18 @@ def test_a_stop_claims_a_checkpoint_only_when_one_exists() -> None:
     assert before.exit_code == 130
     again = pickle.loads(pickle.dumps(before))  # a sweep job sends it back pickled
     assert isinstance(again, InterruptedBySignal) and str(again) == str(before)
+
+
+def test_called_in_process_a_keyboard_interrupt_stays_one(monkeypatch) -> None:
+    """A sweep's coordinator calls `noesis train` in-process; Modal's preemption arrives as SIGINT, and Modal
+    restarts the coordinator only if the KeyboardInterrupt leaves its call (not a quiet exit 130)."""
+    from noesis_accel.processes import train
+
+    def preempted() -> None:
+        os.environ["NOESIS_SWEEP_KEYS"] = '["optim.lr"]'
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_run_command", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(["-m", "optim.lr=1e-3,3e-4"])
+    assert "NOESIS_SWEEP_KEYS" not in os.environ  # the command's variables end with it
