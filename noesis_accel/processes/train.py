@@ -136,6 +136,13 @@ def sweep_job_run_name(name: str, job_overrides: Sequence[str], sweep_keys: Sequ
     return f"{name}-{label}" if label else name
 
 
+def sweep_job_run_dir(job: Sequence[str], cfg: DictConfig) -> RunDir:
+    """The run dir a sweep job with these overrides trains into (its config left as it is)."""
+    named = cfg.copy()
+    named.run.name = sweep_job_run_name(str(cfg.run.name), job)
+    return RunDir.of(named)
+
+
 def _name_sweep_job(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -257,9 +264,7 @@ def close_sweep(args: Sequence[str], configs: Sequence[tuple[list[str], DictConf
     keys = json.loads(os.environ.get(SWEEP_KEYS_ENV) or "[]")
     rows = []
     for job, cfg in configs:
-        cfg = cfg.copy()
-        cfg.run.name = sweep_job_run_name(str(cfg.run.name), job)
-        rows.append(sweep_row(RunDir.of(cfg), job, keys))
+        rows.append(sweep_row(sweep_job_run_dir(job, cfg), job, keys))
     root = runs_root(configs[0][1])
     print(f"sweep: {len(rows)} jobs (also in {root / 'sweep.csv'}):", flush=True)
     print(format_table(rows, keys), flush=True)
@@ -277,9 +282,7 @@ def refuse_shared_run_dirs(configs: Sequence[tuple[Sequence[str], DictConfig]]) 
     """Two jobs of one sweep with one run dir: the second would resume the first's run, or skip it as done."""
     by_dir: dict[Path, list[str]] = {}
     for job, cfg in configs:
-        cfg = cfg.copy()
-        cfg.run.name = sweep_job_run_name(str(cfg.run.name), job)
-        by_dir.setdefault(RunDir.of(cfg).path, []).append(" ".join(job))
+        by_dir.setdefault(sweep_job_run_dir(job, cfg).path, []).append(" ".join(job))
     shared = {path: jobs for path, jobs in by_dir.items() if len(jobs) > 1}
     if shared:
         path, jobs = next(iter(shared.items()))
