@@ -8,6 +8,7 @@
     modal run launch/modal_entry.py::status noesis                      # state, attempts, GPU-hours, cost
     modal run launch/modal_entry.py::status noesis modal.volume=other   # overrides pick the app's Volume
     modal run launch/modal_entry.py::export noesis                      # merge -> /vol/runs/noesis/export/
+    modal run launch/modal_entry.py::export noesis gguf=q4_k_m          # and a GGUF, checked in llama.cpp
     modal run launch/modal_entry.py::evaluate noesis +experiment=noesis # on one of the recipe's GPUs
     modal run launch/modal_entry.py::report noesis                      # plots + summary in report/
     modal run launch/modal_entry.py                                     # the CPU demo, as a smoke test
@@ -41,8 +42,11 @@ SETTINGS = modal_job.settings_at_import()
 
 app = modal.App(SETTINGS.app_name)
 volume = modal.Volume.from_name(SETTINGS.volume, create_if_missing=True)
+base_image = modal.Image.debian_slim(python_version=SETTINGS.python_version)
+if modal_image.apt_packages(SETTINGS.extras):  # an extra that compiles (gguf: llama.cpp) needs a compiler
+    base_image = base_image.apt_install(*modal_image.apt_packages(SETTINGS.extras))
 image = (
-    modal.Image.debian_slim(python_version=SETTINGS.python_version)
+    base_image
     # The CUDA build of torch first, pinned: the project's loose `torch>=` would otherwise pick one.
     .pip_install(f"torch=={SETTINGS.torch_version}", index_url=SETTINGS.torch_index_url)
     # The project's dependencies and the extras the config needs, less `modal`: the runtime brings its own.
@@ -110,7 +114,7 @@ command_settings = dict(
 
 @app.function(**command_settings)
 def export(*args: str) -> None:
-    """`modal run launch/modal_entry.py::export RUN_NAME [checkpoint=step-NNNNNN] [push_to_hub=REPO]`."""
+    """`modal run launch/modal_entry.py::export RUN_NAME [checkpoint=step-NNNNNN] [gguf=TYPES] [adapter=true]`."""
     _exit_with(modal_job.run_command("export", args, volume, SETTINGS))
 
 

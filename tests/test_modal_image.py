@@ -226,3 +226,29 @@ def test_a_container_made_of_the_uploads_alone_trains_the_sample_data(tmp_path, 
     ]
     saved = yaml.safe_load(RunDir(tmp_path / "remote" / "runs" / "demo").config_file.read_text())
     assert saved["data"]["path"] == str(root / "noesis_accel" / "assets" / "noesis_sample.jsonl")
+
+
+def test_an_export_asking_for_gguf_gets_llama_cpp_and_a_compiler_in_its_image(monkeypatch) -> None:
+    from noesis_accel.cloud import modal_job
+
+    argv = ["modal", "run", "launch/modal_entry.py::export", "noesis", "gguf=q4_k_m", "modal.extras=[wandb]"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("NOESIS_MODAL_OVERRIDES", raising=False)
+    overrides = modal_job.overrides_at_import()
+    assert overrides == ["modal.extras=[wandb,gguf]"]  # the user's extras kept
+    monkeypatch.setattr(sys, "argv", argv[:4])
+    assert modal_job.overrides_at_import() == []  # a plain export: no compiler, no llama.cpp
+
+    app = load_app(overrides, monkeypatch)
+    installs = " ".join(pip_installs(app.export))
+    assert "llama-cpp-python" in installs and "wandb" in installs
+    apt = [
+        command
+        for image in _reachable(synchronizer._translate_in(app.export)._spec.image, _Image)
+        if (dockerfile := inspect.getclosurevars(image._load).nonlocals.get("dockerfile_function")) is not None
+        for command in dockerfile("2025.06").commands
+        if "apt-get install" in command
+    ]
+    assert any("build-essential" in command and "cmake" in command for command in apt), apt
+    plain = load_app(["+experiment=noesis"], monkeypatch)
+    assert "llama-cpp-python" not in " ".join(pip_installs(plain.export))

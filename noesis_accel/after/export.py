@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from noesis_accel.after.export_checks import write_verify
+from noesis_accel.after.gguf_export import check_convertible, gguf_types, write_ggufs
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import UserError, exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.layout import RunDir
@@ -26,8 +28,10 @@ def export_run(
     push_to_hub: str | None = None,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     log: Any = print,
+    gguf: str | None = None,
+    adapter: bool = False,
 ) -> Path:
-    """Merge and write the run's model; returns the export directory.
+    """Merge, write and check the run's model; returns the export directory.
 
     Args:
         run_dir: `<run.root>/<run.name>`; its config.yaml names the base model.
@@ -36,38 +40,120 @@ def export_run(
         push_to_hub: a hub repo id (`org/name`) to upload the export to, as a private repo.
         max_shard_size: the largest safetensors shard, e.g. "2GB" or "500MB".
         log: where progress lines go.
+        gguf: GGUF types to write beside the merged folder, comma-separated (f16, q8_0, q4_k_m, ...).
+        adapter: write the LoRA adapter for serving engines (`<out>/adapter`); without `gguf`, only that.
     """
-    import torch
-
-    from noesis_accel.after.runmodel import load_run_model, run_config, weights_source
+    from noesis_accel.after.runmodel import run_config, weights_source
 
     rundir = RunDir(Path(run_dir)).require()
     source = weights_source(rundir, checkpoint)
     cfg = run_config(rundir)
+    quants = gguf_types(gguf)
     token = hub_token(push_to_hub) if push_to_hub else None  # before the merge: fail in seconds, not minutes
     default_out = rundir.export_dir if not source.is_checkpoint else rundir.path / f"export-{source.label}"
     target = Path(out) if out else default_out
+    if quants:
+        check_convertible(cfg)  # the extra, the architecture and the tokenizer, before anything is merged
+    if adapter:
+        from noesis_accel.after.serving_adapter import export_adapter
+
+        parked = _parked_adapter(target)  # the merged export below replaces the folder; the adapter stays
+        export_adapter(rundir, cfg, source, parked, _served_base_name(cfg), target / "adapter", log)
+        if not quants:
+            _unpark(parked, target)
+            return target
+    target, reference, prompts_source, checks = _merge_and_write(
+        rundir, cfg, source, target, max_shard_size, bool(quants), log
+    )
+    if adapter:
+        _unpark(parked, target)
+    if reference is not None:
+        checks += write_ggufs(cfg, target, quants, reference, log)
+    write_verify(target, checks, prompts_source, log)
+    if push_to_hub:
+        push(target, push_to_hub, token, log)
+    return target
+
+
+def _parked_adapter(target: Path) -> Path:
+    parked = target.with_name(target.name + ".adapter")
+    shutil.rmtree(parked, ignore_errors=True)
+    return parked
+
+
+def _unpark(parked: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target / "adapter", ignore_errors=True)
+    os.replace(parked, target / "adapter")
+    _readable_by_all(target / "adapter")
+
+
+def _served_base_name(cfg: Any) -> str:
+    """The base model a server loads the adapter onto: the hub id or folder the run trained from."""
+    if cfg.model.gguf_file:
+        from noesis_accel.training.modeling import materialize_gguf
+
+        # The dequantised weights the adapter was trained on, a folder vLLM can serve.
+        return str(materialize_gguf(cfg.model) / "model")
+    return str(cfg.model.name_or_path)
+
+
+def _merge_and_write(
+    rundir: RunDir, cfg: Any, source: Any, target: Path, max_shard_size: str, answers: bool, log: Any
+) -> tuple[Path, Any, str, list[Any]]:
+    """The merged folder, written and reloaded: (folder, what the merged model answers (with `answers`,
+    for the GGUF checks; else None), where the prompts came from, [the merge check])."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from noesis_accel.after.export_checks import (
+        LOGIT_PROMPTS,
+        check_prompts,
+        merged_check,
+        prompt_logits,
+        reference_answers,
+        rendered_prompts,
+        use_training_template,
+    )
+    from noesis_accel.after.runmodel import load_run_model
+
     dtype = getattr(torch, str(cfg.model.dtype))  # float32 | bfloat16 | float16: the base dtype
     what = "adapter" if cfg.peft.enabled else "weights"
     log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype}) with the {what} from {source.path}")
     loaded = load_run_model(cfg, source, device="cpu", for_merge=True)
+    tokenizer = loaded.tokenizer
+    use_training_template(tokenizer, cfg)
+    prompts, prompts_source = check_prompts(cfg, heldout=answers)
+    rendered, token_ids = rendered_prompts(tokenizer, prompts)
+    reference_logits = prompt_logits(loaded.model, token_ids[:LOGIT_PROMPTS])  # base + adapter, unmerged
     model = loaded.model
     if cfg.peft.enabled:
         # Folds B @ A * scale into each target weight; the result is the base architecture, no peft.
         model = model.merge_and_unload()
     model = model.to(dtype)
-    _drop_training_leftovers(model, loaded.tokenizer)
+    _drop_training_leftovers(model, tokenizer)
 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
-    loaded.tokenizer.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
     if not (tmp / "generation_config.json").is_file():
         model.generation_config.save_pretrained(str(tmp))
     shutil.copyfile(rundir.config_file, tmp / "training_config.yaml")
     (tmp / "README.md").write_text(model_card(rundir, cfg, source, target))
     _readable_by_all(tmp)
+    del model, loaded
+    gc.collect()
+    # The check reads what was written, as a user will: plain transformers, no peft.
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype)
+    merged.eval()
+    checks = [merged_check(reference_logits, prompt_logits(merged, token_ids[:LOGIT_PROMPTS]), str(cfg.model.dtype))]
+    reference = reference_answers(merged, tokenizer, prompts, rendered, token_ids) if answers else None
+    del merged
+    gc.collect()
     if target.exists():
         log(f"replacing the previous export in {target}")
         shutil.rmtree(target)
@@ -79,9 +165,7 @@ def export_run(
         f"exported {target}: {len(shards)} safetensors shard(s), {size / 1e6:,.1f} MB in {len(files)} files; "
         f"load it with AutoModelForCausalLM.from_pretrained('{target}')"
     )
-    if push_to_hub:
-        push(target, push_to_hub, token, log)
-    return target
+    return target, reference, prompts_source, checks
 
 
 def _readable_by_all(folder: Path) -> None:
@@ -275,6 +359,20 @@ EXPORT_COMMAND = Command(
             aliases=("--push-to-hub",),
         ),
         Option(
+            "gguf",
+            "also write GGUF files for llama.cpp / Ollama, checked in llama.cpp: f16, q8_0, q4_k_m, ... "
+            "(comma-separated; needs the gguf extra)",
+            metavar="TYPES",
+            aliases=("--gguf",),
+        ),
+        Option(
+            "adapter",
+            "write the LoRA adapter for vLLM / TGI to OUT/adapter (checked loadable); without gguf=, only that",
+            kind=bool,
+            default=False,
+            aliases=("--adapter",),
+        ),
+        Option(
             "max_shard_size",
             "largest safetensors file (default 2GB)",
             metavar="SIZE",
@@ -282,21 +380,32 @@ EXPORT_COMMAND = Command(
             aliases=("--max-shard-size",),
         ),
     ),
-    examples=("noesis export runs/demo", "noesis export runs/demo checkpoint=step-000040 push_to_hub=org/name"),
+    examples=(
+        "noesis export runs/demo",
+        "noesis export runs/demo gguf=f16,q8_0",
+        "noesis export runs/demo adapter=true",
+        "noesis export runs/demo checkpoint=step-000040 push_to_hub=org/name",
+    ),
 )
 
 
 @safe_for_pipes
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """`noesis export RUN_DIR [checkpoint=PATH] [out=DIR] [push_to_hub=REPO] [max_shard_size=SIZE]`."""
+    """`noesis export RUN_DIR [checkpoint=PATH] [out=DIR] [gguf=TYPES] [adapter=true] [push_to_hub=REPO] [...]`."""
     args = parse(EXPORT_COMMAND, command_line(argv))
     options = args.options
     from noesis_accel.core.env import quiet_known_noise
 
     quiet_known_noise()
     export_run(
-        str(args.run_dir), options["checkpoint"], options["out"], options["push_to_hub"], options["max_shard_size"]
+        str(args.run_dir),
+        options["checkpoint"],
+        options["out"],
+        options["push_to_hub"],
+        options["max_shard_size"],
+        gguf=options["gguf"],
+        adapter=bool(options["adapter"]),
     )
     return 0
 

@@ -41,6 +41,13 @@ EXTRAS_FOR_KEYS = {"model.liger": "gpu"}
 # Extras a `train.tracker` asks for; TensorBoard is a dependency of the project itself.
 EXTRAS_FOR_TRACKERS = {"wandb": "wandb", "mlflow": "mlflow"}
 TRACKERS_IN_IMAGE = ("tensorboard", "none", *EXTRAS_FOR_TRACKERS)
+# System packages an extra builds with: llama-cpp-python compiles llama.cpp, and debian_slim has no compiler.
+APT_FOR_EXTRAS = {"gguf": ("build-essential", "cmake")}
+
+
+def apt_packages(extras: Sequence[str]) -> list[str]:
+    """The system packages the image must install before pip builds `extras`."""
+    return list(dict.fromkeys(package for extra in extras for package in APT_FOR_EXTRAS.get(extra, ())))
 
 
 def carried_by_image(path: Path) -> bool:

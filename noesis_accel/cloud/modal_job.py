@@ -111,8 +111,22 @@ def overrides_at_import() -> list[str]:
         return []
     function = argv[entry].partition("::")[2]
     if function in run_commands():  # e.g. noesis-eval's own overrides are not the app's
-        return command_arguments(function, argv[entry + 1 :]).app_overrides
+        arguments = command_arguments(function, argv[entry + 1 :])
+        if function == "export" and arguments.options.get("gguf"):
+            return with_extra(arguments.app_overrides, GGUF_EXTRA)  # llama.cpp in the export's image
+        return arguments.app_overrides
     return hydra_overrides(argv[entry + 1 :])
+
+
+GGUF_EXTRA = "gguf"  # `::export RUN gguf=...` converts and checks with llama.cpp: the image needs it
+
+
+def with_extra(overrides: Sequence[str], extra: str) -> list[str]:
+    """`overrides` with `extra` added to `modal.extras` (kept with those the command line names)."""
+    given = [word for word in overrides if word.lstrip("+").startswith("modal.extras=")]
+    extras = [e.strip() for word in given for e in word.split("=", 1)[1].strip("[]").split(",") if e.strip()]
+    kept = [word for word in overrides if word not in given]
+    return [*kept, f"modal.extras=[{','.join(dict.fromkeys([*extras, extra]))}]"]
 
 
 # ---------------------------------------------------------------- settings
