@@ -47,7 +47,14 @@ def test_every_documented_spelling_means_the_same(words: list[str]) -> None:
 
 def test_options_not_given_keep_their_defaults_and_stay_off_the_command_line() -> None:
     args = parse(EXPORT_COMMAND, ["runs/demo", "--push-to-hub", "org/name"])
-    assert args.options == {"checkpoint": None, "out": None, "push_to_hub": "org/name", "max_shard_size": "2GB"}
+    assert args.options == {
+        "checkpoint": None,
+        "out": None,
+        "push_to_hub": "org/name",
+        "gguf": None,
+        "adapter": False,
+        "max_shard_size": "2GB",
+    }
     assert args.argv() == ["runs/demo", "push_to_hub=org/name"]
 
 

@@ -147,8 +147,8 @@ def test_a_misspelled_extra_is_refused_in_one_line_naming_the_known_ones(monkeyp
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert (
-        "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: bench, dev, gpu, "
-        "mlflow, test, wandb" in err
+        "modal.extras: 'gpus' is not an optional dependency group of this project; known extras: bench, dev, gguf, "
+        "gpu, mlflow, test, wandb" in err
     )
     assert "Traceback" not in err
 

@@ -1,12 +1,17 @@
 """`noesis export RUN_DIR`: merge the run's LoRA adapter (or a checkpoint's) into its base model and write
 a folder plain `transformers` loads without peft: safetensors shards, tokenizer, generation config and a
-model card with the training config and final figures. Optionally upload it to the Hugging Face hub."""
+model card with the training config and final figures. Optionally upload it to the Hugging Face hub.
+
+Every export is checked before it is called done (export_checks.py, results in `verify.json`); `gguf=`
+adds GGUF files for llama.cpp and Ollama, each checked in llama.cpp (gguf_export.py), and `adapter=true`
+writes the adapter in the shape vLLM and TGI load (serving_adapter.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,10 @@ def export_run(
 ) -> Path:
     """Merge, write and check the run's model; returns the export directory.
 
+    Raises ExportCheckFailed (exit 1) when a required check fails: the export is kept, marked failed in
+    verify.json. With `adapter` and no `gguf`, only the adapter is written: nothing is merged or checked
+    but the adapter's servability.
+
     Args:
         run_dir: `<run.root>/<run.name>`; its config.yaml names the base model.
         checkpoint: a `checkpoints/step-NNNNNN` directory (or its name) to export instead of the final adapter.
@@ -54,38 +63,52 @@ def export_run(
     target = Path(out) if out else default_out
     if quants:
         check_convertible(cfg)  # the extra, the architecture and the tokenizer, before anything is merged
-    if adapter:
-        from noesis_accel.after.serving_adapter import export_adapter
+    if not adapter:
+        return _merged_export(rundir, cfg, source, target, max_shard_size, quants, push_to_hub, token, log)
+    from noesis_accel.after.serving_adapter import export_adapter
 
-        parked = _parked_adapter(target)  # the merged export below replaces the folder; the adapter stays
+    # The adapter is written first (it may be refused, in seconds) to a private folder beside the target:
+    # a merged export replaces the target folder whole, and the adapter goes into it afterwards.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    parked = Path(tempfile.mkdtemp(prefix=f".{target.name}.adapter-", dir=target.parent)) / "adapter"
+    try:
         export_adapter(rundir, cfg, source, parked, _served_base_name(cfg), target / "adapter", log)
-        if not quants:
-            _unpark(parked, target)
-            return target
+        try:
+            if quants:
+                _merged_export(rundir, cfg, source, target, max_shard_size, quants, None, None, log)
+        finally:  # a merged export that failed its checks is kept, and so is the adapter beside it
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target / "adapter", ignore_errors=True)
+            os.replace(parked, target / "adapter")
+            _readable_by_all(target / "adapter")
+    finally:
+        shutil.rmtree(parked.parent, ignore_errors=True)
+    if push_to_hub:
+        push(target, push_to_hub, token, log)
+    return target
+
+
+def _merged_export(
+    rundir: RunDir,
+    cfg: Any,
+    source: Any,
+    target: Path,
+    max_shard_size: str,
+    quants: list[str],
+    push_to_hub: str | None,
+    token: str | None,
+    log: Any,
+) -> Path:
+    """The merged folder, its GGUF files, their checks and verify.json; then the upload."""
     target, reference, prompts_source, checks = _merge_and_write(
         rundir, cfg, source, target, max_shard_size, bool(quants), log
     )
-    if adapter:
-        _unpark(parked, target)
     if reference is not None:
         checks += write_ggufs(cfg, target, quants, reference, log)
     write_verify(target, checks, prompts_source, log)
     if push_to_hub:
         push(target, push_to_hub, token, log)
     return target
-
-
-def _parked_adapter(target: Path) -> Path:
-    parked = target.with_name(target.name + ".adapter")
-    shutil.rmtree(parked, ignore_errors=True)
-    return parked
-
-
-def _unpark(parked: Path, target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target / "adapter", ignore_errors=True)
-    os.replace(parked, target / "adapter")
-    _readable_by_all(target / "adapter")
 
 
 def _served_base_name(cfg: Any) -> str:
@@ -338,7 +361,8 @@ def push(folder: Path, repo: str, token: str | None, log: Any = print) -> str:
 
 EXPORT_COMMAND = Command(
     name="export",
-    summary="Merge a run's LoRA adapter into its base model and write a folder plain transformers loads.",
+    summary="Merge a run's LoRA adapter into its base model and write a folder plain transformers loads, "
+    "checked; GGUF files for llama.cpp / Ollama and an adapter for vLLM / TGI on request.",
     options=(
         Option(
             "checkpoint",
@@ -367,7 +391,8 @@ EXPORT_COMMAND = Command(
         ),
         Option(
             "adapter",
-            "write the LoRA adapter for vLLM / TGI to OUT/adapter (checked loadable); without gguf=, only that",
+            "write the LoRA adapter for vLLM / TGI to OUT/adapter (checked against their loaders' rules); "
+            "without gguf=, only that",
             kind=bool,
             default=False,
             aliases=("--adapter",),

@@ -30,7 +30,7 @@ STOP_BUDGET = 64  # tokens an answer may take to reach its end-of-turn token
 # to the dtype: about 1e-6 in float32; one rounding of every weight in 16 bits.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 # GGUF types whose answers must equal the merged model's: they keep the weights at least as exactly as f16.
-EXACT_TYPES = ("f32", "f16")
+EXACT_TYPES = ("f32", "f16")  # (bf16 rounds a float32 model's weights to 8 bits of mantissa)
 
 
 class ExportCheckFailed(UserError):
@@ -60,6 +60,7 @@ class Reference:
     end_of_turn: int | None  # the token the template closes an assistant turn with
     end_of_turn_text: str | None  # that token as our tokenizer spells it ("<|im_end|>")
     stop_ids: tuple[int, ...]  # ids the merged model's generation stops at
+    add_special: bool  # whether the renderings were encoded with BOS/EOS added (no template: plain text)
 
 
 # ---------------------------------------------------------------- prompts
@@ -73,10 +74,14 @@ def render(tokenizer: Any, prompt: str) -> str:
     return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
 
+def adds_special_tokens(tokenizer: Any) -> bool:
+    """Whether a rendering is encoded with the tokenizer's BOS/EOS: not when a chat template wrote them."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Our ids for a rendering: the template writes any BOS itself; plain text gets what encode adds."""
-    add_special = not getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(text, add_special_tokens=add_special).input_ids)
+    return list(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer)).input_ids)
 
 
 def end_of_turn_token(tokenizer: Any) -> int | None:
@@ -88,7 +93,10 @@ def end_of_turn_token(tokenizer: Any) -> int | None:
     text = str(tokenizer.apply_chat_template(messages, tokenize=False))
     after = text[text.index(words) + len(words) :] if words in text else ""
     ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
-    return int(ids[0]) if ids else tokenizer.eos_token_id
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    # A template may put text before the token (Llama 2 writes ' ' + eos): the first special one closes the turn.
+    closing = next((i for i in ids if i in special), ids[0] if ids else None)
+    return int(closing) if closing is not None else tokenizer.eos_token_id
 
 
 VERIFY_PROMPTS = 16  # the run's eval prompts asked in the checks, at most
@@ -138,7 +146,7 @@ def reference_answers(model: Any, tokenizer: Any, prompts: list[str], rendered: 
     stops = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), *([end] if end is not None else [])}
     answers = greedy_answers(model, ids, tuple(sorted(stops)), tokenizer.pad_token_id)
     text = None if end is None else str(tokenizer.convert_ids_to_tokens(end))
-    return Reference(prompts, rendered, ids, answers, end, text, tuple(sorted(stops)))
+    return Reference(prompts, rendered, ids, answers, end, text, tuple(sorted(stops)), adds_special_tokens(tokenizer))
 
 
 # ---------------------------------------------------------------- merged against base + adapter
@@ -165,7 +173,7 @@ def merged_check(reference: list[Any], merged: list[Any], dtype: str) -> Check:
         f"({tolerance:g} x largest |logit| {scale:.3g})"
     )
     figures = {"max_abs_diff": worst, "tolerance": tolerance * scale, "prompts": len(reference), "dtype": dtype}
-    return Check("merged vs base + adapter", "model.safetensors", passed, detail, figures=figures)
+    return Check("merged vs base + adapter", "safetensors", passed, detail, figures=figures)
 
 
 def greedy_answers(model: Any, token_ids: list[list[int]], stop_ids: tuple[int, ...], pad_id: int | None) -> list:
@@ -197,7 +205,7 @@ def gguf_checks(path: Path, quant: str, reference: Reference, exact: bool) -> li
 
     name = path.name
     try:
-        model = GgufModel(path)
+        model = GgufModel(path, n_ctx=max(512, max((len(ids) for ids in reference.ids), default=0) + STOP_BUDGET))
     except Exception as err:  # llama.cpp refuses a file it cannot read: that is the check's result
         return [Check("gguf loads", name, False, f"llama.cpp could not load it: {err}")]
     try:
@@ -212,7 +220,7 @@ def gguf_checks(path: Path, quant: str, reference: Reference, exact: bool) -> li
 
 
 def _tokenizer_check(model: Any, name: str, reference: Reference) -> Check:
-    theirs = [model.tokens(text) for text in reference.rendered]
+    theirs = [model.tokens(text, reference.add_special) for text in reference.rendered]
     differing = [i for i, (ours, other) in enumerate(zip(reference.ids, theirs)) if ours != other]
     count = len(reference.ids)
     if not differing:

@@ -101,14 +101,20 @@ def write_gguf(folder: Path, out: Path, outtype: str, chat_template: str | None,
         raise ValueError(problem or plan)
     arch = ARCHITECTURES[str((config.get("architectures") or [_class_of(config.get("model_type"))])[0])]
     tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    _write_hyperparameters(writer, config, outtype, name)
-    _write_vocab(writer, folder, tokenizer, plan, int(config["vocab_size"]), chat_template)
-    for gguf_name, array, dtype in _tensors(folder, config, arch, outtype):
-        writer.add_tensor(gguf_name, array, raw_dtype=dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    # use_temp_file: the writer spools tensors to disk past 256 MB instead of keeping the model in memory.
+    writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
+    try:
+        _write_hyperparameters(writer, config, outtype, name)
+        _write_vocab(writer, folder, tokenizer, plan, int(config["vocab_size"]), chat_template)
+        for gguf_name, array, dtype in _tensors(folder, config, arch, outtype):
+            writer.add_tensor(gguf_name, array, raw_dtype=dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)  # no half-written file beside the finished ones
+        raise
     writer.close()
     tmp.replace(out)
     return out
@@ -188,7 +194,7 @@ def _bpe_tokens(tokenizer: Any, vocab_size: int) -> Iterator[tuple[str, int]]:
 
 
 def _tensors(folder: Path, config: dict[str, Any], arch: str, outtype: str) -> Iterator[tuple[str, np.ndarray, Any]]:
-    """(GGUF name, data, GGML type) of every weight; one shard in memory at a time."""
+    """(GGUF name, data, GGML type) of every weight, read one tensor at a time."""
     import gguf
     import torch
     from safetensors import safe_open

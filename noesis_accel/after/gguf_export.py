@@ -79,18 +79,21 @@ def write_ggufs(cfg: Any, export_dir: Path, quants: list[str], reference: Refere
         for quant in quants:
             path = export_dir / f"{name}-{quant}.gguf"
             log(f"writing {path.name}")
-            if quant in FLOAT_TYPES:
-                write_gguf(export_dir, path, quant, template, name)
-            else:
-                if source is None:
-                    source = write_gguf(
-                        export_dir, export_dir / f".{name}-{source_type}.source.gguf", source_type, template, name
-                    )
-                quantize(source, path, quant)
-            write_modelfile(path, template, reference.end_of_turn_text, system)
-            exact = quant in EXACT_TYPES or (quant == "bf16" and source_type == "bf16")
-            checks += gguf_checks(path, quant, reference, exact)
+            try:
+                if quant in FLOAT_TYPES:
+                    write_gguf(export_dir, path, quant, template, name)
+                else:
+                    if source is None:
+                        source = export_dir / f".{name}-{source_type}.source.gguf"
+                        write_gguf(export_dir, source, source_type, template, name)
+                    quantize(source, path, quant)
+            except Exception as err:  # a failed conversion is this file's result; the others and verify.json go on
+                path.unlink(missing_ok=True)
+                checks.append(Check("gguf written", path.name, False, f"{type(err).__name__}: {err}"))
+                continue
             path.chmod(0o644)
+            write_modelfile(path, template, reference.end_of_turn_text, system)
+            checks += gguf_checks(path, quant, reference, exact=quant in EXACT_TYPES)
     finally:
         if source is not None:
             source.unlink(missing_ok=True)

@@ -66,8 +66,12 @@ def quantize(source: Path, out: Path, quant: str) -> Path:
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     params.nthread = os.cpu_count() or 1
     tmp = out.with_name(out.name + ".tmp")
-    with _native_output_captured() as output:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    try:
+        with _native_output_captured() as output:
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if status != 0:
         tmp.unlink(missing_ok=True)
         last = next((line for line in reversed(output) if line.strip()), "no message")
@@ -79,7 +83,7 @@ def quantize(source: Path, out: Path, quant: str) -> Path:
 class GgufModel:
     """A GGUF file loaded by llama.cpp on the CPU: its tokenizer, greedy generation and end-of-generation ids."""
 
-    def __init__(self, path: Path, n_ctx: int = 2048) -> None:
+    def __init__(self, path: Path, n_ctx: int = 2048) -> None:  # n_ctx: the longest prompt + answer
         llama_cpp = require()
         self._llama_cpp = llama_cpp
         self.path = path
@@ -87,9 +91,9 @@ class GgufModel:
             model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, seed=0, verbose=False
         )
 
-    def tokens(self, text: str) -> list[int]:
-        """Token ids as a llama.cpp server feeds a rendered prompt: special tokens parsed, BOS as the file says."""
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    def tokens(self, text: str, add_special: bool) -> list[int]:
+        """Token ids of `text`, special tokens parsed; with `add_special`, the BOS the file says to add."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))

@@ -35,8 +35,10 @@ def modelfile(gguf_file: Path, chat_template: str | None, stop: str | None, syst
     template = go_template(chat_template)
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
-    else:
+    elif chat_template:
         lines.append("# TEMPLATE: none written; Ollama uses the GGUF's tokenizer.chat_template")
+    else:
+        lines.append("# TEMPLATE: none; the model was trained on plain text, which Ollama passes as it is")
     if system:
         lines.append(f'SYSTEM """{system}"""')
     if stop:

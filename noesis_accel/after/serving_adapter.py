@@ -84,7 +84,8 @@ def export_adapter(
     if source.is_checkpoint:
         from noesis_accel.after.runmodel import load_run_model
 
-        load_run_model(cfg, source, device="cpu").model.save_pretrained(str(tmp))
+        # for_merge: a QLoRA base loads unquantised on the CPU; only the LoRA weights are saved.
+        load_run_model(cfg, source, device="cpu", for_merge=True).model.save_pretrained(str(tmp))
     else:
         shutil.copytree(source.path, tmp)
     config_file = tmp / ADAPTER_CONFIG
