@@ -174,7 +174,11 @@ def _merge_and_write(
     merged = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype)
     merged.eval()
     checks = [merged_check(reference_logits, prompt_logits(merged, token_ids[:LOGIT_PROMPTS]), str(cfg.model.dtype))]
-    reference = reference_answers(merged, tokenizer, prompts, rendered, token_ids) if answers else None
+    reference = None
+    if answers:
+        # The standard for the GGUF files is the written weights computed in float32: a 16-bit model's own
+        # arithmetic would differ from llama.cpp's by rounding, not by anything the conversion did.
+        reference = reference_answers(merged.to(torch.float32), tokenizer, prompts, rendered, token_ids)
     del merged
     gc.collect()
     if target.exists():
