@@ -178,7 +178,7 @@ def _merge_and_write(
     if answers:
         # The standard for the GGUF files is the written weights computed in float32: a 16-bit model's own
         # arithmetic would differ from llama.cpp's by rounding, not by anything the conversion did.
-        reference = reference_answers(merged.to(torch.float32), tokenizer, prompts, rendered, token_ids)
+        reference = reference_answers(merged.float(), tokenizer, prompts, rendered, token_ids)
     del merged
     gc.collect()
     if target.exists():
