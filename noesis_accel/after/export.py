@@ -63,8 +63,19 @@ def export_run(
     target = Path(out) if out else default_out
     if quants:
         check_convertible(cfg)  # the extra, the architecture and the tokenizer, before anything is merged
-    if not adapter:
-        return _merged_export(rundir, cfg, source, target, max_shard_size, quants, push_to_hub, token, log)
+    if adapter:
+        _adapter_export(rundir, cfg, source, target, max_shard_size, quants, log)
+    else:
+        _merged_export(rundir, cfg, source, target, max_shard_size, quants, log)
+    if push_to_hub:
+        push(target, push_to_hub, token, log)
+    return target
+
+
+def _adapter_export(
+    rundir: RunDir, cfg: Any, source: Any, target: Path, max_shard_size: str, quants: list[str], log: Any
+) -> None:
+    """`adapter=true`: the serving adapter in `target`/adapter, and the merged export too when `quants`."""
     from noesis_accel.after.serving_adapter import export_adapter
 
     # The adapter is written first (it may be refused, in seconds) to a private folder beside the target:
@@ -75,7 +86,7 @@ def export_run(
         export_adapter(rundir, cfg, source, parked, _served_base_name(cfg), target / "adapter", log)
         try:
             if quants:
-                _merged_export(rundir, cfg, source, target, max_shard_size, quants, None, None, log)
+                _merged_export(rundir, cfg, source, target, max_shard_size, quants, log)
         finally:  # a merged export that failed its checks is kept, and so is the adapter beside it
             target.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(target / "adapter", ignore_errors=True)
@@ -83,32 +94,16 @@ def export_run(
             _readable_by_all(target / "adapter")
     finally:
         shutil.rmtree(parked.parent, ignore_errors=True)
-    if push_to_hub:
-        push(target, push_to_hub, token, log)
-    return target
 
 
 def _merged_export(
-    rundir: RunDir,
-    cfg: Any,
-    source: Any,
-    target: Path,
-    max_shard_size: str,
-    quants: list[str],
-    push_to_hub: str | None,
-    token: str | None,
-    log: Any,
-) -> Path:
-    """The merged folder, its GGUF files, their checks and verify.json; then the upload."""
-    target, reference, prompts_source, checks = _merge_and_write(
-        rundir, cfg, source, target, max_shard_size, bool(quants), log
-    )
+    rundir: RunDir, cfg: Any, source: Any, target: Path, max_shard_size: str, quants: list[str], log: Any
+) -> None:
+    """The merged folder in `target`, its GGUF files, their checks and verify.json."""
+    reference, prompts_source, checks = _merge_and_write(rundir, cfg, source, target, max_shard_size, bool(quants), log)
     if reference is not None:
         checks += write_ggufs(cfg, target, quants, reference, log)
     write_verify(target, checks, prompts_source, log)
-    if push_to_hub:
-        push(target, push_to_hub, token, log)
-    return target
 
 
 def _served_base_name(cfg: Any) -> str:
@@ -123,9 +118,9 @@ def _served_base_name(cfg: Any) -> str:
 
 def _merge_and_write(
     rundir: RunDir, cfg: Any, source: Any, target: Path, max_shard_size: str, answers: bool, log: Any
-) -> tuple[Path, Any, str, list[Any]]:
-    """The merged folder, written and reloaded: (folder, what the merged model answers (with `answers`,
-    for the GGUF checks; else None), where the prompts came from, [the merge check])."""
+) -> tuple[Any, str, list[Any]]:
+    """The merged folder written and reloaded: (what the merged model answers (with `answers`, for the GGUF
+    checks; else None), where the prompts came from, [the merge check])."""
     import gc
 
     import torch
@@ -192,7 +187,7 @@ def _merge_and_write(
         f"exported {target}: {len(shards)} safetensors shard(s), {size / 1e6:,.1f} MB in {len(files)} files; "
         f"load it with AutoModelForCausalLM.from_pretrained('{target}')"
     )
-    return target, reference, prompts_source, checks
+    return reference, prompts_source, checks
 
 
 def _readable_by_all(folder: Path) -> None:

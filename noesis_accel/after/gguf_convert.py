@@ -37,8 +37,7 @@ class TokenizerPlan:
 
 def architecture_problem(config: dict[str, Any]) -> str | None:
     """Why a model with this config.json cannot be converted, or None when it can."""
-    architectures = config.get("architectures") or [_class_of(config.get("model_type"))]
-    name = str(architectures[0])
+    name = _architecture(config)
     supported = ", ".join(sorted(ARCHITECTURES))
     if name not in ARCHITECTURES:
         return f"the model is {name}; GGUF export supports {supported}"
@@ -50,6 +49,11 @@ def architecture_problem(config: dict[str, Any]) -> str | None:
             "embeddings (convert the merged folder with llama.cpp's convert_hf_to_gguf.py instead)"
         )
     return None
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    """The model class a config.json names (or transformers builds for its `model_type`)."""
+    return str((config.get("architectures") or [_class_of(config.get("model_type"))])[0])
 
 
 def _class_of(model_type: Any) -> str:
@@ -99,7 +103,7 @@ def write_gguf(folder: Path, out: Path, outtype: str, chat_template: str | None,
     plan = tokenizer_plan(tokenizer)
     if problem or isinstance(plan, str):
         raise ValueError(problem or plan)
-    arch = ARCHITECTURES[str((config.get("architectures") or [_class_of(config.get("model_type"))])[0])]
+    arch = ARCHITECTURES[_architecture(config)]
     tmp = out.with_name(out.name + ".tmp")
     # use_temp_file: the writer spools tensors to disk past 256 MB instead of keeping the model in memory.
     writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)

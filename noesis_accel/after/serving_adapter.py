@@ -68,8 +68,9 @@ def max_lora_rank_flag(rank: int) -> str:
 def export_adapter(
     rundir: Any, cfg: Any, source: Any, target: Path, base_name: str, shown_as: Path, log: Any = print
 ) -> Path:
-    """Write `target`: the adapter, checked, with the base model named; `shown_as` is where it will end up
-    (RUN_DIR/export/adapter by default), the path the printed serving command names.
+    """Write `target` (a new folder: the caller moves it into place): the adapter, checked, with the base
+    model named; `shown_as` is where it will end up (RUN_DIR/export/adapter by default), the path the
+    printed serving command names. A refused adapter leaves nothing behind.
 
     `source` is the final adapter or a checkpoint (`runmodel.weights_source`); a checkpoint's LoRA weights
     are loaded into the base model and saved as peft saves an adapter.
@@ -79,27 +80,22 @@ def export_adapter(
             f"adapter=true: {rundir.path} trained every weight (peft.enabled=false); it has no adapter; "
             "export the merged model (noesis export RUN_DIR) instead"
         )
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     if source.is_checkpoint:
         from noesis_accel.after.runmodel import load_run_model
 
         # for_merge: a QLoRA base loads unquantised on the CPU; only the LoRA weights are saved.
-        load_run_model(cfg, source, device="cpu", for_merge=True).model.save_pretrained(str(tmp))
+        load_run_model(cfg, source, device="cpu", for_merge=True).model.save_pretrained(str(target))
     else:
-        shutil.copytree(source.path, tmp)
-    config_file = tmp / ADAPTER_CONFIG
+        shutil.copytree(source.path, target)
+    config_file = target / ADAPTER_CONFIG
     adapter_config = json.loads(config_file.read_text())
     problems = serving_problems(adapter_config)
     if problems:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         raise UserError(f"adapter=true: vLLM and TGI would not load this adapter: {'; '.join(problems)}")
     adapter_config["target_modules"] = module_names(adapter_config["target_modules"])
     adapter_config["base_model_name_or_path"] = base_name
     config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.replace(target)
     flag = max_lora_rank_flag(int(adapter_config["r"]))
     targets = ", ".join(adapter_config["target_modules"])
     log(f"adapter for serving: {shown_as} (r={adapter_config['r']}, targets {targets})")
