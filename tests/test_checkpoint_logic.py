@@ -20,6 +20,9 @@ from noesis_accel.config import compose
 from noesis_accel.core.errors import ResumeError
 from noesis_accel.rundir.checkpoint import MANIFEST, CheckpointManager, checkpoint_problem
 from noesis_accel.rundir.layout import RunDir
+from noesis_accel.training.strategies.fsdp2 import Fsdp2
+from noesis_accel.training.strategies.single import Single
+from noesis_accel.training.strategies.zero2 import Zero2
 
 
 class OneProcessAccelerator:
@@ -54,7 +57,8 @@ class RecordingCommitter:
 
 def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
     overrides: dict[Any, Any] = {"commit_backoff_s": 0, **ckpt}
-    cfg = OmegaConf.merge(compose(["+experiment=tiny"]).ckpt, overrides)
+    run_cfg = compose(["+experiment=tiny"])
+    cfg = OmegaConf.merge(run_cfg.ckpt, overrides)
     assert isinstance(cfg, DictConfig)
     return CheckpointManager(
         OneProcessAccelerator(),
@@ -63,7 +67,7 @@ def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
         total_steps,
         config_fingerprint="abc",
         committer=RecordingCommitter(run_dir / "checkpoints"),
-        is_deepspeed=False,
+        state=Single(run_cfg),
         loss_normalization="tokens",
     )
 
@@ -166,19 +170,24 @@ def test_a_checkpoint_from_other_math_another_format_or_another_zero_world_is_re
     manager.config_fingerprint = "other"
     with pytest.raises(ResumeError, match="different training config .*fingerprint abc != other"):
         manager.check_compatible(checkpoint)
-    manager.config_fingerprint, manager.is_deepspeed = "abc", True
+    manager.config_fingerprint, manager.state = "abc", Zero2(compose(["distributed=zero2"]))
     with pytest.raises(
-        ResumeError, match="written without DeepSpeed and this run is with it.*distributed=ddp or single"
+        ResumeError,
+        match="holds whole trainable weights .* and distributed=zero2 reads ZeRO-2 engine files.*"
+        "resume it with distributed=ddp or single",
     ):
         manager.check_compatible(checkpoint)
     # A ZeRO checkpoint of 2 processes met by 1: refused, or continued with fresh moments on request.
     zero = checkpoint.__class__(checkpoint.path, checkpoint.step, {**checkpoint.manifest, "world_size": 2})
     with pytest.raises(ResumeError, match=r"written by 2 DeepSpeed process\(es\) and this run has 1.*num_processes=2"):
-        manager._world_size_changed(zero)
+        manager._reset_optimizer(zero)
     manager.cfg.on_world_size_change = "reset_optimizer"
-    assert manager._world_size_changed(zero) is True
-    manager.is_deepspeed = False  # DDP and single-process checkpoints hold the whole optimizer: any count loads
-    assert manager._world_size_changed(zero) is False
+    assert manager._reset_optimizer(zero) is True
+    # Whole optimizer state, or DCP's global layout: any count continues them (moments reset only on request).
+    manager.cfg.on_world_size_change = "refuse"
+    for resharding in (Single(compose([])), Fsdp2(compose(["distributed=fsdp2"]))):
+        manager.state = resharding
+        assert manager._reset_optimizer(zero) is False
 
 
 def test_a_commit_still_running_when_its_time_is_up_is_given_up_on_and_the_next_waits_for_it() -> None:

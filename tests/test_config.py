@@ -20,15 +20,13 @@ from noesis_accel.config import (
     CONF_DIR,
     Config,
     Resume,
-    Strategy,
     accumulation_steps,
     compose,
     differing_math_keys,
     register,
     resume_mode,
-    saved_with_deepspeed,
     strategy,
-    uses_deepspeed,
+    strategy_names,
     validate,
     world_size,
 )
@@ -51,14 +49,14 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     overrides = [f"{group}={option}"]
     if group == "data" and option == "jsonl":
         overrides.append("data.path=/tmp/train.jsonl")
-    if group == "distributed" and option == "zero2":
+    if group == "distributed" and option in ("zero2", "fsdp2"):
         overrides += ["train.global_batch_size=32"]  # 32 = 4 x 1 x 8
     cfg = compose(overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate(cfg)
     if group == "distributed":
         # Each layout is the strategy its file names, and its process count divides the batch it runs with.
-        assert strategy(cfg) is Strategy(option)
+        assert strategy(cfg) == option
         assert (world_size(cfg) > 1) == (option != "single")
         micro, world = cfg.train.micro_batch_size, world_size(cfg)
         assert micro * accumulation_steps(cfg) * world == cfg.train.global_batch_size
@@ -204,19 +202,23 @@ def test_eval_yaml_composes_as_in_the_snapshot() -> None:
 
 
 def test_choices_come_from_the_schema_annotations() -> None:
-    assert CHOICES["distributed.type"] == tuple(s.value for s in Strategy)
+    assert CHOICES["distributed.type"] == ("single", "ddp", "fsdp2", "zero2")  # conf/distributed/*.yaml
     assert CHOICES["model.attn_implementation"][-1] == "flex_attention"
     assert "tracker.mode" not in CHOICES  # null has a meaning of its own there; its own check says so
-    with pytest.raises(ConfigError, match="distributed.type: 'fsdp' is not one of single, ddp, zero2"):
+    with pytest.raises(ConfigError, match="distributed.type: 'fsdp' is not one of single, ddp, fsdp2, zero2"):
         validate(compose(["distributed.type=fsdp"]))
 
 
-def test_strategy_tells_deepspeed_from_the_config_and_from_a_manifest() -> None:
-    assert [uses_deepspeed(compose([f"distributed={d}"])) for d in ("single", "ddp", "zero2")] == [False, False, True]
-    assert strategy(compose(["+experiment=noesis"])) is Strategy.ZERO2
-    assert saved_with_deepspeed({"distributed_type": "DistributedType.DEEPSPEED"})
-    assert not saved_with_deepspeed({"distributed_type": "DistributedType.MULTI_GPU"}) and not saved_with_deepspeed({})
-    with pytest.raises(ValueError, match="distributed.type: 'fsdp' is not one of single, ddp, zero2"):
+def test_strategy_names_come_from_conf_distributed_and_manifests_name_their_format() -> None:
+    from noesis_accel.training.strategies import build_strategy, saved_format
+
+    assert [build_strategy(compose([f"distributed={d}"])).name for d in strategy_names()] == list(strategy_names())
+    assert strategy(compose(["+experiment=noesis"])) == "zero2"
+    # Manifests written before formats were named: Accelerate's recorded type tells ZeRO-2 from the others.
+    assert saved_format({"distributed_type": "DistributedType.DEEPSPEED"}) == "zero2"
+    assert saved_format({"distributed_type": "DistributedType.MULTI_GPU"}) == saved_format({}) == "replicated"
+    assert saved_format({"state_format": "dcp", "distributed_type": "DistributedType.MULTI_CPU"}) == "dcp"
+    with pytest.raises(ValueError, match="distributed.type: 'fsdp' is not one of single, ddp, fsdp2, zero2"):
         strategy(OmegaConf.create({"distributed": {"type": "fsdp"}}))
 
 

@@ -11,15 +11,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.config import saved_with_deepspeed
 from noesis_accel.core.errors import UserError
 from noesis_accel.rundir.layout import RunDir
-from noesis_accel.training import modeling
-
-# Where Accelerate's save_state puts the trainable weights: our trainable-only hook writes safetensors;
-# DeepSpeed writes its engine's module state (frozen parameters excluded) under its `pytorch_model` tag.
-CHECKPOINT_WEIGHTS = "model.safetensors"
-DEEPSPEED_WEIGHTS = "pytorch_model/mp_rank_00_model_states.pt"
+from noesis_accel.training import modeling, strategies
 
 
 @dataclass(frozen=True)
@@ -30,7 +24,7 @@ class WeightsSource:
     label: str  # "adapter", "model" or "step-000123"
     is_checkpoint: bool
     step: int | None = None
-    weights_file: Path | None = None  # a checkpoint's file holding the trained parameters
+    weights_file: Path | None = None  # a checkpoint's file (or directory) holding the trained parameters
 
 
 @dataclass
@@ -67,9 +61,8 @@ def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) 
     if problem is not None:
         raise UserError(f"checkpoint {path} is incomplete ({problem}); choose a complete one from {path.parent}")
     manifest = read_manifest(path)
-    deepspeed = (path / "pytorch_model").is_dir() or saved_with_deepspeed(manifest)
-    weights = path / (DEEPSPEED_WEIGHTS if deepspeed else CHECKPOINT_WEIGHTS)
-    if not weights.is_file():
+    weights = strategies.reader_of(path, manifest).weights_location(path)  # which files hold what: the strategy's
+    if not weights.exists():
         raise UserError(
             f"checkpoint {path} has no {weights.relative_to(path)} (the trained weights); "
             "it cannot be loaded; choose another checkpoint"
@@ -130,15 +123,13 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
         model = _seeded_base(cfg, model_cfg, len(tokenizer), target.type == "cuda")
         if peft_enabled and source.is_checkpoint:
             model = modeling.apply_lora(model, model_cfg, cfg.peft)
-            assert source.weights_file is not None, "a checkpoint source names its weights file"
-            _load_trainable(model, source.weights_file)
+            _load_trainable(model, source)
         elif peft_enabled:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(source.path))
         else:
-            assert source.weights_file is not None, "a checkpoint source names its weights file"
-            _load_trainable(model, source.weights_file)
+            _load_trainable(model, source)
     if not model_cfg.load_in_4bit:  # a k-bit model already sits on its GPU
         model.to(target)
     model.eval()
@@ -146,17 +137,16 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
     return LoadedRun(cfg, model, tokenizer, source)
 
 
-def _load_trainable(model: torch.nn.Module, file: Path) -> None:
+def _load_trainable(model: torch.nn.Module, source: WeightsSource) -> None:
     """Copy a checkpoint's trainable parameters (saved under the unwrapped model's names) into `model`.
 
-    A DeepSpeed file may also hold frozen tensors (a tied lm_head); they equal the base and are skipped.
+    The strategy that wrote the checkpoint reads it. A ZeRO-2 file may also hold frozen tensors (a tied
+    lm_head); they equal the base and are skipped.
     """
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from noesis_accel.rundir.checkpoint import read_manifest
 
-        saved = load_file(str(file))
-    else:  # tensors and plain Python values only: no pickled code runs
-        saved = dict(torch.load(str(file), map_location="cpu", weights_only=True)["module"])
+    file = source.weights_file
+    saved = strategies.reader_of(source.path, read_manifest(source.path)).read_trainable_weights(source.path)
     params = dict(model.named_parameters())
     trainable = {name for name, p in params.items() if p.requires_grad}
     unexpected = sorted(set(saved) - set(model.state_dict()))

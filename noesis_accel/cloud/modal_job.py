@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 
 from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracker_problem
 from noesis_accel.config import (
-    Strategy,
     compose,
     gpu_spec_text,
     gpu_specs,
@@ -227,10 +226,10 @@ def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
     specs = gpu_specs(cfg)
     if specs:
         _, per_container, containers = modal_layout(specs[0])  # every entry has the same count
-        if per_container * containers > 1 and strategy(cfg) is Strategy.SINGLE:
+        if per_container * containers > 1 and strategy(cfg) == "single":
             problems.append(
                 f"distributed: modal.gpu={gpu_spec_text(cfg.modal.gpu)} runs {per_container * containers} processes; "
-                "choose distributed=ddp or distributed=zero2"
+                "choose distributed=ddp, zero2 or fsdp2"
             )
     mount = Path(str(cfg.modal.mount))
     root = runs_root(cfg)

@@ -46,7 +46,7 @@ from noesis_accel.config.schema import (
     choices,
     literal_values,
 )
-from noesis_accel.config.strategy import Strategy, saved_with_deepspeed, strategy, uses_deepspeed
+from noesis_accel.config.strategy import strategy, strategy_names
 from noesis_accel.config.validate import flatten_keys, undeclared_keys, validate
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
     "PeftConfig",
     "Resume",
     "RunConfig",
-    "Strategy",
     "TrackerConfig",
     "TrainConfig",
     "accumulation_steps",
@@ -93,10 +92,9 @@ __all__ = [
     "parse_gpu_spec",
     "register",
     "resume_mode",
-    "saved_with_deepspeed",
     "strategy",
     "undeclared_keys",
-    "uses_deepspeed",
+    "strategy_names",
     "valid_every",
     "validate",
     "world_size",

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 from omegaconf import MISSING
 
 from noesis_accel.config.resume import Resume
-from noesis_accel.config.strategy import Strategy
+from noesis_accel.config.strategy import SINGLE, strategy_names
 
 # Record shapes (see training/formats.py); `chat` is an alias of `messages`.
 DataFormat = Literal[
@@ -226,9 +226,10 @@ class CkptConfig:
     # Also commit the small progress files (metrics, events, status) this often, and at each start:
     # a hard kill, which commits nothing, then costs steps known to within this period. 0: never.
     progress_commit_s: float = 60.0
-    # A DeepSpeed checkpoint's optimizer state is partitioned per process. On another process
-    # count: `refuse` (exact or nothing), or `reset_optimizer` (weights, schedule and data position
-    # continue; the optimizer moments start afresh: not exact, stated in the log).
+    # On another process count: `refuse` continues exactly or not at all (a zero2 checkpoint, whose
+    # optimizer state is partitioned per process, is refused; single, ddp and fsdp2 ones continue with
+    # their optimizer state), `reset_optimizer` continues with fresh optimizer moments (weights, schedule
+    # and data position carried; not exact, stated in the log).
     on_world_size_change: Annotated[str, OnWorldSizeChange] = "refuse"
     # Before a save, if the disk lacks room for one more checkpoint (the newest one's size), drop the
     # oldest kept ones (never the newest complete) instead of only warning.
@@ -247,7 +248,7 @@ class CkptConfig:
 class DistributedConfig:
     """Process layout. `type` is the strategy; the launcher starts `num_processes` per machine."""
 
-    type: Annotated[str, Strategy] = Strategy.SINGLE.value
+    type: str = SINGLE  # a conf/distributed/*.yaml's `type:` (its choices: CHOICES below)
     num_processes: int = 1
     num_machines: int = 1
     machine_rank: int = 0
@@ -439,4 +440,5 @@ def config_choices() -> dict[str, tuple[str, ...]]:
     }
 
 
-CHOICES = config_choices()
+# distributed.type's choices are the strategies conf/distributed/ holds, not a list written here.
+CHOICES = {**config_choices(), "distributed.type": strategy_names()}

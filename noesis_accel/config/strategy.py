@@ -1,43 +1,35 @@
-"""The distributed strategy a config asks for, and whether DeepSpeed carries it."""
+"""The distributed strategy a config names: one of the `type:` values of conf/distributed/*.yaml.
+
+The strategies themselves (what each does with the Accelerator, checkpoints, evaluation) are classes in
+noesis_accel/training/strategies/; this wing only knows their names, so adding one is a class there and
+a YAML file here, nothing else.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from enum import Enum
+from functools import cache
 from typing import Any
 
+import yaml
 
-class Strategy(str, Enum):
-    """`distributed.type`: the values a config may hold, stated once (the schema annotates the key with it)."""
+from noesis_accel.config.paths import CONF_DIR
 
-    SINGLE = "single"  # one process: the CPU or one GPU
-    DDP = "ddp"  # torch DistributedDataParallel (gloo on CPU, NCCL on GPU)
-    ZERO2 = "zero2"  # DeepSpeed ZeRO-2 through Accelerate
-
-    @property
-    def uses_deepspeed(self) -> bool:
-        return self is Strategy.ZERO2
+SINGLE = "single"  # one process: the rules for other counts name the others
 
 
-def strategy(cfg: Any) -> Strategy:
+@cache
+def strategy_names() -> tuple[str, ...]:
+    """Every `distributed.type` a config may hold, from conf/distributed/, `single` first."""
+    names = {
+        str((yaml.safe_load(path.read_text()) or {}).get("type", path.stem))
+        for path in (CONF_DIR / "distributed").glob("*.yaml")
+    }
+    return (SINGLE, *sorted(names - {SINGLE}))
+
+
+def strategy(cfg: Any) -> str:
     """The strategy of a config (any object with `distributed.type`); ValueError names the key if unknown."""
     value = str(cfg.distributed.type)
-    try:
-        return Strategy(value)
-    except ValueError:
-        choices = ", ".join(s.value for s in Strategy)
-        raise ValueError(f"distributed.type: {value!r} is not one of {choices}") from None
-
-
-def uses_deepspeed(cfg: Any) -> bool:
-    """True when this config trains through DeepSpeed (its checkpoints are DeepSpeed's format)."""
-    return strategy(cfg).uses_deepspeed
-
-
-def saved_with_deepspeed(manifest: Mapping[str, Any]) -> bool:
-    """True when a checkpoint manifest says DeepSpeed wrote it.
-
-    A manifest records Accelerate's `distributed_type` (`DistributedType.DEEPSPEED`), not the config's
-    strategy, so a checkpoint from any version of the config is read the same way.
-    """
-    return "DEEPSPEED" in str(manifest.get("distributed_type", ""))
+    if value not in strategy_names():
+        raise ValueError(f"distributed.type: {value!r} is not one of {', '.join(strategy_names())}")
+    return value

@@ -10,7 +10,6 @@ from noesis_accel.config.cadence import valid_every
 from noesis_accel.config.keys import is_declared, unknown_key_line
 from noesis_accel.config.modal_gpu import modal_gpu_problems
 from noesis_accel.config.schema import CHOICES, PACKING_ATTENTION, WANDB_MODES, Config
-from noesis_accel.config.strategy import Strategy
 from noesis_accel.core.errors import ConfigError
 
 
@@ -122,12 +121,12 @@ def validate(cfg: DictConfig) -> None:
     )
     check(0 <= dist.machine_rank < dist.num_machines, "distributed.machine_rank", "must be in [0, num_machines)")
     check(
-        dist.type != Strategy.SINGLE or world_size(cfg) == 1,
+        dist.type != "single" or world_size(cfg) == 1,
         "distributed.type",
-        "single runs one process; use distributed=ddp or distributed=zero2 for num_processes > 1",
+        "single runs one process; use distributed=ddp, zero2 or fsdp2 for num_processes > 1",
     )
     check(
-        dist.type != Strategy.ZERO2 or bool(dist.deepspeed_config),
+        dist.type != "zero2" or bool(dist.deepspeed_config),
         "distributed.deepspeed_config",
         "zero2 needs a DeepSpeed JSON (conf/deepspeed/zero2.json)",
     )
@@ -143,9 +142,15 @@ def validate(cfg: DictConfig) -> None:
         "a 4-bit base can only be trained with LoRA (peft.enabled=true)",
     )
     check(
-        train.mixed_precision != "fp16" or dist.type != Strategy.ZERO2,
+        train.mixed_precision != "fp16" or dist.type not in ("zero2", "fsdp2"),
         "train.mixed_precision",
-        "fp16 loss scaling is not wired for zero2; use bf16",
+        f"fp16 loss scaling is not wired for {dist.type}; use bf16",
+    )
+    check(
+        not (cfg.model.load_in_4bit and dist.type == "fsdp2"),
+        "model.load_in_4bit",
+        "fsdp2 shards a bf16 base across the GPUs instead of quantising it; use model.load_in_4bit=false "
+        "(or distributed=zero2 for QLoRA)",
     )
     check(
         not (data.packing and cfg.model.attn_implementation not in PACKING_ATTENTION),

@@ -15,14 +15,14 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
 from omegaconf import DictConfig
 
-from noesis_accel.config import Resume, interval_steps, resume_mode, saved_with_deepspeed
+from noesis_accel.config import Resume, interval_steps, resume_mode
 from noesis_accel.core import faults
 from noesis_accel.core.collective import main_decides
 from noesis_accel.core.errors import ResumeError, UserError
@@ -160,10 +160,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((path / MANIFEST).read_text())
 
 
+class StateWriter(Protocol):
+    """What a distributed strategy does with a checkpoint's contents (training/strategies): this module
+    owns when, where and how atomically; the strategy owns which files hold what."""
+
+    @property
+    def name(self) -> str: ...  # distributed.type
+
+    @property
+    def state_format(self) -> str: ...  # what its files are (the manifest records it)
+
+    def save_state(self, accelerator: Any, target: Path) -> None: ...
+
+    def load_state(self, accelerator: Any, path: Path, manifest: Mapping[str, Any], reset_optimizer: bool) -> None: ...
+
+    def check_format(self, path: Path, manifest: Mapping[str, Any]) -> None: ...
+
+    def resume_refusal(self, manifest: Mapping[str, Any], world_size: int) -> str | None: ...
+
+
 class CheckpointManager:
     """Decides when to checkpoint, writes checkpoints atomically, prunes, commits, and resumes.
 
-    All ranks call `save` and `load` (Accelerate and DeepSpeed need every rank); only the main
+    All ranks call `save` and `load` (every strategy's state is written by every rank); only the main
     process writes the manifest, renames, prunes and commits.
     """
 
@@ -175,7 +194,7 @@ class CheckpointManager:
         total_steps: int,
         config_fingerprint: str,
         committer: Committer,
-        is_deepspeed: bool,
+        state: StateWriter,
         loss_normalization: str,
         num_machines: int = 1,
     ) -> None:
@@ -187,7 +206,7 @@ class CheckpointManager:
         self.interval = interval_steps(float(ckpt_cfg.every), total_steps)
         self.config_fingerprint = config_fingerprint
         self.committer = committer
-        self.is_deepspeed = is_deepspeed
+        self.state = state
         # How the loss weights tokens (owned by the training wing), stored in every manifest: a
         # checkpoint written under another normalisation is continued with a warning.
         self.loss_normalization = loss_normalization
@@ -260,6 +279,8 @@ class CheckpointManager:
                 "world_size": accelerator.num_processes,
                 "num_machines": self.num_machines,
                 "distributed_type": str(accelerator.distributed_type),
+                "strategy": self.state.name,
+                "state_format": self.state.state_format,
                 "config_fingerprint": self.config_fingerprint,
                 "loss_normalization": self.loss_normalization,
                 **progress,
@@ -289,8 +310,7 @@ class CheckpointManager:
         return final
 
     def _write_state(self, target: Path, step: int) -> None:
-        save_kwargs = {"exclude_frozen_parameters": True} if self.is_deepspeed else {}
-        self.accelerator.save_state(str(target), **save_kwargs)
+        self.state.save_state(self.accelerator, target)
         faults.maybe_inject("save", step)
         faults.maybe_inject("enospc", step)
         self.accelerator.wait_for_everyone()
@@ -431,41 +451,34 @@ class CheckpointManager:
                 self.loss_normalization,
                 checkpoint.step,
             )
-        saved_deepspeed = saved_with_deepspeed(manifest)
-        if saved_deepspeed != self.is_deepspeed:
-            raise ResumeError(
-                f"checkpoint {checkpoint.path} was written {'with' if saved_deepspeed else 'without'} DeepSpeed and "
-                f"this run is {'with' if self.is_deepspeed else 'without'} it; the formats differ. Resume with "
-                f"distributed={'zero2' if saved_deepspeed else 'ddp or single'}"
-            )
+        self.state.check_format(checkpoint.path, manifest)
 
-    def _world_size_changed(self, checkpoint: Checkpoint) -> bool:
-        """True if a DeepSpeed checkpoint meets another process count and the config allows a reset."""
-        saved_world = int(checkpoint.manifest.get("world_size", 1))
-        if not self.is_deepspeed or saved_world == self.accelerator.num_processes:
-            return False  # DDP and single-process checkpoints hold the full optimizer: any count loads
+    def _reset_optimizer(self, checkpoint: Checkpoint) -> bool:
+        """Whether the optimizer's moments start afresh: only on another process count, and only when the
+        config asks (`ckpt.on_world_size_change=reset_optimizer`). A checkpoint whose strategy cannot
+        continue it exactly on this count is refused in one line otherwise, with the reason and the option."""
+        world = self.accelerator.num_processes
+        if int(checkpoint.manifest.get("world_size", 1)) == world:
+            return False
         if self.cfg.on_world_size_change == "reset_optimizer":
             return True
-        raise ResumeError(
-            f"checkpoint {checkpoint.path} was written by {saved_world} DeepSpeed process(es) and this run has "
-            f"{self.accelerator.num_processes}: ZeRO partitions the optimizer state per process, so it cannot "
-            f"be restored exactly here. Resume with distributed.num_processes={saved_world} (x num_machines), "
-            "or set ckpt.on_world_size_change=reset_optimizer to continue with fresh optimizer moments"
-        )
+        refusal = self.state.resume_refusal(checkpoint.manifest, world)
+        if refusal is not None:
+            raise ResumeError(f"checkpoint {checkpoint.path}: {refusal}")
+        return False
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Restore model, optimizer, scheduler, RNG and every registered object. All ranks call this."""
         self.check_compatible(checkpoint)
-        load_kwargs = {"load_module_strict": False} if self.is_deepspeed else {}
-        if self._world_size_changed(checkpoint):
-            load_kwargs["load_optimizer_states"] = False
+        reset = self._reset_optimizer(checkpoint)
+        if reset:
             log.warning(
                 "world size changed (%s -> %s): optimizer moments start afresh; weights, schedule and "
                 "data position continue",
                 checkpoint.manifest.get("world_size"),
                 self.accelerator.num_processes,
             )
-        self.accelerator.load_state(str(checkpoint.path), **load_kwargs)
+        self.state.load_state(self.accelerator, checkpoint.path, checkpoint.manifest, reset)
         self._last_save_time = time.monotonic()
 
 
@@ -476,45 +489,3 @@ def refuse_fresh_start_over(checkpoints_dir: Path) -> None:
             f"ckpt.resume=never but {checkpoints_dir} already holds checkpoints; use ckpt.resume=auto to "
             "continue that run, or a new run.name to start afresh"
         )
-
-
-def register_trainable_only_hooks(accelerator: Any) -> None:
-    """Make `save_state` store only trainable parameters (LoRA adapters), not the frozen base.
-
-    Without this a LoRA checkpoint of SmolLM2-135M is ~600 MB of frozen weights it never needs:
-    the base is reloaded from its source on every start. Parameters are saved under the unwrapped
-    model's names, so a checkpoint written under DDP loads in a single process and vice versa.
-    (DeepSpeed saves through its engine instead; there `exclude_frozen_parameters=True` does this.)
-    """
-    from safetensors.torch import load_file
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for i, model in enumerate(models):
-            if i < len(weights):
-                weights[i] = trainable_state_dict(accelerator.unwrap_model(model))
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i, model in enumerate(list(models)):
-            file = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            saved = load_file(str(file))
-            unwrapped = accelerator.unwrap_model(model)
-            params = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
-            missing = sorted(set(params) - set(saved))
-            unexpected = sorted(set(saved) - set(params))
-            if missing or unexpected:
-                raise ResumeError(
-                    f"{file} does not match the model's trainable parameters (missing: {missing[:3]}, "
-                    f"unexpected: {unexpected[:3]}); was it written with other peft settings?"
-                )
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(saved[name].to(param.device, param.dtype))
-        models.clear()  # loaded here; Accelerate must not load them again
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def trainable_state_dict(model: Any) -> dict[str, Any]:
-    """Only the parameters that train (the LoRA adapters): what a checkpoint must hold."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -1,4 +1,4 @@
-"""Building the `Accelerator` for a process layout: precision, accumulation, DDP or DeepSpeed ZeRO-2.
+"""Building the `Accelerator` for a process layout: precision, accumulation, and the strategy's own arguments.
 
 The processes themselves are started by `launcher.py`; a process already started by `torchrun` or
 `accelerate launch` is detected (by `WORLD_SIZE`) and used as it is.
@@ -6,15 +6,20 @@ The processes themselves are started by `launcher.py`; a process already started
 
 from __future__ import annotations
 
-import json
+import datetime
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
-from noesis_accel.config import accumulation_steps, uses_deepspeed
-from noesis_accel.core.errors import ConfigError
+from noesis_accel.config import accumulation_steps
+
+
+class StrategyArguments(Protocol):
+    """What a distributed strategy (training/strategies/) adds to the Accelerator: its plugin, its handlers."""
+
+    def accelerator_kwargs(self, timeout: datetime.timedelta) -> dict[str, Any]: ...
 
 
 def launched_world_size() -> int | None:
@@ -31,7 +36,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _single_process_rendezvous() -> None:
+def single_process_rendezvous() -> None:
     """The environment torchrun would set for a world of one, on a free local port."""
     for key, value in {
         "RANK": "0",
@@ -44,50 +49,11 @@ def _single_process_rendezvous() -> None:
         os.environ.setdefault(key, value)
 
 
-def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
-    """The DeepSpeed JSON from conf/ with batch, accumulation, clipping and precision filled in.
-
-    The train config is the one source of truth: a value in the JSON that disagrees is an error
-    rather than a silent override.
-    """
-    path = Path(cfg.distributed.deepspeed_config)
-    try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    derived = {
-        "train_micro_batch_size_per_gpu": int(cfg.train.micro_batch_size),
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": int(cfg.train.global_batch_size),
-        "gradient_clipping": float(cfg.optim.max_grad_norm),
-    }
-    for key, value in derived.items():
-        if ds.get(key, "auto") not in ("auto", value):
-            raise ConfigError(
-                f"{path}: '{key}' is {ds[key]} but the train config gives {value}; set it to \"auto\" "
-                "(the train/optim config is the one source of truth)"
-            )
-        ds[key] = value
-    bf16 = cfg.train.mixed_precision == "bf16"
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds.pop("fp16", None)
-    return ds
-
-
-def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Accelerator
-    """The Accelerator for this config: precision, accumulation, CPU/GPU, DDP or DeepSpeed, tracker."""
-    import datetime
-
-    import torch
+def build_accelerator(cfg: DictConfig, logging_dir: Path, strategy: StrategyArguments):  # -> accelerate.Accelerator
+    """The Accelerator for this config: precision, accumulation, CPU/GPU, tracker, and what `strategy` adds
+    (its plugin, its process-group handlers)."""
     from accelerate import Accelerator
-    from accelerate.utils import (
-        DeepSpeedPlugin,
-        DistributedDataParallelKwargs,
-        InitProcessGroupKwargs,
-        ProjectConfiguration,
-    )
+    from accelerate.utils import ProjectConfiguration
 
     world = launched_world_size() or 1
     accumulation = accumulation_steps(cfg, world)
@@ -102,22 +68,5 @@ def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Acce
         "project_config": ProjectConfiguration(project_dir=str(logging_dir.parent), logging_dir=str(logging_dir)),
         "log_with": None if cfg.train.tracker == "none" else cfg.train.tracker,
     }
-    if uses_deepspeed(cfg):
-        if launched_world_size() is None:
-            _single_process_rendezvous()  # DeepSpeed always wants a process group, even of one
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, accumulation))
-        if not torch.cuda.is_available():
-            # DeepSpeed on the CPU: `cpu=True` would silently turn DeepSpeed off (MULTI_CPU), and with no
-            # backend named Accelerate reports one process on every rank while torch.distributed runs
-            # two; naming gloo makes both agree.
-            kwargs["cpu"] = False
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
-        else:
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timeout)]
-    else:
-        # LoRA on a model with gradient checkpointing has no unused parameters; searching costs a pass.
-        kwargs["kwargs_handlers"] = [
-            DistributedDataParallelKwargs(find_unused_parameters=False),
-            InitProcessGroupKwargs(timeout=timeout),
-        ]
+    kwargs.update(strategy.accelerator_kwargs(timeout))
     return Accelerator(**kwargs)

@@ -37,6 +37,15 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass
+class MemoryTerm:
+    """One part of a device's memory in a plan: its name, bytes, and how they were counted."""
+
+    name: str
+    bytes: int
+    detail: str
+
+
+@dataclass
 class ModelShape:
     """Where the plan's model shape came from, in words, and the transformers config itself."""
 

@@ -11,8 +11,14 @@ from omegaconf import DictConfig
 from noesis_accel.training import modeling
 
 
-def reply(model: modeling.CausalLM, tokenizer: Any, question: str, max_new_tokens: int = 24) -> str:
-    """The model's greedy answer to one user turn, rendered with the tokenizer's chat template."""
+def reply(
+    model: modeling.CausalLM, tokenizer: Any, question: str, max_new_tokens: int = 24, synced: bool = False
+) -> str:
+    """The model's greedy answer to one user turn, rendered with the tokenizer's chat template.
+
+    `synced`: every rank generates together (sharded weights): each keeps running forward passes until
+    all have finished, so none waits alone in a collective.
+    """
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
@@ -21,7 +27,11 @@ def reply(model: modeling.CausalLM, tokenizer: Any, question: str, max_new_token
     model.eval()
     with torch.no_grad():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced,
         )
     model.train(was_training)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

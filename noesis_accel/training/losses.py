@@ -65,30 +65,53 @@ def heldout_loss_unless_stopped(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stop: Callable[[], bool] | None = None,
+    lockstep: bool = False,
 ) -> float | None:
     """`heldout_loss`, given up (None) when `stop()` turns true before a batch: a stop request's checkpoint
     must not wait for a whole held-out pass. Every rank still reaches the one reduction, with a flag that
-    says whether any of them stopped, so all of them give up together and none waits in a collective."""
+    says whether any of them stopped, so all of them give up together and none waits in a collective.
+
+    `lockstep`: the forward pass is itself a collective (sharded weights), so every rank runs the same
+    number of them (a rank whose shard is one batch short repeats a batch and does not count it) and the
+    ranks agree on a stop before each one.
+    """
     was_training = model.training
     model.eval()
     lengths = dataset["length"]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    shard = batches[rank::world_size]
+    rounds = -(-len(batches) // world_size) if lockstep else len(shard)
     total = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, label tokens, stopped ranks
-    for indices in batches[rank::world_size]:
-        if stop is not None and stop():
+    for position in range(rounds):
+        if _stopping(stop, lockstep, reduce_sum, device):
             total[2] = 1
             break
-        rows = [dataset[i] for i in indices]
+        padding = position >= len(shard)
+        rows = [dataset[i] for i in (batches[0] if padding else shard[position])]
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         with autocast():
             summed = summed_token_loss(model, batch)
-        total[:2] += torch.tensor(
-            [float(summed), sum(int(row["label_count"]) for row in rows)], dtype=torch.float64, device=device
-        )
+        if not padding:
+            total[:2] += torch.tensor(
+                [float(summed), sum(int(row["label_count"]) for row in rows)], dtype=torch.float64, device=device
+            )
     if reduce_sum is not None:
         total = reduce_sum(total)
     model.train(was_training)
     if total[2] > 0:
         return None
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def _stopping(
+    stop: Callable[[], bool] | None,
+    lockstep: bool,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None,
+    device: torch.device | str,
+) -> bool:
+    """Whether to give up before the next batch: this rank's own view, or (lockstep) any rank's."""
+    wanted = stop is not None and stop()
+    if lockstep and reduce_sum is not None:
+        return float(reduce_sum(torch.tensor([float(wanted)], dtype=torch.float64, device=device))[0]) > 0
+    return wanted

@@ -19,13 +19,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from noesis_accel.config import accumulation_steps, uses_deepspeed, world_size
+from noesis_accel.config import accumulation_steps, world_size
 from noesis_accel.config.gpus import GIB, PRICES_AS_OF, gpu_type
 from noesis_accel.config.modal_gpu import gpu_specs, parse_gpu_spec
 from noesis_accel.core.errors import ConfigError, DataError, UserError, redact_tree
 from noesis_accel.rundir.costs import format_usd
 from noesis_accel.training import footprint as fp
+from noesis_accel.training.footprint import MemoryTerm
 from noesis_accel.training.sampling import LengthBucketBatchSampler, planned_steps
+from noesis_accel.training.strategies import build_strategy
 
 THROUGHPUT_TABLE = Path(__file__).resolve().parent.parent / "assets" / "throughput.json"
 PLAN_FILE = "plan.json"
@@ -45,13 +47,6 @@ class DataFigures:
     micro_batch_rows: int  # the largest micro-batch: its records
     micro_batch_length: int  # and its padded length
     compute_tokens: int  # padded tokens the whole run pushes through the model (every step, every rank)
-
-
-@dataclass
-class MemoryTerm:
-    name: str
-    bytes: int
-    detail: str
 
 
 @dataclass
@@ -279,35 +274,9 @@ def _assumed_figures(cfg: DictConfig, why: str) -> DataFigures:
 
 def memory_terms(cfg: DictConfig, model: fp.Footprint, devices: int, gpu: bool) -> list[MemoryTerm]:
     """Bytes per device, term by term, as this strategy lays them out."""
-    params, activations = model.params, model.activations
-    world = max(1, devices)
-    zero2 = uses_deepspeed(cfg) and world > 1
-    ddp = not zero2 and world > 1
-    base_dtype = "NF4 4-bit" if cfg.model.load_in_4bit else str(cfg.model.dtype)
-    terms = [MemoryTerm("base weights", params.base_bytes, f"{params.base_params:,} parameters, {base_dtype}")]
-    trainable, state = params.trainable_bytes, model.optimizer_state_bytes
+    activations = model.activations
     optimizer = "8-bit AdamW" if cfg.optim.name == "adamw8bit" else "32-bit AdamW"
-    if zero2:
-        # DeepSpeed casts the module to bf16 and keeps a float32 master copy, its gradients and the
-        # optimizer's state for this rank's 1/world partition; reduced gradients wait in a bucket.
-        partition = math.ceil(params.trainable_params / world)
-        bucket = min(_reduce_bucket_elements(cfg), params.trainable_params) * 2
-        terms += [
-            MemoryTerm("trainable weights", params.trainable_params * 2, "bf16 copy + "),
-            MemoryTerm("fp32 master (ZeRO-2)", partition * 4, f"1/{world} partition, float32"),
-            MemoryTerm("gradients", partition * 6 + bucket, f"1/{world} partition bf16 + float32, reduce bucket"),
-            MemoryTerm("optimizer state", math.ceil(state / world), f"{optimizer}, 1/{world} partition (ZeRO-2)"),
-        ]
-        terms[1].detail = f"{params.trainable_params:,} parameters, bf16 (DeepSpeed casts the module)"
-    else:
-        grads = trainable * (2 if ddp else 1)
-        terms += [
-            MemoryTerm(
-                "trainable weights", trainable, f"{params.trainable_params:,} parameters, {params.trainable_dtype}"
-            ),
-            MemoryTerm("gradients", grads, "same dtype" + (" + DDP's bucket copy" if ddp else "")),
-            MemoryTerm("optimizer state", state, f"{optimizer} ({model.optimizer_state_by})"),
-        ]
+    terms = build_strategy(cfg).weight_terms(model, max(1, devices), optimizer)
     if activations is not None:
         checkpointing = bool(cfg.model.gradient_checkpointing)
         liger = bool(cfg.model.liger)
@@ -340,14 +309,6 @@ def memory_terms(cfg: DictConfig, model: fp.Footprint, devices: int, gpu: bool) 
             )
         )
     return terms
-
-
-def _reduce_bucket_elements(cfg: DictConfig) -> int:
-    try:
-        with open(str(cfg.distributed.deepspeed_config)) as handle:
-            return int(json.load(handle).get("zero_optimization", {}).get("reduce_bucket_size", 5e8))
-    except (OSError, ValueError, TypeError):
-        return int(5e8)
 
 
 def host_memory_bytes() -> int | None:
@@ -544,12 +505,8 @@ def make_plan(
 
 
 def checkpoint_bytes(cfg: DictConfig, model: fp.Footprint, devices: int) -> int:
-    """One checkpoint: the trainable weights and the optimizer's state (ZeRO-2 adds its float32 master
-    copy, in every rank's partition), a few kilobytes of RNG and sampler state aside."""
-    params = model.params
-    if uses_deepspeed(cfg) and devices > 1:
-        return params.trainable_params * (2 + 4) + model.optimizer_state_bytes
-    return params.trainable_bytes + model.optimizer_state_bytes
+    """One checkpoint, as the run's strategy writes it (a few kilobytes of RNG and sampler state aside)."""
+    return build_strategy(cfg).checkpoint_bytes(model, max(1, devices))
 
 
 # ---------------------------------------------------------------- checks

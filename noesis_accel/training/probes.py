@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from noesis_accel.core.protocol import PROBE_GRADS_ENV
 
+if TYPE_CHECKING:
+    from noesis_accel.training.strategies import Strategy
 
-def install_gradient_probe(accelerator: Any, model: Any, is_deepspeed: bool) -> Callable[[int], None] | None:
-    """A function the loop calls with the step number right before each optimizer step, or None.
 
-    Under DeepSpeed, Accelerate's `backward` also runs the engine's step, so the probe wraps the
-    engine's `step` instead and the returned function does nothing.
-    """
+def install_gradient_probe(accelerator: Any, model: Any, strategy: Strategy) -> Callable[[int], None] | None:
+    """A function the loop calls with the step number right before each optimizer step, or None (the
+    strategy then runs the probe inside its engine's own step)."""
     path = os.environ.get(PROBE_GRADS_ENV)
     if not path:
         return None
@@ -31,27 +31,10 @@ def install_gradient_probe(accelerator: Any, model: Any, is_deepspeed: bool) -> 
         if state["step"] != 1:
             return
         grads = {}
-        for name, param in accelerator.unwrap_model(model).named_parameters():
-            if not param.requires_grad:
-                continue
-            if is_deepspeed:
-                from deepspeed.utils import safe_get_full_grad
-
-                grad = safe_get_full_grad(param)  # a collective: every rank assembles the partitions
-            else:
-                grad = param.grad
-            grads[name] = grad.detach().float().cpu().clone()
+        for name, param in strategy.unwrap(accelerator, model).named_parameters():
+            if param.requires_grad:  # the same order on every rank: gathering a gradient is a collective
+                grads[name] = strategy.full_gradient(param).detach().float().cpu().clone()
         if accelerator.is_main_process:
             torch.save(grads, path)
 
-    if is_deepspeed:
-        engine_step = model.step
-
-        def step_with_probe(*args: Any, **kwargs: Any) -> Any:
-            if model.is_gradient_accumulation_boundary():
-                dump()
-            return engine_step(*args, **kwargs)
-
-        model.step = step_with_probe
-        return None
-    return lambda _step: dump()
+    return strategy.before_optimizer_step(model, dump)

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import torch
 from omegaconf import DictConfig
 
-from noesis_accel.config import fingerprint, interval_steps, uses_deepspeed, validate
+from noesis_accel.config import fingerprint, interval_steps, validate
 from noesis_accel.core import env, faults
 from noesis_accel.core.collective import main_decides
 from noesis_accel.core.errors import DataError, ResumeError
@@ -27,7 +27,7 @@ from noesis_accel.core.signals import (
     attempt_deadline,
     deadline_reached,
 )
-from noesis_accel.rundir.checkpoint import Checkpoint, CheckpointManager, register_trainable_only_hooks
+from noesis_accel.rundir.checkpoint import Checkpoint, CheckpointManager
 from noesis_accel.rundir.costs import format_usd
 from noesis_accel.rundir.history import RunState, failed_starts, history, out_of_memory_stops
 from noesis_accel.rundir.layout import RunDir
@@ -47,6 +47,7 @@ from noesis_accel.training.session import (
     tracker_logs_dir,
 )
 from noesis_accel.training.spend import Spend
+from noesis_accel.training.strategies import Strategy, build_strategy
 from noesis_accel.training.trackers import require_installed
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ class Trainer:
         session: RunSession,
         watcher: PreemptionWatcher | None = None,
         after_training: AfterTraining | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
-        """Load tokenizer, data and model, prepare them, resume, and announce the run."""
+        """Load tokenizer, data and model, prepare them, resume, and announce the run (`strategy`: the one
+        the session's Accelerator was built for; by default built again from the config)."""
         self.session = session
         self.cfg = cfg = session.cfg
         self.rundir: RunDir = session.rundir
@@ -128,7 +131,7 @@ class Trainer:
         self.deadline = attempt_deadline()  # the attempt's "checkpoint and stop by" time (NOESIS_DEADLINE)
         self.progress = Progress()
         self.step_losses: list[float] = []
-        self.is_deepspeed = uses_deepspeed(cfg)
+        self.strategy: Strategy = strategy or build_strategy(cfg)
         from accelerate.utils import set_seed
 
         set_seed(int(cfg.train.seed))
@@ -154,14 +157,14 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.collate = packing.build_collator(cfg.data, self.tokenizer.pad_token_id)
 
-        optimizer = optim.build_optimizer(model, cfg.optim, on_cuda)
-        scheduler = optim.build_scheduler(optimizer, cfg.optim, self.total_steps)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = self.strategy.prepare(
+            accelerator,
+            model,
+            lambda prepared: optim.build_optimizer(prepared, cfg.optim, on_cuda),
+            lambda optimizer: optim.build_scheduler(optimizer, cfg.optim, self.total_steps),
+        )
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.gradient_probe = probes.install_gradient_probe(accelerator, self.model, self.is_deepspeed)
-
-        if not self.is_deepspeed:
-            register_trainable_only_hooks(accelerator)
+        self.gradient_probe = probes.install_gradient_probe(accelerator, self.model, self.strategy)
         accelerator.register_for_checkpointing(self.progress)
         accelerator.register_for_checkpointing(self.sampler)
         self.checkpoints = CheckpointManager(
@@ -171,7 +174,7 @@ class Trainer:
             self.total_steps,
             fingerprint(cfg),
             session.committer,
-            self.is_deepspeed,
+            self.strategy,
             losses.LOSS_NORMALIZATION,
             num_machines=int(cfg.distributed.num_machines),
         )
@@ -230,7 +233,8 @@ class Trainer:
         # Installed first: a preemption while the model loads is honoured as soon as it is safe.
         watcher.install()
         try:
-            accelerator = _build_accelerator(cfg, tracker_logs)
+            strategy = build_strategy(cfg)
+            accelerator = _build_accelerator(cfg, tracker_logs, strategy)
             status = already_completed(cfg, accelerator, rundir)
             if status is not None:
                 return RunResult(
@@ -241,7 +245,7 @@ class Trainer:
                 )
             session = RunSession.open(cfg, accelerator, mirrored, tracker_logs)
             try:
-                trainer = cls(session, watcher, after_training)
+                trainer = cls(session, watcher, after_training, strategy)
                 if watcher.requested:  # while it loaded: nothing new to save, the resume point stands
                     raise InterruptedBySignal(watcher.received or signal.SIGTERM, trainer.resumed_from is not None)
                 return trainer.run()
@@ -266,12 +270,13 @@ class Trainer:
         require_installed(cfg)
         rundir = RunDir.of(cfg)
         tracker_logs = tracker_logs_dir(cfg, rundir)
-        accelerator = _build_accelerator(cfg, tracker_logs)
+        strategy = build_strategy(cfg)
+        accelerator = _build_accelerator(cfg, tracker_logs, strategy)
         if already_completed(cfg, accelerator, rundir) is not None:
             raise ResumeError(f"{rundir.path} already completed; choose a new run.name to train again")
         session = RunSession.open(cfg, accelerator, mirroring_committer(committer, tracker_logs, rundir), tracker_logs)
         try:
-            return cls(session)
+            return cls(session, strategy=strategy)
         except BaseException:
             session.close()
             raise
@@ -311,7 +316,8 @@ class Trainer:
         stats = self.data.stats
         self.metrics.write(
             f"run {self.rundir.path}: {self.accelerator.num_processes} process(es) on {self.accelerator.device.type}, "
-            f"{self.accelerator.distributed_type}; {trainable:,} of {total:,} parameters train; "
+            f"{self.accelerator.distributed_type}, distributed={self.strategy.name}; "
+            f"{trainable:,} of {total:,} parameters train; "
             f"{stats.train_records} train / {stats.eval_records} held-out records ({stats.format}), "
             f"{stats.truncated} truncated; {self.total_steps} steps of {self.cfg.train.global_batch_size} "
             f"(micro {self.cfg.train.micro_batch_size} x accumulation {self.accumulation} x "
@@ -402,20 +408,23 @@ class Trainer:
         """
         accelerator, grad_norm = self.accelerator, None
         faults.maybe_inject("oom", self.progress.step + 1)
-        with accelerator.accumulate(self.model):
+        with self.strategy.accumulate(accelerator, self.model):
             loss = losses.micro_batch_loss(self.model, batch, label_tokens)
-            # Accelerate (or DeepSpeed) divides by the accumulation steps and DDP/ZeRO average over the
-            # processes; scaling by both first leaves exactly the sum over the global batch / its tokens.
+            # Accelerate (or the ZeRO engine) divides by the accumulation steps and every strategy averages
+            # over the processes; scaling by both first leaves exactly the sum over the global batch / its tokens.
             accelerator.backward(loss * self.loss_scale)
-            if accelerator.sync_gradients and self.gradient_probe is not None:
-                self.gradient_probe(self.progress.step + 1)
-            if accelerator.sync_gradients and self.cfg.optim.max_grad_norm > 0:
-                norm = accelerator.clip_grad_norm_(self.trainable_params, float(self.cfg.optim.max_grad_norm))
-                grad_norm = float(norm) if norm is not None else None
-            self.optimizer.step()
             if accelerator.sync_gradients:
-                self.scheduler.step()  # once per optimizer step (a no-op wrapper under DeepSpeed, which steps it)
-            self.optimizer.zero_grad(set_to_none=True)
+                if self.gradient_probe is not None:
+                    self.gradient_probe(self.progress.step + 1)
+                if self.cfg.optim.max_grad_norm > 0:
+                    grad_norm = self.strategy.clip_grad_norm(
+                        accelerator, self.trainable_params, float(self.cfg.optim.max_grad_norm)
+                    )
+                # Stepped at a step's last micro-batch only: an optimizer Accelerate did not wrap (FSDP2's)
+                # would otherwise step at every one. The ZeRO engine steps inside backward; this is a no-op there.
+                self.optimizer.step()
+                self.scheduler.step()  # once per optimizer step
+                self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm
 
     def _after_optimizer_step(self, loss: float, grad_norm: float | None, samples: int, tokens: int) -> None:
@@ -527,9 +536,10 @@ class Trainer:
         accelerator = self.accelerator
         reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
         faults.maybe_inject("eval", self.progress.step)
-        # The unwrapped model: no collectives inside an eval forward.
+        # The unwrapped model: no gradient hooks. Its forward is still a collective where the weights are
+        # sharded: then every rank runs the same number of batches and they agree on a stop at each one.
         return losses.heldout_loss_unless_stopped(
-            accelerator.unwrap_model(self.model),
+            self.strategy.unwrap(accelerator, self.model),
             self.data.eval,
             self.collate,
             int(self.cfg.train.micro_batch_size),
@@ -539,18 +549,20 @@ class Trainer:
             autocast=accelerator.autocast,
             reduce_sum=reduce_sum,
             stop=lambda: self.watcher.requested or deadline_reached(self.deadline),
+            lockstep=self.strategy.forward_is_collective,
         )
 
     # ================================================================ finish
 
     def finish(self) -> RunResult:
         """Held-out loss after training, the final adapter and tokenizer, status `completed`."""
-        accelerator = self.accelerator
+        accelerator, strategy, main = self.accelerator, self.strategy, self.accelerator.is_main_process
         eval_after = self.evaluate() if len(self.data.eval) else None
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            target = self.rundir.final_weights_dir(bool(self.cfg.peft.enabled))
-            accelerator.unwrap_model(self.model).save_pretrained(str(target), safe_serialization=True)
+        target = self.rundir.final_weights_dir(bool(self.cfg.peft.enabled))
+        strategy.save_final(accelerator, self.model, target)  # gathered first where the weights are sharded
+        answer = self._sample_answer()
+        if main:
             self.tokenizer.save_pretrained(str(target))
             before = self.progress.initial_eval_loss
             if eval_after is not None:
@@ -558,19 +570,23 @@ class Trainer:
                 before_text = f"{before:.4f}" if before is not None else "n/a"
                 self.metrics.write(f"held-out loss: before {before_text} -> after {eval_after:.4f}")
             self.metrics.write(f"saved {target}")
-            if self.cfg.train.sample_prompt:
-                from noesis_accel.training.generate import reply
-
-                answer = reply(accelerator.unwrap_model(self.model), self.tokenizer, self.cfg.train.sample_prompt)
+            if answer is not None:
                 self.metrics.write(f"sample: {self.cfg.train.sample_prompt!r} -> {answer!r}")
             self.session.record_completed(self.progress.step, before, eval_after)
         self.metrics.close()
-        after_training = self.after_training if accelerator.is_main_process else None
+        # The work after training runs on the main process alone, on a whole model: where the weights are
+        # sharded, every rank helps gather them first (the same decision on every rank).
+        after_model = (
+            strategy.main_process_model(accelerator, self.model, self._rebuild_model)
+            if self.after_training is not None
+            else None
+        )
+        after_training = self.after_training if main else None
         accelerator.wait_for_everyone()
         self.session.close_tracker()
         accelerator.end_training()  # also tears down the process group: nothing collective after it
         if after_training is not None:  # after end_training, so the other processes are not held at a barrier
-            after_training(self.cfg, accelerator.unwrap_model(self.model), self.tokenizer, self.data.eval)
+            after_training(self.cfg, after_model, self.tokenizer, self.data.eval)
         return RunResult(
             self.rundir.path,
             RunState.COMPLETED,
@@ -580,6 +596,21 @@ class Trainer:
             eval_after,
             list(self.step_losses),
         )
+
+    def _sample_answer(self) -> str | None:
+        """The greedy answer to `train.sample_prompt` (main process; every rank takes part where the
+        forward is a collective)."""
+        prompt = self.cfg.train.sample_prompt
+        collective = self.strategy.forward_is_collective
+        if not prompt or not (collective or self.accelerator.is_main_process):
+            return None
+        from noesis_accel.training.generate import reply
+
+        return reply(self.strategy.unwrap(self.accelerator, self.model), self.tokenizer, prompt, synced=collective)
+
+    def _rebuild_model(self) -> torch.nn.Module:
+        """The run's model built afresh on the CPU (the base from its source, LoRA initialised)."""
+        return modeling.build_model(self.cfg.model, self.cfg.peft, len(self.tokenizer), False)
 
     # ================================================================ lifecycle
 
@@ -725,10 +756,10 @@ class Trainer:
         )
 
 
-def _build_accelerator(cfg: DictConfig, tracker_logs: Path) -> Any:
+def _build_accelerator(cfg: DictConfig, tracker_logs: Path, strategy: Strategy) -> Any:
     env.quiet_libraries()
     env.apply_alloc_conf(cfg.env.alloc_conf)
-    return build_accelerator(cfg, tracker_logs)
+    return build_accelerator(cfg, tracker_logs, strategy)
 
 
 def _reset_accelerate_state() -> None:
