@@ -467,8 +467,9 @@ class CheckpointManager:
             raise ResumeError(f"checkpoint {checkpoint.path}: {refusal}")
         return False
 
-    def load(self, checkpoint: Checkpoint) -> None:
-        """Restore model, optimizer, scheduler, RNG and every registered object. All ranks call this."""
+    def load(self, checkpoint: Checkpoint) -> bool:
+        """Restore model, optimizer, scheduler, RNG and every registered object. All ranks call this.
+        True when the optimizer's moments were started afresh instead (ckpt.on_world_size_change)."""
         self.check_compatible(checkpoint)
         reset = self._reset_optimizer(checkpoint)
         if reset:
@@ -480,6 +481,7 @@ class CheckpointManager:
             )
         self.state.load_state(self.accelerator, checkpoint.path, checkpoint.manifest, reset)
         self._last_save_time = time.monotonic()
+        return reset
 
 
 def refuse_fresh_start_over(checkpoints_dir: Path) -> None:

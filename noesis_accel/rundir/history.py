@@ -183,6 +183,9 @@ class StartEvent:
     lost_steps: int | None = None  # what the interruption before cost (None: the first attempt)
     lost_steps_exact: bool | None = None  # None: written before the count could be a lower bound
     previous: PreviousAttempt | None = None  # older run dirs only: they had no `starting`
+    # The process count that wrote the checkpoint resumed from, when it differs from `processes`.
+    checkpoint_processes: int | None = None
+    optimizer_reset: bool = False  # its optimizer moments were not carried (ckpt.on_world_size_change)
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -202,6 +205,9 @@ class StartEvent:
             record["lost_steps"] = self.lost_steps
         if self.lost_steps_exact is not None:
             record["lost_steps_exact"] = self.lost_steps_exact
+        if self.checkpoint_processes is not None:
+            record["checkpoint_processes"] = self.checkpoint_processes
+            record["optimizer_reset"] = self.optimizer_reset
         return record
 
     @classmethod
@@ -219,6 +225,8 @@ class StartEvent:
             lost_steps=_optional_int(raw.get("lost_steps")),
             lost_steps_exact=None if exact is None else bool(exact),
             previous=PreviousAttempt.from_json(raw),
+            checkpoint_processes=_optional_int(raw.get("checkpoint_processes")),
+            optimizer_reset=bool(raw.get("optimizer_reset", False)),
         )
 
 

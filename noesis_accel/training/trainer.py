@@ -297,18 +297,27 @@ class Trainer:
         checkpoint = main_decides(
             self.accelerator, lambda: self.checkpoints.select_for_resume(str(self.cfg.ckpt.resume))
         )
+        optimizer_reset = False
         if checkpoint is not None:
-            self.checkpoints.load(checkpoint)
+            optimizer_reset = self.checkpoints.load(checkpoint)
             # Every rank lets go of the checkpoint's files before rank 0 commits below: a Volume's
             # reload (part of every commit) fails while any process of the container holds one open.
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.session.record_start(checkpoint, self.progress.step)
+            self.session.record_start(checkpoint, self.progress.step, optimizer_reset)
             # Steps logged after the resume point (or every step, if nothing was saved) are re-done.
             truncate_metrics_after(self.rundir, self.progress.step)
             self.session.commit_progress()
             if checkpoint is not None:
                 print(f"resumed from {checkpoint.path} at step {self.progress.step}/{self.total_steps}", flush=True)
+                saved_world = int(checkpoint.manifest.get("world_size", 1))
+                if saved_world != self.accelerator.num_processes:
+                    carried = "optimizer moments started afresh" if optimizer_reset else "optimizer state carried"
+                    print(
+                        f"resumed on {self.accelerator.num_processes} process(es) a checkpoint written by "
+                        f"{saved_world} ({carried}; the global batch and data order continue)",
+                        flush=True,
+                    )
         return checkpoint
 
     def _announce(self, model: torch.nn.Module) -> None:
