@@ -47,7 +47,8 @@ from noesis_accel.config.schema import (
     literal_values,
 )
 from noesis_accel.config.strategy import Strategy, saved_with_deepspeed, strategy, uses_deepspeed
-from noesis_accel.config.validate import flatten_keys, undeclared_keys, validate
+from noesis_accel.config.typed import as_schema, over_schema, to_config
+from noesis_accel.config.validate import check_config, config_problems, flatten_keys, undeclared_keys, validate
 
 __all__ = [
     "ADDED_KEY_DEFAULTS",
@@ -75,9 +76,12 @@ __all__ = [
     "TrackerConfig",
     "TrainConfig",
     "accumulation_steps",
+    "as_schema",
     "batch_splits",
+    "check_config",
     "choices",
     "compose",
+    "config_problems",
     "differing_math_keys",
     "fingerprint",
     "flatten",
@@ -90,11 +94,13 @@ __all__ = [
     "modal_gpu_problems",
     "modal_layout",
     "order_overrides",
+    "over_schema",
     "parse_gpu_spec",
     "register",
     "resume_mode",
     "saved_with_deepspeed",
     "strategy",
+    "to_config",
     "undeclared_keys",
     "uses_deepspeed",
     "valid_every",

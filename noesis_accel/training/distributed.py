@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from noesis_accel.config import accumulation_steps, uses_deepspeed
+from noesis_accel.config import Config, accumulation_steps, uses_deepspeed
 from noesis_accel.core.errors import ConfigError
 
 
@@ -44,12 +42,14 @@ def _single_process_rendezvous() -> None:
         os.environ.setdefault(key, value)
 
 
-def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, accumulation: int) -> dict[str, Any]:
     """The DeepSpeed JSON from conf/ with batch, accumulation, clipping and precision filled in.
 
     The train config is the one source of truth: a value in the JSON that disagrees is an error
     rather than a silent override.
     """
+    if not cfg.distributed.deepspeed_config:  # validate() refuses zero2 without one
+        raise ConfigError("distributed.deepspeed_config: zero2 needs a DeepSpeed JSON (conf/deepspeed/zero2.json)")
     path = Path(cfg.distributed.deepspeed_config)
     try:
         ds = json.loads(path.read_text())
@@ -58,10 +58,10 @@ def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
     derived = {
-        "train_micro_batch_size_per_gpu": int(cfg.train.micro_batch_size),
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": int(cfg.train.global_batch_size),
-        "gradient_clipping": float(cfg.optim.max_grad_norm),
+        "train_batch_size": cfg.train.global_batch_size,
+        "gradient_clipping": cfg.optim.max_grad_norm,
     }
     for key, value in derived.items():
         if ds.get(key, "auto") not in ("auto", value):
@@ -76,7 +76,7 @@ def deepspeed_config(cfg: DictConfig, accumulation: int) -> dict[str, Any]:
     return ds
 
 
-def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Accelerator
+def build_accelerator(cfg: Config, logging_dir: Path):  # -> accelerate.Accelerator
     """The Accelerator for this config: precision, accumulation, CPU/GPU, DDP or DeepSpeed, tracker."""
     import datetime
 
@@ -91,7 +91,7 @@ def build_accelerator(cfg: DictConfig, logging_dir: Path):  # -> accelerate.Acce
 
     world = launched_world_size() or 1
     accumulation = accumulation_steps(cfg, world)
-    timeout = datetime.timedelta(seconds=float(cfg.distributed.collective_timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.distributed.collective_timeout_s)
     kwargs: dict[str, Any] = {
         "mixed_precision": cfg.train.mixed_precision,
         "gradient_accumulation_steps": accumulation,
