@@ -9,14 +9,14 @@ same decisions through a real training process are in tests/test_checkpoint.py.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
+from helpers import typed
 
-from noesis_accel.config import compose
 from noesis_accel.core.errors import ResumeError
 from noesis_accel.rundir.checkpoint import MANIFEST, CheckpointManager, checkpoint_problem
 from noesis_accel.rundir.layout import RunDir
@@ -54,8 +54,7 @@ class RecordingCommitter:
 
 def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
     overrides: dict[Any, Any] = {"commit_backoff_s": 0, **ckpt}
-    cfg = OmegaConf.merge(compose(["+experiment=tiny"]).ckpt, overrides)
-    assert isinstance(cfg, DictConfig)
+    cfg = replace(typed(["+experiment=tiny"]).ckpt, **overrides)
     return CheckpointManager(
         OneProcessAccelerator(),
         RunDir(run_dir),
