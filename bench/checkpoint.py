@@ -24,14 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from noesis_accel.config import compose
+from noesis_accel.config import compose, validate
 from noesis_accel.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def train_and_time_saves(overrides: list[str]) -> tuple[float, list[float], Path, int]:
-    trainer = Trainer.for_config(compose(overrides))
+    trainer = Trainer.for_config(validate(compose(overrides)))
     save_times: list[float] = []
     save = trainer.checkpoints.save
 

@@ -110,10 +110,10 @@ def write_records(path: Path, records: int, seed: int) -> Path:
 
 
 def _tokenizer() -> Any:
-    from noesis_accel.config import compose
+    from noesis_accel.config import compose, to_config
     from noesis_accel.training.modeling import load_tokenizer
 
-    return load_tokenizer(compose(["+experiment=tiny"]).model)
+    return load_tokenizer(to_config(compose(["+experiment=tiny"])).model)
 
 
 def _sample(ids_and_labels: Any, check: int) -> dict[str, Any]:
@@ -126,23 +126,25 @@ def _sample(ids_and_labels: Any, check: int) -> dict[str, Any]:
 
 
 def prepare_ours(data: Path, work: Path, max_length: int, num_proc: int, check: int) -> tuple[float, int, dict]:
-    from noesis_accel.config import compose
+    from noesis_accel.config import compose, to_config
     from noesis_accel.training import data as data_mod
 
     tokenizer = _tokenizer()
-    cfg = compose(
-        [
-            "+experiment=tiny",
-            f"data.path={data}",
-            f"data.max_length={max_length}",
-            f"data.num_proc={num_proc}",
-            f"data.cache_dir={work / 'ours'}",
-            "data.eval_fraction=0",
-            "data.min_examples=1",
-        ]
+    cfg = to_config(
+        compose(
+            [
+                "+experiment=tiny",
+                f"data.path={data}",
+                f"data.max_length={max_length}",
+                f"data.num_proc={num_proc}",
+                f"data.cache_dir={work / 'ours'}",
+                "data.eval_fraction=0",
+                "data.min_examples=1",
+            ]
+        )
     )
     start = time.perf_counter()
-    prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
+    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
     seconds = time.perf_counter() - start
     head = prepared.train.select(range(min(len(prepared.train), check * 2)))
     ids = [int(location.rsplit(":", 1)[1]) - 1 for location in head["location"]]  # line n holds id n-1

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from transformers import TrainerCallback, TrainingArguments
 
+from noesis_accel.config import Config
 from noesis_accel.training import data as data_mod
 from noesis_accel.training import modeling
 from noesis_accel.training.trainer import _reset_accelerate_state
@@ -67,26 +67,26 @@ class BaselineRun:
     peak_memory_gib: float | None
 
 
-def train_hf_baseline(cfg: DictConfig, steps: int, output_dir: Path, strategy: str = "group_by_length") -> BaselineRun:
+def train_hf_baseline(cfg: Config, steps: int, output_dir: Path, strategy: str = "group_by_length") -> BaselineRun:
     """Hugging Face's Trainer for `steps` steps on `cfg`'s records, model, LoRA, batch, optimizer and schedule."""
     from transformers import Trainer
 
     on_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     tokenizer = modeling.load_tokenizer(cfg.model)
-    prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
-    torch.manual_seed(int(cfg.train.seed))
+    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
     model = modeling.build_model(cfg.model, cfg.peft, len(tokenizer), on_cuda)
     collate = CountingCollator(data_mod.PaddingCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of))
     clock = StepClock()
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=int(cfg.train.micro_batch_size),
-        gradient_accumulation_steps=int(cfg.train.global_batch_size) // int(cfg.train.micro_batch_size),
+        per_device_train_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.train.global_batch_size // cfg.train.micro_batch_size,
         max_steps=steps,
-        learning_rate=float(cfg.optim.lr),
+        learning_rate=cfg.optim.lr,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(steps * float(cfg.optim.warmup_ratio))),
-        max_grad_norm=float(cfg.optim.max_grad_norm),
+        warmup_steps=max(1, int(steps * cfg.optim.warmup_ratio)),
+        max_grad_norm=cfg.optim.max_grad_norm,
         optim="adamw_bnb_8bit"
         if cfg.optim.name == "adamw8bit"
         else ("adamw_torch_fused" if on_cuda else "adamw_torch"),
@@ -98,7 +98,7 @@ def train_hf_baseline(cfg: DictConfig, steps: int, output_dir: Path, strategy: s
         remove_unused_columns=False,
         dataloader_drop_last=True,
         dataloader_num_workers=0,
-        seed=int(cfg.train.seed),
+        seed=cfg.train.seed,
         disable_tqdm=True,
         **sampling_arguments(strategy),
     )

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline
 
-from noesis_accel.config import compose
+from noesis_accel.config import compose, to_config, validate
 from noesis_accel.core import env
 from noesis_accel.training import data as data_mod
 from noesis_accel.training import losses, modeling
@@ -197,7 +197,7 @@ class SharedBase:
             raise RuntimeError("the shared model still carries the previous configuration's LoRA")
         disable = getattr(self.model, "activation_checkpointing_disable", None)  # its name from transformers 5.2x
         (disable or self.model.gradient_checkpointing_disable)()
-        self.liger_applied = self.liger_applied or bool(model_cfg.liger)
+        self.liger_applied = self.liger_applied or model_cfg.liger
         return self.model
 
     def _apply_lora(self, model: torch.nn.Module, model_cfg: Any, peft_cfg: Any) -> torch.nn.Module:
@@ -259,22 +259,24 @@ def probe_worst_micro_batch(
 def run_ours(
     variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict, probe_len: int | None
 ) -> Row:
-    cfg = compose(
-        overrides
-        + [
-            f"run.root={root}",
-            f"run.name=ours-{_slug(variant)}",
-            f"train.max_steps={steps}",
-            f"ckpt.every={steps}",
-            "train.eval_every=0",
-            "train.tracker=none",
-            "train.progress_bar=false",
-            "data.eval_fraction=0",
-            f"model.gradient_checkpointing={variant.checkpointing}",
-            f"model.liger={variant.liger}",
-            f"data.packing={variant.packing}",
-            f"model.compile={variant.compile}",
-        ]
+    cfg = validate(
+        compose(
+            overrides
+            + [
+                f"run.root={root}",
+                f"run.name=ours-{_slug(variant)}",
+                f"train.max_steps={steps}",
+                f"ckpt.every={steps}",
+                "train.eval_every=0",
+                "train.tracker=none",
+                "train.progress_bar=false",
+                "data.eval_fraction=0",
+                f"model.gradient_checkpointing={variant.checkpointing}",
+                f"model.liger={variant.liger}",
+                f"data.packing={variant.packing}",
+                f"model.compile={variant.compile}",
+            ]
+        )
     )
     trainer = None
     try:
@@ -307,7 +309,7 @@ def run_ours(
                 trainer.accelerator,
                 trainer.optimizer,
                 probe_len,
-                int(cfg.train.micro_batch_size),
+                cfg.train.micro_batch_size,
                 variant.packing,
             )
         trainer.metrics.close()
@@ -321,16 +323,18 @@ def run_ours(
 
 def run_hf(variant: Variant, overrides: list[str], root: Path, steps: int, untimed: int, arch: dict) -> Row:
     """The baseline: transformers' Trainer, length-grouped, on the same records, LoRA and optimizer."""
-    cfg = compose(
-        overrides
-        + [
-            "data.eval_fraction=0",
-            f"model.gradient_checkpointing={variant.checkpointing}",
-            f"model.liger={variant.liger}",
-        ]
+    cfg = to_config(
+        compose(
+            overrides
+            + [
+                "data.eval_fraction=0",
+                f"model.gradient_checkpointing={variant.checkpointing}",
+                f"model.liger={variant.liger}",
+            ]
+        )
     )
     run = train_hf_baseline(cfg, steps, root / "hf")
-    accumulation = int(cfg.train.global_batch_size) // int(cfg.train.micro_batch_size)
+    accumulation = cfg.train.global_batch_size // cfg.train.micro_batch_size
     timed = run.batches[untimed * accumulation : steps * accumulation]  # step i trains batches (i-1)·acc ... i·acc-1
     assert len(timed) == (steps - untimed) * accumulation, "the Trainer trained another number of batches"
     real, padded = sum(b[0] for b in timed), sum(b[1] for b in timed)
@@ -524,7 +528,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if args.only:
             wanted = {name.strip() for name in args.only.split(",")}
             variants = [v for v in variants if _slug(v) in wanted]
-        cfg = compose(overrides)
+        cfg = to_config(compose(overrides))
         tokenizer = modeling.load_tokenizer(cfg.model)
         on_cuda = torch.cuda.is_available() and not args.cpu_smoke
         created = time.monotonic()
@@ -586,7 +590,7 @@ def _record(rows: list[Row], overrides: list[str], info: dict, path: Path, vocab
         return
     rate = measured.tokens_per_s / (1 - measured.padding)  # what the plans count: padded tokens
     row = record_measured(
-        compose(overrides),
+        to_config(compose(overrides)),
         rate,
         f"bench/llama8b.py on {info['device']}, {recipe}, micro {info['micro_batch']}: "
         f"{measured.tokens_per_s:.0f} non-pad tok/s at {100 * measured.padding:.1f}% padding, "

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from noesis_accel.config import compose
+from noesis_accel.config import compose, validate
 from noesis_accel.training.footprint import actual_state_bytes
 from noesis_accel.training.plan import make_plan
 from noesis_accel.training.trainer import Trainer
@@ -83,17 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. model.gradient_checkpointing=true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as root:
-        cfg = compose(
-            [
-                f"+experiment={args.experiment}",
-                "train.tracker=none",
-                "train.progress_bar=false",
-                "train.eval_every=0",
-                "train.sample_prompt=null",
-                *args.overrides,
-                f"run.root={root}",
-                "run.name=plan-vs-measured",
-            ]
+        cfg = validate(
+            compose(
+                [
+                    f"+experiment={args.experiment}",
+                    "train.tracker=none",
+                    "train.progress_bar=false",
+                    "train.eval_every=0",
+                    "train.sample_prompt=null",
+                    *args.overrides,
+                    f"run.root={root}",
+                    "run.name=plan-vs-measured",
+                ]
+            )
         )
         trainer = Trainer.for_config(cfg)
         try:

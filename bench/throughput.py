@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hf_baseline import peak_memory_gib, reset_peak_memory, train_hf_baseline
 
-from noesis_accel.config import compose
+from noesis_accel.config import compose, to_config, validate
 from noesis_accel.training.metrics import read_metrics
 from noesis_accel.training.plan import THROUGHPUT_TABLE, record_measured
 from noesis_accel.training.trainer import Trainer
@@ -70,18 +70,20 @@ class Result:
 
 
 def run_ours(overrides: list[str], steps: int, warmup: int, root: Path, variant: str = "") -> Result:
-    cfg = compose(
-        overrides
-        + [
-            f"run.root={root}",
-            f"run.name=ours{variant}",
-            f"train.max_steps={steps}",
-            f"ckpt.every={steps}",
-            "train.eval_every=0",
-            "train.tracker=none",
-            "train.progress_bar=false",
-            "data.eval_fraction=0",
-        ]
+    cfg = validate(
+        compose(
+            overrides
+            + [
+                f"run.root={root}",
+                f"run.name=ours{variant}",
+                f"train.max_steps={steps}",
+                f"ckpt.every={steps}",
+                "train.eval_every=0",
+                "train.tracker=none",
+                "train.progress_bar=false",
+                "data.eval_fraction=0",
+            ]
+        )
     )
     trainer = Trainer.for_config(cfg)
     reset_peak_memory()
@@ -101,7 +103,7 @@ def run_ours(overrides: list[str], steps: int, warmup: int, root: Path, variant:
 
 def run_hf_trainer(overrides: list[str], steps: int, warmup: int, root: Path, strategy: str) -> Result:
     """The baseline: transformers' Trainer on the same tokenised data and the same LoRA model."""
-    cfg = compose(overrides + ["data.eval_fraction=0"])
+    cfg = to_config(compose(overrides + ["data.eval_fraction=0"]))
     run = train_hf_baseline(cfg, steps, root / f"hf-{strategy}", strategy)
     used = run.batches[warmup:steps]  # batch i is trained in step i+1 (the loader may prefetch one more)
     tokens = sum(real for real, _, _ in used)
@@ -209,7 +211,7 @@ def main() -> None:
     if args.record:
         rate = ours.tokens_per_s / (1 - ours.padding)  # what the plans count: padded tokens
         row = record_measured(
-            compose(overrides),
+            to_config(compose(overrides)),
             rate,
             f"bench/throughput.py on {device}, micro {args.micro_batch}, {' '.join(args.overrides) or 'fp32'}: "
             f"{ours.tokens_per_s:.1f} non-pad tok/s at {100 * ours.padding:.1f}% padding",

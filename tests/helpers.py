@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from noesis_accel.config import Config, compose, to_config
 from noesis_accel.rundir.layout import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,3 +297,9 @@ class FakeVolume:
                 self._persist()  # Modal's background snapshot: no reload, so no open-file rule
             except OSError:
                 pass
+
+
+def typed(overrides: list[str] | None = None) -> Config:
+    """conf/ composed with `overrides` as the code reads it: the schema's dataclasses (`validate` returns these;
+    this skips its checks, so a component can be given a config `validate` would refuse)."""
+    return to_config(compose(list(overrides or [])))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli, write_jsonl
+from helpers import typed
 
 from noesis_accel.after import evaluate, judges, plots
 from noesis_accel.after.export import export_run
@@ -635,7 +636,7 @@ def test_demo_export_gives_the_same_greedy_answers_as_base_plus_adapter(demo_run
     merged = AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers, no peft
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    tuned, tuned_tokenizer = load_finetuned(compose(["+experiment=demo"]), demo_run / "adapter")
+    tuned, tuned_tokenizer = load_finetuned(typed(["+experiment=demo"]), demo_run / "adapter")
     prompts = read_prompts(str(REPO / "noesis_accel" / "assets" / "noesis_eval_prompts.jsonl"))
     questions = [p.prompt for p in prompts] + ["Where does the name Noesis come from?", "Who trained you?"]
     answers = [(reply(merged, tokenizer, q), reply(tuned, tuned_tokenizer, q)) for q in questions]

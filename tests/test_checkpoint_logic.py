@@ -9,14 +9,14 @@ same decisions through a real training process are in tests/test_checkpoint.py.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
+from helpers import typed
 
-from noesis_accel.config import compose
 from noesis_accel.core.errors import ResumeError
 from noesis_accel.rundir.checkpoint import MANIFEST, CheckpointManager, checkpoint_problem
 from noesis_accel.rundir.layout import RunDir
@@ -57,9 +57,8 @@ class RecordingCommitter:
 
 def _manager(run_dir: Path, total_steps: int, **ckpt: Any) -> CheckpointManager:
     overrides: dict[Any, Any] = {"commit_backoff_s": 0, **ckpt}
-    run_cfg = compose(["+experiment=tiny"])
-    cfg = OmegaConf.merge(run_cfg.ckpt, overrides)
-    assert isinstance(cfg, DictConfig)
+    run_cfg = typed(["+experiment=tiny"])
+    cfg = replace(run_cfg.ckpt, **overrides)
     return CheckpointManager(
         OneProcessAccelerator(),
         RunDir(run_dir),
@@ -170,7 +169,7 @@ def test_a_checkpoint_from_other_math_another_format_or_another_zero_world_is_re
     manager.config_fingerprint = "other"
     with pytest.raises(ResumeError, match="different training config .*fingerprint abc != other"):
         manager.check_compatible(checkpoint)
-    manager.config_fingerprint, manager.state = "abc", Zero2(compose(["distributed=zero2"]))
+    manager.config_fingerprint, manager.state = "abc", Zero2(typed(["distributed=zero2"]))
     with pytest.raises(
         ResumeError,
         match="holds whole trainable weights .* and distributed=zero2 reads ZeRO-2 engine files.*"
@@ -185,7 +184,7 @@ def test_a_checkpoint_from_other_math_another_format_or_another_zero_world_is_re
     assert manager._reset_optimizer(zero) is True
     # Whole optimizer state, or DCP's global layout: any count continues them (moments reset only on request).
     manager.cfg.on_world_size_change = "refuse"
-    for resharding in (Single(compose([])), Fsdp2(compose(["distributed=fsdp2"]))):
+    for resharding in (Single(typed([])), Fsdp2(typed(["distributed=fsdp2"]))):
         manager.state = resharding
         assert manager._reset_optimizer(zero) is False
 

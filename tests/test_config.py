@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from helpers import typed
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -212,7 +213,7 @@ def test_choices_come_from_the_schema_annotations() -> None:
 def test_strategy_names_come_from_conf_distributed_and_manifests_name_their_format() -> None:
     from noesis_accel.training.strategies import build_strategy, saved_format
 
-    assert [build_strategy(compose([f"distributed={d}"])).name for d in strategy_names()] == list(strategy_names())
+    assert [build_strategy(typed([f"distributed={d}"])).name for d in strategy_names()] == list(strategy_names())
     assert strategy(compose(["+experiment=noesis"])) == "zero2"
     # Manifests written before formats were named: Accelerate's recorded type tells ZeRO-2 from the others.
     assert saved_format({"distributed_type": "DistributedType.DEEPSPEED"}) == "zero2"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from conftest import chat_records, run_cli, write_jsonl
+from helpers import typed
 
-from noesis_accel.config import compose
 from noesis_accel.core.errors import DataError
 from noesis_accel.training import data
 from noesis_accel.training.modeling import load_tokenizer
@@ -15,7 +15,7 @@ from noesis_accel.training.modeling import load_tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(compose(["model=tiny"]).model)
+    return load_tokenizer(typed(["model=tiny"]).model)
 
 
 def _labelled(ids: list[int], labels: list[int]) -> list[int]:
@@ -71,7 +71,7 @@ def test_truncation_is_counted_and_fully_truncated_records_dropped(tokenizer, tm
     records = chat_records(20) + [
         {"messages": [{"role": "user", "content": long_user}, {"role": "assistant", "content": "ok"}]}
     ]
-    cfg = compose(
+    cfg = typed(
         [
             "model=tiny",
             f"data.path={write_jsonl(tmp_path / 'd.jsonl', records)}",
@@ -89,7 +89,7 @@ def test_truncation_is_counted_and_fully_truncated_records_dropped(tokenizer, tm
 
 def test_held_out_split_is_seeded_and_disjoint(tokenizer, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", chat_records(50))
-    cfg = compose(
+    cfg = typed(
         [
             "model=tiny",
             f"data.path={path}",
@@ -126,12 +126,12 @@ def _error_for(tmp_path: Path, tokenizer, records: list, **overrides) -> str:
     args = ["model=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.format=auto"]
     args += [f"data.{k}={v}" for k, v in overrides.items()]
     with pytest.raises(DataError) as err:
-        data.prepare(compose(args).data, tokenizer, seed=0)
+        data.prepare(typed(args).data, tokenizer, seed=0)
     return str(err.value)
 
 
 def test_missing_file(tokenizer, tmp_path: Path) -> None:
-    cfg = compose(["model=tiny", f"data.path={tmp_path / 'nope.jsonl'}"])
+    cfg = typed(["model=tiny", f"data.path={tmp_path / 'nope.jsonl'}"])
     with pytest.raises(DataError, match=r"data.path: .*nope.jsonl does not exist"):
         data.prepare(cfg.data, tokenizer, seed=0)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import chat_records, write_jsonl
+from helpers import typed
 
 from noesis_accel.config import compose, validate
 from noesis_accel.core.errors import ConfigError, DataError
@@ -24,7 +25,7 @@ READ_AS_SHAREGPT = (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(compose(["model=tiny"]).model)
+    return load_tokenizer(typed(["model=tiny"]).model)
 
 
 def _sharegpt(n: int, system: bool = False) -> list[dict]:
@@ -54,7 +55,7 @@ def _train(tmp_path: Path, path: Path, *more: str):
 
 def _check(tmp_path: Path, path: Path, *more: str) -> data.DataStats:
     return data.check_data(
-        compose(["+experiment=tiny", f"data.path={path}", "data.min_examples=1", *more]).data,
+        typed(["+experiment=tiny", f"data.path={path}", "data.min_examples=1", *more]).data,
     )
 
 
@@ -96,9 +97,9 @@ def test_a_format_the_user_set_is_kept_and_its_error_is_one_line(tmp_path: Path)
 def test_data_read_under_the_groups_format_is_not_reused_for_the_users(tokenizer, tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "sharegpt.jsonl", _sharegpt(20))
     common = ["+experiment=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_examples=1"]
-    assert data.prepare(compose(common).data, tokenizer, seed=0).stats.format == "sharegpt"
+    assert data.prepare(typed(common).data, tokenizer, seed=0).stats.format == "sharegpt"
     with pytest.raises(DataError, match="20 bad records"):  # the same settings, but data.format is the user's
-        data.prepare(compose([*common, "data=jsonl", "data.format=chat"]).data, tokenizer, seed=0)
+        data.prepare(typed([*common, "data=jsonl", "data.format=chat"]).data, tokenizer, seed=0)
 
 
 def test_records_of_no_known_shape_name_data_jsonl(tmp_path: Path) -> None:
@@ -194,7 +195,7 @@ def test_on_bad_record_is_validated() -> None:
 def test_the_system_prompt_note_only_when_a_record_lacks_a_system_turn(tokenizer, tmp_path: Path) -> None:
     def notes(name: str, records: list[dict]) -> list[str]:
         path = write_jsonl(tmp_path / name, records)
-        cfg = compose(["model=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'c'}", "data.min_examples=1"])
+        cfg = typed(["model=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'c'}", "data.min_examples=1"])
         return data.template_notes(tokenizer, cfg.data, data.prepare(cfg.data, tokenizer, seed=0).stats)
 
     assert notes("all.jsonl", _sharegpt(10, system=True)) == []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import chat_records, run_cli, write_jsonl
+from helpers import typed
 
 from noesis_accel.config import compose
 from noesis_accel.core.errors import DataError
@@ -18,11 +19,11 @@ from noesis_accel.training.modeling import load_tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(compose(["model=tiny"]).model)
+    return load_tokenizer(typed(["model=tiny"]).model)
 
 
 def _cfg(tmp_path: Path, path: Path, *overrides: str):
-    return compose(
+    return typed(
         ["model=tiny", f"data.path={path}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_examples=1", *overrides]
     ).data
 
@@ -113,10 +114,10 @@ def test_hub_datasets_hold_out_their_eval_split(monkeypatch: pytest.MonkeyPatch)
     from noesis_accel.training import data_sources
 
     monkeypatch.setattr(data_sources, "_first_hub_split", lambda name, candidates: "validation")
-    cfg = compose(["model=tiny", "data.path=someone/chats"]).data
+    cfg = typed(["model=tiny", "data.path=someone/chats"]).data
     assert data_sources.training_source(cfg) == data_sources.Source("data.path", "train", hub="someone/chats")
     assert data_sources.eval_source(cfg) == data_sources.Source("data.path", "validation", hub="someone/chats")
-    explicit = compose(["model=tiny", "data.path=someone/chats", "data.eval_split=test_sft"]).data
+    explicit = typed(["model=tiny", "data.path=someone/chats", "data.eval_split=test_sft"]).data
     assert data_sources.eval_source(explicit).split == "test_sft"
     monkeypatch.setattr(data_sources, "_first_hub_split", lambda name, candidates: None)
     assert data_sources.eval_source(cfg) is None  # no eval split: data.eval_fraction of train
@@ -274,13 +275,13 @@ PINNED = {
 
 @pytest.mark.parametrize("overrides", list(PINNED))
 def test_sample_data_prepares_to_the_pinned_bytes(tokenizer, tmp_path: Path, overrides: tuple) -> None:
-    cfg = compose(["+experiment=tiny", f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+    cfg = typed(["+experiment=tiny", f"data.cache_dir={tmp_path / 'cache'}", *overrides])
     prepared = data.prepare(cfg.data, tokenizer, seed=int(cfg.train.seed))
     assert (_digest(prepared.train), _digest(prepared.eval)) == PINNED[overrides]
 
 
 def test_parallel_tokenisation_gives_the_same_bytes(tokenizer, tmp_path: Path) -> None:
-    cfg = compose(["+experiment=tiny", f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=40", "data.num_proc=2"])
+    cfg = typed(["+experiment=tiny", f"data.cache_dir={tmp_path / 'cache'}", "data.max_length=40", "data.num_proc=2"])
     prepared = data.prepare(cfg.data, tokenizer, seed=int(cfg.train.seed))
     assert (_digest(prepared.train), _digest(prepared.eval)) == PINNED[("data.max_length=40",)]
     assert prepared.stats.dropped_truncated == 12

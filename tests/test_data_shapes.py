@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_jsonl
+from helpers import typed
 from omegaconf import OmegaConf
 
 from noesis_accel.config import CHOICES, compose, differing_math_keys
@@ -76,11 +77,11 @@ TOOL_RECORD = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(compose(["model=tiny"]).model)
+    return load_tokenizer(typed(["model=tiny"]).model)
 
 
 def _data_cfg(*overrides: str):
-    return compose(["model=tiny", "data.path=unused.jsonl", *overrides]).data
+    return typed(["model=tiny", "data.path=unused.jsonl", *overrides]).data
 
 
 def _tokenize(tokenizer, fields: dict, *overrides: str, shape: str = "auto") -> tuple[list[int], list[int]]:
@@ -210,7 +211,7 @@ def test_sharegpt_file_trains_the_same_tokens_as_its_messages_file(tokenizer, tm
     messages = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
     prepared = []
     for name, records in (("sharegpt", sharegpt), ("messages", messages)):
-        cfg = compose(
+        cfg = typed(
             [
                 "model=tiny",
                 f"data.path={write_jsonl(tmp_path / f'{name}.jsonl', records)}",

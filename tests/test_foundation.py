@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_cli
+from helpers import typed
 
 from noesis_accel.config import compose
 from noesis_accel.processes.train import run
@@ -73,8 +74,8 @@ def test_the_cli_applies_debug_last_too(tmp_path) -> None:
 
 
 def test_a_debug_run_never_uses_the_production_run_dir() -> None:
-    production, debug = compose(["+experiment=noesis"]), compose(["+experiment=noesis", "+debug=cpu"])
-    assert RunDir.of(production).path.name == "noesis" and RunDir.of(debug).path.name == "noesis-debug"
+    production, debug = typed(["+experiment=noesis"]), typed(["+experiment=noesis", "+debug=cpu"])
+    assert RunDir.of(production.run).path.name == "noesis" and RunDir.of(debug.run).path.name == "noesis-debug"
 
 
 @pytest.mark.slow

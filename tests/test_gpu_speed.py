@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import typed
 
-from noesis_accel.config import compose
 from noesis_accel.training.data import PaddingCollator
 from noesis_accel.training.modeling import build_model
 from noesis_accel.training.packing import PackingCollator
@@ -30,7 +30,7 @@ def _rows() -> list[dict]:
 
 
 def _loss_and_grads(overrides: list[str], collate, label_tokens: int = 97) -> tuple[float, dict[str, torch.Tensor]]:
-    cfg = compose(["+experiment=tiny", "train.device=auto", "peft.dropout=0", *overrides])
+    cfg = typed(["+experiment=tiny", "train.device=auto", "peft.dropout=0", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.peft, 256, device_is_cuda=True).train()  # Liger fuses the loss in training
     with torch.no_grad():  # LoRA's B starts at zero; give it values so every adapter matrix gets a gradient

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
-from omegaconf import OmegaConf
+from helpers import typed
 
-from noesis_accel.config import compose
 from noesis_accel.training import optim
 
 
@@ -35,7 +35,7 @@ def test_norms_and_biases_are_not_decayed_and_frozen_params_are_left_out() -> No
 def test_adamw8bit_trains_on_the_cpu_with_8bit_state() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
-    cfg = OmegaConf.merge(compose([]).optim, {"name": "adamw8bit", "lr": 1e-2})
+    cfg = replace(typed().optim, name="adamw8bit", lr=1e-2)
     optimizer = optim.build_optimizer(model, cfg, on_cuda=False)
     assert type(optimizer).__name__ == "AdamW8bit"
     x, y = torch.randn(256, 128), torch.randn(256, 1)
@@ -57,14 +57,14 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert values[0] < values[5] < values[9] <= 1.0
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert math.isclose(schedule(100), 0.1) and values[10] == 1.0
-    cfg = OmegaConf.merge(compose([]).optim, {"warmup_ratio": 0.1})
+    cfg = replace(typed().optim, warmup_ratio=0.1)
     assert optim.warmup_steps(cfg, 95) == 10
 
 
 def test_torch_adamw_is_fused_only_on_gpu_unless_the_config_says() -> None:
     # Asserted as `is True` / `is False`: torch's own default is None, which a plain `not` would accept.
     def fused(on_cuda: bool, setting: bool | None) -> object:
-        cfg = OmegaConf.merge(compose([]).optim, {"fused": setting})
+        cfg = replace(typed().optim, fused=setting)
         optimizer = optim.build_optimizer(torch.nn.Linear(4, 4), cfg, on_cuda=on_cuda)
         assert isinstance(optimizer, torch.optim.AdamW)
         return optimizer.defaults["fused"]

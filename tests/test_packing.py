@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, write_jsonl
-from helpers import assert_same_adapter
+from helpers import assert_same_adapter, typed
 
 from noesis_accel.config import compose
 from noesis_accel.processes.train import run
@@ -63,7 +63,7 @@ def test_packing_collator_lays_records_end_to_end() -> None:
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_packed_forward_matches_padded_per_record(attention: str) -> None:
     """Per-record logits and the summed token loss match the padded layout: attention never crosses records."""
-    cfg = compose(["+experiment=tiny", f"model.attn_implementation={attention}"])
+    cfg = typed(["+experiment=tiny", f"model.attn_implementation={attention}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.peft, 256, device_is_cuda=False).eval()
     padded, packed = PaddingCollator(0)(RECORDS), PackingCollator()(RECORDS)
@@ -154,5 +154,5 @@ def test_packed_run_killed_and_resumed_is_bitwise_exact(tmp_path, data_path, mon
 
 
 def test_build_collator_follows_the_config() -> None:
-    assert isinstance(build_collator(compose(["data.packing=true"]).data, 0), PackingCollator)
-    assert isinstance(build_collator(compose([]).data, 0), PaddingCollator)
+    assert isinstance(build_collator(typed(["data.packing=true"]).data, 0), PackingCollator)
+    assert isinstance(build_collator(typed([]).data, 0), PaddingCollator)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from helpers import typed
 
-from noesis_accel.config import compose
 from noesis_accel.training import footprint
 from noesis_accel.training.plan import PLAN_FILE, fit_problem, make_plan, read_plan
 
@@ -19,7 +19,7 @@ LLAMA3_8B_LORA16 = 32 * (2 * 16 * 8192 + 2 * 16 * 5120 + 3 * 16 * 18432)
 
 
 def test_the_8b_recipe_is_planned_without_weights_and_a_t4_is_refused_for_its_base_weights(tmp_path: Path) -> None:
-    cfg = compose(["+experiment=noesis", f"run.root={tmp_path}", "modal.gpu=[H100:8,T4:8]"])
+    cfg = typed(["+experiment=noesis", f"run.root={tmp_path}", "modal.gpu=[H100:8,T4:8]"])
     plan = make_plan(cfg)
     params = plan.model.params
     assert abs(params.base_params - LLAMA3_8B_PARAMS) / LLAMA3_8B_PARAMS < 0.005
@@ -65,7 +65,7 @@ def _first_step_against_plan(tmp_path: Path, experiment: str, extra: list[str] =
     from noesis_accel.training.trainer import Trainer
 
     overrides = [f"+experiment={experiment}", f"run.root={tmp_path}", "train.tracker=none", "train.eval_every=0"]
-    cfg = compose([*overrides, "data.eval_fraction=0", "train.progress_bar=false", *extra])
+    cfg = typed([*overrides, "data.eval_fraction=0", "train.progress_bar=false", *extra])
     trainer = Trainer.for_config(cfg)
     try:
         plan = make_plan(cfg, prepared=trainer.data, vocab_size=len(trainer.tokenizer))
@@ -115,7 +115,7 @@ def test_the_plan_of_the_demo_model_equals_its_tensors_and_its_first_step(tmp_pa
 
 
 def test_a_plan_of_local_data_counts_its_records_and_steps_exactly(tmp_path: Path) -> None:
-    cfg = compose(["+experiment=tiny", f"run.root={tmp_path}"])
+    cfg = typed(["+experiment=tiny", f"run.root={tmp_path}"])
     plan = make_plan(cfg)
     assert plan.data.exact and plan.data.records == 162 and plan.data.steps == 20
     assert plan.first.device == "cpu" and plan.first.fits
@@ -152,7 +152,7 @@ def test_attention_and_dropout_are_counted_as_the_training_device_keeps_them(tmp
     the fused kernels never store (1 GiB a layer for the 8B recipe), and dropout with a mask in the input's
     dtype where CUDA keeps one byte a value. The meta count must equal the CPU's real kernels, and differ
     on a GPU by exactly the dropout masks' three bytes a value."""
-    cfg = compose(["+experiment=tiny", f"run.root={tmp_path}", "model.attn_implementation=sdpa", "peft.dropout=0.1"])
+    cfg = typed(["+experiment=tiny", f"run.root={tmp_path}", "model.attn_implementation=sdpa", "peft.dropout=0.1"])
     shape = footprint.model_shape(cfg.model, vocab_size=1000)
     rows, length = 2, 256  # long enough that probabilities (2 x 4 x 256 x 256 x 4 bytes a layer) would show
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import typed
 
 from noesis_accel.after import export
 from noesis_accel.after.export import export_run
@@ -80,7 +81,7 @@ def test_the_smollm2_tokenizer_is_named_as_llama_cpp_names_it(tiny_run, monkeypa
     from noesis_accel.after import gguf_pretokenizers
     from noesis_accel.training.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(compose(["+experiment=tiny"]).model)
+    tokenizer = load_tokenizer(typed(["+experiment=tiny"]).model)
     assert tokenizer_plan(tokenizer) == TokenizerPlan(model="gpt2", pre="smollm")
     monkeypatch.setattr(gguf_pretokenizers, "PRE_TOKENIZERS", {})
     assert "llama.cpp does not know this tokenizer's pre-tokenizer" in str(tokenizer_plan(tokenizer))

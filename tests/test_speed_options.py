@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import typed
 from omegaconf import OmegaConf
 
 from noesis_accel.config import compose, differing_math_keys, fingerprint, validate
@@ -44,7 +45,7 @@ def test_liger_reaches_the_builder_and_needs_cuda_at_run_time(tmp_path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
 def test_liger_missing_is_a_clear_error() -> None:
-    cfg = compose(["+experiment=tiny"])
+    cfg = typed(["+experiment=tiny"])
     model = modeling.load_base_model(cfg.model, 256, device_is_cuda=False)
     with pytest.raises(ConfigError, match=r"model.liger: liger-kernel is not importable .*noesis-accel\[gpu\]"):
         modeling.apply_liger(model, device_is_cuda=True)
@@ -62,23 +63,23 @@ def test_packing_with_an_attention_that_cannot_separate_records_is_refused() -> 
 
 
 def test_architecture_vocab_size_builds_the_true_shape_and_never_less_than_the_tokenizer() -> None:
-    cfg = compose(["+experiment=tiny", "+model.architecture.vocab_size=1000"])
+    cfg = typed(["+experiment=tiny", "+model.architecture.vocab_size=1000"])
     model = modeling.load_base_model(cfg.model, 300, device_is_cuda=False)
     assert model.get_input_embeddings().weight.shape[0] == 1000
     with pytest.raises(ConfigError, match="model.architecture.vocab_size: 1000 is smaller than the tokenizer's 4000"):
         modeling.load_base_model(cfg.model, 4000, device_is_cuda=False)
-    default = modeling.load_base_model(compose(["+experiment=tiny"]).model, 300, device_is_cuda=False)
+    default = modeling.load_base_model(typed(["+experiment=tiny"]).model, 300, device_is_cuda=False)
     assert default.get_input_embeddings().weight.shape[0] == 300
 
 
 def test_compile_wraps_each_decoder_layer_in_place() -> None:
-    cfg = compose(["+experiment=tiny"])
+    cfg = typed(["+experiment=tiny"])
     plain = modeling.build_model(cfg.model, cfg.peft, 256, device_is_cuda=False)
     compiled = modeling.build_model(
-        compose(["+experiment=tiny", "model.compile=true"]).model, cfg.peft, 256, device_is_cuda=False
+        typed(["+experiment=tiny", "model.compile=true"]).model, cfg.peft, 256, device_is_cuda=False
     )
     layers = modeling.repeated_layers(compiled)
-    assert layers is not None and len(layers) == cfg.model.architecture.num_hidden_layers
+    assert layers is not None and len(layers) == cfg.model.architecture["num_hidden_layers"]
     assert all(layer._compiled_call_impl is not None for layer in layers)  # compiled lazily, at the first call
     assert modeling.repeated_layers(plain)[0]._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints and adapters keep their names

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from conftest import run_cli
-from helpers import step_losses
+from helpers import step_losses, typed
 
-from noesis_accel.config import CHOICES, compose
+from noesis_accel.config import CHOICES
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.training.trackers import PACKAGES, TrackerRun, _init_kwargs, mlflow_tracking_uri, start_tracker
 
@@ -169,7 +169,7 @@ def test_every_tracker_accelerate_ships_can_be_chosen_and_says_what_to_install()
 
 
 def test_the_tracker_keys_reach_wandb_and_mlflow(tmp_path, monkeypatch) -> None:
-    cfg = compose(
+    cfg = typed(
         [
             "+experiment=tiny",
             f"run.root={tmp_path}",
@@ -179,7 +179,7 @@ def test_the_tracker_keys_reach_wandb_and_mlflow(tmp_path, monkeypatch) -> None:
             "tracker.mode=offline",
         ]
     )
-    rundir = RunDir.of(cfg)
+    rundir = RunDir.of(cfg.run)
     wandb = _init_kwargs(cfg, "wandb", rundir, tmp_path / "logs", "abc123")
     assert wandb == {
         "id": "abc123",
@@ -205,18 +205,19 @@ def test_mlflow_runs_under_one_root_share_one_store_each_keeping_its_own_run(tmp
     from mlflow.tracking import MlflowClient
 
     from noesis_accel.training.distributed import build_accelerator
+    from noesis_accel.training.strategies import build_strategy
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     root = tmp_path / "runs"
     ids: dict[str, str] = {}
     for name in ("first", "second", "first"):  # the third start is the first run's restart
-        cfg = compose(
+        cfg = typed(
             ["+experiment=tiny", f"run.root={root}", f"run.name={name}", "train.tracker=mlflow", "tracker.project=ci"]
         )
-        rundir = RunDir.of(cfg)
+        rundir = RunDir.of(cfg.run)
         rundir.path.mkdir(parents=True, exist_ok=True)  # as RunSession.open leaves it
-        accelerator = build_accelerator(cfg, rundir.logs)
+        accelerator = build_accelerator(cfg, rundir.logs, build_strategy(cfg))
         run = start_tracker(accelerator, cfg, rundir, rundir.logs)
         assert run is not None and run.run_id
         accelerator.log({"loss": 1.0}, step=run.first_step)

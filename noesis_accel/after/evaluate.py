@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from noesis_accel.after.judges import as_verdict, load_judge
 from noesis_accel.after.prompts import EvalPrompts, PromptRecord, asks_heldout, from_file, from_heldout, read_prompts
-from noesis_accel.config import CONF_DIR, EvalRunConfig, register
+from noesis_accel.config import CONF_DIR, Config, EvalConfig, EvalRunConfig, as_schema, register
 from noesis_accel.config.overrides import ConfigTree, check_words
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import ConfigError, UserError, exit_on_user_error, one_line, safe_for_pipes
@@ -55,7 +56,10 @@ HELDOUT_PROMPTS = 64
 
 
 def compose_eval(run_dir: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """conf/eval.yaml with the run's model and data sections as the default options, then `overrides`."""
+    """conf/eval.yaml with the run's model and data sections as the default options, then `overrides`.
+
+    A DictConfig, as Hydra composed it; `evaluate_run` types it (`EvalRunConfig`) before anything reads it.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
@@ -86,12 +90,12 @@ def compose_eval(run_dir: str | Path, overrides: list[str] | None = None) -> Dic
     return cfg
 
 
-def check_eval_config(eval_cfg: DictConfig) -> None:
+def check_eval_config(eval_cfg: EvalConfig) -> None:
     """Every problem with the `eval` keys, in one error, before any model is loaded."""
     problems = []
-    if int(eval_cfg.max_new_tokens) <= 0:
+    if eval_cfg.max_new_tokens <= 0:
         problems.append("eval.max_new_tokens: must be > 0")
-    if eval_cfg.micro_batch_size is not None and int(eval_cfg.micro_batch_size) <= 0:
+    if eval_cfg.micro_batch_size is not None and eval_cfg.micro_batch_size <= 0:
         problems.append("eval.micro_batch_size: must be > 0 or null (the run's train.micro_batch_size)")
     if eval_cfg.device not in _DEVICES:
         problems.append(f"eval.device: {eval_cfg.device!r} is not one of {', '.join(_DEVICES)}")
@@ -114,23 +118,21 @@ def evaluate_run(
         overrides: Hydra overrides of conf/eval.yaml, e.g. ["judge=exact", "checkpoint=step-000010"].
         log: where the table and progress lines go.
     """
-    cfg = compose_eval(run_dir, overrides)
-    return run_evaluation(cfg, log)
+    return run_evaluation(as_schema(compose_eval(run_dir, overrides), EvalRunConfig), log)
 
 
-def run_evaluation(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_evaluation(cfg: EvalRunConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The evaluation a composed conf/eval.yaml describes. Cheap checks first, models last."""
     from noesis_accel.after.runmodel import load_run_model, run_config, weights_source
 
     rundir = RunDir(Path(cfg.run_dir)).require()
     check_eval_config(cfg.eval)
-    ask_heldout = asks_heldout(cfg.eval.prompts, str(cfg.data.path))
+    ask_heldout = asks_heldout(cfg.eval.prompts, cfg.data.path)
     prompts = None if ask_heldout else from_file(cfg.eval.prompts)  # a bad file fails before any model loads
     source = weights_source(rundir, cfg.checkpoint)
     judge, judge_name = load_judge(cfg.eval.judge)
-    run_cfg = run_config(rundir)
-    run_cfg.model, run_cfg.data = cfg.model, cfg.data  # the run's own unless overridden
-    loaded = load_run_model(run_cfg, source, device=str(cfg.eval.device))
+    run_cfg = replace(run_config(rundir), model=cfg.model, data=cfg.data)  # the run's own unless overridden
+    loaded = load_run_model(run_cfg, source, device=cfg.eval.device)
     held_out = _heldout_set(run_cfg, loaded.tokenizer) if cfg.eval.heldout or ask_heldout else None
     if prompts is None:
         prompts = from_heldout(run_cfg.data, _locations(held_out, HELDOUT_PROMPTS))
@@ -150,12 +152,12 @@ def run_evaluation(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[
 
 
 def evaluate_after_training(
-    cfg: DictConfig, model: Any, tokenizer: Any, heldout: Any, log: Callable[[str], None] = print
+    cfg: Config, model: Any, tokenizer: Any, heldout: Any, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """`eval.after_training`: the same evaluation on the trained model still in memory (main process)."""
-    rundir = RunDir.of(cfg)
+    rundir = RunDir.of(cfg.run)
     check_eval_config(cfg.eval)
-    if asks_heldout(cfg.eval.prompts, str(cfg.data.path)):
+    if asks_heldout(cfg.eval.prompts, cfg.data.path):
         prompts = from_heldout(cfg.data, _locations(heldout, HELDOUT_PROMPTS))
     else:
         prompts = from_file(cfg.eval.prompts)
@@ -170,19 +172,17 @@ def evaluate_after_training(
         judge,
         held_out,
         rundir,
-        rundir.final_weights_dir(bool(cfg.peft.enabled)).name,
+        rundir.final_weights_dir(cfg.peft.enabled).name,
         log,
     )
 
 
-def check_ready(cfg: DictConfig) -> None:
+def check_ready(cfg: Config) -> None:
     """Before training with `eval.after_training`: the prompt file reads and the judge imports (no model loads)."""
     check_eval_config(cfg.eval)
-    if cfg.eval.prompts and not asks_heldout(cfg.eval.prompts, str(cfg.data.path)):
+    if cfg.eval.prompts and not asks_heldout(cfg.eval.prompts, cfg.data.path):
         read_prompts(cfg.eval.prompts)
-    judge = (
-        OmegaConf.to_container(cfg.eval.judge, resolve=True) if OmegaConf.is_config(cfg.eval.judge) else cfg.eval.judge
-    )
+    judge = cfg.eval.judge
     from noesis_accel.after.judges import import_target
 
     if not isinstance(judge, dict) or not judge.get("_target_"):
@@ -195,11 +195,11 @@ def check_ready(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------- the evaluation
 
 
-def _heldout_set(cfg: DictConfig, tokenizer: Any) -> Any:
+def _heldout_set(cfg: Config, tokenizer: Any) -> Any:
     """The held-out records exactly as the trainer split and tokenised them (same data, seed, tokenizer)."""
     from noesis_accel.training import data as data_mod
 
-    return data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed)).eval
+    return data_mod.prepare(cfg.data, tokenizer, cfg.train.seed).eval
 
 
 def _locations(heldout: Any, most: int) -> list[str]:
@@ -209,11 +209,11 @@ def _locations(heldout: Any, most: int) -> list[str]:
     return list(heldout.select(range(min(most, len(heldout))))["location"])
 
 
-def _autocast(cfg: DictConfig, device: Any) -> Callable[[], AbstractContextManager]:
+def _autocast(cfg: Config, device: Any) -> Callable[[], AbstractContextManager]:
     """The trainer's mixed precision for the held-out forward passes, so the loss is the same number."""
     import torch
 
-    precision = str(cfg.train.mixed_precision)
+    precision = cfg.train.mixed_precision
     if precision == "bf16":
         return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     if precision == "fp16" and device.type == "cuda":
@@ -224,8 +224,8 @@ def _autocast(cfg: DictConfig, device: Any) -> Callable[[], AbstractContextManag
 def evaluate_loaded(
     model: Any,
     tokenizer: Any,
-    run_cfg: DictConfig,
-    eval_cfg: DictConfig,
+    run_cfg: Config,
+    eval_cfg: EvalConfig,
     asked: EvalPrompts,
     judge: tuple[Callable[..., Any], str],
     heldout: Any,
@@ -243,7 +243,7 @@ def evaluate_loaded(
     log(f"evaluating {rundir.path} ({weights}); judge {judge_name}")
     log(f"  prompts: {asked.source}" if asked.warning is None else f"  warning: {asked.warning}")
     device = next(model.parameters()).device
-    micro = int(eval_cfg.micro_batch_size or run_cfg.train.micro_batch_size)
+    micro = eval_cfg.micro_batch_size or run_cfg.train.micro_batch_size
     collate = data_mod.PaddingCollator(tokenizer.pad_token_id, run_cfg.data.pad_to_multiple_of)
     autocast = _autocast(run_cfg, device)
     model.config.use_cache = True  # generation; training switched it off
@@ -265,7 +265,7 @@ def evaluate_loaded(
             if heldout is not None:
                 loss = heldout_loss(subject, heldout, collate, micro, device, autocast=autocast)
                 result.update(heldout_loss=loss, perplexity=math.exp(loss) if loss < 700 else float("inf"))
-            answers = [reply(subject, tokenizer, p.prompt, int(eval_cfg.max_new_tokens)) for p in prompts]
+            answers = [reply(subject, tokenizer, p.prompt, eval_cfg.max_new_tokens) for p in prompts]
         for row, record, answer in zip(rows, prompts, answers):
             row[name] = _judged(judge_fn, judge_name, record, answer)
         failed = [row[name]["reason"] for row in rows if row[name]["reason"].startswith("judge raised")]

@@ -19,6 +19,7 @@ import yaml
 
 from noesis_accel.after.export_checks import write_verify
 from noesis_accel.after.gguf_export import check_convertible, gguf_types, write_ggufs
+from noesis_accel.config import Config
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import UserError, exit_on_user_error, safe_for_pipes
 from noesis_accel.rundir.layout import RunDir
@@ -73,7 +74,7 @@ def export_run(
 
 
 def _adapter_export(
-    rundir: RunDir, cfg: Any, source: Any, target: Path, max_shard_size: str, quants: list[str], log: Any
+    rundir: RunDir, cfg: Config, source: Any, target: Path, max_shard_size: str, quants: list[str], log: Any
 ) -> None:
     """`adapter=true`: the serving adapter in `target`/adapter, and the merged export too when `quants`."""
     from noesis_accel.after.serving_adapter import export_adapter
@@ -97,7 +98,7 @@ def _adapter_export(
 
 
 def _merged_export(
-    rundir: RunDir, cfg: Any, source: Any, target: Path, max_shard_size: str, quants: list[str], log: Any
+    rundir: RunDir, cfg: Config, source: Any, target: Path, max_shard_size: str, quants: list[str], log: Any
 ) -> None:
     """The merged folder in `target`, its GGUF files, their checks and verify.json."""
     reference, prompts_source, checks = _merge_and_write(rundir, cfg, source, target, max_shard_size, bool(quants), log)
@@ -106,18 +107,18 @@ def _merged_export(
     write_verify(target, checks, prompts_source, log)
 
 
-def _served_base_name(cfg: Any) -> str:
+def _served_base_name(cfg: Config) -> str:
     """The base model a server loads the adapter onto: the hub id or folder the run trained from."""
     if cfg.model.gguf_file:
         from noesis_accel.training.modeling import materialize_gguf
 
         # The dequantised weights the adapter was trained on, a folder vLLM can serve.
         return str(materialize_gguf(cfg.model) / "model")
-    return str(cfg.model.name_or_path)
+    return cfg.model.name_or_path
 
 
 def _merge_and_write(
-    rundir: RunDir, cfg: Any, source: Any, target: Path, max_shard_size: str, answers: bool, log: Any
+    rundir: RunDir, cfg: Config, source: Any, target: Path, max_shard_size: str, answers: bool, log: Any
 ) -> tuple[Any, str, list[Any]]:
     """The merged folder written and reloaded: (what the merged model answers (with `answers`, for the GGUF
     checks; else None), where the prompts came from, [the merge check])."""
@@ -137,7 +138,7 @@ def _merge_and_write(
     )
     from noesis_accel.after.runmodel import load_run_model
 
-    dtype = getattr(torch, str(cfg.model.dtype))  # float32 | bfloat16 | float16: the base dtype
+    dtype = getattr(torch, cfg.model.dtype)  # float32 | bfloat16 | float16: the base dtype
     what = "adapter" if cfg.peft.enabled else "weights"
     log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype}) with the {what} from {source.path}")
     loaded = load_run_model(cfg, source, device="cpu", for_merge=True)
@@ -168,7 +169,7 @@ def _merge_and_write(
     # The check reads what was written, as a user will: plain transformers, no peft.
     merged = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype)
     merged.eval()
-    checks = [merged_check(reference_logits, prompt_logits(merged, token_ids[:LOGIT_PROMPTS]), str(cfg.model.dtype))]
+    checks = [merged_check(reference_logits, prompt_logits(merged, token_ids[:LOGIT_PROMPTS]), cfg.model.dtype)]
     reference = None
     if answers:
         # The standard for the GGUF files is the written weights computed in float32: a 16-bit model's own
@@ -223,12 +224,12 @@ def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
-def model_card(rundir: RunDir, cfg: Any, source: Any, target: Path) -> str:
+def model_card(rundir: RunDir, cfg: Config, source: Any, target: Path) -> str:
     """README.md of the export: what was merged into what, final figures, how to load, the config."""
     from noesis_accel.after.report import facts_at_step, run_facts
 
     facts = run_facts(rundir)
-    base = str(cfg.model.name_or_path) + (f" ({cfg.model.gguf_file}, dequantised)" if cfg.model.gguf_file else "")
+    base = cfg.model.name_or_path + (f" ({cfg.model.gguf_file}, dequantised)" if cfg.model.gguf_file else "")
     header = [
         "---",
         "library_name: transformers",
@@ -236,7 +237,7 @@ def model_card(rundir: RunDir, cfg: Any, source: Any, target: Path) -> str:
         "- noesis_accel",
         "- lora" if cfg.peft.enabled else "- full-finetune",
     ]
-    if _looks_like_hub_id(str(cfg.model.name_or_path)):
+    if _looks_like_hub_id(cfg.model.name_or_path):
         header.append(f"base_model: {cfg.model.name_or_path}")
     header += ["---", ""]
     how = (

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.config import Config
 from noesis_accel.core.errors import UserError
 
 VERIFY_FILE = "verify.json"
@@ -102,7 +103,7 @@ def end_of_turn_token(tokenizer: Any) -> int | None:
 VERIFY_PROMPTS = 16  # the run's eval prompts asked in the checks, at most
 
 
-def check_prompts(cfg: Any, heldout: bool = True) -> tuple[list[str], str]:
+def check_prompts(cfg: Config, heldout: bool = True) -> tuple[list[str], str]:
     """The user turns the checks ask: the run's eval prompts, as `noesis eval` would pick them.
 
     Without `heldout` the run's held-out records are not read (that tokenises the data set): the logits
@@ -110,7 +111,7 @@ def check_prompts(cfg: Any, heldout: bool = True) -> tuple[list[str], str]:
     """
     from noesis_accel.after.prompts import DEMO_PROMPTS, asks_heldout, from_file, from_heldout
 
-    if heldout and asks_heldout(cfg.eval.prompts, str(cfg.data.path)):
+    if heldout and asks_heldout(cfg.eval.prompts, cfg.data.path):
         from noesis_accel.after.evaluate import _heldout_set, _locations
         from noesis_accel.training.modeling import load_tokenizer
 
@@ -123,12 +124,12 @@ def check_prompts(cfg: Any, heldout: bool = True) -> tuple[list[str], str]:
     return [r.prompt for r in records], f"{len(records)} from {asked.file}"
 
 
-def use_training_template(tokenizer: Any, cfg: Any) -> None:
+def use_training_template(tokenizer: Any, cfg: Config) -> None:
     """Give the tokenizer the chat template training rendered with (`data.chat_template`), so the export
     ships it and every check renders with it; a run without any template keeps none."""
     from noesis_accel.training.templates import resolve
 
-    spec = cfg.data.get("chat_template")
+    spec = cfg.data.chat_template
     if spec is None and not getattr(tokenizer, "chat_template", None):
         return
     tokenizer.chat_template = resolve(tokenizer, spec)

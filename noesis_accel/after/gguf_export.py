@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.config import Config
 from noesis_accel.core.errors import UserError
 
 from .export_checks import EXACT_TYPES, Check, Reference, gguf_checks
@@ -31,7 +32,7 @@ def gguf_types(spec: str | None) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def base_config(cfg: Any) -> dict[str, Any]:
+def base_config(cfg: Config) -> dict[str, Any]:
     """The base model's config.json as a dict, without loading its weights."""
     from omegaconf import OmegaConf
 
@@ -44,11 +45,11 @@ def base_config(cfg: Any) -> dict[str, Any]:
         return json.loads((modeling.materialize_gguf(model_cfg) / "model" / "config.json").read_text())
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_cfg.name_or_path), **modeling.hub_kwargs(model_cfg))
+    config = AutoConfig.from_pretrained(model_cfg.name_or_path, **modeling.hub_kwargs(model_cfg))
     return dict(config.to_dict())
 
 
-def check_convertible(cfg: Any) -> None:
+def check_convertible(cfg: Config) -> None:
     """Refuse, in one line and before merging, an export llama.cpp or our converter cannot take."""
     from noesis_accel.after.gguf_convert import architecture_problem, tokenizer_plan
     from noesis_accel.after.llamacpp import require
@@ -63,16 +64,18 @@ def check_convertible(cfg: Any) -> None:
         raise UserError(f"gguf=: cannot convert this run: {problem}; the merged export (without gguf=) still works")
 
 
-def write_ggufs(cfg: Any, export_dir: Path, quants: list[str], reference: Reference, log: Any = print) -> list[Check]:
+def write_ggufs(
+    cfg: Config, export_dir: Path, quants: list[str], reference: Reference, log: Any = print
+) -> list[Check]:
     """Write `<run.name>-<type>.gguf` and its Modelfile in `export_dir` for each type; the checks of each."""
     from noesis_accel.after.gguf_convert import FLOAT_TYPES, write_gguf
     from noesis_accel.after.llamacpp import quantize
     from noesis_accel.after.ollama import write_modelfile
 
-    name = str(cfg.run.name)
+    name = cfg.run.name
     template, system = _template_and_system(export_dir)
     # Quantised files start from the weights as merged: f32 for a float32 model, its own 16-bit type otherwise.
-    source_type = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(str(cfg.model.dtype), "f32")
+    source_type = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(cfg.model.dtype, "f32")
     source: Path | None = None
     checks: list[Check] = []
     try:

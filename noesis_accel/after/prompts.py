@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.config import DataConfig
 from noesis_accel.core.errors import DataError
 
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -117,7 +118,7 @@ def from_file(prompts_spec: str | None) -> EvalPrompts:
     return EvalPrompts(records, f"{len(records)} from {prompts_spec}", file=str(prompts_spec))
 
 
-def from_heldout(data_cfg: Any, locations: list[str]) -> EvalPrompts:
+def from_heldout(data_cfg: DataConfig, locations: list[str]) -> EvalPrompts:
     """The held-out records at `locations` (in that order) as prompts: the user turn a record's final
     answer replies to, that answer expected, the whole record handed to the judge.
 
@@ -159,12 +160,12 @@ def from_heldout(data_cfg: Any, locations: list[str]) -> EvalPrompts:
     )
 
 
-def _heldout_record(fields: Any, location: str, data_cfg: Any) -> PromptRecord | None:
+def _heldout_record(fields: Any, location: str, data_cfg: DataConfig) -> PromptRecord | None:
     """One held-out record as a prompt and its expected answer, or None when it has no prompt turn."""
     from noesis_accel.training import formats
 
     options = formats.Options.from_config(data_cfg)
-    example, _ = formats.parse(fields, str(data_cfg.format), options, location)  # "auto" detects the shape
+    example, _ = formats.parse(fields, data_cfg.format, options, location)  # "auto" detects the shape
     if example is None and isinstance(fields, dict):
         # data.format may name the shape of a data group's own file rather than of data.path: read the
         # record as its fields say, as training can. One that is still unreadable is not asked.

@@ -4,14 +4,15 @@ the final adapter, or the LoRA weights of any complete checkpoint. Used by expor
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from noesis_accel.config import Config, ModelConfig, to_config
 from noesis_accel.core.errors import UserError
+from noesis_accel.rundir.continuing import saved_config
 from noesis_accel.rundir.layout import RunDir
 from noesis_accel.training import modeling, strategies
 
@@ -29,15 +30,15 @@ class WeightsSource:
 
 @dataclass
 class LoadedRun:
-    cfg: DictConfig  # the run's config (model/data possibly overridden for evaluation)
+    cfg: Config  # the run's config (model/data possibly overridden for evaluation)
     model: modeling.CausalLM  # a PeftModel for LoRA runs, the full model otherwise
     tokenizer: Any
     source: WeightsSource
 
 
-def run_config(rundir: RunDir) -> DictConfig:
-    """The config the run was trained with (config.yaml), as an OmegaConf object."""
-    return OmegaConf.create(rundir.require().saved_config())
+def run_config(rundir: RunDir) -> Config:
+    """The config the run was trained with (config.yaml), typed by the schema."""
+    return to_config(saved_config(rundir.require(), "it cannot be read back for export or evaluation"))
 
 
 def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) -> WeightsSource:
@@ -78,7 +79,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cuda: bool) -> modeling.CausalLM:
+def _seeded_base(cfg: Config, model_cfg: ModelConfig, vocab_size: int, on_cuda: bool) -> modeling.CausalLM:
     """The base model; one built from `model.architecture` is drawn after `set_seed(train.seed)`.
 
     That is how the trainer drew it, so the weights are the same.
@@ -86,11 +87,11 @@ def _seeded_base(cfg: DictConfig, model_cfg: DictConfig, vocab_size: int, on_cud
     if model_cfg.architecture:
         from accelerate.utils import set_seed
 
-        set_seed(int(cfg.train.seed))
+        set_seed(cfg.train.seed)
     return modeling.load_base_model(model_cfg, vocab_size, device_is_cuda=on_cuda)
 
 
-def load_base(cfg: DictConfig, device: torch.device | str = "cpu") -> modeling.CausalLM:
+def load_base(cfg: Config, device: torch.device | str = "cpu") -> modeling.CausalLM:
     """The run's base model alone, in eval mode: the "before" of a run that trained every weight."""
     target = torch.device(device)
     model = _seeded_base(cfg, cfg.model, len(modeling.load_tokenizer(cfg.model)), target.type == "cuda")
@@ -101,7 +102,7 @@ def load_base(cfg: DictConfig, device: torch.device | str = "cpu") -> modeling.C
     return model
 
 
-def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", for_merge: bool = False) -> LoadedRun:
+def load_run_model(cfg: Config, source: WeightsSource, device: str = "cpu", for_merge: bool = False) -> LoadedRun:
     """The base model of `cfg` with the run's trained weights applied, in eval mode on `device`.
 
     `for_merge` loads a 4-bit (QLoRA) base in its unquantised dtype, since merged weights are saved
@@ -111,14 +112,14 @@ def load_run_model(cfg: DictConfig, source: WeightsSource, device: str = "cpu", 
     target = resolve_device(device)
     model_cfg = cfg.model
     if for_merge and model_cfg.load_in_4bit:
-        model_cfg = OmegaConf.merge(model_cfg, {"load_in_4bit": False})
+        model_cfg = replace(model_cfg, load_in_4bit=False)
     tokenizer = modeling.load_tokenizer(model_cfg)
-    peft_enabled = bool(cfg.peft.enabled)
+    peft_enabled = cfg.peft.enabled
     model: modeling.CausalLM
     if not peft_enabled and not source.is_checkpoint:  # a full fine-tune's final model/ is complete in itself
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=getattr(torch, str(model_cfg.dtype)))
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=getattr(torch, model_cfg.dtype))
     else:
         model = _seeded_base(cfg, model_cfg, len(tokenizer), target.type == "cuda")
         if peft_enabled and source.is_checkpoint:

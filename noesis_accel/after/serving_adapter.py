@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.config import Config
 from noesis_accel.core.errors import UserError
 
 REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")  # vLLM's PEFTHelper: a missing one is a load error
@@ -66,7 +67,7 @@ def max_lora_rank_flag(rank: int) -> str:
 
 
 def export_adapter(
-    rundir: Any, cfg: Any, source: Any, target: Path, base_name: str, shown_as: Path, log: Any = print
+    rundir: Any, cfg: Config, source: Any, target: Path, base_name: str, shown_as: Path, log: Any = print
 ) -> Path:
     """Write `target` (a new folder: the caller moves it into place): the adapter, checked, with the base
     model named; `shown_as` is where it will end up (RUN_DIR/export/adapter by default), the path the

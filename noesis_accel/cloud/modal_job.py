@@ -21,6 +21,9 @@ from omegaconf import DictConfig
 
 from noesis_accel.cloud.modal_image import config_extras, extras_problem, tracker_problem
 from noesis_accel.config import (
+    ModalConfig,
+    RunConfig,
+    as_schema,
     compose,
     gpu_spec_text,
     gpu_specs,
@@ -178,27 +181,28 @@ class ModalSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, overrides: Sequence[str] = ()) -> ModalSettings:
-        modal = cfg.modal
+        # The `modal` keys typed; the config itself stays Hydra's (see compose_for_modal).
+        modal = as_schema(cfg.modal, ModalConfig)
         layouts = [modal_layout(spec) for spec in gpu_specs(modal.gpu)]
         # `validate` has checked that every entry asks for the same count, hence the same layout.
         _, per_container, containers = layouts[0] if layouts else (None, 0, 1)
         return cls(
-            app_name=str(modal.app_name),
+            app_name=modal.app_name,
             gpu_types=tuple(kind for kind, _, _ in layouts),
             gpus_per_container=per_container,
             containers=containers,
-            cpu=float(modal.cpu),
-            memory_mib=int(modal.memory_gib) * 1024,
-            timeout_s=int(modal.timeout_s),
-            retries=int(modal.retries),
-            volume=str(modal.volume),
-            mount=str(modal.mount),
-            scratch_dir=str(modal.scratch_dir),
+            cpu=modal.cpu,
+            memory_mib=modal.memory_gib * 1024,
+            timeout_s=modal.timeout_s,
+            retries=modal.retries,
+            volume=modal.volume,
+            mount=modal.mount,
+            scratch_dir=modal.scratch_dir,
             secrets=secret_names(cfg),
-            deadline_margin_s=int(modal.deadline_margin_s),
-            python_version=str(modal.python_version),
-            torch_version=str(modal.torch_version),
-            torch_index_url=str(modal.torch_index_url),
+            deadline_margin_s=modal.deadline_margin_s,
+            python_version=modal.python_version,
+            torch_version=modal.torch_version,
+            torch_index_url=modal.torch_index_url,
             extras=config_extras(cfg),
             gpu_hour_usd=modal.gpu_hour_usd,
             overrides=tuple(overrides),
@@ -212,7 +216,11 @@ def secret_names(cfg: DictConfig) -> tuple[str, ...]:
 
 
 def compose_for_modal(overrides: Sequence[str]) -> DictConfig:
-    """The config `noesis-train` would compose, checked for what a Modal run needs besides."""
+    """The config `noesis-train` would compose, checked for what a Modal run needs besides.
+
+    Kept a DictConfig: a Modal job travels as its overrides and `run` types the config where it trains;
+    the settings and checks here read the few `modal.` keys and Hydra's own view of them.
+    """
     cfg = compose(list(overrides))
     validate(cfg)
     validate_for_modal(cfg, root_given=any(o.lstrip("+").startswith("run.root=") for o in overrides))
@@ -232,7 +240,7 @@ def validate_for_modal(cfg: DictConfig, root_given: bool) -> None:
                 "choose distributed=ddp, zero2 or fsdp2"
             )
     mount = Path(str(cfg.modal.mount))
-    root = runs_root(cfg)
+    root = runs_root(as_schema(cfg.run, RunConfig))
     if root_given and mount not in (root, *root.parents):
         problems.append(
             f"run.root: {root} is not on the Volume ({mount}); checkpoints there are lost with the "

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from noesis_accel.cloud.modal_image import carried_by_image
 from noesis_accel.cloud.modal_job import ModalSettings, compose_for_modal
+from noesis_accel.config import DataConfig, RunConfig, as_schema, to_config
 from noesis_accel.config.sweeps import override_words, sweep_jobs, varying_keys
 from noesis_accel.core.errors import DataError, UserError, redact
 from noesis_accel.core.protocol import SWEEP_KEYS_ENV
@@ -124,7 +125,7 @@ def check_data_before_gpu(
                 raise DataError(found["error"])
             records[data_key] = int(found.get("train_records") or 0)
             continue
-        records[data_key] = check_data(cfg.data).train_records
+        records[data_key] = check_data(as_schema(cfg.data, DataConfig)).train_records
     return records
 
 
@@ -172,7 +173,7 @@ def plan_before_gpu(
                 continue
             cfg = copy.deepcopy(cfg)  # the job's own config travels as its overrides, unchanged
             cfg.plan.records = counted
-        plan = check_before_gpu(cfg, read_data=read_here, host_bytes=settings.memory_mib * 2**20)
+        plan = check_before_gpu(to_config(cfg), read_data=read_here, host_bytes=settings.memory_mib * 2**20)
         over = budget_problem(plan)
         print(f"modal: {cfg.run.name}: {plan_line(plan)}", flush=True)
         if over:  # budget.preflight=warn: said, then started; the cap still stops it at a checkpoint
@@ -187,7 +188,7 @@ def check_data_in_container(overrides: Sequence[str]) -> dict[str, Any]:
     from noesis_accel.training.data import check_data
 
     try:
-        stats = check_data(compose_for_modal(list(overrides)).data)
+        stats = check_data(as_schema(compose_for_modal(list(overrides)).data, DataConfig))
     except UserError as err:
         return {"error": redact(str(err))}
     return {"error": None, "records": stats.records, "train_records": stats.train_records, "format": stats.format}
@@ -209,7 +210,7 @@ def describe_submission(settings: ModalSettings, cfg: DictConfig) -> str:
     return (
         f"modal: {cfg.run.name} on {_where(settings)} (timeout {settings.timeout_s // 3600} h per attempt, "
         f"{settings.retries} retries); watch it with: modal run {ENTRY}::status "
-        f"{shlex.quote(RunDir.of(cfg).path.name)}"
+        f"{shlex.quote(RunDir.of(as_schema(cfg.run, RunConfig)).path.name)}"
     )
 
 

@@ -47,7 +47,8 @@ from noesis_accel.config.schema import (
     literal_values,
 )
 from noesis_accel.config.strategy import strategy, strategy_names
-from noesis_accel.config.validate import flatten_keys, undeclared_keys, validate
+from noesis_accel.config.typed import as_schema, over_schema, to_config
+from noesis_accel.config.validate import check_config, config_problems, flatten_keys, undeclared_keys, validate
 
 __all__ = [
     "ADDED_KEY_DEFAULTS",
@@ -74,9 +75,12 @@ __all__ = [
     "TrackerConfig",
     "TrainConfig",
     "accumulation_steps",
+    "as_schema",
     "batch_splits",
+    "check_config",
     "choices",
     "compose",
+    "config_problems",
     "differing_math_keys",
     "fingerprint",
     "flatten",
@@ -89,10 +93,12 @@ __all__ = [
     "modal_gpu_problems",
     "modal_layout",
     "order_overrides",
+    "over_schema",
     "parse_gpu_spec",
     "register",
     "resume_mode",
     "strategy",
+    "to_config",
     "undeclared_keys",
     "strategy_names",
     "valid_every",

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
+from noesis_accel.config.schema import Config
 from noesis_accel.core.errors import ConfigError
 
 
-def world_size(cfg: DictConfig) -> int:
-    return int(cfg.distributed.num_processes) * int(cfg.distributed.num_machines)
+def world_size(cfg: Config) -> int:
+    return cfg.distributed.num_processes * cfg.distributed.num_machines
 
 
-def accumulation_steps(cfg: DictConfig, world: int | None = None) -> int:
+def accumulation_steps(cfg: Config, world: int | None = None) -> int:
     """`global = micro x accumulation x world`: derived, never set by hand. Raises if impossible."""
     world = world_size(cfg) if world is None else world
-    global_batch, micro = int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size)
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if micro > 0 and global_batch > 0 and global_batch % (micro * world) == 0:
         return global_batch // (micro * world)
     valid_micro = [m for m in range(1, global_batch + 1) if global_batch % (m * world) == 0]

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 from noesis_accel.config.batch import batch_splits
+from noesis_accel.config.schema import Config
 
 MODAL_GPU_TYPES = ("T4", "L4", "A10G", "A10", "A100", "A100-40GB", "A100-80GB", "L40S", "H100", "H100!", "H200", "B200")
 GPUS_PER_CONTAINER = 8
@@ -36,8 +37,8 @@ def gpu_specs(cfg_or_value: Any) -> list[str]:
     """The entries of `modal.gpu`, in the order Modal tries them.
 
     Args:
-        cfg_or_value: The composed config, or the value of `modal.gpu` itself: null, a string or a
-            list of strings.
+        cfg_or_value: The config (typed, or composed: the Modal plumbing's), or the value of `modal.gpu`
+            itself: null, a string or a list of strings.
 
     Returns:
         The specs as written, e.g. `["H100:8", "H200:8"]`; one entry for a single string; `[]` for
@@ -46,7 +47,8 @@ def gpu_specs(cfg_or_value: Any) -> list[str]:
     Raises:
         ValueError: The value, or one of its entries, is not a string.
     """
-    value = cfg_or_value.modal.gpu if isinstance(cfg_or_value, DictConfig) and "modal" in cfg_or_value else cfg_or_value
+    whole = isinstance(cfg_or_value, Config) or (isinstance(cfg_or_value, DictConfig) and "modal" in cfg_or_value)
+    value = cfg_or_value.modal.gpu if whole else cfg_or_value
     if value is None or value == "":  # `modal.gpu=` has always meant no GPU, like null
         return []
     if isinstance(value, str):
@@ -74,7 +76,7 @@ def modal_layout(spec: str) -> tuple[str, int, int]:
     return kind, GPUS_PER_CONTAINER, count // GPUS_PER_CONTAINER
 
 
-def modal_gpu_problems(cfg: DictConfig) -> list[str]:
+def modal_gpu_problems(cfg: Config) -> list[str]:
     """Why `modal.gpu` cannot run this config, each with the options spelled out (empty if it can).
 
     A single spec's problems start with the spec (`H100:10: ...`); a list's start with the list, then
@@ -84,7 +86,7 @@ def modal_gpu_problems(cfg: DictConfig) -> list[str]:
     value = cfg.modal.gpu
     if value is None or value == "":
         return []
-    global_batch, micro = int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size)
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if isinstance(value, str):
         return _spec_problems(value, global_batch, micro)
     if not isinstance(value, (ListConfig, list, tuple)):

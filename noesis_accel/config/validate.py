@@ -1,8 +1,10 @@
-"""`validate(cfg)`: every semantic problem of a composed config, gathered into one error."""
+"""`validate(cfg)`: every problem of a composed config, gathered into one error; the config typed if none."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from operator import attrgetter
+
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from noesis_accel.config.batch import accumulation_steps, world_size
@@ -10,6 +12,7 @@ from noesis_accel.config.cadence import valid_every
 from noesis_accel.config.keys import is_declared, unknown_key_line
 from noesis_accel.config.modal_gpu import modal_gpu_problems
 from noesis_accel.config.schema import CHOICES, PACKING_ATTENTION, WANDB_MODES, Config
+from noesis_accel.config.typed import to_config
 from noesis_accel.core.errors import ConfigError
 
 
@@ -21,7 +24,11 @@ def undeclared_keys(cfg: DictConfig, schema_type: type | None = None) -> list[st
     command line is checked before Hydra (overrides.py); this catches what config files bring.
     """
     schema = schema_type or Config
-    return [unknown_key_line(key, schema) for key in flatten_keys(cfg) if not is_declared(key, schema)]
+    return [unknown_key_line(key, schema) for key in _undeclared(cfg, schema)]
+
+
+def _undeclared(cfg: DictConfig, schema_type: type) -> list[str]:
+    return [key for key in flatten_keys(cfg) if not is_declared(key, schema_type)]
 
 
 def flatten_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -36,31 +43,67 @@ def flatten_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check everything that can be checked without loading a model or data; one error lists all."""
+REQUIRED_KEYS = ("model.name_or_path", "data.path")
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check everything that can be checked without loading a model or data; one error lists all.
+
+    Returns the config as the schema's dataclasses: the one conversion a command makes of what it
+    composed. The composed checks (interpolations, undeclared and required keys) need the DictConfig;
+    the rest read the typed config, checked on a copy without those keys so every problem is listed.
+    """
     try:
         OmegaConf.to_container(cfg, resolve=True)  # every ${...} resolves, or we say which one does not
     except InterpolationResolutionError as err:
         cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
         raise ConfigError(f"{getattr(err, 'full_key', '') or 'config'}: {str(cause).splitlines()[0]}") from None
-    problems: list[str] = undeclared_keys(cfg)
+    undeclared = _undeclared(cfg, Config)
+    problems = [unknown_key_line(key, Config) for key in undeclared]
+    missing = [key for key in REQUIRED_KEYS if OmegaConf.is_missing(cfg, key) or not OmegaConf.select(cfg, key)]
+    problems += [f"{key}: is required (set it in a config file or as an override)" for key in missing]
+    config = to_config(_checkable(cfg, undeclared, missing)) if problems else to_config(cfg)
+    problems += config_problems(config)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _checkable(cfg: DictConfig, undeclared: list[str], missing: list[str]) -> DictConfig:
+    """A copy of `cfg` the schema's dataclasses can hold: undeclared keys left out, missing ones empty."""
+    copy = cfg.copy()
+    with open_dict(copy):
+        for key in undeclared:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(copy, parent) if parent else copy
+            if isinstance(node, DictConfig) and leaf in node:  # not under an undeclared key left out already
+                del node[leaf]
+    for key in missing:
+        OmegaConf.update(copy, key, "")
+    return copy
+
+
+def check_config(config: Config) -> None:
+    """`validate`'s checks of the typed config, for a caller handed one (the trainer's own entries)."""
+    problems = config_problems(config)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every problem of a typed config's values, each `key: why`."""
+    problems: list[str] = []
 
     def check(ok: bool, key: str, message: str) -> None:
         if not ok:
             problems.append(f"{key}: {message}")
 
     for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
+        value = attrgetter(key)(cfg)
         check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
-    for key in ("model.name_or_path", "data.path"):
-        check(
-            not OmegaConf.is_missing(cfg, key) and bool(OmegaConf.select(cfg, key)),
-            key,
-            "is required (set it in a config file or as an override)",
-        )
     check(
-        bool(str(cfg.run.name).strip()) and "/" not in str(cfg.run.name),
+        bool(cfg.run.name.strip()) and "/" not in cfg.run.name,
         "run.name",
         "must be a non-empty name without '/' (it names the run directory)",
     )
@@ -103,7 +146,7 @@ def validate(cfg: DictConfig) -> None:
         "ckpt.lease_heartbeat_s",
         f"must be > 0 and below ckpt.lease_stale_s ({ckpt.lease_stale_s})",
     )
-    check(bool(str(ckpt.resume)), "ckpt.resume", "must be auto, never or a checkpoint path")
+    check(bool(ckpt.resume), "ckpt.resume", "must be auto, never or a checkpoint path")
     check(data.max_length >= 8, "data.max_length", "must be >= 8 tokens")
     check(data.min_examples >= 1, "data.min_examples", "must be >= 1")
     check(data.num_proc is None or data.num_proc >= 1, "data.num_proc", "must be >= 1 or null (one per core)")
@@ -164,7 +207,7 @@ def validate(cfg: DictConfig) -> None:
         "Liger kernels are Triton GPU kernels; set model.liger=false for train.device=cpu",
     )
     check(
-        not (cfg.model.liger and any("lm_head" in str(t) for t in cfg.peft.target_modules)),
+        not (cfg.model.liger and any("lm_head" in t for t in cfg.peft.target_modules)),
         "model.liger",
         "the fused linear cross-entropy reads lm_head's base weight and would skip its LoRA; "
         "drop lm_head from peft.target_modules or set model.liger=false",
@@ -187,5 +230,4 @@ def validate(cfg: DictConfig) -> None:
         "modal.deadline_margin_s",
         "must be >= 0 and below modal.timeout_s",
     )
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return problems

@@ -26,13 +26,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from noesis_accel.config import world_size
+from noesis_accel.config import Config, world_size
 from noesis_accel.core.errors import UserError
 from noesis_accel.core.protocol import (
     COMMIT_FDS_ENV,
@@ -100,7 +100,7 @@ class WorkerUserError(UserError):
         self.exit_code = exit_code
 
 
-def needs_launch(cfg: DictConfig) -> bool:
+def needs_launch(cfg: Config) -> bool:
     return world_size(cfg) > 1 and launched_world_size() is None
 
 
@@ -129,12 +129,12 @@ class _Worker:
 class Launcher:
     """One machine's workers for one run: start, forward signals, serve commits, stop, report."""
 
-    def __init__(self, cfg: DictConfig, committer: Committer) -> None:
+    def __init__(self, cfg: Config, committer: Committer) -> None:
         self.cfg = cfg
         self.committer = committer
-        self.rundir = RunDir.of(cfg)
+        self.rundir = RunDir.of(cfg.run)
         dist = cfg.distributed
-        self.nproc, self.node_rank = int(dist.num_processes), int(dist.machine_rank)
+        self.nproc, self.node_rank = dist.num_processes, dist.machine_rank
         self.world = world_size(cfg)
         self.workers: list[_Worker] = []
         self.signals_received: list[int] = []
@@ -174,22 +174,22 @@ class Launcher:
         """On a cluster, this machine's side of the watch (cluster_watch.py), on the port after the
         rendezvous port of the first machine."""
         dist = self.cfg.distributed
-        if int(dist.num_machines) > 1:
+        if dist.num_machines > 1:
             self.watch = ClusterWatch(
                 self.node_rank,
-                int(dist.num_machines),
-                str(dist.main_process_ip),
-                int(dist.main_process_port) + 1,
-                float(dist.peer_timeout_s),
+                dist.num_machines,
+                dist.main_process_ip,
+                dist.main_process_port + 1,
+                dist.peer_timeout_s,
             ).start()
 
     def _start_workers(self) -> None:
         config_file = self._workdir / "config.yaml"
-        OmegaConf.save(OmegaConf.to_container(self.cfg, resolve=True), config_file)
+        OmegaConf.save(asdict(self.cfg), config_file)  # typed again by the schema in worker.py
         dist = self.cfg.distributed
-        single_machine = int(dist.num_machines) == 1
-        address = "127.0.0.1" if single_machine else str(dist.main_process_ip)
-        port = free_port() if single_machine else int(dist.main_process_port)
+        single_machine = dist.num_machines == 1
+        address = "127.0.0.1" if single_machine else dist.main_process_ip
+        port = free_port() if single_machine else dist.main_process_port
         request_read, request_write = os.pipe()
         response_read, self._response_write = os.pipe()
         self._request_read = request_read
@@ -402,6 +402,6 @@ def _interruption(outcome: WorkerOutcome, checkpointed: bool) -> RunInterrupted:
     return interruption
 
 
-def launch(cfg: DictConfig, committer: Committer) -> dict[str, Any]:
+def launch(cfg: Config, committer: Committer) -> dict[str, Any]:
     """Run `cfg` in `distributed.num_processes` processes on this machine; rank 0's result or raise."""
     return Launcher(cfg, committer).run()

@@ -14,16 +14,27 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from noesis_accel.config import CONF_DIR, RESTART_SAFE_PREFIXES, compose, order_overrides, register, validate
+from noesis_accel.config import (
+    CONF_DIR,
+    RESTART_SAFE_PREFIXES,
+    Config,
+    RunConfig,
+    as_schema,
+    compose,
+    order_overrides,
+    register,
+    validate,
+)
 from noesis_accel.config.keyhelp import help_text
 from noesis_accel.config.overrides import check_words, positional_words
 from noesis_accel.config.sweeps import job_label, override_words, sweep_jobs, varying_keys
@@ -47,12 +58,12 @@ log = logging.getLogger(__name__)
 STOPS = (UserError, RunInterrupted, ForcedStop, TrainingProcessFailed, OutOfMemoryCrash)
 
 
-def after_training_for(cfg: DictConfig) -> AfterTraining | None:
+def after_training_for(cfg: Config) -> AfterTraining | None:
     """With `eval.after_training`, the evaluation the trainer runs on its model in memory, else None.
 
     Checked as it is built: a prompt file or judge that cannot load fails now, not after training.
     """
-    if not OmegaConf.select(cfg, "eval.after_training", default=False):
+    if not cfg.eval.after_training:
         return None
     from noesis_accel.after.evaluate import check_ready, evaluate_after_training
 
@@ -63,6 +74,9 @@ def after_training_for(cfg: DictConfig) -> AfterTraining | None:
 def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     """Train `cfg` to completion, resuming if its run dir holds checkpoints.
 
+    `cfg` is the composed config (Hydra's, a sweep job's, a run dir's config.yaml with overrides): it is
+    validated and typed here, once; everything below reads the schema's dataclasses.
+
     `committer` makes the run dir durable after each checkpoint (a Modal container passes its
     Volume's); None: the local filesystem, which needs no commit.
 
@@ -71,19 +85,19 @@ def run(cfg: DictConfig, committer: Committer | None = None) -> RunResult:
     """
     env.quiet_known_noise()
     forget_stop_signals()  # a stop request of an earlier run in this process is not this run's
-    validate(cfg)
-    require_installed(cfg)  # the tracker's package, before any process starts
-    after_training_for(cfg)  # a judge or prompt file that cannot load fails before any process starts
+    config = validate(cfg)
+    require_installed(config)  # the tracker's package, before any process starts
+    after_training_for(config)  # a judge or prompt file that cannot load fails before any process starts
     committer = committer or LocalCommitter()
     try:
-        if needs_launch(cfg):
-            return RunResult.from_dict(launch(cfg, committer))
-        return Trainer.run_config(cfg, committer, after_training=after_training_for(cfg))
+        if needs_launch(config):
+            return RunResult.from_dict(launch(config, committer))
+        return Trainer.run_config(config, committer, after_training=after_training_for(config))
     finally:
         # What reached the run dir (status.json included) is made durable on every exit path; a
         # failure is reported, never raised over the error that ended the run.
         # After a stop request, within what is left of its share of the grace (volumes.commit_budget).
-        commit_or_report(committer, cfg.ckpt, "the run dir's final state")
+        commit_or_report(committer, config.ckpt, "the run dir's final state")
 
 
 def stop_line(stop: BaseException) -> str:
@@ -138,12 +152,17 @@ def sweep_job_run_name(name: str, job_overrides: Sequence[str], sweep_keys: Sequ
 
 def sweep_job_run_dir(job: Sequence[str], cfg: DictConfig) -> RunDir:
     """The run dir a sweep job with these overrides trains into (its config left as it is)."""
-    named = cfg.copy()
-    named.run.name = sweep_job_run_name(str(cfg.run.name), job)
-    return RunDir.of(named)
+    run = run_section(cfg)
+    return RunDir.of(replace(run, name=sweep_job_run_name(run.name, job)))
+
+
+def run_section(cfg: DictConfig) -> RunConfig:
+    """The `run` section of a composed, not yet validated config (a sweep's jobs): where its run dir is."""
+    return as_schema(cfg.run, RunConfig)
 
 
 def _name_sweep_job(cfg: DictConfig) -> None:
+    # Hydra's own config object, changed in place before `run` types it: the job's run.name is part of it.
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         cfg.run.name = sweep_job_run_name(str(cfg.run.name), list(hydra_cfg.overrides.task))
@@ -216,7 +235,8 @@ def preflight(args: list[str]) -> list[tuple[list[str], DictConfig]]:
     - the run root is writable.
 
     Returns each job's overrides and config. For a sweep, the keys it varies are set for its jobs
-    (SWEEP_KEYS_ENV): they name each job's run dir.
+    (SWEEP_KEYS_ENV): they name each job's run dir. The configs stay as composed (DictConfig): they are
+    validated and typed by `run`, job by job; here only their `run` sections are read.
     """
     multirun = is_multirun(args)
     jobs = (
@@ -265,7 +285,7 @@ def close_sweep(args: Sequence[str], configs: Sequence[tuple[list[str], DictConf
     rows = []
     for job, cfg in configs:
         rows.append(sweep_row(sweep_job_run_dir(job, cfg), job, keys))
-    root = runs_root(configs[0][1])
+    root = runs_root(run_section(configs[0][1]))
     print(f"sweep: {len(rows)} jobs (also in {root / 'sweep.csv'}):", flush=True)
     print(format_table(rows, keys), flush=True)
     given = next((w.split("=", 1)[1] for w in args if w.lstrip("+").startswith("hydra.sweep.dir=")), None)
@@ -300,7 +320,7 @@ def _exit_with_line(message: str) -> None:
 
 def refuse_unwritable_run_root(cfg: DictConfig) -> None:
     """A run root we cannot write is one line, not a traceback."""
-    root = runs_root(cfg)
+    root = runs_root(run_section(cfg))
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

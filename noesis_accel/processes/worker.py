@@ -116,7 +116,7 @@ def main() -> None:
     _die_with_parent(watcher.request)
     from omegaconf import DictConfig, OmegaConf
 
-    from noesis_accel.config import Config
+    from noesis_accel.config import Config, to_config
     from noesis_accel.core.env import quiet_known_noise
     from noesis_accel.core.errors import UserError
     from noesis_accel.core.signals import RunInterrupted
@@ -125,8 +125,9 @@ def main() -> None:
     from noesis_accel.training.trainer import Trainer
 
     quiet_known_noise()
-    # The parent's resolved config, typed again by the schema: every rank trains exactly it.
-    cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.environ[CONFIG_ENV])))
+    # The parent's resolved and validated config, typed again by the schema: every rank trains exactly it.
+    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.environ[CONFIG_ENV]))
+    cfg = to_config(cast(DictConfig, saved))
     committer = LauncherCommitter.from_env() or LocalCommitter()
     try:
         result = Trainer.run_config(cfg, committer, watcher, after_training_for(cfg))

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from omegaconf import DictConfig
-
-from noesis_accel.config import Resume, interval_steps, resume_mode
+from noesis_accel.config import CkptConfig, Resume, interval_steps, resume_mode
 from noesis_accel.core import faults
 from noesis_accel.core.collective import main_decides
 from noesis_accel.core.errors import ResumeError, UserError
@@ -190,7 +188,7 @@ class CheckpointManager:
         self,
         accelerator: Any,
         rundir: RunDir,
-        ckpt_cfg: DictConfig,
+        ckpt_cfg: CkptConfig,
         total_steps: int,
         config_fingerprint: str,
         committer: Committer,
@@ -203,7 +201,7 @@ class CheckpointManager:
         self.root = self.rundir.checkpoints
         self.cfg = ckpt_cfg
         self.total_steps = total_steps
-        self.interval = interval_steps(float(ckpt_cfg.every), total_steps)
+        self.interval = interval_steps(ckpt_cfg.every, total_steps)
         self.config_fingerprint = config_fingerprint
         self.committer = committer
         self.state = state
@@ -219,7 +217,9 @@ class CheckpointManager:
 
     def minutes_elapsed_due(self) -> bool:
         minutes = self.cfg.every_minutes
-        return bool(minutes) and time.monotonic() - self._last_save_time >= 60 * float(minutes)
+        if not minutes:
+            return False
+        return time.monotonic() - self._last_save_time >= 60 * minutes
 
     def due(self, step: int, signal_received: bool, minutes_due: bool, deadline_due: bool = False) -> str | None:
         """The reason to checkpoint after optimizer step `step`, or None."""
@@ -395,7 +395,7 @@ class CheckpointManager:
         for _step, path in self.step_dirs():
             if checkpoint_problem(path, verify_contents=False) is None:
                 complete_seen += 1
-                if complete_seen > int(self.cfg.keep_last):
+                if complete_seen > self.cfg.keep_last:
                     shutil.rmtree(path, ignore_errors=True)
             elif complete_seen > 0:
                 shutil.rmtree(path, ignore_errors=True)

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from noesis_accel.config.keys import unknown_key_line
 from noesis_accel.config.overrides import ConfigTree, check_word, parse_word, values_of
 from noesis_accel.config.schema import Config
+from noesis_accel.config.typed import over_schema
 from noesis_accel.core.cli import UsageError
 from noesis_accel.core.errors import UserError
 from noesis_accel.rundir.layout import RunDir
@@ -26,22 +27,28 @@ def is_run_dir(word: str) -> bool:
 
 
 def config_of_run_dir(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The run's own config.yaml, with `overrides` (checked key=value words) applied, located at `run_dir`."""
+    """The run's own config.yaml, with `overrides` (checked key=value words) applied, located at `run_dir`.
+
+    A DictConfig: the overrides are OmegaConf's, and `run` (the entry) validates and types the result.
+    """
     rundir = RunDir(run_dir).require()
-    saved = rundir.saved_config()
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "") or "config"
-        raise UserError(
-            f"{rundir.config_file}: {key}: {str(err).splitlines()[0]} (written by another version of "
-            "noesis_accel?); start it with the full command instead"
-        ) from None
-    assert isinstance(cfg, DictConfig)
+    cfg = saved_config(rundir, "start it with the full command instead")
     _locate(cfg, run_dir)
     for word in overrides:  # after: a `ckpt.resume=` of this command's wins
         _apply(cfg, word)
     return cfg
+
+
+def saved_config(rundir: RunDir, instead: str) -> DictConfig:
+    """The run dir's config.yaml laid over the schema; a file the schema cannot hold is one line, saying `instead`."""
+    try:
+        return over_schema(rundir.saved_config())
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or "config"
+        raise UserError(
+            f"{rundir.config_file}: {key}: {str(err).splitlines()[0]} (written by another version of "
+            f"noesis_accel?); {instead}"
+        ) from None
 
 
 def _apply(cfg: DictConfig, word: str) -> None:

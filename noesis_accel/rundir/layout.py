@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from noesis_accel.config.schema import RunConfig
 from noesis_accel.core.errors import UserError, redact
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -60,9 +61,9 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 COMMAND_VARIABLE = "NOESIS_COMMAND"
 
 
-def runs_root(cfg: Any) -> Path:
+def runs_root(run: RunConfig) -> Path:
     """`run.root`, with `~` expanded: the directory that holds every run dir."""
-    return Path(os.path.expanduser(str(cfg.run.root)))
+    return Path(os.path.expanduser(run.root))
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ class RunDir:
     path: Path
 
     @classmethod
-    def of(cls, cfg: Any) -> RunDir:
-        """The run dir a config trains into: `<run.root>/<run.name>[-<run.tag>]`."""
-        name = f"{cfg.run.name}-{cfg.run.tag}" if cfg.run.get("tag") else str(cfg.run.name)
-        return cls(runs_root(cfg) / name)
+    def of(cls, run: RunConfig) -> RunDir:
+        """The run dir a config's `run` section names: `<run.root>/<run.name>[-<run.tag>]`."""
+        name = f"{run.name}-{run.tag}" if run.tag else run.name
+        return cls(runs_root(run) / name)
 
     # ------------------------------------------------------------ where things are
 

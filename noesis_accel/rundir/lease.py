@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from noesis_accel.config.schema import CkptConfig
 from noesis_accel.core.errors import UserError
 from noesis_accel.core.protocol import LEASE_GROUP_ENV, LEASE_HELD_ENV
 from noesis_accel.rundir.generations import Generation, GenerationalRecord
@@ -246,8 +247,8 @@ class RunLease:
                 return
 
 
-def take_run_lease(rundir: RunDir, ckpt_cfg: Any) -> RunLease | None:
+def take_run_lease(rundir: RunDir, ckpt_cfg: CkptConfig) -> RunLease | None:
     """This start's lease on `rundir` (see `ckpt.lease_*`), or None when the launcher above us holds it."""
     if os.environ.get(LEASE_HELD_ENV):  # set by the launcher for its workers: the lease is already ours
         return None
-    return RunLease(rundir, float(ckpt_cfg.lease_stale_s), float(ckpt_cfg.lease_heartbeat_s)).acquire()
+    return RunLease(rundir, ckpt_cfg.lease_stale_s, ckpt_cfg.lease_heartbeat_s).acquire()

@@ -14,8 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from noesis_accel.config.schema import CkptConfig
 from noesis_accel.core.protocol import COMMIT_FDS_ENV, COMMIT_REQUEST, commit_failure, decode_line, encode_line
 
 log = logging.getLogger(__name__)
@@ -216,26 +217,26 @@ def commit_with_retry(
     raise AssertionError("unreachable")
 
 
-def commit_budget(ckpt_cfg: Any) -> float:
+def commit_budget(ckpt_cfg: CkptConfig) -> float:
     """How long a commit may take: `ckpt.commit_budget_s`; once this process has a stop request, only
     what is left of `ckpt.stop_commit_s` since it came (Modal's exit commit needs the rest of the grace)."""
     from noesis_accel.core.signals import first_stop_signal_at
 
     signalled = first_stop_signal_at()
     if signalled is None:
-        return float(ckpt_cfg.commit_budget_s)
+        return ckpt_cfg.commit_budget_s
     since = time.time() - signalled
-    return max(0.0, min(float(ckpt_cfg.commit_budget_s), float(ckpt_cfg.stop_commit_s) - since))
+    return max(0.0, min(ckpt_cfg.commit_budget_s, ckpt_cfg.stop_commit_s - since))
 
 
-def commit_or_report(committer: Committer, ckpt_cfg: Any, what: str) -> bool:
+def commit_or_report(committer: Committer, ckpt_cfg: CkptConfig, what: str) -> bool:
     """Commit within `commit_budget`; on failure say so and carry on: the files stay on local disk
     (nothing is deleted because a commit failed) and the next commit, or the exit's, carries them."""
     try:
         commit_with_retry(
             committer,
-            int(ckpt_cfg.commit_retries),
-            float(ckpt_cfg.commit_backoff_s),
+            ckpt_cfg.commit_retries,
+            ckpt_cfg.commit_backoff_s,
             budget_s=commit_budget(ckpt_cfg),
         )
         return True

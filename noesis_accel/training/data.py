@@ -16,12 +16,11 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
+from noesis_accel.config import DataConfig
 from noesis_accel.core.errors import DataError
 from noesis_accel.training import data_sources, formats, record_checks, templates
 from noesis_accel.training.data_sources import is_hub_dataset  # noqa: F401  (callers import it from here)
@@ -132,22 +131,16 @@ def _write_raw(source: data_sources.Source, path: Path) -> int:
     return count
 
 
-def _plain(data_cfg: Any) -> SimpleNamespace:
-    """The `data` config as resolved plain values: workers need none of this process's resolvers, and
-    reading a key per record costs an attribute lookup, not OmegaConf's."""
-    from omegaconf import OmegaConf
-
-    return SimpleNamespace(**cast(dict[str, Any], OmegaConf.to_container(data_cfg, resolve=True)))
-
-
-def _raw_checked(source: data_sources.Source, data_cfg: Any, work: Path) -> tuple[Any, record_checks.Checked, int]:
+def _raw_checked(
+    source: data_sources.Source, data_cfg: DataConfig, work: Path
+) -> tuple[Any, record_checks.Checked, int]:
     """The source written to `work`/raw.arrow and checked: (its good records, what the check found, processes)."""
     import datasets
 
     count = _write_raw(source, work / "raw.arrow")
     processes = worker_processes(data_cfg, count)
     raw = datasets.Dataset.from_file(str(work / "raw.arrow"))
-    checked = record_checks.check_raw(raw, source, _plain(data_cfg), processes, work)
+    checked = record_checks.check_raw(raw, source, data_cfg, processes, work)
     if checked.skipped.records:  # data.on_bad_record=skip: the bad ones take no further part
         raw = raw.select(checked.keep)
     return raw, checked, processes
@@ -165,25 +158,25 @@ def _checked_stats(stats: SourceStats, source: data_sources.Source, checked: rec
     return stats
 
 
-def check_data(data_cfg: Any) -> DataStats:
+def check_data(data_cfg: DataConfig) -> DataStats:
     """Read and validate the training split and the held-out records as training will, without a tokenizer.
 
     The same file:line errors as training, in seconds and before any GPU is paid for. Records are
     counted before truncation, so too few records is certain here, not merely likely. Hub datasets
     are left to training: reading one here could mean downloading all of it.
     """
-    stats = DataStats(max_length=int(data_cfg.max_length), on_too_long=str(data_cfg.on_too_long))
-    source = None if data_sources.is_hub_dataset(str(data_cfg.path)) else data_sources.training_source(data_cfg)
+    stats = DataStats(max_length=data_cfg.max_length, on_too_long=data_cfg.on_too_long)
+    source = None if data_sources.is_hub_dataset(data_cfg.path) else data_sources.training_source(data_cfg)
     if source is not None:
         checked, stats.records = _count_valid(source, data_cfg)
         stats.format = checked.shape.name
         counted = SourceStats(_source_name(source, False), source.describe(), stats.format, records=stats.records)
         stats.sources.append(_checked_stats(counted, source, checked))
     held_out = None
-    if not data_sources.is_hub_dataset(str(data_cfg.eval_path or data_cfg.path)):
+    if not data_sources.is_hub_dataset(data_cfg.eval_path or data_cfg.path):
         held_out = data_sources.eval_source(data_cfg)
     if held_out is not None:
-        stats.eval_records = min(_count_valid(held_out, data_cfg)[1], int(data_cfg.max_eval_examples))
+        stats.eval_records = min(_count_valid(held_out, data_cfg)[1], data_cfg.max_eval_examples)
     if source is None:
         return stats
     from_training = held_out is None and not data_cfg.eval_path  # data.eval_fraction of the training split
@@ -199,7 +192,7 @@ def check_data(data_cfg: Any) -> DataStats:
     return stats
 
 
-def _count_valid(source: data_sources.Source, data_cfg: Any) -> tuple[record_checks.Checked, int]:
+def _count_valid(source: data_sources.Source, data_cfg: DataConfig) -> tuple[record_checks.Checked, int]:
     """(what the check found, valid records) of a source, every record read and checked (in a temporary directory)."""
     import tempfile
 
@@ -210,11 +203,11 @@ def _count_valid(source: data_sources.Source, data_cfg: Any) -> tuple[record_che
     return checked, count
 
 
-def _fraction_held_out(records: int, data_cfg: Any) -> int:
+def _fraction_held_out(records: int, data_cfg: DataConfig) -> int:
     """How many of `records` training records `data.eval_fraction` holds out (at most data.max_eval_examples)."""
     if not data_cfg.eval_fraction:
         return 0
-    return min(math.ceil(records * data_cfg.eval_fraction), int(data_cfg.max_eval_examples))
+    return min(math.ceil(records * data_cfg.eval_fraction), data_cfg.max_eval_examples)
 
 
 # ---------------------------------------------------------------- tokenisation and masking
@@ -266,7 +259,7 @@ def _spans_for_completion(
 
 
 def tokenize_record(
-    tokenizer: Any, record: RawRecord, fmt: str, max_length: int, *, data_cfg: Any = None
+    tokenizer: Any, record: RawRecord, fmt: str, max_length: int, *, data_cfg: DataConfig | None = None
 ) -> tuple[list[int], list[int], bool]:
     """Token ids and labels (IGNORE_INDEX where nothing is learned); truncated or not.
 
@@ -301,7 +294,7 @@ def tokenize_record(
     return input_ids[:max_length], labels[:max_length], truncated
 
 
-def template_notes(tokenizer: Any, data_cfg: Any, prepared: DataStats | str) -> list[str]:
+def template_notes(tokenizer: Any, data_cfg: DataConfig, prepared: DataStats | str) -> list[str]:
     """Lines for the start-up summary about how records are rendered (the template's default system prompt).
 
     `prepared`: the data's stats, so the note is said only when some record opens without a system
@@ -337,7 +330,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def _cache_key(data_cfg: Any, tokenizer: Any, seed: int) -> str:
+def _cache_key(data_cfg: DataConfig, tokenizer: Any, seed: int) -> str:
     """Everything the prepared data depends on: the files' bytes, the settings, the tokenizer, the seed."""
 
     def fingerprint(spec: str | None, resolve: Any) -> str:
@@ -355,7 +348,7 @@ def _cache_key(data_cfg: Any, tokenizer: Any, seed: int) -> str:
         data_cfg.format,
         formats.fingerprint(data_cfg),
         str(data_cfg.max_length),
-        str(data_cfg.on_too_long),
+        data_cfg.on_too_long,
         str(data_cfg.eval_fraction),
         str(data_cfg.max_eval_examples),
         str(seed),
@@ -363,18 +356,18 @@ def _cache_key(data_cfg: Any, tokenizer: Any, seed: int) -> str:
         tokenizer_fingerprint(tokenizer),
     ]
     # Added keys enter the key only away from their defaults, so data prepared before they existed is reused.
-    on_bad_record = str(getattr(data_cfg, "on_bad_record", "error"))
+    on_bad_record = data_cfg.on_bad_record
     if on_bad_record != "error":
         parts.append(f"on_bad_record={on_bad_record}")
     # A data.format the user set is kept where the data group's own gives way to the records' shape
     # (record_checks.py): the same file read under the group's may not be readable under the user's.
-    declared = str(data_cfg.format)
-    if declared != "auto" and not record_checks.is_group_default(declared, getattr(data_cfg, "group_format", None)):
+    declared = data_cfg.format
+    if declared != "auto" and not record_checks.is_group_default(declared, data_cfg.group_format):
         parts.append("data.format kept")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def prepare(data_cfg: DictConfig, tokenizer: Any, seed: int) -> PreparedData:
+def prepare(data_cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     """Read, validate, tokenise and split the data, or load the cached result of the same inputs."""
     key = _cache_key(data_cfg, tokenizer, seed)
     cache = Path(os.path.expanduser(data_cfg.cache_dir)) / key
@@ -429,7 +422,7 @@ def _publish_copy(source: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int, target: Path, key: str) -> None:
+def _prepare_uncached(data_cfg: DataConfig, tokenizer: Any, seed: int, target: Path, key: str) -> None:
     """Tokenise the training split and the held-out records into `target`: train/, eval/, stats.json.
 
     Records go from the files to Arrow and through tokenising processes to Arrow again: no list
@@ -444,8 +437,8 @@ def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int, target: P
         truncated=train_stats.too_long - train_stats.dropped.get("too_long", 0),
         dropped_truncated=train_stats.dropped.get("truncated_away", 0),
         format=fmt,
-        max_length=int(data_cfg.max_length),
-        on_too_long=str(data_cfg.on_too_long),
+        max_length=data_cfg.max_length,
+        on_too_long=data_cfg.on_too_long,
         sources=[train_stats],
     )
     if held_out_source is None:
@@ -455,7 +448,7 @@ def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int, target: P
         stats.eval_source = f"data.eval_fraction={fraction} of the {source.split} split, chosen by train.seed"
     else:
         held_out, _, eval_stats, eval_keep = _tokenized(held_out_source, True, data_cfg, tokenizer, work / "eval", key)
-        train_rows, eval_rows = keep, eval_keep[: int(data_cfg.max_eval_examples)]
+        train_rows, eval_rows = keep, eval_keep[: data_cfg.max_eval_examples]
         stats.sources.append(eval_stats)
         stats.eval_source = (
             f"the {held_out_source.split} split ({held_out_source.describe()})"
@@ -471,7 +464,7 @@ def _prepare_uncached(data_cfg: DictConfig, tokenizer: Any, seed: int, target: P
     (target / "stats.json").write_text(json.dumps(asdict(stats)))
 
 
-def _split_off(keep: Any, seed: int, data_cfg: Any) -> tuple[Any, Any]:
+def _split_off(keep: Any, seed: int, data_cfg: DataConfig) -> tuple[Any, Any]:
     """Row numbers of the training and held-out records: data.eval_fraction of the kept ones, fixed by the seed."""
     import numpy as np
 
@@ -492,18 +485,18 @@ _NO_LIMIT = 1 << 62  # max_length for measuring a record's full length
 _MAP_BATCH = 100
 
 
-def worker_processes(data_cfg: Any, records: int) -> int:
+def worker_processes(data_cfg: DataConfig, records: int) -> int:
     """Processes that validate and tokenise: `data.num_proc`, or when null one per core (at most 8), and
     one for a small dataset."""
     if data_cfg.num_proc is not None:
-        return int(data_cfg.num_proc)
+        return data_cfg.num_proc
     if records < _PARALLEL_FROM_RECORDS:
         return 1
     return max(1, min(len(os.sched_getaffinity(0)), _MAX_AUTO_PROCESSES))
 
 
 def _tokenized(
-    source: data_sources.Source, held_out: bool, data_cfg: Any, tokenizer: Any, work: Path, key: str
+    source: data_sources.Source, held_out: bool, data_cfg: DataConfig, tokenizer: Any, work: Path, key: str
 ) -> tuple[Any, str, SourceStats, Any]:
     """A source tokenised: (dataset of every record, format, its stats, row numbers of the kept records).
 
@@ -522,8 +515,8 @@ def _tokenized(
         fn_kwargs={
             "tokenizer": tokenizer,
             "fmt": fmt,
-            "max_length": int(data_cfg.max_length),
-            "data_cfg": _plain(data_cfg),
+            "max_length": data_cfg.max_length,
+            "data_cfg": data_cfg,
         },
         features=_features(with_full_length=True),
         cache_file_name=str(work / "tokenized.arrow"),
@@ -537,7 +530,7 @@ def _tokenized(
 
 
 def _tokenize_batch(
-    batch: dict[str, list], tokenizer: Any, fmt: str, max_length: int, data_cfg: Any
+    batch: dict[str, list], tokenizer: Any, fmt: str, max_length: int, data_cfg: DataConfig
 ) -> dict[str, list]:
     """`tokenize_record` for each record of a batch (in a worker process), as columns."""
     columns: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "label_count": [], "full_length": []}
@@ -561,13 +554,13 @@ def _source_name(source: data_sources.Source, held_out: bool) -> str:
 
 
 def _count_outcomes(
-    tokenized: Any, stats: SourceStats, source: data_sources.Source, data_cfg: Any
+    tokenized: Any, stats: SourceStats, source: data_sources.Source, data_cfg: DataConfig
 ) -> tuple[SourceStats, Any]:
     """`stats` filled in with what becomes of each record (kept, truncated, dropped and why), from the
     columns alone; and the row numbers of the records kept."""
     import numpy as np
 
-    max_length, policy = int(data_cfg.max_length), str(data_cfg.on_too_long)
+    max_length, policy = data_cfg.max_length, data_cfg.on_too_long
     column = lambda name: np.asarray(tokenized.data.column(name).to_numpy())  # noqa: E731
     full_length, learned, length = column("full_length"), column("label_count"), column("length")
     too_long = full_length > max_length

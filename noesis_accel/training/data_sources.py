@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.config import DataConfig
 from noesis_accel.core.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -143,32 +144,30 @@ def source_for(key: str, path_spec: str, split: str, other_splits: Iterable[str]
     return _named_split(key, "data.split" if key == "data.path" else f"{key} split", path, split, splits, unnamed)
 
 
-def training_source(data_cfg: Any) -> Source:
+def training_source(data_cfg: DataConfig) -> Source:
     """The records training reads: `data.path`'s `data.split` (the whole file or directory when it has no splits)."""
-    return source_for(
-        "data.path", str(data_cfg.path), str(data_cfg.split), [str(data_cfg.eval_split)] if data_cfg.eval_split else []
-    )
+    return source_for("data.path", data_cfg.path, data_cfg.split, [data_cfg.eval_split] if data_cfg.eval_split else [])
 
 
-def eval_source(data_cfg: Any) -> Source | None:
+def eval_source(data_cfg: DataConfig) -> Source | None:
     """Where the held-out records come from; None: `data.eval_fraction` of the training records.
 
     In order: `data.eval_path` (a file, a directory's eval split or all its files, a hub dataset's
     eval split); else `data.path`'s `data.eval_split`; else, when that is null, its validation split,
     else its test split. An eval split named explicitly must exist.
     """
-    explicit = str(data_cfg.eval_split) if data_cfg.eval_split else None
-    if explicit is not None and explicit == str(data_cfg.split) and not data_cfg.eval_path:
+    explicit = data_cfg.eval_split or None
+    if explicit is not None and explicit == data_cfg.split and not data_cfg.eval_path:
         raise DataError(
             f"data.eval_split: '{explicit}' is also data.split; the held-out records must be "
             "other records than the training ones"
         )
     key = "data.eval_path" if data_cfg.eval_path else "data.path"
-    spec = str(data_cfg.eval_path or data_cfg.path)
+    spec = data_cfg.eval_path or data_cfg.path
     if is_hub_dataset(spec):
         split = explicit or _first_hub_split(spec, AUTO_EVAL_SPLITS)
         if split is None and data_cfg.eval_path:
-            split = str(data_cfg.split)  # a separate hub dataset without eval splits: its training split
+            split = data_cfg.split  # a separate hub dataset without eval splits: its training split
         return Source(key, split, hub=spec) if split else None
     path = _local_path(key, spec)
     if path.is_file():
@@ -180,7 +179,7 @@ def eval_source(data_cfg: Any) -> Source | None:
                 f"at a directory holding {explicit}* files, or set data.eval_path"
             )
         return None
-    splits, unnamed = find_splits(path, [str(data_cfg.split), *([explicit] if explicit else [])])
+    splits, unnamed = find_splits(path, [data_cfg.split, *([explicit] if explicit else [])])
     if explicit:
         if not splits:
             raise DataError(

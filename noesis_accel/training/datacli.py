@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from omegaconf import DictConfig
-
+from noesis_accel.config import Config
 from noesis_accel.core.cli import Command, Option, command_line, parse
 from noesis_accel.core.errors import ConfigError, exit_on_user_error, safe_for_pipes
 
@@ -40,8 +39,8 @@ def parse_args(argv: list[str]) -> tuple[int, list[str]]:
     return args.options["examples"], args.overrides
 
 
-def compose_checked(overrides: list[str]) -> DictConfig:
-    """noesis-train's config for these overrides, validated; one-line ConfigError otherwise."""
+def compose_checked(overrides: list[str]) -> Config:
+    """noesis-train's config for these overrides, validated and typed; one-line ConfigError otherwise."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -52,8 +51,7 @@ def compose_checked(overrides: list[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), err.__class__.__name__)
         raise ConfigError(f"noesis-data: {first}") from None
-    validate(cfg)
-    return cfg
+    return validate(cfg)
 
 
 def length_lines(stats: Any) -> list[str]:
@@ -104,13 +102,13 @@ def example_lines(tokenizer: Any, train: Any, count: int, colour: bool) -> list[
     return lines
 
 
-def report(cfg: DictConfig, examples: int, out: TextIO) -> None:
+def report(cfg: Config, examples: int, out: TextIO) -> None:
     """Prepare `cfg`'s data with its tokenizer as training would, and print what a person needs to see."""
     from noesis_accel.training import data as data_mod
     from noesis_accel.training.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    prepared = data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
+    prepared = data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
     stats = prepared.stats
     lines = [f"noesis-data: {cfg.data.path} with the tokenizer of {cfg.model.name_or_path}"]
     lines += data_mod.describe(stats)

@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from omegaconf import DictConfig
-
-from noesis_accel.config import accumulation_steps
+from noesis_accel.config import Config, accumulation_steps
 
 
 class StrategyArguments(Protocol):
@@ -49,7 +47,7 @@ def single_process_rendezvous() -> None:
         os.environ.setdefault(key, value)
 
 
-def build_accelerator(cfg: DictConfig, logging_dir: Path, strategy: StrategyArguments):  # -> accelerate.Accelerator
+def build_accelerator(cfg: Config, logging_dir: Path, strategy: StrategyArguments):  # -> accelerate.Accelerator
     """The Accelerator for this config: precision, accumulation, CPU/GPU, tracker, and what `strategy` adds
     (its plugin, its process-group handlers)."""
     from accelerate import Accelerator
@@ -57,7 +55,7 @@ def build_accelerator(cfg: DictConfig, logging_dir: Path, strategy: StrategyArgu
 
     world = launched_world_size() or 1
     accumulation = accumulation_steps(cfg, world)
-    timeout = datetime.timedelta(seconds=float(cfg.distributed.collective_timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.distributed.collective_timeout_s)
     kwargs: dict[str, Any] = {
         "mixed_precision": cfg.train.mixed_precision,
         "gradient_accumulation_steps": accumulation,

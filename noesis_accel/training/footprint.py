@@ -12,13 +12,14 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from noesis_accel.config import Config, ModelConfig, OptimConfig
 from noesis_accel.core.errors import ConfigError
 from noesis_accel.training import modeling, optim
 
@@ -142,7 +143,7 @@ class Footprint:
 # ---------------------------------------------------------------- the model's shape
 
 
-def model_shape(model_cfg: DictConfig, vocab_size: int | None = None) -> ModelShape:
+def model_shape(model_cfg: ModelConfig, vocab_size: int | None = None) -> ModelShape:
     """The transformers config of `model.*`, read without loading a weight.
 
     `model.architecture` is the config itself; a local directory or a dequantised GGUF copy has a
@@ -152,9 +153,9 @@ def model_shape(model_cfg: DictConfig, vocab_size: int | None = None) -> ModelSh
     from transformers import AutoConfig
 
     if model_cfg.architecture:
-        arch = dict(OmegaConf.to_container(model_cfg.architecture, resolve=True))  # type: ignore[arg-type]
+        arch = dict(model_cfg.architecture)
         return ModelShape(_config_from_fields(arch, vocab_size), "model.architecture")
-    name = str(model_cfg.name_or_path)
+    name = model_cfg.name_or_path
     if model_cfg.gguf_file:
         materialized = modeling.gguf_materialized_config(model_cfg)
         if materialized is not None:
@@ -202,21 +203,19 @@ def _quiet_meta() -> Iterator[None]:
         yield
 
 
-def meta_model(cfg: DictConfig, shape: ModelShape) -> torch.nn.Module:
+def meta_model(cfg: Config, shape: ModelShape) -> torch.nn.Module:
     """The model as training builds it (dtype, attention, LoRA), on the meta device: shapes only."""
     from transformers import AutoModelForCausalLM
 
     config = shape.config
-    config._attn_implementation = str(cfg.model.attn_implementation)
+    config._attn_implementation = cfg.model.attn_implementation
     config.use_cache = False
-    dtype = modeling.torch_dtype(str(cfg.model.dtype))
+    dtype = modeling.torch_dtype(cfg.model.dtype)
     with _quiet_meta(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if cfg.peft.enabled:
             # k-bit preparation needs real weights; the 4-bit base is counted by its storage formula instead.
-            unquantised = OmegaConf.merge(cfg.model, {"load_in_4bit": False})
-            assert isinstance(unquantised, DictConfig)
-            model = modeling.apply_lora(model, unquantised, cfg.peft)
+            model = modeling.apply_lora(model, replace(cfg.model, load_in_4bit=False), cfg.peft)
     return model
 
 
@@ -255,7 +254,7 @@ def _quantised_weight_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def optimizer_state_bytes(model: torch.nn.Module, optim_cfg: DictConfig) -> tuple[int, str]:
+def optimizer_state_bytes(model: torch.nn.Module, optim_cfg: OptimConfig) -> tuple[int, str]:
     """The optimizer's state for the model's trainable tensors, as the optimizer itself lays it out.
 
     bitsandbytes' AdamW8bit is asked to initialise its state on the meta parameters (8-bit moments,
@@ -439,12 +438,12 @@ def _mask_for(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tens
 # ---------------------------------------------------------------- all of it
 
 
-def footprint(cfg: DictConfig, rows: int, length: int, vocab_size: int | None = None, gpu: bool = False) -> Footprint:
+def footprint(cfg: Config, rows: int, length: int, vocab_size: int | None = None, gpu: bool = False) -> Footprint:
     """The model of `cfg` counted on the meta device, with activations for one `rows` x `length` micro-batch
     as a GPU (`gpu`) or the CPU trains it."""
     shape = model_shape(cfg.model, vocab_size)
     model = meta_model(cfg, shape)
-    params = parameter_bytes(model, bool(cfg.model.load_in_4bit))
+    params = parameter_bytes(model, cfg.model.load_in_4bit)
     state, how = optimizer_state_bytes(model, cfg.optim)
     config = shape.config
     return Footprint(

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from noesis_accel.config import DataConfig
 from noesis_accel.core.errors import DataError
 from noesis_accel.training.templates import template_fingerprint
 
@@ -68,22 +69,17 @@ class Options:
     chat_template: str | None = None
 
     @classmethod
-    def from_config(cls, data_cfg: Any = None) -> Options:
-        """The options of a `data` config (a DictConfig or a DataConfig); defaults for None.
-
-        A key the config lacks (one saved before the key existed) keeps its default.
-        """
-
-        def get(key: str) -> Any:
-            return getattr(data_cfg, key, None)
-
+    def from_config(cls, data_cfg: DataConfig | None = None) -> Options:
+        """The options of a `data` config; defaults for None."""
+        if data_cfg is None:
+            return cls()
         return cls(
-            columns={str(k): str(v) for k, v in (get("columns") or {}).items()},
-            roles={**DEFAULT_ROLES, **{str(k): str(v) for k, v in (get("roles") or {}).items()}},
-            role_key=get("role_key"),
-            content_key=get("content_key"),
-            train_on=str(get("train_on") or "assistant"),
-            chat_template=get("chat_template"),
+            columns=dict(data_cfg.columns),
+            roles={**DEFAULT_ROLES, **data_cfg.roles},
+            role_key=data_cfg.role_key,
+            content_key=data_cfg.content_key,
+            train_on=data_cfg.train_on,
+            chat_template=data_cfg.chat_template,
         )
 
     def problems(self) -> list[str]:
@@ -187,7 +183,7 @@ def to_example(fields: Any, shape: str, options: Options, where: str) -> Example
     return example
 
 
-def fingerprint(data_cfg: Any) -> str:
+def fingerprint(data_cfg: DataConfig) -> str:
     """What the settings of this module (and the chat template's source) contribute to the data cache key.
 
     Everything here changes token ids or labels, so the tokenised data cached for one value must not
@@ -196,7 +192,7 @@ def fingerprint(data_cfg: Any) -> str:
     """
     options = Options.from_config(data_cfg)
     parts = [
-        canonical_shape(str(data_cfg.format)),
+        canonical_shape(data_cfg.format),
         json.dumps(options.columns, sort_keys=True),
         json.dumps(options.roles, sort_keys=True),
         str(options.role_key),

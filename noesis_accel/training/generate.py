@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
+from noesis_accel.config import Config
 from noesis_accel.training import modeling
 
 
@@ -37,7 +37,7 @@ def reply(
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def load_finetuned(cfg: DictConfig, adapter_dir: Path | None) -> tuple[modeling.CausalLM, Any]:
+def load_finetuned(cfg: Config, adapter_dir: Path | None) -> tuple[modeling.CausalLM, Any]:
     """The base model of `cfg`, with the LoRA adapter from `adapter_dir` applied when given."""
     from peft import PeftModel
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from noesis_accel.config import ModelConfig, PeftConfig
+from noesis_accel.config.schema import PeftBias
 from noesis_accel.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 CausalLM = Any
 
 
-def hub_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.trust_remote_code)}
+def hub_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.revision:
         kwargs["revision"] = model_cfg.revision
     token = os.environ.get("HF_TOKEN")
@@ -34,8 +35,9 @@ def hub_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _gguf_cache_dir(model_cfg: DictConfig) -> Path:
+def _gguf_cache_dir(model_cfg: ModelConfig) -> Path:
     """Where the dequantised copy of a GGUF file lives; keyed by the file's path, size and mtime."""
+    assert model_cfg.gguf_file, "only a GGUF model has a dequantised copy"
     gguf_path = Path(model_cfg.name_or_path) / model_cfg.gguf_file
     if not gguf_path.is_file():
         raise ConfigError(f"model.gguf_file: {gguf_path} does not exist; check model.name_or_path and model.gguf_file")
@@ -44,7 +46,7 @@ def _gguf_cache_dir(model_cfg: DictConfig) -> Path:
     return Path(os.path.expanduser(model_cfg.cache_dir)) / f"{gguf_path.stem}-{key}"
 
 
-def materialize_gguf(model_cfg: DictConfig, with_weights: bool = True) -> Path:
+def materialize_gguf(model_cfg: ModelConfig, with_weights: bool = True) -> Path:
     """Dequantise a GGUF model once into plain safetensors + tokenizer files and return that dir.
 
     Training a model whose config still says GGUF-quantised is refused by transformers, and
@@ -77,7 +79,7 @@ def materialize_gguf(model_cfg: DictConfig, with_weights: bool = True) -> Path:
     return target
 
 
-def gguf_materialized_config(model_cfg: DictConfig) -> Path | None:
+def gguf_materialized_config(model_cfg: ModelConfig) -> Path | None:
     """The config.json of the GGUF model's dequantised copy, if one was made (None: not yet)."""
     config = _gguf_cache_dir(model_cfg) / "model" / "config.json"
     return config if config.is_file() else None
@@ -88,13 +90,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def tokenizer_source(model_cfg: DictConfig) -> str:
+def tokenizer_source(model_cfg: ModelConfig) -> str:
     if model_cfg.gguf_file:
         return str(materialize_gguf(model_cfg, with_weights=False) / "tokenizer")
-    return str(model_cfg.name_or_path)
+    return model_cfg.name_or_path
 
 
-def load_tokenizer(model_cfg: DictConfig):  # -> PreTrainedTokenizerBase
+def load_tokenizer(model_cfg: ModelConfig):  # -> PreTrainedTokenizerBase
     from transformers import AutoTokenizer
 
     source = tokenizer_source(model_cfg)
@@ -108,13 +110,13 @@ def load_tokenizer(model_cfg: DictConfig):  # -> PreTrainedTokenizerBase
     return tokenizer
 
 
-def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> CausalLM:
+def load_base_model(model_cfg: ModelConfig, vocab_size: int, device_is_cuda: bool) -> CausalLM:
     """The base model: built from `architecture`, a GGUF file, a local dir or a hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _DTYPES[model_cfg.dtype]
     if model_cfg.architecture:
-        arch = cast(dict[str, Any], OmegaConf.to_container(model_cfg.architecture, resolve=True))
+        arch = dict(model_cfg.architecture)  # a copy: model_type is taken out of it
         model_type = arch.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model.architecture.model_type is required (e.g. llama) to build a model from config")
@@ -126,7 +128,7 @@ def load_base_model(model_cfg: DictConfig, vocab_size: int, device_is_cuda: bool
         with device:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    source = str(materialize_gguf(model_cfg) / "model") if model_cfg.gguf_file else str(model_cfg.name_or_path)
+    source = str(materialize_gguf(model_cfg) / "model") if model_cfg.gguf_file else model_cfg.name_or_path
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
     kwargs.update(hub_kwargs(model_cfg))
     if model_cfg.load_in_4bit:
@@ -186,21 +188,19 @@ def _unloadable(source: str, err: Exception) -> ConfigError:
     )
 
 
-def apply_lora(model: torch.nn.Module, model_cfg: DictConfig, peft_cfg: DictConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, model_cfg: ModelConfig, peft_cfg: PeftConfig) -> torch.nn.Module:
     """Wrap the base model with LoRA adapters (and prepare a k-bit base for training)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if model_cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(model_cfg.gradient_checkpointing)
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
     targets = list(peft_cfg.target_modules)
     lora = LoraConfig(
-        r=int(peft_cfg.r),
-        lora_alpha=int(peft_cfg.alpha),
-        lora_dropout=float(peft_cfg.dropout),
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        bias=peft_cfg.bias,
+        bias=cast(PeftBias, peft_cfg.bias),  # one of PeftBias: validate() checked it
         task_type="CAUSAL_LM",
     )
     try:
@@ -223,7 +223,7 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_model(model_cfg: DictConfig, peft_cfg: DictConfig, vocab_size: int, device_is_cuda: bool) -> torch.nn.Module:
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, vocab_size: int, device_is_cuda: bool) -> torch.nn.Module:
     model = load_base_model(model_cfg, vocab_size, device_is_cuda)
     # The KV cache is useless in training, clashes with checkpointing, and (present) hides packed
     # records from transformers' mask builder, which only reads positions when there is no cache.

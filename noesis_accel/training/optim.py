@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
+
+from noesis_accel.config import OptimConfig
 
 # Norm weights and biases are not decayed: shrinking them toward zero only hurts.
 _NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm")
@@ -26,21 +27,21 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg: DictConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, float(optim_cfg.weight_decay))
-    betas = (float(optim_cfg.betas[0]), float(optim_cfg.betas[1]))  # validated: exactly two
+def build_optimizer(model: torch.nn.Module, optim_cfg: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, optim_cfg.weight_decay)
+    betas = (optim_cfg.betas[0], optim_cfg.betas[1])  # validated: exactly two
     if optim_cfg.name == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, lr=float(optim_cfg.lr), betas=betas, eps=float(optim_cfg.eps))
-    fused = on_cuda if optim_cfg.fused is None else bool(optim_cfg.fused)
-    return torch.optim.AdamW(groups, lr=float(optim_cfg.lr), betas=betas, eps=float(optim_cfg.eps), fused=fused)
+        return bnb.optim.AdamW8bit(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps)
+    fused = on_cuda if optim_cfg.fused is None else optim_cfg.fused
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=betas, eps=optim_cfg.eps, fused=fused)
 
 
-def warmup_steps(optim_cfg: DictConfig, total_steps: int) -> int:
+def warmup_steps(optim_cfg: OptimConfig, total_steps: int) -> int:
     if optim_cfg.warmup_steps is not None:
-        return int(optim_cfg.warmup_steps)
-    return math.ceil(total_steps * float(optim_cfg.warmup_ratio))
+        return optim_cfg.warmup_steps
+    return math.ceil(total_steps * optim_cfg.warmup_ratio)
 
 
 class CosineWithWarmup:
@@ -59,6 +60,6 @@ class CosineWithWarmup:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: DictConfig, total_steps: int) -> LambdaLR:
-    schedule = CosineWithWarmup(warmup_steps(optim_cfg, total_steps), total_steps, float(optim_cfg.min_lr_ratio))
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    schedule = CosineWithWarmup(warmup_steps(optim_cfg, total_steps), total_steps, optim_cfg.min_lr_ratio)
     return LambdaLR(optimizer, schedule)

@@ -11,8 +11,8 @@ token attends to, or is predicted from, another record.
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig
 
+from noesis_accel.config import DataConfig
 from noesis_accel.training.data import IGNORE_INDEX, PaddingCollator
 
 
@@ -37,7 +37,7 @@ class PackingCollator:
         return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None]}
 
 
-def build_collator(data_cfg: DictConfig, pad_token_id: int) -> PaddingCollator | PackingCollator:
+def build_collator(data_cfg: DataConfig, pad_token_id: int) -> PaddingCollator | PackingCollator:
     """The collator `data.packing` asks for; the held-out loss uses the same one."""
     if data_cfg.packing:
         return PackingCollator()

@@ -17,9 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from noesis_accel.config import accumulation_steps, world_size
+from noesis_accel.config import Config, accumulation_steps, world_size
 from noesis_accel.config.gpus import GIB, PRICES_AS_OF, gpu_type
 from noesis_accel.config.modal_gpu import gpu_specs, parse_gpu_spec
 from noesis_accel.core.errors import ConfigError, DataError, UserError, redact_tree
@@ -151,7 +149,7 @@ class Plan:
 
 
 def data_figures(
-    cfg: DictConfig, prepared: Any | None = None, read_data: bool = True
+    cfg: Config, prepared: Any | None = None, read_data: bool = True
 ) -> tuple[DataFigures, LengthBucketBatchSampler | None]:
     """The data as training will see it: `prepared` (training's own), else prepared here, else assumed.
 
@@ -170,34 +168,34 @@ def data_figures(
     return _assumed_figures(cfg, why or "the data cannot be read here"), None
 
 
-def _prepare(cfg: DictConfig) -> Any:
+def _prepare(cfg: Config) -> Any:
     from noesis_accel.training import data as data_mod
     from noesis_accel.training import modeling
 
-    if not data_mod.is_hub_dataset(str(cfg.data.path)) and not Path(str(cfg.data.path)).expanduser().exists():
+    if not data_mod.is_hub_dataset(cfg.data.path) and not Path(cfg.data.path).expanduser().exists():
         raise DataError(f"data.path: {cfg.data.path} is not on this machine")
     tokenizer = modeling.load_tokenizer(cfg.model)
-    return data_mod.prepare(cfg.data, tokenizer, int(cfg.train.seed))
+    return data_mod.prepare(cfg.data, tokenizer, cfg.train.seed)
 
 
-def plan_sampler(cfg: DictConfig, lengths: Any) -> LengthBucketBatchSampler:
+def plan_sampler(cfg: Config, lengths: Any) -> LengthBucketBatchSampler:
     """The sampler training builds for this config (one rank's view; the plan is the same on every rank)."""
     return LengthBucketBatchSampler(
         lengths,
-        micro_batch_size=int(cfg.train.micro_batch_size),
+        micro_batch_size=cfg.train.micro_batch_size,
         accumulation=accumulation_steps(cfg),
         world_size=world_size(cfg),
-        seed=int(cfg.train.seed),
-        mega_batch_factor=int(cfg.data.mega_batch_factor),
+        seed=cfg.train.seed,
+        mega_batch_factor=cfg.data.mega_batch_factor,
         max_tokens_per_batch=cfg.data.max_tokens_per_batch,
     )
 
 
-def _read_figures(cfg: DictConfig, prepared: Any) -> tuple[DataFigures, LengthBucketBatchSampler]:
+def _read_figures(cfg: Config, prepared: Any) -> tuple[DataFigures, LengthBucketBatchSampler]:
     lengths = list(prepared.train["length"])
     sampler = plan_sampler(cfg, lengths)
-    steps = planned_steps(sampler, cfg.train.max_steps, float(cfg.train.epochs))
-    epochs = math.ceil(float(cfg.train.epochs)) if not cfg.train.max_steps else 1
+    steps = planned_steps(sampler, cfg.train.max_steps, cfg.train.epochs)
+    epochs = math.ceil(cfg.train.epochs) if not cfg.train.max_steps else 1
     largest = max(
         (sampler.largest_micro_batch(epoch) for epoch in range(max(1, epochs)) if sampler.num_global_batches(epoch)),
         key=sampler.micro_batch_padded_tokens,
@@ -213,7 +211,7 @@ def _read_figures(cfg: DictConfig, prepared: Any) -> tuple[DataFigures, LengthBu
         epochs=steps / sampler.num_global_batches(0) if sampler.num_global_batches(0) else 0.0,
         micro_batch_rows=len(largest),
         micro_batch_length=int(max(lengths[i] for i in largest)) if largest else 0,
-        compute_tokens=_compute_tokens(sampler, steps, bool(cfg.data.packing)),
+        compute_tokens=_compute_tokens(sampler, steps, cfg.data.packing),
     )
     return figures, sampler
 
@@ -233,23 +231,23 @@ def _compute_tokens(sampler: LengthBucketBatchSampler, steps: int, packed: bool)
     return total
 
 
-def _assumed_figures(cfg: DictConfig, why: str) -> DataFigures:
+def _assumed_figures(cfg: Config, why: str) -> DataFigures:
     records = cfg.plan.records
     if records is None:
         raise DataError(
             f"plan: {why}; to plan without the data give its size: plan.records=N (and plan.mean_tokens=T), "
             "or point data.path at a local copy"
         )
-    max_length = int(cfg.data.max_length)
-    mean = int(cfg.plan.mean_tokens or max_length)
-    global_batch = int(cfg.train.global_batch_size)
+    max_length = cfg.data.max_length
+    mean = cfg.plan.mean_tokens or max_length
+    global_batch = cfg.train.global_batch_size
     per_epoch = int(records) // global_batch
     if cfg.train.max_steps:
-        steps = int(cfg.train.max_steps)
+        steps = cfg.train.max_steps
     else:
-        epochs = float(cfg.train.epochs)
+        epochs = cfg.train.epochs
         steps = int(per_epoch * math.floor(epochs) + math.ceil(round(per_epoch * (epochs - math.floor(epochs)), 6)))
-    micro = int(cfg.train.micro_batch_size)
+    micro = cfg.train.micro_batch_size
     padded = max_length if cfg.plan.mean_tokens is None else min(max_length, mean)
     return DataFigures(
         exact=False,
@@ -272,14 +270,14 @@ def _assumed_figures(cfg: DictConfig, why: str) -> DataFigures:
 # ---------------------------------------------------------------- memory
 
 
-def memory_terms(cfg: DictConfig, model: fp.Footprint, devices: int, gpu: bool) -> list[MemoryTerm]:
+def memory_terms(cfg: Config, model: fp.Footprint, devices: int, gpu: bool) -> list[MemoryTerm]:
     """Bytes per device, term by term, as this strategy lays them out."""
     activations = model.activations
     optimizer = "8-bit AdamW" if cfg.optim.name == "adamw8bit" else "32-bit AdamW"
     terms = build_strategy(cfg).weight_terms(model, max(1, devices), optimizer)
     if activations is not None:
-        checkpointing = bool(cfg.model.gradient_checkpointing)
-        liger = bool(cfg.model.liger)
+        checkpointing = cfg.model.gradient_checkpointing
+        liger = cfg.model.liger
         layers_part = activations.saved(checkpointing) - activations.logits
         other = activations.saved(not checkpointing) - activations.logits
         shape = f"{activations.rows} x {activations.length} tokens"
@@ -304,7 +302,7 @@ def memory_terms(cfg: DictConfig, model: fp.Footprint, devices: int, gpu: bool) 
         terms.append(
             MemoryTerm(
                 "CUDA context and workspace",
-                int(float(cfg.plan.cuda_overhead_gib) * GIB),
+                int(cfg.plan.cuda_overhead_gib * GIB),
                 "allowance: context, cuBLAS workspace, allocator slack (plan.cuda_overhead_gib)",
             )
         )
@@ -321,18 +319,18 @@ def host_memory_bytes() -> int | None:
 # ---------------------------------------------------------------- time and cost
 
 
-def shape_key(model: fp.Footprint, cfg: DictConfig) -> str:
+def shape_key(model: fp.Footprint, cfg: Config) -> str:
     """What a throughput measurement is valid for: the model's shape and whether it trains LoRA."""
     return _shape_key(model.model_type, model.layers, model.hidden_size, model.vocab_size, cfg)
 
 
-def _shape_key(model_type: str, layers: int, hidden: int, vocab: int, cfg: DictConfig) -> str:
-    peft = f"lora{int(cfg.peft.r)}" if cfg.peft.enabled else "full"
+def _shape_key(model_type: str, layers: int, hidden: int, vocab: int, cfg: Config) -> str:
+    peft = f"lora{cfg.peft.r}" if cfg.peft.enabled else "full"
     return f"{model_type}-L{layers}-h{hidden}-v{vocab}-{peft}"
 
 
 def record_measured(
-    cfg: DictConfig, tokens_per_s: float, source: str, vocab_size: int | None = None, table: Path = THROUGHPUT_TABLE
+    cfg: Config, tokens_per_s: float, source: str, vocab_size: int | None = None, table: Path = THROUGHPUT_TABLE
 ) -> dict[str, Any]:
     """A bench's measurement of `cfg` training on this machine's device (its GPU type, or "cpu"), added
     to the table the plans read; returns the row.
@@ -388,7 +386,7 @@ def record_throughput(key: str, device: str, tokens_per_s: float, source: str, t
     os.replace(tmp, table)
 
 
-def flops_per_token(model: fp.Footprint, cfg: DictConfig, length: int) -> float:
+def flops_per_token(model: fp.Footprint, cfg: Config, length: int) -> float:
     """Training FLOPs per token: forward 2N; backward 2N for the activations' gradients, and 2N more for
     the weights' when the base trains (full fine-tuning); another forward with gradient checkpointing;
     attention's score and value products (6 x layers x length x hidden, causal) on top."""
@@ -398,7 +396,7 @@ def flops_per_token(model: fp.Footprint, cfg: DictConfig, length: int) -> float:
 
 
 def _time(
-    cfg: DictConfig, model: fp.Footprint, data: DataFigures, device: str, devices: int
+    cfg: Config, model: fp.Footprint, data: DataFigures, device: str, devices: int
 ) -> tuple[float | None, str, float | None]:
     """(tokens/s per device, where it came from, hours) for this device type."""
     measured = measured_throughput(shape_key(model, cfg), device)
@@ -411,16 +409,16 @@ def _time(
     else:
         mean_length = data.tokens / data.records if data.records else data.micro_batch_length
         flops = flops_per_token(model, cfg, int(mean_length))
-        rate = float(cfg.plan.mfu) * gpu_type(device).bf16_tflops * 1e12 / flops
-        source = f"FLOPs at MFU {float(cfg.plan.mfu):.0%} of {gpu_type(device).bf16_tflops:g} bf16 TFLOPS (plan.mfu)"
+        rate = cfg.plan.mfu * gpu_type(device).bf16_tflops * 1e12 / flops
+        source = f"FLOPs at MFU {cfg.plan.mfu:.0%} of {gpu_type(device).bf16_tflops:g} bf16 TFLOPS (plan.mfu)"
     hours = data.compute_tokens / (rate * devices) / 3600 if rate else None
     return rate, source, hours
 
 
-def _price(cfg: DictConfig, device: str) -> tuple[float | None, str]:
+def _price(cfg: Config, device: str) -> tuple[float | None, str]:
     if cfg.budget.gpu_hour_usd is not None:
         per = "process-hour" if device == "cpu" else "GPU-hour"
-        return float(cfg.budget.gpu_hour_usd), f"budget.gpu_hour_usd (${float(cfg.budget.gpu_hour_usd):g}/{per})"
+        return cfg.budget.gpu_hour_usd, f"budget.gpu_hour_usd (${cfg.budget.gpu_hour_usd:g}/{per})"
     if device == "cpu":
         return None, "no price for the CPU (set budget.gpu_hour_usd)"
     return gpu_type(device).usd_per_hour, f"Modal's list price, {PRICES_AS_OF}"
@@ -429,7 +427,7 @@ def _price(cfg: DictConfig, device: str) -> tuple[float | None, str]:
 # ---------------------------------------------------------------- the plan
 
 
-def targets(cfg: DictConfig) -> list[tuple[str, str, int]]:
+def targets(cfg: Config) -> list[tuple[str, str, int]]:
     """(spec, device type or "cpu", devices) for each `modal.gpu` entry, or this run's own device."""
     specs = gpu_specs(cfg.modal.gpu)
     if specs:
@@ -451,7 +449,7 @@ def _cuda() -> bool:
 
 
 def make_plan(
-    cfg: DictConfig,
+    cfg: Config,
     prepared: Any | None = None,
     vocab_size: int | None = None,
     read_data: bool = True,
@@ -498,13 +496,13 @@ def make_plan(
         data=data,
         gpus=gpus,
         checkpoint_bytes=checkpoint,
-        checkpoint_seconds=checkpoint / (float(cfg.plan.disk_mb_s) * 1e6),
-        keep_last=int(cfg.ckpt.keep_last),
+        checkpoint_seconds=checkpoint / (cfg.plan.disk_mb_s * 1e6),
+        keep_last=cfg.ckpt.keep_last,
         budget_usd=cfg.budget.usd,
     )
 
 
-def checkpoint_bytes(cfg: DictConfig, model: fp.Footprint, devices: int) -> int:
+def checkpoint_bytes(cfg: Config, model: fp.Footprint, devices: int) -> int:
     """One checkpoint, as the run's strategy writes it (a few kilobytes of RNG and sampler state aside)."""
     return build_strategy(cfg).checkpoint_bytes(model, max(1, devices))
 
@@ -512,7 +510,7 @@ def checkpoint_bytes(cfg: DictConfig, model: fp.Footprint, devices: int) -> int:
 # ---------------------------------------------------------------- checks
 
 
-def fit_problem(plan: Plan, cfg: DictConfig) -> str | None:
+def fit_problem(plan: Plan, cfg: Config) -> str | None:
     """One line when some entry's memory does not fit: the largest term, and what would fit."""
     for gpu in plan.gpus:
         if gpu.fits or gpu.capacity_bytes is None:
@@ -526,19 +524,19 @@ def fit_problem(plan: Plan, cfg: DictConfig) -> str | None:
     return None
 
 
-def _fixes(plan: Plan, gpu: GpuPlan, cfg: DictConfig) -> list[str]:
+def _fixes(plan: Plan, gpu: GpuPlan, cfg: Config) -> list[str]:
     """Overrides that bring this entry under its capacity, each alone, recounted on the meta device."""
     capacity = gpu.capacity_bytes or 0
     over = gpu.total_bytes - capacity
     by_name = {term.name: term.bytes for term in gpu.terms}
     activations = by_name.get("activations", 0) + by_name.get("logits", 0)
     fixes = []
-    micro = int(cfg.train.micro_batch_size)
+    micro = cfg.train.micro_batch_size
     profile = plan.model.activations
     if profile is not None and activations:
         per_row = activations / max(1, profile.rows)
         for smaller in range(micro - 1, 0, -1):
-            if int(cfg.train.global_batch_size) % (smaller * gpu.devices) == 0 and per_row * (micro - smaller) >= over:
+            if cfg.train.global_batch_size % (smaller * gpu.devices) == 0 and per_row * (micro - smaller) >= over:
                 fixes.append(f"train.micro_batch_size={smaller}")
                 break
         length = profile.length
@@ -580,7 +578,7 @@ def budget_problem(plan: Plan) -> str | None:
     return None
 
 
-def refuse_if_unfit(plan: Plan, cfg: DictConfig) -> None:
+def refuse_if_unfit(plan: Plan, cfg: Config) -> None:
     """The checks before any GPU starts: memory, then the budget (unless budget.preflight=warn)."""
     problem = fit_problem(plan, cfg)
     if problem:
@@ -590,7 +588,7 @@ def refuse_if_unfit(plan: Plan, cfg: DictConfig) -> None:
         raise ConfigError(over)
 
 
-def check_before_gpu(cfg: DictConfig, read_data: bool = True, host_bytes: int | None = None) -> Plan:
+def check_before_gpu(cfg: Config, read_data: bool = True, host_bytes: int | None = None) -> Plan:
     """`make_plan` + `refuse_if_unfit`: what `modal run` and a sweep run for every job."""
     plan = make_plan(cfg, read_data=read_data, host_bytes=host_bytes)
     refuse_if_unfit(plan, cfg)

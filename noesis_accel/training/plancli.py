@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(cfg)
     print(redact(json.dumps(plan.to_json(), indent=2) if args.options["json"] else format_plan(plan)), flush=True)
     if args.options["write"]:
-        write_plan(RunDir.of(cfg).path, plan)
+        write_plan(RunDir.of(cfg.run).path, plan)
     problem = fit_problem(plan, cfg)
     if problem:
         raise ConfigError(problem)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from noesis_accel.config import DataConfig
 from noesis_accel.core.errors import DataError
 from noesis_accel.training import data_sources, formats
 
@@ -231,7 +232,7 @@ def bad_records_error(problems: Problems, total: int, where: str, shape: Shape, 
     return DataError("\n".join(lines))
 
 
-def validate_records(records: list[RawRecord], declared_format: str, data_cfg: Any = None) -> str:
+def validate_records(records: list[RawRecord], declared_format: str, data_cfg: DataConfig | None = None) -> str:
     """Check every record; raise one DataError listing the problems, identical ones once. Returns the shape.
 
     `data_cfg` (the `data` config) gives the mapping (data.columns, data.roles, ...) and
@@ -241,7 +242,7 @@ def validate_records(records: list[RawRecord], declared_format: str, data_cfg: A
         raise DataError("data.path: no records found; the file is empty")
     options = _options(data_cfg)
     first = first_with_shape((record.fields for record in records), options)
-    shape = decide_shape(first, declared_format, getattr(data_cfg, "group_format", None), options)
+    shape = decide_shape(first, declared_format, data_cfg.group_format if data_cfg else None, options)
     problems = Problems()
     for record in records:
         found = record_problems(record, shape, options)[1]
@@ -252,7 +253,7 @@ def validate_records(records: list[RawRecord], declared_format: str, data_cfg: A
     return shape.name
 
 
-def _options(data_cfg: Any) -> formats.Options:
+def _options(data_cfg: DataConfig | None) -> formats.Options:
     options = formats.Options.from_config(data_cfg)
     if options.problems():
         raise DataError("; ".join(options.problems()))
@@ -272,7 +273,7 @@ class Checked:
     without_system: int  # good chat records that do not open with a system turn
 
 
-def check_raw(raw: Any, source: data_sources.Source, data_cfg: Any, processes: int, work: Path) -> Checked:
+def check_raw(raw: Any, source: data_sources.Source, data_cfg: DataConfig, processes: int, work: Path) -> Checked:
     """Check every record of a raw Arrow dataset (location, JSON text) in `processes` processes.
 
     `data_cfg` is the `data` config as plain values. Under data.on_bad_record=error every line of
@@ -284,7 +285,7 @@ def check_raw(raw: Any, source: data_sources.Source, data_cfg: Any, processes: i
     if not len(raw):
         raise DataError(f"{source.key}: no records in {source.describe()}; the file is empty")
     options = _options(data_cfg)
-    declared, group_format = str(data_cfg.format), getattr(data_cfg, "group_format", None)
+    declared, group_format = data_cfg.format, data_cfg.group_format
     needs_first = declared == "auto" or is_group_default(declared, group_format)
     shape = decide_shape(_first_with_shape(raw, options) if needs_first else None, declared, group_format, options)
     outcomes = raw.map(
@@ -304,7 +305,7 @@ def check_raw(raw: Any, source: data_sources.Source, data_cfg: Any, processes: i
     problems = Problems()
     for batch in outcomes["problems"]:
         problems.merge(Problems.from_json(batch))
-    skip = getattr(data_cfg, "on_bad_record", "error") == "skip"
+    skip = data_cfg.on_bad_record == "skip"
     if problems.records and not skip and sum(outcomes["bad_json"]):
         listed = [line for lines in outcomes["bad_json_first"] for line in lines][:MAX_LISTED_PROBLEMS]
         raise data_sources.invalid_json_error(sum(outcomes["bad_json"]), listed)
@@ -330,7 +331,7 @@ def _first_with_shape(raw: Any, options: formats.Options) -> Any:
     return first_with_shape(parsed(), options)
 
 
-def _check_batch(batch: dict[str, list], indices: list[int], shape: Shape, data_cfg: Any) -> dict[str, list]:
+def _check_batch(batch: dict[str, list], indices: list[int], shape: Shape, data_cfg: DataConfig) -> dict[str, list]:
     """One batch checked (in a worker): its bad rows, lines of invalid JSON and problems, as one row."""
     options = formats.Options.from_config(data_cfg)
     problems = Problems()

@@ -12,13 +12,13 @@ import logging
 import os
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
-from noesis_accel.config import Resume, differing_math_keys, fingerprint, flatten, resume_mode
+from noesis_accel.config import Config, Resume, differing_math_keys, fingerprint, flatten, resume_mode
 from noesis_accel.core.collective import main_decides, on_main_process
 from noesis_accel.core.errors import ConfigError, ResumeError, UserError, redact_tree
 from noesis_accel.core.signals import ForcedStop, RunInterrupted
@@ -46,7 +46,7 @@ from noesis_accel.training.trackers import TrackerRun, forget_tracker_run, start
 log = logging.getLogger(__name__)
 
 
-def tracker_logs_dir(cfg: DictConfig, rundir: RunDir) -> Path:
+def tracker_logs_dir(cfg: Config, rundir: RunDir) -> Path:
     """Where the tracker writes: the run dir's logs/, or off the Volume when `train.tracker_dir` says so
     (its files stay open there); each commit copies them in."""
     tracker_dir = cfg.train.tracker_dir
@@ -69,12 +69,13 @@ def mirroring_committer(committer: Committer | None, tracker_logs: Path, rundir:
 # ---------------------------------------------------------------- the config guard
 
 
-def _current_config(cfg: DictConfig) -> dict[str, Any]:
+def _current_config(cfg: Config) -> dict[str, Any]:
     # Secrets (a token pasted into a path) never reach the file; both sides compare redacted.
-    return redact_tree(OmegaConf.to_container(cfg, resolve=True))
+    # `asdict` holds what OmegaConf's resolved container of the composed config held, in the schema's order.
+    return redact_tree(asdict(cfg))
 
 
-def _changed_math(cfg: DictConfig, rundir: RunDir, what: str) -> ResumeError | None:
+def _changed_math(cfg: Config, rundir: RunDir, what: str) -> ResumeError | None:
     """The refusal to continue the run in the run dir with other math (None: the same math)."""
     saved, current = rundir.saved_config(), _current_config(cfg)
     differing = differing_math_keys(saved, current)
@@ -90,7 +91,7 @@ def _changed_math(cfg: DictConfig, rundir: RunDir, what: str) -> ResumeError | N
     )
 
 
-def already_completed(cfg: DictConfig, accelerator: Any, rundir: RunDir) -> dict[str, Any] | None:
+def already_completed(cfg: Config, accelerator: Any, rundir: RunDir) -> dict[str, Any] | None:
     """The status of a completed run asked again (nothing to do), unless the math changed, which is
     refused by name; None when there is training to do."""
     status = main_decides(accelerator, lambda: read_status(rundir.path))
@@ -109,11 +110,11 @@ def already_completed(cfg: DictConfig, accelerator: Any, rundir: RunDir) -> dict
     return status
 
 
-def _check_same_config_on_every_machine(cfg: DictConfig, accelerator: Any) -> None:
+def _check_same_config_on_every_machine(cfg: Config, accelerator: Any) -> None:
     """On a cluster every machine composes the config itself: all must train the same math."""
-    if int(cfg.distributed.num_machines) == 1:
+    if cfg.distributed.num_machines == 1:
         return
-    ours = fingerprint(cfg)
+    ours = fingerprint(asdict(cfg))
     if main_decides(accelerator, lambda: ours) != ours:
         raise ConfigError(
             f"machine {cfg.distributed.machine_rank} composed a config whose math differs from machine 0's "
@@ -121,7 +122,7 @@ def _check_same_config_on_every_machine(cfg: DictConfig, accelerator: Any) -> No
         )
 
 
-def _guard_run_dir_config(cfg: DictConfig, accelerator: Any, rundir: RunDir) -> None:
+def _guard_run_dir_config(cfg: Config, accelerator: Any, rundir: RunDir) -> None:
     """A restart must train the same math: compare against the config of the run it continues.
 
     A run dir without a complete checkpoint has nothing to protect, so there another config
@@ -186,7 +187,7 @@ class RunSession:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        cfg: Config,
         accelerator: Any,
         rundir: RunDir,
         committer: MirroringCommitter,
@@ -215,13 +216,13 @@ class RunSession:
             raise
 
     @classmethod
-    def open(cls, cfg: DictConfig, accelerator: Any, committer: MirroringCommitter, tracker_logs: Path) -> RunSession:
+    def open(cls, cfg: Config, accelerator: Any, committer: MirroringCommitter, tracker_logs: Path) -> RunSession:
         """Take the run dir: the lease first, then every refusal, and only then writes.
 
         A start refused before it wrote config.yaml leaves the run dir as it found it (and records
         nothing there); one that fails after records how it stopped.
         """
-        rundir = RunDir.of(cfg)
+        rundir = RunDir.of(cfg.run)
         # One writer per run dir: taken before anything in it is written (unless the launcher holds it).
         lease = on_main_process(accelerator, lambda: take_run_lease(rundir, cfg.ckpt))
         try:
@@ -253,7 +254,7 @@ class RunSession:
             device=self.accelerator.device.type,
             host=this_host(),
             pid=os.getpid(),
-            every_step_durable=_durable_as_written(self.committer) and int(self.cfg.train.log_every) == 1,
+            every_step_durable=_durable_as_written(self.committer) and self.cfg.train.log_every == 1,
             previous=previous,
             gpu=device_name(self.accelerator),
         )
@@ -360,7 +361,7 @@ class RunSession:
         period = self.cfg.ckpt.progress_commit_s
         if not period or not self.is_main:
             return
-        if time.monotonic() - self._last_progress_commit < float(period):
+        if time.monotonic() - self._last_progress_commit < period:
             return
         write_status(self.rundir.path, step=step, **status)
         self.commit_progress()

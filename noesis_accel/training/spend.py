@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
+from noesis_accel.config import Config
 from noesis_accel.rundir.costs import price_per_device_hour, spent_usd
 from noesis_accel.rundir.history import Attempt
 
@@ -33,7 +32,7 @@ class Spend:
     @classmethod
     def for_attempt(
         cls,
-        cfg: DictConfig,
+        cfg: Config,
         attempts: list[Attempt],
         devices: int,
         device: str,
@@ -50,7 +49,7 @@ class Spend:
         earlier = attempts[:-1] + list(failed_starts or [])
         previous = spent_usd(earlier, gpu_hour_usd) if earlier else None
         return cls(
-            cap_usd=None if cfg.budget.usd is None else float(cfg.budget.usd),
+            cap_usd=cfg.budget.usd,
             price=price_per_device_hour(gpu_hour_usd, device, gpu_name),
             devices=max(1, devices),
             started=started,

@@ -13,11 +13,9 @@ import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from noesis_accel.config import flatten
+from noesis_accel.config import Config, flatten
 from noesis_accel.core.errors import ConfigError, UserError, redact
 from noesis_accel.rundir.layout import RunDir, runs_root
 
@@ -44,13 +42,13 @@ PACKAGES: dict[str, TrackerPackage] = {
 }
 
 
-def require_installed(cfg: DictConfig) -> None:
+def require_installed(cfg: Config) -> None:
     """The chosen tracker's package imports, or one line saying what to install.
 
     Checked before anything loads: Accelerate drops a tracker whose package is missing without a
     word, and the run would train to the end logging nowhere.
     """
-    name = str(cfg.train.tracker)
+    name = cfg.train.tracker
     if name == "none":
         return
     package = PACKAGES[name]
@@ -119,12 +117,12 @@ def forget_tracker_run(rundir: RunDir) -> None:
 # ---------------------------------------------------------------- starting the tracker
 
 
-def start_tracker(accelerator: Any, cfg: DictConfig, rundir: RunDir, tracker_logs: Path) -> TrackerRun | None:
+def start_tracker(accelerator: Any, cfg: Config, rundir: RunDir, tracker_logs: Path) -> TrackerRun | None:
     """Start `train.tracker` on the main process, continuing the run dir's tracker run if it has one.
 
     Returns its record (None for `train.tracker=none`), whose `first_step` is the first step to send.
     """
-    name = str(cfg.train.tracker)
+    name = cfg.train.tracker
     if name == "none":
         return None
     run = TrackerRun.for_start(rundir, name)
@@ -144,7 +142,7 @@ def start_tracker(accelerator: Any, cfg: DictConfig, rundir: RunDir, tracker_log
 
 
 def _init_tracker(
-    accelerator: Any, cfg: DictConfig, run: TrackerRun, rundir: RunDir, tracker_logs: Path, with_config: bool
+    accelerator: Any, cfg: Config, run: TrackerRun, rundir: RunDir, tracker_logs: Path, with_config: bool
 ) -> None:
     """Accelerate's `init_trackers` with the `tracker.` keys; a refusal a person can fix becomes one line."""
     name = run.tracker
@@ -153,7 +151,7 @@ def _init_tracker(
         _use_mlflow_store(cfg)
     kwargs = {
         **_init_kwargs(cfg, name, rundir, tracker_logs, run.run_id),
-        **cast(dict[str, Any], OmegaConf.to_container(cfg.tracker.init_kwargs, resolve=True)),
+        **cfg.tracker.init_kwargs,
     }
     try:
         accelerator.init_trackers(
@@ -166,22 +164,23 @@ def _init_tracker(
         raise problem from None
 
 
-def tracker_config(cfg: DictConfig) -> dict[str, Any]:
+def tracker_config(cfg: Config) -> dict[str, Any]:
     """The config as tracker hyperparameters: scalars only (lists and None become strings), secrets redacted."""
-    return {k: v if isinstance(v, (int, float, bool)) else redact(str(v)) for k, v in flatten(cfg).items()}
+    return {k: v if isinstance(v, (int, float, bool)) else redact(str(v)) for k, v in flatten(asdict(cfg)).items()}
 
 
-def _project_name(cfg: DictConfig, name: str) -> str:
+def _project_name(cfg: Config, name: str) -> str:
     """What Accelerate passes first: TensorBoard's folder under logs/ (as before there were `tracker.` keys),
     every other tracker's project (W&B project, MLflow experiment, ...)."""
-    return str(cfg.run.name) if name == "tensorboard" else str(cfg.tracker.project)
+    return cfg.run.name if name == "tensorboard" else cfg.tracker.project
 
 
-def _init_kwargs(cfg: DictConfig, name: str, rundir: RunDir, tracker_logs: Path, run_id: str | None) -> dict[str, Any]:
+def _init_kwargs(cfg: Config, name: str, rundir: RunDir, tracker_logs: Path, run_id: str | None) -> dict[str, Any]:
     """The tracker's start arguments from the `tracker.` keys; None values are left to the tracker."""
     tracker = cfg.tracker
-    run_name = str(tracker.run_name or rundir.path.name)
-    tags = [str(tag) for tag in tracker.tags]
+    run_name = tracker.run_name or rundir.path.name
+    tags = list(tracker.tags)
+    kwargs: dict[str, Any]
     if name == "wandb":
         # The same id with resume="allow": a restart continues the run (created on the first start).
         kwargs = {
@@ -200,7 +199,7 @@ def _init_kwargs(cfg: DictConfig, name: str, rundir: RunDir, tracker_logs: Path,
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def mlflow_tracking_uri(cfg: DictConfig) -> str:
+def mlflow_tracking_uri(cfg: Config) -> str:
     """`tracker.uri`, else $MLFLOW_TRACKING_URI, else a file store shared by every run under `run.root`.
 
     One store per root, so one `mlflow ui --backend-store-uri <run.root>/mlruns` compares every run
@@ -211,11 +210,11 @@ def mlflow_tracking_uri(cfg: DictConfig) -> str:
     directory.
     """
     return str(
-        cfg.tracker.uri or os.environ.get("MLFLOW_TRACKING_URI") or (runs_root(cfg) / "mlruns").resolve().as_uri()
+        cfg.tracker.uri or os.environ.get("MLFLOW_TRACKING_URI") or (runs_root(cfg.run) / "mlruns").resolve().as_uri()
     )
 
 
-def _use_mlflow_store(cfg: DictConfig) -> None:
+def _use_mlflow_store(cfg: Config) -> None:
     import mlflow
 
     uri = mlflow_tracking_uri(cfg)

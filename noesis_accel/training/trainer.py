@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from omegaconf import DictConfig
 
-from noesis_accel.config import fingerprint, interval_steps, validate
+from noesis_accel.config import Config, check_config, fingerprint, interval_steps
 from noesis_accel.core import env, faults
 from noesis_accel.core.collective import main_decides
 from noesis_accel.core.errors import DataError, ResumeError
@@ -55,7 +54,7 @@ BUDGET_MARGIN = 2.0  # the next step and save are priced at twice their slowest 
 
 # Work a higher wing runs on the trained model while it is still in memory (eval.after_training):
 # called on the main process as (cfg, unwrapped model, tokenizer, held-out records).
-AfterTraining = Callable[[DictConfig, Any, Any, Any], object]  # what it returns is not used
+AfterTraining = Callable[[Config, Any, Any, Any], object]  # what it returns is not used
 
 
 @dataclass
@@ -134,24 +133,24 @@ class Trainer:
         self.strategy: Strategy = strategy or build_strategy(cfg)
         from accelerate.utils import set_seed
 
-        set_seed(int(cfg.train.seed))
+        set_seed(cfg.train.seed)
         on_cuda = accelerator.device.type == "cuda"
 
         with accelerator.main_process_first():  # the main process fills the caches, the others read them
             self.tokenizer = modeling.load_tokenizer(cfg.model)
-            self.data = data_mod.prepare(cfg.data, self.tokenizer, int(cfg.train.seed))
+            self.data = data_mod.prepare(cfg.data, self.tokenizer, cfg.train.seed)
             model = modeling.build_model(cfg.model, cfg.peft, len(self.tokenizer), on_cuda)
         self.accumulation = accelerator.gradient_accumulation_steps
         self.loss_scale = self.accumulation * accelerator.num_processes
         self.label_counts = torch.as_tensor(self.data.train["label_count"], dtype=torch.long)
         self.sampler = LengthBucketBatchSampler(
             self.data.train["length"],
-            micro_batch_size=int(cfg.train.micro_batch_size),
+            micro_batch_size=cfg.train.micro_batch_size,
             accumulation=self.accumulation,
             world_size=accelerator.num_processes,
             rank=accelerator.process_index,
-            seed=int(cfg.train.seed),
-            mega_batch_factor=int(cfg.data.mega_batch_factor),
+            seed=cfg.train.seed,
+            mega_batch_factor=cfg.data.mega_batch_factor,
             max_tokens_per_batch=cfg.data.max_tokens_per_batch,
         )
         self.total_steps = self._total_steps()
@@ -172,20 +171,20 @@ class Trainer:
             self.rundir,
             cfg.ckpt,
             self.total_steps,
-            fingerprint(cfg),
+            fingerprint(asdict(cfg)),
             session.committer,
             self.strategy,
             losses.LOSS_NORMALIZATION,
-            num_machines=int(cfg.distributed.num_machines),
+            num_machines=cfg.distributed.num_machines,
         )
-        self.eval_interval = interval_steps(float(cfg.train.eval_every), self.total_steps)
+        self.eval_interval = interval_steps(cfg.train.eval_every, self.total_steps)
         self.resumed_from = self._resume()
         self.metrics = MetricsLogger(
             accelerator,
             self.rundir,
             self.total_steps,
             self.progress.step,
-            bool(cfg.train.progress_bar),
+            cfg.train.progress_bar,
             cfg.train.print_every,
             tracker_run=session.tracker_run,
         )
@@ -209,16 +208,18 @@ class Trainer:
     @classmethod
     def run_config(
         cls,
-        cfg: DictConfig,
+        cfg: Config,
         committer: Committer | None = None,
         watcher: PreemptionWatcher | None = None,
         after_training: AfterTraining | None = None,
     ) -> RunResult:
         """One start of `cfg`'s run: open the session, build the trainer, train, finish, recording in
-        status.json how and why it ended. Bad flag combinations are rejected before any loading."""
-        validate(cfg)
+        status.json how and why it ended. Bad flag combinations are rejected before any loading.
+
+        `cfg` is typed already (`validate` returned it); checked again here for a caller that built it."""
+        check_config(cfg)
         require_installed(cfg)  # Accelerate would drop a missing tracker without a word
-        rundir = RunDir.of(cfg)
+        rundir = RunDir.of(cfg.run)
         tracker_logs = tracker_logs_dir(cfg, rundir)
         mirrored = mirroring_committer(committer, tracker_logs, rundir)
         watcher = watcher or PreemptionWatcher()
@@ -263,12 +264,12 @@ class Trainer:
             _reset_accelerate_state()
 
     @classmethod
-    def for_config(cls, cfg: DictConfig, committer: Committer | None = None) -> Trainer:
+    def for_config(cls, cfg: Config, committer: Committer | None = None) -> Trainer:
         """A complete trainer on `cfg`'s run dir for a caller that drives `train()` itself (the benches):
         no signal handling and no exit accounting; a run that already completed is refused."""
-        validate(cfg)
+        check_config(cfg)
         require_installed(cfg)
-        rundir = RunDir.of(cfg)
+        rundir = RunDir.of(cfg.run)
         tracker_logs = tracker_logs_dir(cfg, rundir)
         strategy = build_strategy(cfg)
         accelerator = _build_accelerator(cfg, tracker_logs, strategy)
@@ -282,7 +283,7 @@ class Trainer:
             raise
 
     def _total_steps(self) -> int:
-        total = planned_steps(self.sampler, self.cfg.train.max_steps, float(self.cfg.train.epochs))
+        total = planned_steps(self.sampler, self.cfg.train.max_steps, self.cfg.train.epochs)
         if total == 0:
             raise DataError(
                 f"data.path: {self.data.stats.train_records} training records cannot fill one global batch of "
@@ -294,9 +295,7 @@ class Trainer:
         """Load the checkpoint `ckpt.resume` chooses (rank 0 chooses), and record where training starts."""
         self.checkpoints.remove_stale_partials()
         self.accelerator.wait_for_everyone()
-        checkpoint = main_decides(
-            self.accelerator, lambda: self.checkpoints.select_for_resume(str(self.cfg.ckpt.resume))
-        )
+        checkpoint = main_decides(self.accelerator, lambda: self.checkpoints.select_for_resume(self.cfg.ckpt.resume))
         optimizer_reset = False
         if checkpoint is not None:
             optimizer_reset = self.checkpoints.load(checkpoint)
@@ -372,11 +371,11 @@ class Trainer:
             self.data.train,
             batch_sampler=list(self.sampler),
             collate_fn=self.collate,
-            num_workers=int(self.cfg.data.num_workers),
+            num_workers=self.cfg.data.num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
             # A private generator: creating the loader must not draw from the global RNG that dropout
             # uses, or a resumed run (one extra loader) would diverge from an uninterrupted one.
-            generator=torch.Generator().manual_seed(int(self.cfg.train.seed)),
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
         )
         step_loss, step_samples, step_tokens = None, 0, 0
         for batch in loader:
@@ -427,7 +426,7 @@ class Trainer:
                     self.gradient_probe(self.progress.step + 1)
                 if self.cfg.optim.max_grad_norm > 0:
                     grad_norm = self.strategy.clip_grad_norm(
-                        accelerator, self.trainable_params, float(self.cfg.optim.max_grad_norm)
+                        accelerator, self.trainable_params, self.cfg.optim.max_grad_norm
                     )
                 # Stepped at a step's last micro-batch only: an optimizer Accelerate did not wrap (FSDP2's)
                 # would otherwise step at every one. The ZeRO engine steps inside backward; this is a no-op there.
@@ -456,7 +455,7 @@ class Trainer:
         progress.tokens_seen += tokens
         self.step_losses.append(loss)
         lr = self.scheduler.get_last_lr()[0]
-        if progress.step % int(cfg.train.log_every) == 0 or progress.step == self.total_steps:
+        if progress.step % cfg.train.log_every == 0 or progress.step == self.total_steps:
             tokens_per_s = self.metrics.tokens_per_second()
             values = {
                 "loss": loss,
@@ -551,7 +550,7 @@ class Trainer:
             self.strategy.unwrap(accelerator, self.model),
             self.data.eval,
             self.collate,
-            int(self.cfg.train.micro_batch_size),
+            self.cfg.train.micro_batch_size,
             accelerator.device,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
@@ -568,7 +567,7 @@ class Trainer:
         accelerator, strategy, main = self.accelerator, self.strategy, self.accelerator.is_main_process
         eval_after = self.evaluate() if len(self.data.eval) else None
         accelerator.wait_for_everyone()
-        target = self.rundir.final_weights_dir(bool(self.cfg.peft.enabled))
+        target = self.rundir.final_weights_dir(self.cfg.peft.enabled)
         strategy.save_final(accelerator, self.model, target)  # gathered first where the weights are sharded
         answer = self._sample_answer()
         if main:
@@ -760,12 +759,10 @@ class Trainer:
     def _out_of_memory(self, batch: dict[str, torch.Tensor]) -> Exception:
         """The out-of-memory error as a user error (batch shape) or a crash to retry (see oom.py)."""
         previous = out_of_memory_stops(self.rundir.events())
-        return out_of_memory(
-            self.progress.step, batch, self.accelerator.device, previous, int(self.cfg.ckpt.oom_retries)
-        )
+        return out_of_memory(self.progress.step, batch, self.accelerator.device, previous, self.cfg.ckpt.oom_retries)
 
 
-def _build_accelerator(cfg: DictConfig, tracker_logs: Path, strategy: Strategy) -> Any:
+def _build_accelerator(cfg: Config, tracker_logs: Path, strategy: Strategy) -> Any:
     env.quiet_libraries()
     env.apply_alloc_conf(cfg.env.alloc_conf)
     return build_accelerator(cfg, tracker_logs, strategy)

@@ -13,8 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
+from noesis_accel.config import Config
 from noesis_accel.core.errors import ConfigError, UserError
 from noesis_accel.training.strategies.base import Strategy
 from noesis_accel.training.strategies.checkpoint_files import REPLICATED
@@ -42,9 +41,9 @@ def strategy_class(name: str) -> type[Strategy]:
     return known[name]
 
 
-def build_strategy(cfg: DictConfig) -> Strategy:
+def build_strategy(cfg: Config) -> Strategy:
     """The run's strategy, from `distributed.type`."""
-    return strategy_class(str(cfg.distributed.type))(cfg)
+    return strategy_class(cfg.distributed.type)(cfg)
 
 
 def saved_format(manifest: Mapping[str, Any]) -> str:

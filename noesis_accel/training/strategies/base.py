@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
 
+from noesis_accel.config import Config
 from noesis_accel.core.errors import ResumeError
 from noesis_accel.training import footprint as fp
 from noesis_accel.training.strategies import checkpoint_files
@@ -38,7 +38,7 @@ class Strategy:
     # run the same number of them, in evaluation and generation as in training.
     forward_is_collective: ClassVar[bool] = False
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.optimizer: Any = None  # set by `prepare`
 
@@ -165,7 +165,7 @@ class Strategy:
 
     def base_weights_term(self, model: fp.Footprint, world: int = 1) -> fp.MemoryTerm:
         params = model.params
-        dtype = "NF4 4-bit" if self.cfg.model.load_in_4bit else str(self.cfg.model.dtype)
+        dtype = "NF4 4-bit" if self.cfg.model.load_in_4bit else self.cfg.model.dtype
         return fp.MemoryTerm("base weights", params.base_bytes, f"{params.base_params:,} parameters, {dtype}")
 
     def weight_terms(self, model: fp.Footprint, world: int, optimizer: str) -> list[fp.MemoryTerm]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from noesis_accel.config import Config
 from noesis_accel.training import footprint as fp
 from noesis_accel.training import modeling
 from noesis_accel.training.distributed import launched_world_size, single_process_rendezvous
@@ -38,7 +39,7 @@ class Fsdp2(Strategy):
     state_format = checkpoint_files.DCP
     forward_is_collective = True
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.model: Any = None
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from noesis_accel.config import accumulation_steps
+from noesis_accel.config import Config, accumulation_steps
 from noesis_accel.core.errors import ConfigError
 from noesis_accel.training import footprint as fp
 from noesis_accel.training.distributed import launched_world_size, single_process_rendezvous
@@ -137,12 +137,14 @@ class Zero2(Strategy):
         return model.params.trainable_params * (2 + 4) + model.optimizer_state_bytes
 
 
-def deepspeed_config(cfg: Any, accumulation: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, accumulation: int) -> dict[str, Any]:
     """The DeepSpeed JSON from conf/ with batch, accumulation, clipping and precision filled in.
 
     The train config is the one source of truth: a value in the JSON that disagrees is an error
     rather than a silent override.
     """
+    if not cfg.distributed.deepspeed_config:  # validate() refuses zero2 without one
+        raise ConfigError("distributed.deepspeed_config: zero2 needs a DeepSpeed JSON (conf/deepspeed/zero2.json)")
     path = Path(cfg.distributed.deepspeed_config)
     try:
         ds = json.loads(path.read_text())
@@ -151,10 +153,10 @@ def deepspeed_config(cfg: Any, accumulation: int) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
     derived = {
-        "train_micro_batch_size_per_gpu": int(cfg.train.micro_batch_size),
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": int(cfg.train.global_batch_size),
-        "gradient_clipping": float(cfg.optim.max_grad_norm),
+        "train_batch_size": cfg.train.global_batch_size,
+        "gradient_clipping": cfg.optim.max_grad_norm,
     }
     for key, value in derived.items():
         if ds.get(key, "auto") not in ("auto", value):
@@ -169,9 +171,9 @@ def deepspeed_config(cfg: Any, accumulation: int) -> dict[str, Any]:
     return ds
 
 
-def _reduce_bucket_elements(cfg: Any) -> int:
+def _reduce_bucket_elements(cfg: Config) -> int:
     try:
-        with open(str(cfg.distributed.deepspeed_config)) as handle:
+        with open(cfg.distributed.deepspeed_config or "") as handle:  # none: the default below
             return int(json.load(handle).get("zero_optimization", {}).get("reduce_bucket_size", 5e8))
     except (OSError, ValueError, TypeError):
         return int(5e8)
