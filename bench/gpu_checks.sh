@@ -10,17 +10,20 @@
 # 5. bf16 throughput on the SmolLM2-135M shape, ours against the length-grouped Trainer.
 # 6. QLoRA (4-bit base) + gradient checkpointing + AdamW8bit, 10 steps.
 # 7. noesis plan's memory against one real optimizer step of the recipe on the 8B shape (bench/plan_vs_measured.py).
+# 8. FSDP2 on the GPU (NCCL, bf16 mixed precision, AdamW8bit over the shards): kill -9 mid-run, restart,
+#    compare bit for bit (LoRA); then a full fine-tune (peft=none), 10 steps.
 # Each part has a time cap inside a total budget (GPU_CHECKS_BUDGET_S, default 560 s); PARTS picks parts
-# (default "bench8b recipe gputests zero2 throughput qlora plan"; part 7 comes last, so a tight budget skips
-# it first: PARTS=plan runs it alone). Eight files under $OUT: gpu.txt (versions, per-part exit codes and
-# seconds, the plan's verdict), gpu_checks.log (all output), llama8b.json, recipe.json, zero2_exactness.json,
-# throughput.json, plan_vs_measured.txt, throughput_table.json (the plans' table with this GPU's rows added).
+# (default "bench8b recipe gputests zero2 throughput qlora fsdp2 plan"; part 7 comes last, so a tight budget
+# skips it first: PARTS=plan runs it alone, PARTS=fsdp2 the FSDP2 checks alone). Nine files under $OUT: gpu.txt
+# (versions, per-part exit codes and seconds, the plan's verdict), gpu_checks.log (all output), llama8b.json,
+# recipe.json, zero2_exactness.json, fsdp2_exactness.json, throughput.json, plan_vs_measured.txt,
+# throughput_table.json (the plans' table with this GPU's rows added).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
 DEADLINE=$((SECONDS + ${GPU_CHECKS_BUDGET_S:-560}))
-PARTS=${PARTS:-"bench8b recipe gputests zero2 throughput qlora plan"}
+PARTS=${PARTS:-"bench8b recipe gputests zero2 throughput qlora fsdp2 plan"}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -97,6 +100,16 @@ part qlora 60 python3 -m noesis_accel.processes.train +experiment=tiny $MODEL tr
   train.max_steps=10 train.eval_every=0.5 run.root=/tmp/qlora
 [ -f /tmp/qlora/tiny/metrics.jsonl ] && python3 -c "import json; m=[json.loads(l) for l in open('/tmp/qlora/tiny/metrics.jsonl')]; \
 print('qlora losses', [round(x['loss'],3) for x in m if 'loss' in x])" 2>&1 | tee -a "$LOG"
+
+# 8. ~2 min: the zero2 part's runs under FSDP2 (one process: every unit still sharded, gathered and reduced
+#    through NCCL, checkpoints through DCP), then a full fine-tune of the same shape.
+part fsdp2 150 bash -c "python3 bench/resume_exactness.py --kill-step 7 --json '$OUT/fsdp2_exactness.json' \
+  +experiment=tiny $MODEL train.device=auto train.max_steps=12 ckpt.every=0.25 train.eval_every=0 \
+  distributed=fsdp2 distributed.num_processes=1 optim=adamw8bit train.mixed_precision=bf16 \
+  train.global_batch_size=16 train.micro_batch_size=4 peft.r=16 peft.alpha=32 data.max_length=256 && \
+  python3 -m noesis_accel.processes.train +experiment=tiny $MODEL train.device=auto distributed=fsdp2 \
+  distributed.num_processes=1 peft=none optim=adamw8bit train.mixed_precision=bf16 train.max_steps=10 \
+  train.eval_every=0.5 run.root=/tmp/fsdp2_full"
 
 # 7. ~1 min: the 8B shape built on the GPU, its plan made from the data it loaded, one optimizer step (the
 #    largest micro-batch, trained first). Compares torch.cuda.max_memory_allocated with the plan's total per

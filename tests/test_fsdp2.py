@@ -9,6 +9,7 @@ eval read an fsdp2 run and its checkpoints.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -63,77 +64,112 @@ def two_process_reference(tmp_path_factory) -> Path:
     return root / "tiny"
 
 
+def _killed_at_half(root: Path, processes: list[str]) -> Path:
+    """The run SIGKILLed during step 5, after its step-4 checkpoint (50% of the run)."""
+    crashed = _train(root, processes, env={"NOESIS_FAULT": "step:5"}, expect_ok=False)
+    assert crashed.returncode != 0
+    assert not (root / "tiny" / "checkpoints" / "step-000006").exists()
+    return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def killed_on_two(tmp_path_factory) -> Path:
+    return _killed_at_half(tmp_path_factory.mktemp("fsdp2_killed"), TWO)
+
+
+def _resume_copy(killed: Path, root: Path, processes: list[str], extra: list[str] | None = None):
+    """A copy of a killed run resumed on `processes`: its output and its run dir."""
+    shutil.copytree(killed, root / "tiny")
+    resumed = _train(root, processes + (extra or []))
+    assert resumed_step(resumed.stdout) == 4
+    assert read_status(root / "tiny")["state"] == "completed"
+    return resumed, root / "tiny"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", ["lora", "none"])
-def test_two_sharded_processes_track_one_process_with_the_same_global_batch(tmp_path, peft: str) -> None:
+def test_two_sharded_processes_track_one_process_with_the_same_global_batch(
+    tmp_path, two_process_reference, peft: str
+) -> None:
     """8 = 4 x 2 accumulation x 1 unsharded process against 8 = 4 x 1 x 2 FSDP2 processes, LoRA and full."""
     extra = [f"peft={peft}"]
     one = run_cli(FSDP2[:-1] + extra + ["distributed=single", f"run.root={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    _train(tmp_path / "two", extra + TWO)
-    single, sharded = step_losses(tmp_path / "one" / "tiny"), step_losses(tmp_path / "two" / "tiny")
+    if peft == "lora":
+        sharded_dir = two_process_reference
+    else:
+        _train(tmp_path / "two", extra + TWO)
+        sharded_dir = tmp_path / "two" / "tiny"
+        assert (sharded_dir / "model" / "model.safetensors").is_file()  # the gathered full model
+    single, sharded = step_losses(tmp_path / "one" / "tiny"), step_losses(sharded_dir)
     assert sorted(single) == sorted(sharded) == list(range(1, STEPS + 1))
     worst = _assert_tracks(sharded, single, range(1, STEPS + 1))
     print(f"peft={peft}: largest relative loss difference over {STEPS} steps: {worst:.2e}")
-    final = "adapter" if peft == "lora" else "model"
-    assert (tmp_path / "two" / "tiny" / final / f"{'adapter_' if peft == 'lora' else ''}model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_ends_bitwise_equal_to_the_uninterrupted_run(tmp_path, two_process_reference) -> None:
-    crashed = _train(tmp_path, TWO, env={"NOESIS_FAULT": "step:5"}, expect_ok=False)
-    assert crashed.returncode != 0
-    resumed = _train(tmp_path, TWO)
-    assert resumed_step(resumed.stdout) == 4
-    assert_same_adapter(tmp_path / "tiny", two_process_reference)
-    ours, reference = step_losses(tmp_path / "tiny"), step_losses(two_process_reference)
+def test_sigkill_then_restart_ends_bitwise_equal_to_the_uninterrupted_run(
+    tmp_path, killed_on_two, two_process_reference
+) -> None:
+    _, run_dir = _resume_copy(killed_on_two, tmp_path, TWO)
+    assert_same_adapter(run_dir, two_process_reference)
+    ours, reference = step_losses(run_dir), step_losses(two_process_reference)
     for step in range(5, STEPS + 1):
         assert ours[step] == reference[step], step  # every resumed step's loss is identical
 
 
 @pytest.mark.slow
-def test_a_checkpoint_continues_on_another_process_count_with_its_optimizer_state(tmp_path, two_process_reference):
+def test_a_checkpoint_continues_on_another_process_count_with_its_optimizer_state(
+    tmp_path, killed_on_two, two_process_reference
+) -> None:
     """Killed at 50% on 2 processes, resumed on 1 (and killed on 1, resumed on 2): the uninterrupted run's
     losses to TRACKING; the same resume with fresh optimizer moments misses them by far more."""
     reference = step_losses(two_process_reference)
+    killed_on_one = _killed_at_half(tmp_path / "killed-on-1", ONE)
     runs = {}
-    for name, first, then in (("2to1", TWO, ONE), ("1to2", ONE, TWO), ("2to1-reset", TWO, ONE)):
-        root = tmp_path / name
-        crashed = _train(root, first, env={"NOESIS_FAULT": "step:5"}, expect_ok=False)
-        assert crashed.returncode != 0
-        reset = ["ckpt.on_world_size_change=reset_optimizer"] if name.endswith("reset") else []
-        resumed = _train(root, then + reset)
-        assert resumed_step(resumed.stdout) == 4
-        carried = "optimizer moments started afresh" if reset else "optimizer state carried"
-        assert f"a checkpoint written by {first[0][-1]} ({carried}" in resumed.stdout
-        start = [e for e in RunDir(root / "tiny").events() if e.get("event") == "start"][-1]
-        assert (start["processes"], start["checkpoint_processes"]) == (int(then[0][-1]), int(first[0][-1]))
-        assert start["optimizer_reset"] is bool(reset)
-        assert read_status(root / "tiny")["state"] == "completed"
-        runs[name] = step_losses(root / "tiny")
+    for name, killed, saved_by, then, extra in (
+        ("2to1", killed_on_two, 2, ONE, []),
+        ("1to2", killed_on_one, 1, TWO, []),
+        ("2to1-reset", killed_on_two, 2, ONE, ["ckpt.on_world_size_change=reset_optimizer"]),
+    ):
+        resumed, run_dir = _resume_copy(killed, tmp_path / name, then, extra)
+        carried = "optimizer moments started afresh" if extra else "optimizer state carried"
+        assert f"a checkpoint written by {saved_by} ({carried}" in resumed.stdout
+        start = [e for e in RunDir(run_dir).events() if e.get("event") == "start"][-1]
+        assert (start["processes"], start["checkpoint_processes"]) == (3 - saved_by, saved_by)
+        assert start["optimizer_reset"] is bool(extra)
+        runs[name] = step_losses(run_dir)
     carried = [_assert_tracks(runs[name], reference, range(5, STEPS + 1)) for name in ("2to1", "1to2")]
     fresh = max(abs(runs["2to1-reset"][s] - reference[s]) / abs(reference[s]) for s in range(5, STEPS + 1))
     print(f"largest relative difference after resuming: carried {max(carried):.2e}, fresh moments {fresh:.2e}")
     assert fresh > 100 * max(max(carried), 1e-7)
 
 
-def test_a_heldout_set_that_does_not_divide_by_the_process_count_finishes(tmp_path) -> None:
+def test_heldout_generation_and_after_training_work_with_sharded_weights(tmp_path) -> None:
     """18 held-out records in batches of 4 make 5 batches: 3 on one rank, 2 on the other. Each FSDP2 forward
-    gathers weights from both ranks, so an unequal count would leave one waiting forever (bounded here)."""
+    gathers weights from both ranks, so an unequal count left one waiting forever (bounded here). The sample
+    answer is generated by both ranks together; the after-training evaluation gets a whole model."""
+    short = ["train.max_steps=2", "train.eval_every=0.5", "ckpt.every=2"]
     result = run_cli(
-        FSDP2 + TWO + ["train.max_steps=2", "train.eval_every=0.5", "ckpt.every=2", f"run.root={tmp_path}"],
+        FSDP2
+        + TWO
+        + short
+        + ["train.sample_prompt=Hello", "eval.after_training=true", "eval.max_new_tokens=4", f"run.root={tmp_path}"],
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "sample: 'Hello' -> " in result.stdout
     status = read_status(tmp_path / "tiny")
-    single = run_cli(
-        FSDP2[:-1] + ["train.max_steps=2", "train.eval_every=0.5", "ckpt.every=2", f"run.root={tmp_path / 'one'}"]
-    )
+    summary = (tmp_path / "tiny" / "eval" / "summary.json").read_text()
+    single = run_cli(FSDP2[:-1] + short + [f"run.root={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     reference = read_status(tmp_path / "one" / "tiny")
     # The padding batch is run, not counted: the held-out loss is the unsharded run's.
     assert status["eval_loss_before"] == pytest.approx(reference["eval_loss_before"], rel=1e-6)
     assert status["eval_loss_after"] == pytest.approx(reference["eval_loss_after"], rel=TRACKING)
+    # The evaluation after training scored the gathered model: its held-out loss is the trainer's.
+    tuned = json.loads(summary)["models"]["tuned"]["heldout_loss"]
+    assert tuned == pytest.approx(status["eval_loss_after"], abs=5e-5)
 
 
 @pytest.mark.slow

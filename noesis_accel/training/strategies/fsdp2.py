@@ -195,21 +195,35 @@ class Fsdp2(Strategy):
     # ------------------------------------------------------------ the plan
 
     def weight_terms(self, model: fp.Footprint, world: int, optimizer: str) -> list[fp.MemoryTerm]:
-        """1/world of everything, plus the units gathered whole at once: the running layer and the next."""
+        """1/world of everything, plus the units gathered whole at once: the outer one (embeddings and LM
+        head, kept for the whole forward and backward) and two decoder layers (the running one, the next)."""
         params = model.params
-        unit = 2 * (params.base_bytes + params.trainable_bytes) // max(1, model.layers)
         base = self.base_weights_term(model)
+        # Under bf16 the trainable shards are float32 masters (prepare), and so are their gradients.
+        masters = params.trainable_params * 4 if self.cfg.train.mixed_precision == "bf16" else params.trainable_bytes
+        master_dtype = "float32" if self.cfg.train.mixed_precision == "bf16" else params.trainable_dtype
+        gathered_dtype_bytes = (
+            2 if self.cfg.train.mixed_precision == "bf16" else base.bytes / max(1, params.base_params)
+        )
+        outer = min(2 * model.vocab_size * model.hidden_size, params.base_params)  # tied tables counted twice
+        layer = (params.base_params + params.trainable_params - outer) / max(1, model.layers)
+        gathered = int((outer + 2 * layer) * gathered_dtype_bytes)
         return [
             fp.MemoryTerm("base weights", -(-base.bytes // world), f"{base.detail}, 1/{world} shard"),
             fp.MemoryTerm(
                 "trainable weights",
-                -(-params.trainable_bytes // world),
-                f"{params.trainable_params:,} parameters, {params.trainable_dtype}, 1/{world} shard",
+                -(-masters // world),
+                f"{params.trainable_params:,} parameters, {master_dtype}, 1/{world} shard",
             ),
-            fp.MemoryTerm("gathered layers (FSDP2)", unit, "two decoder layers whole: the running one and the next"),
-            fp.MemoryTerm("gradients", -(-params.trainable_bytes // world), f"1/{world} shard, reduce-scattered"),
+            fp.MemoryTerm("gathered units (FSDP2)", gathered, "embeddings and LM head, and two decoder layers, whole"),
+            fp.MemoryTerm("gradients", -(-masters // world), f"1/{world} shard, {master_dtype}, reduce-scattered"),
             fp.MemoryTerm("optimizer state", -(-model.optimizer_state_bytes // world), f"{optimizer}, 1/{world} shard"),
         ]
+
+    def checkpoint_bytes(self, model: fp.Footprint, world: int) -> int:
+        """The trainable weights (float32 masters under bf16) and the optimizer state, in shards."""
+        masters = model.params.trainable_params * 4 if self.cfg.train.mixed_precision == "bf16" else None
+        return (masters or model.params.trainable_bytes) + model.optimizer_state_bytes
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
