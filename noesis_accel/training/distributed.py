@@ -21,7 +21,7 @@ class StrategyArguments(Protocol):
 
 
 def launched_world_size() -> int | None:
-    """The world size a launcher (torchrun, accelerate launch, deepspeed) set, or None if none did."""
+    """The world size a launcher (torchrun, accelerate launch, ...) set, or None if none did."""
     value = os.environ.get("WORLD_SIZE")
     return int(value) if value else None
 

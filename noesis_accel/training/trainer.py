@@ -617,8 +617,14 @@ class Trainer:
         return reply(self.strategy.unwrap(self.accelerator, self.model), self.tokenizer, prompt, synced=collective)
 
     def _rebuild_model(self) -> torch.nn.Module:
-        """The run's model built afresh on the CPU (the base from its source, LoRA initialised)."""
-        return modeling.build_model(self.cfg.model, self.cfg.peft, len(self.tokenizer), False)
+        """The run's model built afresh on the CPU (the base from its source, LoRA initialised). A base drawn
+        from `model.architecture` is drawn after the same seed as at the start, so it is the same base;
+        torch's RNG stream is left as it was (nothing draws from the others after training)."""
+        from accelerate.utils import set_seed
+
+        with torch.random.fork_rng(devices=[]):
+            set_seed(self.cfg.train.seed)
+            return modeling.build_model(self.cfg.model, self.cfg.peft, len(self.tokenizer), False)
 
     # ================================================================ lifecycle
 
