@@ -22,6 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "noesis_accel" / "assets" / "noesis_sample.jsonl"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # mypy runs for about a minute on one core: when its test is selected it starts now, beside the others.
+    if any(item.name == "test_mypy_is_clean" for item in session.items):
+        import test_tooling
+
+        test_tooling.start_mypy()
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     """The tiny experiment in a fresh run root: a 2-layer model, seconds per run."""
