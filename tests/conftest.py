@@ -22,6 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "noesis_accel" / "assets" / "noesis_sample.jsonl"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # mypy runs for about a minute on one core: when its test is selected it starts now, beside the others.
+    if any(item.name == "test_mypy_is_clean" for item in session.items):
+        import test_tooling
+
+        test_tooling.start_mypy()
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     """The tiny experiment in a fresh run root: a 2-layer model, seconds per run."""
@@ -41,6 +49,41 @@ MODAL_TINY = ["+experiment=tiny", "train.max_steps=12", "ckpt.every=0.25", "trai
 def modal_tiny_reference(tmp_path_factory) -> Path:
     """MODAL_TINY trained once, uninterrupted, as a plain local run: what every interrupted Modal run must equal."""
     return uninterrupted_run(tmp_path_factory.mktemp("modal-reference"), MODAL_TINY)
+
+
+# Two processes: one machine with two ranks, or two machines with one each (the same global batch and data order).
+MODAL_TINY_DDP = MODAL_TINY + ["distributed=ddp", "distributed.num_processes=2"]
+
+
+@pytest.fixture(scope="session")
+def modal_tiny_ddp_reference(tmp_path_factory) -> Path:
+    """MODAL_TINY_DDP trained once, uninterrupted: what every interrupted two-process or cluster run must equal."""
+    return uninterrupted_run(tmp_path_factory.mktemp("modal-ddp-reference"), MODAL_TINY_DDP)
+
+
+# DeepSpeed ZeRO-2 with bitsandbytes AdamW8bit (r=64: LoRA matrices large enough for 8-bit state), 8 steps.
+ZERO2_STEPS = 8
+ZERO2 = [
+    "+experiment=tiny",
+    f"train.max_steps={ZERO2_STEPS}",
+    "ckpt.every=0.25",
+    "train.eval_every=0",
+    "distributed=zero2",
+    "optim=adamw8bit",
+    "peft.r=64",
+    "peft.alpha=128",
+]
+
+
+@pytest.fixture(scope="session")
+def zero2_two_process_reference(tmp_path_factory) -> Path:
+    """ZERO2 on two processes, uninterrupted, once: tests/test_zero2.py's reference and the ZeRO-2 checkpoints
+    tests/test_after_training.py exports. Read-only for them."""
+    root = tmp_path_factory.mktemp("zero2_ref")
+    result = run_cli(ZERO2 + ["distributed.num_processes=2", f"run.root={root}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu, DistributedType.DEEPSPEED" in result.stdout  # really 2 ranks, not 2 x rank 0
+    return root / "tiny"
 
 
 @pytest.fixture(scope="session")

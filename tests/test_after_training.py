@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, write_jsonl
+from conftest import REPO, ZERO2_STEPS, run_cli, write_jsonl
 from helpers import typed
 
 from noesis_accel.after import evaluate, judges, plots
@@ -326,28 +326,20 @@ def test_incomplete_checkpoints_are_refused_in_one_line(tiny_run, tmp_path) -> N
 
 
 @pytest.mark.slow
-def test_export_of_a_deepspeed_zero2_checkpoint(tmp_path) -> None:
-    """ZeRO-2 checkpoints hold the engine's module state (pytorch_model/mp_rank_00_model_states.pt)."""
+def test_export_of_a_deepspeed_zero2_checkpoint(zero2_two_process_reference, tmp_path) -> None:
+    """ZeRO-2 checkpoints hold the engine's module state (pytorch_model/mp_rank_00_model_states.pt).
+
+    The session's two-process ZeRO-2 run (tests/conftest.py, shared with tests/test_zero2.py): its last
+    checkpoint is the final adapter, the one before it is not."""
     from transformers import AutoModelForCausalLM
 
-    ran = run_cli(
-        [
-            "+experiment=tiny",
-            "train.max_steps=4",
-            "ckpt.every=2",
-            "train.eval_every=0",
-            "distributed=zero2",
-            "distributed.num_processes=1",
-            f"run.root={tmp_path}",
-        ]
-    )
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    run_dir = RunDir(tmp_path / "tiny")
-    assert (run_dir.checkpoints / "step-000004" / "pytorch_model" / "mp_rank_00_model_states.pt").is_file()
-    out = export_run(run_dir.path, checkpoint="step-000004", out=tmp_path / "export", log=lambda _: None)
+    run_dir = RunDir(zero2_two_process_reference)
+    newest, previous = f"step-{ZERO2_STEPS:06d}", f"step-{ZERO2_STEPS - 2:06d}"  # a checkpoint every 2 steps
+    assert (run_dir.checkpoints / newest / "pytorch_model" / "mp_rank_00_model_states.pt").is_file()
+    out = export_run(run_dir.path, checkpoint=newest, out=tmp_path / "export", log=lambda _: None)
     merged = AutoModelForCausalLM.from_pretrained(str(out))
     final = load_run_model(run_config(run_dir), weights_source(run_dir)).model  # the final adapter: same weights
-    earlier = load_run_model(run_config(run_dir), weights_source(run_dir, "step-000002")).model
+    earlier = load_run_model(run_config(run_dir), weights_source(run_dir, previous)).model
     ids = torch.tensor([[1, 520, 2040, 314, 346, 47]])
     with torch.no_grad():
         ours, last, before = merged(ids).logits, final(ids).logits, earlier(ids).logits

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def reference_run(tmp_path_factory) -> Path:
     return _reference(tmp_path_factory, [])
 
 
+def _copy_run(run_dir: Path, root: Path) -> Path:
+    """A private copy of a module's shared run under `root`, for a test that damages, resumes or restarts it."""
+    shutil.copytree(run_dir, root / run_dir.name)
+    return root / run_dir.name
+
+
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # a second moment: slow suite
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_exact(tmp_path, reference_run, seed: int) -> None:
     kill_step = random.Random(seed).randint(2, STEPS - 1)
@@ -85,7 +92,9 @@ def test_sigkill_during_a_save_falls_back_to_the_previous_checkpoint(tmp_path, r
     _assert_bitwise_equal(run_dir, reference_run, 3)
 
 
-def test_sigterm_saves_at_the_next_step_and_noesis_train_run_dir_continues_it_bitwise(tmp_path, reference_run) -> None:
+def test_sigterm_saves_at_the_next_step_and_noesis_train_run_dir_continues_it_bitwise(
+    tmp_path, reference_run, capsys
+) -> None:
     """SIGTERM: a checkpoint at the next step, nothing lost; `noesis train RUN_DIR` continues the run from its
     own config.yaml (no retyped command; the SIGKILL test above retypes it) to the uninterrupted run's adapter."""
     command = BASE + [f"run.root={tmp_path}"]
@@ -103,9 +112,10 @@ def test_sigterm_saves_at_the_next_step_and_noesis_train_run_dir_continues_it_bi
     assert resumed_step(continued.stdout + continued.stderr) == 5
     _assert_bitwise_equal(run_dir, reference_run, 5)
     assert json.loads((run_dir / "command.json").read_text())[2:] == command  # still the starting command
-    listing = run_cli([f"root={tmp_path}"], module="noesis_accel.rundir.status")
-    assert listing.returncode == 0, listing.stderr
-    assert "tiny" in listing.stdout and "completed" in listing.stdout and f"{STEPS}/{STEPS}" in listing.stdout
+    # `noesis status root=...` in-process: what it lists is the point here, not another interpreter's start-up.
+    assert status_main([f"root={tmp_path}"]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny" in listing and "completed" in listing and f"{STEPS}/{STEPS}" in listing
 
 
 def test_train_run_dir_refuses_an_override_that_changes_the_math(tmp_path) -> None:
@@ -142,12 +152,27 @@ def test_adamw8bit_resume_is_bitwise_exact(tmp_path, tmp_path_factory) -> None:
     assert any(q["state1"].dtype == torch.uint8 for q in quantised)  # the 8-bit state round-tripped
 
 
+DDP = ["distributed=ddp", "distributed.num_processes=2"]
+
+
+@pytest.fixture(scope="module")
+def ddp_killed_at_step_7(tmp_path_factory) -> Path:
+    """A two-process run whose rank SIGKILLs itself at step 7 (the launcher exits 1): resumed on two
+    processes and on one by the tests below, each from its own copy."""
+    root = tmp_path_factory.mktemp("ddp-killed")
+    crashed = run_cli(BASE + DDP + [f"run.root={root}"], env={"NOESIS_FAULT": "step:7"})
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    assert read_status(root / "tiny")["state"] != "completed"
+    return root / "tiny"
+
+
 @pytest.mark.slow
-def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_factory) -> None:
-    extra = ["distributed=ddp", "distributed.num_processes=2"]
-    reference = _reference(tmp_path_factory, extra)
-    run_dir, output = _crash_and_resume(tmp_path, extra, "step:7", expect_code=1)
-    _assert_bitwise_equal(run_dir, reference, resumed_step(output))
+def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_factory, ddp_killed_at_step_7) -> None:
+    reference = _reference(tmp_path_factory, DDP)
+    run_dir = _copy_run(ddp_killed_at_step_7, tmp_path)
+    resumed = run_cli(BASE + DDP + [f"run.root={tmp_path}"])  # the very same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_bitwise_equal(run_dir, reference, resumed_step(resumed.stdout + resumed.stderr))
 
 
 # ---------------------------------------------------------------- damage, retention, commits, size
@@ -157,10 +182,9 @@ def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_
 # checksum finds) is skipped for the one before is checked in-process by tests/test_checkpoint_logic.py.
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
-def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage: str, capsys) -> None:
-    command = BASE + [f"run.root={tmp_path}", "ckpt.keep_last=2"]
-    assert run_cli(command).returncode == 0
-    run_dir = tmp_path / "tiny"
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, reference_run, damage: str, capsys) -> None:
+    command = BASE + [f"run.root={tmp_path}"]
+    run_dir = _copy_run(reference_run, tmp_path)  # the finished run, with checkpoints at 6, 9 and 12
     mark_interrupted(run_dir)
     newest = run_dir / "checkpoints" / f"step-{STEPS:06d}"
     if damage == "flip":
@@ -347,9 +371,9 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
+def test_resume_from_an_explicit_checkpoint_path(tmp_path, reference_run) -> None:
     source = tmp_path / "a"
-    assert run_cli(BASE + [f"run.root={source}"]).returncode == 0
+    _copy_run(reference_run, source)  # a finished run: the later refusal marks it interrupted
     checkpoint = source / "tiny" / "checkpoints" / "step-000009"
     resumed = run_cli(BASE + [f"run.root={tmp_path / 'b'}", f"ckpt.resume={checkpoint}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -364,12 +388,10 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_checkpoint_resumes_on_fewer_processes(tmp_path) -> None:
+def test_ddp_checkpoint_resumes_on_fewer_processes(tmp_path, ddp_killed_at_step_7) -> None:
     """2 -> 1 process under DDP: the checkpoint holds the full optimizer state and the data position is
     counted in global batches, so the run continues with the same global batch (accumulation 1 -> 2)."""
-    two = BASE + ["distributed=ddp", "distributed.num_processes=2", f"run.root={tmp_path}"]
-    crashed = run_cli(two, env={"NOESIS_FAULT": "step:7"})
-    assert crashed.returncode != 0
+    _copy_run(ddp_killed_at_step_7, tmp_path)
     one = BASE + [f"run.root={tmp_path}"]
     resumed = run_cli(one)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

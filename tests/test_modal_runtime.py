@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import MODAL_TINY, uninterrupted_run
+from conftest import MODAL_TINY
 from helpers import REPO, assert_same_adapter, descendants, kill_group, logged_step, start_in_group, wait_until
 
 from noesis_accel.rundir.layout import RunDir
@@ -78,18 +78,17 @@ class Container:
         return json.loads(self.outputs_file.read_text())
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory, request) -> dict[str, Path]:
-    """Uninterrupted local runs, made when a test first needs one layout (one process: the session's shared one)."""
-    made: dict[str, Path] = {}
+# The session's uninterrupted local runs (tests/conftest.py), shared with test_modal_sim.py and test_spend.py.
+REFERENCES = {"1-process": "modal_tiny_reference", "2-process": "modal_tiny_ddp_reference"}
+
+
+@pytest.fixture
+def references(request) -> dict[str, Path]:
+    """The uninterrupted runs, each made when a test first needs its layout (the default suite: one process only)."""
 
     class Lazy(dict):
         def __missing__(self, layout: str) -> Path:
-            if layout == "1-process":
-                made[layout] = request.getfixturevalue("modal_tiny_reference")
-            else:
-                made[layout] = uninterrupted_run(tmp_path_factory.mktemp(f"reference-{layout}"), TINY + LAYOUTS[layout])
-            return made[layout]
+            return request.getfixturevalue(REFERENCES[layout])
 
     return Lazy()
 
@@ -164,6 +163,43 @@ def test_a_cancellation_commits_its_checkpoint_and_ends_terminated(tmp_path, lay
     assert manifest["reason"] == "signal" and manifest["state"] == "interrupted" and stopped_at >= 3
 
 
+def _each_layout_against_the_clock(tmp_path: Path, overrides: list[str], started: float) -> dict[str, Container]:
+    """One container per layout, all started at once with the attempt's start `started`: a test that waits
+    most of a minute on the clock waits once for every layout instead of once each."""
+    containers = {}
+    for layout in LAYOUTS:
+        (tmp_path / layout).mkdir()
+        containers[layout] = Container(
+            tmp_path / layout,
+            TINY + LAYOUTS[layout] + overrides,
+            env={"NOESIS_STEP_DELAY_S": "0.5"},
+            sim_args=["--attempt-started", str(started)],
+        )
+    return containers
+
+
+def _hold_each_after_a_step(containers: dict[str, Container]) -> dict[str, float]:
+    """SIGSTOP each container (every process) as soon as it has logged a step (or ended); when each was held."""
+    held: dict[str, float] = {}
+
+    def all_held() -> bool:
+        for layout, container in containers.items():
+            if layout not in held and (
+                logged_step(_run_dir(container.view)) >= 1 or container.process.poll() is not None
+            ):
+                container.signal(signal.SIGSTOP, every_process=True)
+                held[layout] = time.time()
+        return len(held) == len(containers)
+
+    wait_until(all_held, 240, "step 1 in every container")
+    return held
+
+
+def _resume_all(containers: dict[str, Container]) -> None:
+    for container in containers.values():
+        container.signal(signal.SIGCONT, every_process=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [pytest.param("1-process"), pytest.param("2-process", marks=pytest.mark.slow)])
 def test_the_deadline_commits_its_checkpoint_and_ends_as_one_failure(tmp_path, layout: str) -> None:
@@ -212,35 +248,34 @@ def test_a_preemption_during_evaluation_on_a_slow_volume_ends_within_the_grace(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["1-process", "2-process"])
-def test_a_stop_signal_after_the_deadline_is_the_time_limit_and_is_retried(tmp_path, layout: str) -> None:
+def test_a_stop_signal_after_the_deadline_is_the_time_limit_and_is_retried(tmp_path) -> None:
     """No margin (modal.deadline_margin_s=0) and a step still running at the deadline: the SIGUSR1 that
     comes then is the attempt's time limit, whatever its number, so one FAILURE (a retry resumes), not
-    TERMINATED (a cancellation, never retried). The container is held (SIGSTOP) from a logged step until
+    TERMINATED (a cancellation, never retried). Each container is held (SIGSTOP) from a logged step until
     the deadline has passed, so the signal lands after it however fast the machine starts."""
-    timeout_s = 45
+    timeout_s = 60  # both layouts start at once: room for the slower start of the two
     started = time.time()
-    timed = TINY + LAYOUTS[layout] + [f"modal.timeout_s={timeout_s}", "modal.deadline_margin_s=0"]
-    container = Container(
-        tmp_path, timed, env={"NOESIS_STEP_DELAY_S": "0.5"}, sim_args=["--attempt-started", str(started)]
+    containers = _each_layout_against_the_clock(
+        tmp_path, [f"modal.timeout_s={timeout_s}", "modal.deadline_margin_s=0"], started
     )
-    run_dir = _run_dir(container.view)
-    wait_until(lambda: logged_step(run_dir) >= 1 or container.process.poll() is not None, 240, "step 1")
-    assert time.time() < started + timeout_s, "the first step came after the deadline: raise timeout_s"
-    container.signal(signal.SIGSTOP, every_process=True)
     try:
+        held = _hold_each_after_a_step(containers)
+        assert max(held.values()) < started + timeout_s, f"a first step came after the deadline: raise timeout_s {held}"
         time.sleep(max(0.0, started + timeout_s - time.time()) + 0.5)
-        container.signal(signal.SIGUSR1, every_process=False)  # delivered when it runs again, after the deadline
+        for container in containers.values():  # delivered when it runs again, after the deadline
+            container.signal(signal.SIGUSR1, every_process=False)
     finally:
-        container.signal(signal.SIGCONT, every_process=True)
-    code, output = container.finish()
-    assert [o["status"] for o in container.outputs] == ["FAILURE"], output[-3000:]
-    # Read as the time limit either way: the signal after the deadline, or (when the workers reach the step
-    # boundary before the launcher's request does) the deadline itself.
-    exception = container.outputs[0]["exception"]
-    assert "at or after this attempt's deadline" in exception or "before this attempt's time limit" in exception
-    stopped_at, manifest = _stopped_checkpoint(_run_dir(container.remote))
-    assert manifest["reason"] in ("signal", "deadline") and 0 < stopped_at < STEPS  # committed for the retry
+        _resume_all(containers)
+    for layout, container in containers.items():
+        code, output = container.finish()
+        assert [o["status"] for o in container.outputs] == ["FAILURE"], (layout, output[-3000:])
+        # Read as the time limit either way: the signal after the deadline, or (when the workers reach the step
+        # boundary before the launcher's request does) the deadline itself.
+        exception = container.outputs[0]["exception"]
+        assert "at or after this attempt's deadline" in exception or "before this attempt's time limit" in exception
+        stopped_at, manifest = _stopped_checkpoint(_run_dir(container.remote))
+        # Committed for the retry.
+        assert manifest["reason"] in ("signal", "deadline") and 0 < stopped_at < STEPS, layout
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MODAL_TINY, uninterrupted_run
+from conftest import MODAL_TINY, MODAL_TINY_DDP
 from helpers import REPO, assert_same_adapter, kill_group, logged_step, start_in_group, step_losses, wait_until
 
 from noesis_accel.rundir.checkpoint import checkpoint_problem
@@ -111,9 +111,8 @@ def test_a_container_killed_at_random_moments_and_during_a_save_resumes_from_the
 
 
 @pytest.mark.slow
-def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_path, tmp_path_factory) -> None:
-    ddp = TINY + ["distributed=ddp", "distributed.num_processes=2"]
-    reference = uninterrupted_run(tmp_path_factory.mktemp("ddp_reference"), ddp)
+def test_a_two_process_container_killed_at_random_moments_resumes_bitwise(tmp_path, modal_tiny_ddp_reference) -> None:
+    ddp, reference = MODAL_TINY_DDP, modal_tiny_ddp_reference
     # The save fault comes before the late random kill, which could otherwise pass step 6 first.
     kills = [
         {"after_step": 2},
@@ -146,41 +145,6 @@ def _cluster(tmp_path: Path, port: int, env: dict | None = None) -> list[subproc
     ]
 
 
-@pytest.mark.slow
-def test_a_cluster_checkpoint_is_complete_only_with_every_containers_files(tmp_path, tmp_path_factory) -> None:
-    """Each container sees the other's files only after their commit and its own remount: the manifest,
-    written last by rank 0, lists both containers' files; a restart checks every one of them."""
-    from noesis_accel.training.distributed import free_port
-
-    reference = uninterrupted_run(
-        tmp_path_factory.mktemp("cluster_reference"), TINY + ["distributed=ddp", "distributed.num_processes=2"]
-    )
-    containers = _cluster(tmp_path, free_port())
-    wait_until(lambda: logged_step(_run_dir(tmp_path / "container0")) >= 5, 300, "step 5 on rank 0")
-    kill_group(containers[1], signal.SIGKILL)  # one container lost: Modal fails and restarts the whole cluster
-    for container in containers:
-        try:
-            container.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            kill_group(container, signal.SIGKILL)
-        _finish(container)
-    remote_run = _run_dir(tmp_path / "remote")
-    newest = RunDir(remote_run).step_dirs()[0][1]
-    manifest = json.loads((newest / "manifest.json").read_text())
-    assert manifest["num_machines"] == 2 and "random_states_1.pkl" in manifest["files"]  # rank 1's own file
-    # Only container 1 writes it: it reached the Volume by that container's commit (container 0 sees
-    # it too, since a commit reloads, as Modal's does).
-    assert (newest / "random_states_1.pkl").is_file()
-    restarted = _cluster(tmp_path, free_port())
-    results = [_finish(container) for container in restarted]
-    assert all(code == 0 for code, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
-    assert_same_adapter(remote_run, reference)
-    assert step_losses(remote_run) == step_losses(reference)
-    # A commit of rank 1 that never arrived: the checkpoint is incomplete, whoever looks at it.
-    (RunDir(remote_run).step_dirs()[0][1] / "random_states_1.pkl").unlink()
-    assert "random_states_1.pkl is missing" in checkpoint_problem(RunDir(remote_run).step_dirs()[0][1])
-
-
 PEER_TIMEOUT_S = 20  # distributed.peer_timeout_s for these tests (60 s by default)
 PEER_LOST_BOUND_S = PEER_TIMEOUT_S + 20  # a heartbeat, stopping the workers, the exit commit, the process exit
 
@@ -188,17 +152,20 @@ PEER_LOST_BOUND_S = PEER_TIMEOUT_S + 20  # a heartbeat, stopping the workers, th
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["frozen", "killed"])
 def test_a_lost_cluster_peer_ends_the_other_container_within_the_bound_and_the_restart_is_exact(
-    tmp_path, tmp_path_factory, how: str
+    tmp_path, modal_tiny_ddp_reference, how: str
 ) -> None:
     """Container 1 frozen (SIGSTOP: a lost machine that keeps its connections open) or killed at step 5:
     container 0 must not idle in the collective for torch's timeout (30 min of GPUs): it ends within
     distributed.peer_timeout_s and a little, names the lost peer, and the restarted cluster resumes
-    from the newest committed checkpoint to exactly the uninterrupted run."""
+    from the newest committed checkpoint to exactly the uninterrupted run.
+
+    That checkpoint is a cluster's: each container sees the other's files only after their commit and
+    its own remount; the manifest, written last by rank 0, lists both containers' files (checked where
+    container 1 was killed: a frozen one may have left a later save unfinished), and a restart checks
+    every one of them."""
     from noesis_accel.training.distributed import free_port
 
-    reference = uninterrupted_run(
-        tmp_path_factory.mktemp("cluster_reference"), TINY + ["distributed=ddp", "distributed.num_processes=2"]
-    )
+    reference = modal_tiny_ddp_reference
     watched = {"NOESIS_STEP_DELAY_S": "0.3"}
     timeout = [f"distributed.peer_timeout_s={PEER_TIMEOUT_S}"]
     port = free_port()
@@ -225,12 +192,22 @@ def test_a_lost_cluster_peer_ends_the_other_container_within_the_bound_and_the_r
     assert code == 5, output[-3000:]  # a FAILURE: Modal restarts the cluster's input
     status = RunDir(_run_dir(tmp_path / "remote")).status()
     assert "machine 1 of the cluster stopped answering" in (status.get("exit_reason") or ""), status
+    remote_run = _run_dir(tmp_path / "remote")
+    if how == "killed":  # what container 1 committed before it died is all there is of it
+        newest = RunDir(remote_run).step_dirs()[0][1]
+        manifest = json.loads((newest / "manifest.json").read_text())
+        assert manifest["num_machines"] == 2 and "random_states_1.pkl" in manifest["files"]  # rank 1's own file
+        # Only container 1 writes it: it reached the Volume by that container's commit (container 0 sees
+        # it too, since a commit reloads, as Modal's does).
+        assert (newest / "random_states_1.pkl").is_file()
     restarted = _cluster(tmp_path, free_port())
     results = [_finish(container) for container in restarted]
     assert all(code == 0 for code, _ in results), results[0][1][-2000:] + results[1][1][-2000:]
-    remote_run = _run_dir(tmp_path / "remote")
     assert_same_adapter(remote_run, reference)
     assert step_losses(remote_run) == step_losses(reference)
+    # A commit of rank 1 that never arrived: the checkpoint is incomplete, whoever looks at it.
+    (RunDir(remote_run).step_dirs()[0][1] / "random_states_1.pkl").unlink()
+    assert "random_states_1.pkl is missing" in checkpoint_problem(RunDir(remote_run).step_dirs()[0][1])
 
 
 @pytest.mark.slow

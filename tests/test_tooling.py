@@ -12,10 +12,36 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _run(args: list[str], cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+def _env(cwd: Path) -> dict[str, str]:
     # The repo first on the path: the contracts and mypy check this checkout, not an installed copy.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")])}
+
+
+def _run(args: list[str], cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout)
+
+
+_mypy: subprocess.Popen | None = None
+
+
+def start_mypy() -> None:
+    """mypy checks the whole import graph (torch's included) on one core for about a minute; tests/conftest.py
+    starts it as the session starts, so it runs beside the other tests (most of which keep one core busy)."""
+    global _mypy
+    if _mypy is None:
+        _mypy = subprocess.Popen(
+            [sys.executable, "-m", "mypy"], cwd=REPO, env=_env(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+
+def _mypy_result(timeout: int) -> subprocess.CompletedProcess:
+    start_mypy()  # not started yet when this test is run on its own
+    assert _mypy is not None
+    try:
+        out, err = _mypy.communicate(timeout=timeout)
+    finally:
+        _mypy.kill()  # after a timeout: no mypy outlives the session
+    return subprocess.CompletedProcess(_mypy.args, _mypy.returncode, out.decode(), err.decode())
 
 
 def _lint_imports(cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -41,7 +67,7 @@ def test_wings_import_only_downward():
 
 
 def test_mypy_is_clean():
-    _assert_passes(_run([sys.executable, "-m", "mypy"], timeout=600))
+    _assert_passes(_mypy_result(timeout=600))
 
 
 def test_an_upward_import_breaks_the_contract(tmp_path: Path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import ZERO2, ZERO2_STEPS, run_cli
 from helpers import assert_same_adapter, mark_interrupted, resumed_step, step_losses
 
 from noesis_accel.rundir.history import read_status
@@ -20,26 +20,13 @@ from noesis_accel.rundir.history import read_status
 # tests/test_checkpoint_logic.py in the fast suite.
 pytestmark = pytest.mark.slow
 
-STEPS = 8
-ZERO2 = [
-    "+experiment=tiny",
-    f"train.max_steps={STEPS}",
-    "ckpt.every=0.25",
-    "train.eval_every=0",
-    "distributed=zero2",
-    "optim=adamw8bit",
-    "peft.r=64",
-    "peft.alpha=128",
-]
+STEPS = ZERO2_STEPS
 
 
-@pytest.fixture(scope="module")
-def two_process_reference(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("zero2_ref")
-    result = run_cli(ZERO2 + ["distributed.num_processes=2", f"run.root={root}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) on cpu, DistributedType.DEEPSPEED" in result.stdout  # really 2 ranks, not 2 x rank 0
-    return root / "tiny"
+@pytest.fixture
+def two_process_reference(zero2_two_process_reference) -> Path:
+    """The session's two-process ZeRO-2 run (tests/conftest.py), shared with the ZeRO-2 export test."""
+    return zero2_two_process_reference
 
 
 def test_zero2_adamw8bit_two_processes_killed_and_resumed_is_bitwise_exact(tmp_path, two_process_reference) -> None:
