@@ -15,6 +15,7 @@ process group, accumulation, the schedule, RNG and the registered objects of a c
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from noesis_accel.training.distributed import launched_world_size, single_proces
 from noesis_accel.training.strategies import checkpoint_files
 from noesis_accel.training.strategies.base import OptimizerFactory, SchedulerFactory, Strategy, forget_moments
 
+log = logging.getLogger(__name__)
 DCP_DIR = "dcp"  # in a checkpoint: the sharded trainable weights ("model.*") and optimizer state ("optimizer.*")
 
 
@@ -190,7 +192,21 @@ class Fsdp2(Strategy):
         with torch.no_grad():
             for name, tensor in gathered.items():
                 params[name].copy_(tensor.to(params[name].dtype))
-        return whole
+        return _onto(whole, accelerator.device)
+
+
+def _onto(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The rebuilt model on the main process's GPU where it fits beside this rank's shards (an evaluation on
+    the CPU would keep every GPU of the machine paid for meanwhile); on the CPU where it does not."""
+    if device.type == "cpu":
+        return model
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        log.warning("the whole model does not fit on %s beside its shards: evaluating it on the CPU", device)
+        return model
 
     # ------------------------------------------------------------ the plan
 
