@@ -34,13 +34,11 @@ def gguf_types(spec: str | None) -> list[str]:
 
 def base_config(cfg: Config) -> dict[str, Any]:
     """The base model's config.json as a dict, without loading its weights."""
-    from omegaconf import OmegaConf
-
     from noesis_accel.training import modeling
 
     model_cfg = cfg.model
     if model_cfg.architecture:
-        return dict(OmegaConf.to_container(model_cfg.architecture, resolve=True))  # type: ignore[arg-type]
+        return dict(model_cfg.architecture)  # typed already: a plain dict of config.json's keys
     if model_cfg.gguf_file:
         return json.loads((modeling.materialize_gguf(model_cfg) / "model" / "config.json").read_text())
     from transformers import AutoConfig
