@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,7 +113,17 @@ def test_the_plan_of_the_tiny_model_equals_its_tensors_and_its_first_step(tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["model.gradient_checkpointing=true"]], ids=["plain", "checkpointing"])
 def test_the_plan_of_the_demo_model_equals_its_tensors_and_its_first_step(tmp_path: Path, extra: list[str]) -> None:
-    _first_step_against_plan(tmp_path, "demo", extra)
+    """In a fresh interpreter: in one long session the measured peak moved with the tests run before it
+    (seen once in CI, with checkpointing: 368 MB of activations measured against 498 MB planned, where the
+    same test alone measures within the 30%). What shifts it is not known yet; alone it is stable."""
+    code = (
+        "import pathlib, test_plan; "
+        f"test_plan._first_step_against_plan(pathlib.Path({str(tmp_path)!r}), 'demo', {extra!r})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_a_plan_of_local_data_counts_its_records_and_steps_exactly(tmp_path: Path) -> None:
