@@ -185,3 +185,16 @@ def test_attention_and_dropout_are_counted_as_the_training_device_keeps_them(tmp
         if name.endswith("lora_A.default") and not any(name.endswith(skip) for skip in first_qkv)
     )
     assert on_cpu - _saved_bytes(meta, meta_ids, meta_mask, patched=True, gpu=True) == 3 * masks
+
+
+def test_an_fsdp2_plan_shards_each_term_and_counts_the_units_gathered_whole(tmp_path: Path) -> None:
+    """The same run on 2 processes: DDP holds everything on each; FSDP2 half of each term, plus the units it
+    gathers whole (here the tiny model's embeddings make up nearly all of it)."""
+    two = [f"run.root={tmp_path}", "+experiment=tiny", "distributed.num_processes=2"]
+    ddp = {t.name: t.bytes for t in make_plan(typed([*two, "distributed=ddp"])).first.terms}
+    fsdp2 = {t.name: t.bytes for t in make_plan(typed([*two, "distributed=fsdp2"])).first.terms}
+    for name in ("base weights", "trainable weights", "optimizer state"):
+        assert fsdp2[name] == -(-ddp[name] // 2), name
+    assert fsdp2["gradients"] == fsdp2["trainable weights"]  # reduce-scattered: no bucket copy
+    assert ddp["base weights"] <= fsdp2["gathered units (FSDP2)"] <= 2 * ddp["base weights"]
+    assert "gathered units (FSDP2)" not in ddp

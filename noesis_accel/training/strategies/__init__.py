@@ -57,18 +57,22 @@ def saved_format(manifest: Mapping[str, Any]) -> str:
     return REPLICATED
 
 
+def _readers(state_format: str) -> dict[str, type[Strategy]]:
+    return {name: cls for name, cls in all_strategies().items() if cls.state_format == state_format}
+
+
 def strategies_reading(state_format: str) -> list[str]:
     """The strategies that continue checkpoints of `state_format`."""
-    return sorted(name for name, cls in all_strategies().items() if cls.state_format == state_format)
+    return sorted(_readers(state_format))
 
 
 def reader_of(path: Path, manifest: Mapping[str, Any]) -> type[Strategy]:
     """The strategy class that reads the checkpoint at `path` (its weights, for export and eval)."""
     state_format = saved_format(manifest)
-    readers = [cls for cls in all_strategies().values() if cls.state_format == state_format]
+    readers = _readers(state_format)
     if not readers:
         raise UserError(f"checkpoint {path} is in format {state_format!r}, which this version cannot read")
-    return readers[0]
+    return next(iter(readers.values()))
 
 
 __all__ = ["Strategy", "all_strategies", "build_strategy", "reader_of", "saved_format", "strategies_reading"]

@@ -145,13 +145,6 @@ class Strategy:
 
     # ------------------------------------------------------------ after training
 
-    def gather_trainable(self, accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
-        """The final trainable parameters on the main process (None elsewhere); every rank calls it."""
-        if not accelerator.is_main_process:
-            return None
-        unwrapped = self.unwrap(accelerator, model)
-        return {name: p.detach() for name, p in unwrapped.named_parameters() if p.requires_grad}
-
     def save_final(self, accelerator: Any, model: Any, target: Path) -> None:
         """The final adapter (LoRA) or model, written by the main process; every rank calls it."""
         if accelerator.is_main_process:
@@ -163,7 +156,7 @@ class Strategy:
 
     # ------------------------------------------------------------ the plan (bytes per device)
 
-    def base_weights_term(self, model: fp.Footprint, world: int = 1) -> fp.MemoryTerm:
+    def base_weights_term(self, model: fp.Footprint) -> fp.MemoryTerm:
         params = model.params
         dtype = "NF4 4-bit" if self.cfg.model.load_in_4bit else self.cfg.model.dtype
         return fp.MemoryTerm("base weights", params.base_bytes, f"{params.base_params:,} parameters, {dtype}")

@@ -164,7 +164,7 @@ class Fsdp2(Strategy):
 
     # ------------------------------------------------------------ after training
 
-    def gather_trainable(self, accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
+    def _gather_trainable(self, accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
         """Every trainable parameter gathered whole, one at a time, kept on the main process's CPU."""
         gathered = {}
         for name, param in model.named_parameters():
@@ -175,14 +175,14 @@ class Fsdp2(Strategy):
         return gathered if accelerator.is_main_process else None
 
     def save_final(self, accelerator: Any, model: Any, target: Path) -> None:
-        gathered = self.gather_trainable(accelerator, model)
+        gathered = self._gather_trainable(accelerator, model)
         if gathered is not None:
             # peft keeps the adapter's entries of the given state dict; transformers writes it as it is.
             model.save_pretrained(str(target), state_dict=gathered, safe_serialization=True)
 
     def main_process_model(self, accelerator: Any, model: Any, rebuild: Callable[[], torch.nn.Module]) -> Any:
         """A whole copy on the main process: the base rebuilt from its source with the gathered weights."""
-        gathered = self.gather_trainable(accelerator, model)
+        gathered = self._gather_trainable(accelerator, model)
         if gathered is None:
             return None
         whole = rebuild()
@@ -194,20 +194,6 @@ class Fsdp2(Strategy):
                 params[name].copy_(tensor.to(params[name].dtype))
         return _onto(whole, accelerator.device)
 
-
-def _onto(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The rebuilt model on the main process's GPU where it fits beside this rank's shards (an evaluation on
-    the CPU would keep every GPU of the machine paid for meanwhile); on the CPU where it does not."""
-    if device.type == "cpu":
-        return model
-    try:
-        return model.to(device)
-    except torch.OutOfMemoryError:
-        model.to("cpu")
-        torch.cuda.empty_cache()
-        log.warning("the whole model does not fit on %s beside its shards: evaluating it on the CPU", device)
-        return model
-
     # ------------------------------------------------------------ the plan
 
     def weight_terms(self, model: fp.Footprint, world: int, optimizer: str) -> list[fp.MemoryTerm]:
@@ -215,12 +201,9 @@ def _onto(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         head, kept for the whole forward and backward) and two decoder layers (the running one, the next)."""
         params = model.params
         base = self.base_weights_term(model)
-        # Under bf16 the trainable shards are float32 masters (prepare), and so are their gradients.
-        masters = params.trainable_params * 4 if self.cfg.train.mixed_precision == "bf16" else params.trainable_bytes
-        master_dtype = "float32" if self.cfg.train.mixed_precision == "bf16" else params.trainable_dtype
-        gathered_dtype_bytes = (
-            2 if self.cfg.train.mixed_precision == "bf16" else base.bytes / max(1, params.base_params)
-        )
+        masters, master_dtype = self._masters(model)
+        bf16 = self.cfg.train.mixed_precision == "bf16"
+        gathered_dtype_bytes = 2 if bf16 else base.bytes / max(1, params.base_params)
         outer = min(2 * model.vocab_size * model.hidden_size, params.base_params)  # tied tables counted twice
         layer = (params.base_params + params.trainable_params - outer) / max(1, model.layers)
         gathered = int((outer + 2 * layer) * gathered_dtype_bytes)
@@ -238,8 +221,15 @@ def _onto(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     def checkpoint_bytes(self, model: fp.Footprint, world: int) -> int:
         """The trainable weights (float32 masters under bf16) and the optimizer state, in shards."""
-        masters = model.params.trainable_params * 4 if self.cfg.train.mixed_precision == "bf16" else None
-        return (masters or model.params.trainable_bytes) + model.optimizer_state_bytes
+        return self._masters(model)[0] + model.optimizer_state_bytes
+
+    def _masters(self, model: fp.Footprint) -> tuple[int, str]:
+        """The trainable weights' bytes and dtype as they train: under bf16, float32 masters (`prepare`),
+        and so are their gradients."""
+        params = model.params
+        if self.cfg.train.mixed_precision == "bf16":
+            return params.trainable_params * 4, "float32"
+        return params.trainable_bytes, params.trainable_dtype
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -247,3 +237,17 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _onto(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The rebuilt model on the main process's GPU where it fits beside this rank's shards (an evaluation on
+    the CPU would keep every GPU of the machine paid for meanwhile); on the CPU where it does not."""
+    if device.type == "cpu":
+        return model
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError:
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        log.warning("the whole model does not fit on %s beside its shards: evaluating it on the CPU", device)
+        return model
