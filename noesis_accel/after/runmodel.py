@@ -26,6 +26,7 @@ class WeightsSource:
     is_checkpoint: bool
     step: int | None = None
     weights_file: Path | None = None  # a checkpoint's file (or directory) holding the trained parameters
+    reader: type[strategies.Strategy] | None = None  # a checkpoint's: the strategy whose format it is in
 
 
 @dataclass
@@ -62,14 +63,20 @@ def weights_source(rundir: RunDir, checkpoint: str | os.PathLike | None = None) 
     if problem is not None:
         raise UserError(f"checkpoint {path} is incomplete ({problem}); choose a complete one from {path.parent}")
     manifest = read_manifest(path)
-    weights = strategies.reader_of(path, manifest).weights_location(path)  # which files hold what: the strategy's
+    reader = strategies.reader_of(path, manifest)  # which files hold what: the strategy's
+    weights = reader.weights_location(path)
     if not weights.exists():
         raise UserError(
             f"checkpoint {path} has no {weights.relative_to(path)} (the trained weights); "
             "it cannot be loaded; choose another checkpoint"
         )
     return WeightsSource(
-        path, path.name, is_checkpoint=True, step=int(manifest.get("step", 0)) or None, weights_file=weights
+        path,
+        path.name,
+        is_checkpoint=True,
+        step=int(manifest.get("step", 0)) or None,
+        weights_file=weights,
+        reader=reader,
     )
 
 
@@ -144,10 +151,9 @@ def _load_trainable(model: torch.nn.Module, source: WeightsSource) -> None:
     The strategy that wrote the checkpoint reads it. A ZeRO-2 file may also hold frozen tensors (a tied
     lm_head); they equal the base and are skipped.
     """
-    from noesis_accel.rundir.checkpoint import read_manifest
-
+    assert source.reader is not None, "a checkpoint source names the strategy that reads it"
     file = source.weights_file
-    saved = strategies.reader_of(source.path, read_manifest(source.path)).read_trainable_weights(source.path)
+    saved = source.reader.read_trainable_weights(source.path)
     params = dict(model.named_parameters())
     trainable = {name for name, p in params.items() if p.requires_grad}
     unexpected = sorted(set(saved) - set(model.state_dict()))
