@@ -262,7 +262,13 @@ class RunSession:
         self.commit_progress()
         return attempt, previous
 
-    def record_start(self, checkpoint: Checkpoint | None, step: int, optimizer_reset: bool = False) -> None:
+    def record_start(
+        self,
+        checkpoint: Checkpoint | None,
+        step: int,
+        checkpoint_processes: int | None = None,
+        optimizer_reset: bool = False,
+    ) -> None:
         """A `start` event (main process): the step training starts from, what the interruption before it
         cost, and the process count the checkpoint was written by when this attempt runs another."""
         self.step = step
@@ -274,10 +280,9 @@ class RunSession:
             device=self.accelerator.device.type,
             host=this_host(),
             pid=os.getpid(),
+            checkpoint_processes=checkpoint_processes,
+            optimizer_reset=optimizer_reset,
         )
-        saved_world = int(checkpoint.manifest.get("world_size", 1)) if checkpoint else None
-        if saved_world is not None and saved_world != start.processes:
-            start.checkpoint_processes, start.optimizer_reset = saved_world, optimizer_reset
         previous = self.last_attempt
         if previous is not None:
             start.lost_steps, start.lost_steps_exact = lost_steps(previous.reached, previous.exact, step)

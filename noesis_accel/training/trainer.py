@@ -114,12 +114,12 @@ class Trainer:
     def __init__(
         self,
         session: RunSession,
+        strategy: Strategy,
         watcher: PreemptionWatcher | None = None,
         after_training: AfterTraining | None = None,
-        strategy: Strategy | None = None,
     ) -> None:
         """Load tokenizer, data and model, prepare them, resume, and announce the run (`strategy`: the one
-        the session's Accelerator was built for; by default built again from the config)."""
+        the session's Accelerator was built for)."""
         self.session = session
         self.cfg = cfg = session.cfg
         self.rundir: RunDir = session.rundir
@@ -130,7 +130,7 @@ class Trainer:
         self.deadline = attempt_deadline()  # the attempt's "checkpoint and stop by" time (NOESIS_DEADLINE)
         self.progress = Progress()
         self.step_losses: list[float] = []
-        self.strategy: Strategy = strategy or build_strategy(cfg)
+        self.strategy = strategy
         from accelerate.utils import set_seed
 
         set_seed(cfg.train.seed)
@@ -246,7 +246,7 @@ class Trainer:
                 )
             session = RunSession.open(cfg, accelerator, mirrored, tracker_logs)
             try:
-                trainer = cls(session, watcher, after_training, strategy)
+                trainer = cls(session, strategy, watcher, after_training)
                 if watcher.requested:  # while it loaded: nothing new to save, the resume point stands
                     raise InterruptedBySignal(watcher.received or signal.SIGTERM, trainer.resumed_from is not None)
                 return trainer.run()
@@ -277,7 +277,7 @@ class Trainer:
             raise ResumeError(f"{rundir.path} already completed; choose a new run.name to train again")
         session = RunSession.open(cfg, accelerator, mirroring_committer(committer, tracker_logs, rundir), tracker_logs)
         try:
-            return cls(session, strategy=strategy)
+            return cls(session, strategy)
         except BaseException:
             session.close()
             raise
@@ -302,19 +302,21 @@ class Trainer:
             # Every rank lets go of the checkpoint's files before rank 0 commits below: a Volume's
             # reload (part of every commit) fails while any process of the container holds one open.
             self.accelerator.wait_for_everyone()
+        world = self.accelerator.num_processes
+        saved_world = int(checkpoint.manifest.get("world_size", 1)) if checkpoint is not None else world
+        other_count = saved_world if saved_world != world else None  # the count that wrote it, when not ours
         if self.accelerator.is_main_process:
-            self.session.record_start(checkpoint, self.progress.step, optimizer_reset)
+            self.session.record_start(checkpoint, self.progress.step, other_count, optimizer_reset)
             # Steps logged after the resume point (or every step, if nothing was saved) are re-done.
             truncate_metrics_after(self.rundir, self.progress.step)
             self.session.commit_progress()
             if checkpoint is not None:
                 print(f"resumed from {checkpoint.path} at step {self.progress.step}/{self.total_steps}", flush=True)
-                saved_world = int(checkpoint.manifest.get("world_size", 1))
-                if saved_world != self.accelerator.num_processes:
+                if other_count is not None:
                     carried = "optimizer moments started afresh" if optimizer_reset else "optimizer state carried"
                     print(
-                        f"resumed on {self.accelerator.num_processes} process(es) a checkpoint written by "
-                        f"{saved_world} ({carried}; the global batch and data order continue)",
+                        f"resumed on {world} process(es) a checkpoint written by "
+                        f"{other_count} ({carried}; the global batch and data order continue)",
                         flush=True,
                     )
         return checkpoint
