@@ -619,12 +619,12 @@ def demo_run(demo_result) -> Path:
 
 
 @pytest.mark.slow
-def test_demo_export_gives_the_same_greedy_answers_as_base_plus_adapter(demo_run) -> None:
+def test_demo_export_gives_the_same_greedy_answers_as_base_plus_adapter(demo_run, tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from noesis_accel.training.generate import load_finetuned, reply
 
-    out = export_run(demo_run)
+    out = export_run(demo_run, out=tmp_path / "export")  # the demo's own export/ is test_serving_export's
     merged = AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers, no peft
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -92,7 +92,7 @@ class Strategy:
 
     def unwrap(self, accelerator: Any, model: Any) -> Any:
         """The model as transformers and peft built it, for evaluation and generation on this rank."""
-        return accelerator.unwrap_model(model)
+        return checkpoint_files.unwrap_replicated(accelerator, model)
 
     # ------------------------------------------------------------ checkpoints
 

@@ -42,13 +42,13 @@ def register_trainable_only_hooks(accelerator: Any) -> None:
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for i, model in enumerate(models):
             if i < len(weights):
-                weights[i] = trainable_state_dict(accelerator.unwrap_model(model))
+                weights[i] = trainable_state_dict(unwrap_replicated(accelerator, model))
 
     def load_hook(models: list, input_dir: str) -> None:
         for i, model in enumerate(list(models)):
             file = Path(input_dir) / (REPLICATED_WEIGHTS if i == 0 else f"model_{i}.safetensors")
             saved = load_file(str(file))
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = unwrap_replicated(accelerator, model)
             params = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
             check_same_names(file, params, saved)
             with torch.no_grad():
@@ -58,6 +58,16 @@ def register_trainable_only_hooks(accelerator: Any) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def unwrap_replicated(accelerator: Any, model: Any) -> Any:
+    """`accelerator.unwrap_model` for a replicated model: one process's, or a DDP-wrapped one (either
+    possibly compiled). unwrap_model imports DeepSpeed (1.3 s a process) only to test for its engine,
+    so a model that prepare left unwrapped is returned as it is."""
+    inner = getattr(model, "_orig_mod", model)
+    if not isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return model
+    return accelerator.unwrap_model(model)
 
 
 def check_same_names(source: object, params: dict[str, Any], saved: dict[str, Any]) -> None:

@@ -70,6 +70,9 @@ class Zero2(Strategy):
         model.step = step_with_hook
         return None
 
+    def unwrap(self, accelerator: Any, model: Any) -> Any:
+        return accelerator.unwrap_model(model)  # the DeepSpeed engine's module
+
     def save_state(self, accelerator: Any, target: Path) -> None:
         accelerator.save_state(str(target), exclude_frozen_parameters=True)
 
