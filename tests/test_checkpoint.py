@@ -181,6 +181,26 @@ def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_
 # End to end through a restart: the slow suite. That a damaged newest checkpoint (a byte flip only the
 # checksum finds) is skipped for the one before is checked in-process by tests/test_checkpoint_logic.py.
 @pytest.mark.slow
+def test_logs_cut_short_after_a_kill_come_back_from_the_checkpoint(tmp_path, reference_run) -> None:
+    """A commit that dies while it copies a log (or a crash before its rename reached the disk) leaves
+    it empty on the Volume: the restart restores the loss curve and the attempt history it lost."""
+    command = BASE + [f"run.root={tmp_path}"]
+    crashed = run_cli(command, env={"NOESIS_FAULT": "step:7"})  # checkpoints at 3 and 6 are complete
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    run_dir = RunDir(tmp_path / "tiny")
+    run_dir.metrics_file.write_bytes(b"")
+    run_dir.events_file.write_bytes(run_dir.events_file.read_bytes()[:40])  # a first line, torn
+    resumed = run_cli(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "metrics.jsonl" in output and "restored" in output
+    assert resumed_step(output) == 6
+    _assert_bitwise_equal(run_dir.path, reference_run, 6)  # every step's loss, 1 to 12, logged once
+    starts = [e for e in run_dir.events() if e["event"] == "start"]
+    assert [e["attempt"] for e in starts] == [1, 2]  # the restart knows the attempt before it (and its cost)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, reference_run, damage: str, capsys) -> None:
     command = BASE + [f"run.root={tmp_path}"]

@@ -19,7 +19,8 @@ from helpers import typed
 
 from noesis_accel.core.errors import ResumeError
 from noesis_accel.rundir.checkpoint import MANIFEST, CheckpointManager, checkpoint_problem
-from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.layout import RunDir, json_lines
+from noesis_accel.rundir.logrestore import restore_cut_logs
 from noesis_accel.training.strategies.fsdp2 import Fsdp2
 from noesis_accel.training.strategies.single import Single
 from noesis_accel.training.strategies.zero2 import Zero2
@@ -114,6 +115,49 @@ def test_every_tenth_is_saved_complete_committed_after_its_rename_and_pruned(tmp
     assert _names(tmp_path) == ["step-000016", "step-000018", "step-000020"]
     reasons = [json.loads((tmp_path / "checkpoints" / n / MANIFEST).read_text())["reason"] for n in _names(tmp_path)]
     assert reasons == ["interval", "interval", "final"]
+
+
+def _train_logging(manager: CheckpointManager, run_dir: Path, steps: range) -> None:
+    """`_train`, with a metrics record each step and an event each save, as the trainer writes them."""
+    rundir = RunDir(run_dir)
+    for step in steps:
+        with rundir.metrics_file.open("a") as handle:
+            handle.write(json.dumps({"step": step, "loss": 10.0 - step / 10}) + "\n")
+        if _train(manager, range(step, step + 1)):
+            with rundir.events_file.open("a") as handle:
+                handle.write(json.dumps({"event": "checkpoint", "step": step}) + "\n")
+
+
+def test_each_checkpoint_keeps_the_logs_and_a_start_restores_one_cut_short(tmp_path, caplog) -> None:
+    manager = _manager(tmp_path, total_steps=8, every=0.25, keep_last=5)
+    _train_logging(manager, tmp_path, range(1, 8))  # saves at 2, 4, 6; killed after step 7
+    rundir = RunDir(tmp_path)
+    newest = tmp_path / "checkpoints" / "step-000006"
+    files = json.loads((newest / MANIFEST).read_text())["files"]
+    assert {"history/metrics.jsonl", "history/events.jsonl"} <= files.keys()  # under the manifest's checksums
+    assert [r["step"] for r in json_lines(newest / "history" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    whole_events = rundir.events()
+
+    # Cut short as a commit that died mid-copy leaves them: nothing, and a first line torn.
+    rundir.metrics_file.write_bytes(b"")
+    rundir.events_file.write_bytes(rundir.events_file.read_bytes()[:20])
+    assert sorted(restore_cut_logs(rundir)) == ["events.jsonl", "metrics.jsonl"]
+    assert [r["step"] for r in rundir.metrics()] == [1, 2, 3, 4, 5, 6]  # step 7 was never saved anywhere
+    assert rundir.events() == whole_events[:2]  # the copy predates the event of its own save
+    assert "metrics.jsonl held 0 of the 6 records checkpoint step-000006 kept" in caplog.text
+
+    # A damaged copy is not trusted: the newest copy that its manifest vouches for is.
+    rundir.metrics_file.write_text(json.dumps({"step": 1, "loss": 9.9}) + "\n")
+    copy = newest / "history" / "metrics.jsonl"
+    copy.write_bytes(copy.read_bytes().replace(b"9.4", b"9.5"))
+    assert restore_cut_logs(rundir) == ["metrics.jsonl"]
+    assert [r["step"] for r in rundir.metrics()] == [1, 2, 3, 4]  # step-000004's copy
+
+    # A log as long as the copy, or one that disagrees with it (another trajectory), is left as it is.
+    assert restore_cut_logs(rundir) == []
+    rundir.metrics_file.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert restore_cut_logs(rundir) == []
+    assert rundir.metrics() == [{"step": 1, "loss": 1.0}]
 
 
 def test_pruning_drops_damaged_older_ones_and_never_the_newest_complete_or_a_save_in_progress(tmp_path) -> None:

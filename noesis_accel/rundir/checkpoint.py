@@ -1,9 +1,10 @@
 """`CheckpointManager`: when to save, atomic save with a manifest, retention, discovery, resume.
 
-A checkpoint is `checkpoints/step-NNNNNN/`: Accelerate's `save_state` output plus `manifest.json`,
-written last. It is written as `step-NNNNNN.tmp` and renamed only once complete and fsynced, so a
-directory without the `.tmp` suffix and with a manifest whose files all match is complete; anything
-else is skipped on resume with a warning.
+A checkpoint is `checkpoints/step-NNNNNN/`: Accelerate's `save_state` output, `history/` (copies of
+events.jsonl and metrics.jsonl, for rundir/logrestore.py) and `manifest.json`, written last. It is
+written as `step-NNNNNN.tmp` and renamed only once complete and fsynced, so a directory without the
+`.tmp` suffix and with a manifest whose files all match is complete; anything else is skipped on
+resume with a warning.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from noesis_accel.rundir.volumes import Committer, commit_or_report
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+HISTORY = "history"  # copies of the run's growing logs as they were at the save (rundir/logrestore.py)
 MANIFEST_FORMAT = 3  # 2: records the loss normalisation; 3: a CRC-32 of every file
 _CHUNK = 1 << 22
 
@@ -260,6 +262,8 @@ class CheckpointManager:
         started = time.monotonic()
         try:
             self._write_state(target, step)
+            if accelerator.is_main_process:
+                self._copy_history(target)
             listing = describe_files(target) if accelerator.is_local_main_process else {}
         except Exception as err:
             raise self._write_failure(err, target, needed) from None
@@ -314,6 +318,14 @@ class CheckpointManager:
         faults.maybe_inject("save", step)
         faults.maybe_inject("enospc", step)
         self.accelerator.wait_for_everyone()
+
+    def _copy_history(self, target: Path) -> None:
+        """The run's growing logs as they are now, into the checkpoint: the manifest's checksums cover them."""
+        folder = target / HISTORY
+        folder.mkdir(parents=True, exist_ok=True)
+        for live in self.rundir.history_logs:
+            if live.is_file():
+                shutil.copyfile(live, folder / live.name)
 
     def _write_failure(self, err: Exception, target: Path, needed: int | None) -> Exception:
         """A storage failure becomes one line (after removing our partial files); anything else stays as is."""

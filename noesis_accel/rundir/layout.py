@@ -9,7 +9,8 @@
       metrics.jsonl      per-step loss, lr, tokens/s, grad norm; held-out loss
       lease/             the one process allowed to write here, with its heartbeat (newest 0000000000NN.json)
       tracker.json       the tracker run this run logs to (W&B or MLflow run id) and the newest step sent
-      checkpoints/step-000123/   accelerate save_state output + manifest.json (written last)
+      checkpoints/step-000123/   accelerate save_state output, history/ (copies of events.jsonl and
+                         metrics.jsonl as they were) + manifest.json (written last)
       adapter/ or model/ final LoRA adapter (or full weights) + tokenizer
       eval/ export/ report/      written by noesis-eval, noesis-export and noesis-report
       logs/              the tracker's files (TensorBoard events, W&B's wandb/); MLflow's store is <run.root>/mlruns
@@ -41,7 +42,7 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
+def json_lines(path: Path) -> list[dict[str, Any]]:
     """Every readable record; a line torn by a crash mid-write is skipped, never fatal."""
     if not path.is_file():
         return []
@@ -99,6 +100,11 @@ class RunDir:
     @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def history_logs(self) -> tuple[Path, Path]:
+        """The logs that only grow between resumes: each checkpoint keeps a copy (rundir/logrestore.py)."""
+        return self.events_file, self.metrics_file
 
     @property
     def lease_dir(self) -> Path:
@@ -194,10 +200,10 @@ class RunDir:
         return status if isinstance(status, dict) else None
 
     def metrics(self) -> list[dict[str, Any]]:
-        return _json_lines(self.metrics_file)
+        return json_lines(self.metrics_file)
 
     def events(self) -> list[dict[str, Any]]:
-        return _json_lines(self.events_file)
+        return json_lines(self.events_file)
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """Finished (renamed) checkpoint directories, newest first; completeness not yet checked."""
