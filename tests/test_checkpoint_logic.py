@@ -20,7 +20,7 @@ from helpers import typed
 from noesis_accel.core.errors import ResumeError
 from noesis_accel.rundir.checkpoint import MANIFEST, CheckpointManager, checkpoint_problem
 from noesis_accel.rundir.layout import RunDir, json_lines
-from noesis_accel.rundir.logrestore import restore_cut_logs
+from noesis_accel.rundir.logrestore import restore_cut_events, restore_cut_metrics
 from noesis_accel.training.strategies.fsdp2 import Fsdp2
 from noesis_accel.training.strategies.single import Single
 from noesis_accel.training.strategies.zero2 import Zero2
@@ -41,6 +41,12 @@ class OneProcessAccelerator:
 
     def wait_for_everyone(self) -> None:
         pass
+
+
+class SecondMachineAccelerator(OneProcessAccelerator):
+    """The local main process of a machine other than the first."""
+
+    is_main_process = False
 
 
 class RecordingCommitter:
@@ -132,7 +138,8 @@ def test_each_checkpoint_keeps_the_logs_and_a_start_restores_one_cut_short(tmp_p
     manager = _manager(tmp_path, total_steps=8, every=0.25, keep_last=5)
     _train_logging(manager, tmp_path, range(1, 8))  # saves at 2, 4, 6; killed after step 7
     rundir = RunDir(tmp_path)
-    newest = tmp_path / "checkpoints" / "step-000006"
+    checkpoints = tmp_path / "checkpoints"
+    newest = checkpoints / "step-000006"
     files = json.loads((newest / MANIFEST).read_text())["files"]
     assert {"history/metrics.jsonl", "history/events.jsonl"} <= files.keys()  # under the manifest's checksums
     assert [r["step"] for r in json_lines(newest / "history" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
@@ -141,23 +148,41 @@ def test_each_checkpoint_keeps_the_logs_and_a_start_restores_one_cut_short(tmp_p
     # Cut short as a commit that died mid-copy leaves them: nothing, and a first line torn.
     rundir.metrics_file.write_bytes(b"")
     rundir.events_file.write_bytes(rundir.events_file.read_bytes()[:20])
-    assert sorted(restore_cut_logs(rundir)) == ["events.jsonl", "metrics.jsonl"]
-    assert [r["step"] for r in rundir.metrics()] == [1, 2, 3, 4, 5, 6]  # step 7 was never saved anywhere
+    assert restore_cut_events(rundir)  # when the run is opened
     assert rundir.events() == whole_events[:2]  # the copy predates the event of its own save
+    assert restore_cut_metrics(rundir, newest)  # from the checkpoint the resume loads
+    assert [r["step"] for r in rundir.metrics()] == [1, 2, 3, 4, 5, 6]  # step 7 was never saved anywhere
     assert "metrics.jsonl held 0 of the 6 records checkpoint step-000006 kept" in caplog.text
 
-    # A damaged copy is not trusted: the newest copy that its manifest vouches for is.
-    rundir.metrics_file.write_text(json.dumps({"step": 1, "loss": 9.9}) + "\n")
-    copy = newest / "history" / "metrics.jsonl"
-    copy.write_bytes(copy.read_bytes().replace(b"9.4", b"9.5"))
-    assert restore_cut_logs(rundir) == ["metrics.jsonl"]
-    assert [r["step"] for r in rundir.metrics()] == [1, 2, 3, 4]  # step-000004's copy
+    # events.jsonl: a copy its manifest does not vouch for is passed over for the longest one that is.
+    rundir.events_file.write_bytes(b"")
+    copy = newest / "history" / "events.jsonl"
+    copy.write_bytes(copy.read_bytes().replace(b"checkpoint", b"checkpoinT"))
+    assert restore_cut_events(rundir)
+    assert rundir.events() == whole_events[:1]  # step-000004's copy
 
-    # A log as long as the copy, or one that disagrees with it (another trajectory), is left as it is.
-    assert restore_cut_logs(rundir) == []
+    # metrics.jsonl: only the loaded checkpoint's copy counts (a newer one may be another trajectory's),
+    # and a log as long as it, or one that disagrees with it, is left as it is.
+    rundir.metrics_file.write_text(json.dumps({"step": 1, "loss": 9.9}) + "\n")
+    assert restore_cut_metrics(rundir, checkpoints / "step-000002")
+    assert [r["step"] for r in rundir.metrics()] == [1, 2]
+    assert not restore_cut_metrics(rundir, checkpoints / "step-000002")
     rundir.metrics_file.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
-    assert restore_cut_logs(rundir) == []
+    assert not restore_cut_metrics(rundir, newest)
     assert rundir.metrics() == [{"step": 1, "loss": 1.0}]
+
+
+def test_another_machine_lists_its_own_files_never_a_history_copy(tmp_path) -> None:
+    """With several machines a checkpoint is written in place, and another machine's view of it can hold
+    the history an earlier attempt committed there: the main process's listing alone names `history/`."""
+    manager = _manager(tmp_path, total_steps=4, every=0.5)
+    target = tmp_path / "checkpoints" / "step-000002"
+    (target / "history").mkdir(parents=True)
+    (target / "history" / "events.jsonl").write_text("an earlier attempt's\n")
+    (target / "pytorch_model_fsdp_1.bin").write_bytes(b"this machine's shard")
+    assert set(manager._listing(target)) == {"history/events.jsonl", "pytorch_model_fsdp_1.bin"}
+    manager.accelerator = SecondMachineAccelerator()
+    assert set(manager._listing(target)) == {"pytorch_model_fsdp_1.bin"}
 
 
 def test_pruning_drops_damaged_older_ones_and_never_the_newest_complete_or_a_save_in_progress(tmp_path) -> None:

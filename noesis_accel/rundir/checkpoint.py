@@ -262,9 +262,7 @@ class CheckpointManager:
         started = time.monotonic()
         try:
             self._write_state(target, step)
-            if accelerator.is_main_process:
-                self._copy_history(target)
-            listing = describe_files(target) if accelerator.is_local_main_process else {}
+            listing = self._listing(target)
         except Exception as err:
             raise self._write_failure(err, target, needed) from None
         listings = self._gather(listing)
@@ -315,9 +313,24 @@ class CheckpointManager:
 
     def _write_state(self, target: Path, step: int) -> None:
         self.state.save_state(self.accelerator, target)
+        if self.accelerator.is_main_process:  # before the barrier: every machine lists after it
+            self._copy_history(target)
         faults.maybe_inject("save", step)
         faults.maybe_inject("enospc", step)
         self.accelerator.wait_for_everyone()
+
+    def _listing(self, target: Path) -> dict[str, Any]:
+        """This machine's files in the checkpoint (its local main process lists them), for the manifest.
+
+        `history/` is the main process's alone: another machine's view of a directory written in place
+        can hold a copy an earlier attempt committed there, which must not overwrite the main's entry.
+        """
+        if not self.accelerator.is_local_main_process:
+            return {}
+        listing = describe_files(target)
+        if self.accelerator.is_main_process:
+            return listing
+        return {name: entry for name, entry in listing.items() if not name.startswith(f"{HISTORY}/")}
 
     def _copy_history(self, target: Path) -> None:
         """The run's growing logs as they are now, into the checkpoint: the manifest's checksums cover them."""

@@ -39,7 +39,7 @@ from noesis_accel.rundir.history import (
 )
 from noesis_accel.rundir.layout import RunDir, this_host
 from noesis_accel.rundir.lease import RunLease, take_run_lease
-from noesis_accel.rundir.logrestore import restore_cut_logs
+from noesis_accel.rundir.logrestore import restore_cut_events
 from noesis_accel.rundir.volumes import Committer, LocalCommitter, MirroringCommitter
 from noesis_accel.training.oom import OutOfMemory, OutOfMemoryCrash
 from noesis_accel.training.trackers import TrackerRun, forget_tracker_run, start_tracker
@@ -208,8 +208,8 @@ class RunSession:
         self._last_progress_commit = 0.0  # time.monotonic() of the newest progress commit
         self._closed = False
         try:
-            if self.is_main:  # before the history is read: a log the Volume cut short counts in full
-                restore_cut_logs(rundir)
+            if self.is_main:  # before the history is read: attempts the Volume cut off still count
+                restore_cut_events(rundir)
             # Before the model loads, so an attempt killed while it loads still counts.
             self.attempt, self.last_attempt = self._record_starting() if self.is_main else (0, None)
             self.tracker_run = self._start_tracker()

@@ -30,6 +30,7 @@ from noesis_accel.rundir.checkpoint import Checkpoint, CheckpointManager
 from noesis_accel.rundir.costs import format_usd
 from noesis_accel.rundir.history import RunState, failed_starts, history, out_of_memory_stops
 from noesis_accel.rundir.layout import RunDir
+from noesis_accel.rundir.logrestore import restore_cut_metrics
 from noesis_accel.rundir.volumes import Committer
 from noesis_accel.training import data as data_mod
 from noesis_accel.training import losses, modeling, optim, packing, probes
@@ -307,6 +308,8 @@ class Trainer:
         other_count = saved_world if saved_world != world else None  # the count that wrote it, when not ours
         if self.accelerator.is_main_process:
             self.session.record_start(checkpoint, self.progress.step, other_count, optimizer_reset)
+            if checkpoint is not None:  # a curve the Volume cut short comes back from the checkpoint's copy
+                restore_cut_metrics(self.rundir, checkpoint.path)
             # Steps logged after the resume point (or every step, if nothing was saved) are re-done.
             truncate_metrics_after(self.rundir, self.progress.step)
             self.session.commit_progress()
