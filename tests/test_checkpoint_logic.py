@@ -171,6 +171,11 @@ def test_each_checkpoint_keeps_the_logs_and_a_start_restores_one_cut_short(tmp_p
     assert not restore_cut_metrics(rundir, newest)
     assert rundir.metrics() == [{"step": 1, "loss": 1.0}]
 
+    # A checkpoint of another run dir (ckpt.resume=PATH) holds that run's curve: a new run starts its own.
+    other = RunDir(tmp_path / "other")
+    assert not restore_cut_metrics(other, newest)
+    assert other.metrics() == []
+
 
 def test_another_machine_lists_its_own_files_never_a_history_copy(tmp_path) -> None:
     """With several machines a checkpoint is written in place, and another machine's view of it can hold

@@ -13,7 +13,8 @@ and equal to that copy as far as it goes, lost its end, and is replaced by the c
 - events.jsonl is never rewritten, so every checkpoint's copy, whichever trajectory wrote it, is a
   prefix of it: the longest copy the live file is a cut of is put back, when a start opens the run.
 - metrics.jsonl is truncated at each resume point, so only the checkpoint a resume loads holds a copy
-  of this trajectory's curve: it is put back from that one, just before the truncation.
+  of this trajectory's curve: it is put back from that one, just before the truncation, unless that
+  checkpoint is another run dir's (`ckpt.resume=PATH` starts a new curve).
 
 A log that disagrees with the copy is left as it is.
 """
@@ -44,7 +45,12 @@ def restore_cut_events(rundir: RunDir) -> bool:
 
 
 def restore_cut_metrics(rundir: RunDir, checkpoint_dir: Path) -> bool:
-    """Put metrics.jsonl back from the checkpoint a resume loads (verified by then), if it is a cut of that copy."""
+    """Put metrics.jsonl back from the checkpoint a resume loads (verified by then), if it is a cut of that copy.
+
+    Only a checkpoint of this run dir: one of another run (`ckpt.resume=PATH`) holds that run's curve.
+    """
+    if checkpoint_dir.resolve().parent != rundir.checkpoints.resolve():
+        return False
     copy = checkpoint_dir / HISTORY / rundir.metrics_file.name
     return copy.is_file() and restore_if_cut(rundir.metrics_file, copy)
 
