@@ -178,8 +178,6 @@ def test_two_process_run_killed_and_resumed_is_bitwise_exact(tmp_path, tmp_path_
 # ---------------------------------------------------------------- damage, retention, commits, size
 
 
-# End to end through a restart: the slow suite. That a damaged newest checkpoint (a byte flip only the
-# checksum finds) is skipped for the one before is checked in-process by tests/test_checkpoint_logic.py.
 @pytest.mark.slow
 def test_logs_cut_short_after_a_kill_come_back_from_the_checkpoint(tmp_path, reference_run) -> None:
     """A commit that dies while it copies a log (or a crash before its rename reached the disk) leaves
@@ -200,6 +198,8 @@ def test_logs_cut_short_after_a_kill_come_back_from_the_checkpoint(tmp_path, ref
     assert [e["attempt"] for e in starts] == [1, 2]  # the restart knows the attempt before it (and its cost)
 
 
+# End to end through a restart: the slow suite. That a damaged newest checkpoint (a byte flip only the
+# checksum finds) is skipped for the one before is checked in-process by tests/test_checkpoint_logic.py.
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, reference_run, damage: str, capsys) -> None:

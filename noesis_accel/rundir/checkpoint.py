@@ -100,15 +100,23 @@ def checkpoint_problem(path: Path, verify_contents: bool = True) -> str | None:
     except (json.JSONDecodeError, OSError) as err:
         return f"unreadable manifest.json ({err})"
     for name, entry in manifest.get("files", {}).items():
-        expected = entry if isinstance(entry, dict) else {"bytes": entry}  # format <= 2 listed sizes only
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            return f"{name} has {size} bytes, the manifest says {expected['bytes']}"
-        if verify_contents and "crc32" in expected and file_crc32(file) != expected["crc32"]:
-            return f"{name} does not match its checksum (crc32 {expected['crc32']} in the manifest): its bytes changed"
+        problem = file_problem(path, name, entry, verify_contents)
+        if problem is not None:
+            return problem
+    return None
+
+
+def file_problem(checkpoint_dir: Path, name: str, entry: Any, verify_contents: bool = True) -> str | None:
+    """Why the file `name` of a checkpoint does not match its manifest `entry`, or None if it does."""
+    expected = entry if isinstance(entry, dict) else {"bytes": entry}  # format <= 2 listed sizes only
+    file = checkpoint_dir / name
+    if not file.is_file():
+        return f"{name} is missing"
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        return f"{name} has {size} bytes, the manifest says {expected['bytes']}"
+    if verify_contents and "crc32" in expected and file_crc32(file) != expected["crc32"]:
+        return f"{name} does not match its checksum (crc32 {expected['crc32']} in the manifest): its bytes changed"
     return None
 
 

@@ -27,7 +27,7 @@ import os
 import shutil
 from pathlib import Path
 
-from noesis_accel.rundir.checkpoint import HISTORY, MANIFEST, file_crc32
+from noesis_accel.rundir.checkpoint import HISTORY, file_problem, read_manifest
 from noesis_accel.rundir.layout import RunDir, json_lines
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 def restore_cut_events(rundir: RunDir) -> bool:
     """Put events.jsonl back from the longest checkpoint copy it is a cut of (main process, before it is read)."""
     live = rundir.events_file
+    have = live.stat().st_size if live.is_file() else 0
     copies = [step_dir / HISTORY / live.name for _, step_dir in rundir.step_dirs()]
-    vouched = [copy for copy in copies if _vouched_for(copy)]
-    for copy in sorted(vouched, key=lambda path: path.stat().st_size, reverse=True):
-        if restore_if_cut(live, copy):
+    longer = [copy for copy in copies if copy.is_file() and copy.stat().st_size > have]  # usually none
+    for copy in sorted(longer, key=lambda path: path.stat().st_size, reverse=True):
+        if _vouched_for(copy) and restore_if_cut(live, copy):
             return True
     return False
 
@@ -84,10 +85,8 @@ def _vouched_for(copy: Path) -> bool:
     """Whether the manifest of the checkpoint holding `copy` lists it with these bytes (its checksum only)."""
     step_dir = copy.parent.parent
     try:
-        files = json.loads((step_dir / MANIFEST).read_text()).get("files", {})
+        files = read_manifest(step_dir).get("files", {})
     except (OSError, json.JSONDecodeError):
         return False
-    entry = files.get(str(copy.relative_to(step_dir)))
-    if not isinstance(entry, dict) or not copy.is_file() or copy.stat().st_size != entry.get("bytes"):
-        return False
-    return file_crc32(copy) == entry.get("crc32")
+    name = str(copy.relative_to(step_dir))
+    return name in files and file_problem(step_dir, name, files[name]) is None
